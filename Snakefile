@@ -1,0 +1,22 @@
+# nullcov: per-timestep null-space projections for the cross-attention layers of Stable Diffusion.
+# schedule -> features (per prompt shard) -> covariance (per timestep) -> projection (per timestep)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/schedule.smk"
+include: "rules/features.smk"
+include: "rules/covariance.smk"
+include: "rules/projection.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

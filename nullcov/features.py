@@ -1,0 +1,161 @@
+"""The feature job: run the sampler over one shard of prompts and write per-step moment files.
+
+``trajectory`` (default) runs the real pipeline call once per prompt batch and collects at every
+UNet call, so one pass yields every scheduled timestep. ``noised`` reproduces the legacy tool:
+per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding only.
+Prompt ``i`` (0-based among all prompts) draws its latents and sampler noise from a CPU
+generator seeded ``seed + i``, so results do not depend on shard size, batch size or device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from nullcov.capture import CrossAttentionCapture, exact_matmul, text_row_mask
+from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
+from nullcov.prompts import prompt_set_sha256
+from nullcov.provenance import feature_config, model_fingerprint, package_versions
+from nullcov.schedule import build_schedule, make_scheduler
+from nullcov.store import TEXT_KEY, write_moments
+
+log = logging.getLogger(__name__)
+
+FEATURE_LINEARS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
+
+
+class ScheduleFileError(RuntimeError):
+    """results/schedule.json does not describe what this model's sampler does."""
+
+
+def selected_linears(collect_features: dict) -> set[str]:
+    linears = {FEATURE_LINEARS[key] for key, wanted in collect_features.items() if wanted}
+    if not linears:
+        raise ValueError("collect_features: every feature (q, k, v, out) is false; nothing to collect")
+    return linears
+
+
+def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed + first_index + offset) for offset in range(count)]
+
+
+def configure_scheduler(pipe, schedule: dict) -> None:
+    """Install the schedule's sampler on ``pipe`` and check it reproduces ``schedule``'s steps."""
+    strategy, steps = schedule["strategy"], schedule["num_denoising_steps"]
+    expected = [step["timestep"] for step in schedule["steps"]]
+    rebuilt = [step["timestep"] for step in build_schedule(dict(pipe.scheduler.config), strategy, steps)["steps"]]
+    if rebuilt != expected:
+        raise ScheduleFileError(
+            f"results/schedule.json lists timesteps {expected}, but this model's scheduler config gives {rebuilt} "
+            f"for {strategy!r} with {steps} steps; rerun the schedule rule"
+        )
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
+
+
+def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution) -> None:
+    pipe(
+        prompt=prompts,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        height=resolution,
+        width=resolution,
+        output_type="latent",
+        **schedule["set_timesteps"],
+    )
+
+
+def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution) -> None:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    embeddings, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
+    factor = pipe.vae_scale_factor
+    shape = (len(prompts), pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    for step in schedule["steps"]:
+        clean = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        alpha = step["alphas_cumprod"]
+        noisy = math.sqrt(alpha) * clean + math.sqrt(1.0 - alpha) * noise
+        timestep = torch.tensor(step["timestep"], device=device)
+        pipe.unet(noisy, timestep, encoder_hidden_states=embeddings, return_dict=False)
+
+
+COLLECTIONS = {"trajectory": _run_trajectory, "noised": _run_noised}
+
+
+def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict):
+    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names)."""
+    layers = select_layers(cross_attention_modules(pipe.unet), config["cross_attention_layers"])
+    linears = selected_linears(config["collect_features"])
+    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    run = COLLECTIONS[config["collection"]]
+    tokenizer = pipe.tokenizer
+    batch_size = config["batch_size"]
+    steps = schedule["steps"]
+    log.info(
+        "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d",
+        len(prompts), len(steps), len(layers), sorted(linears), config["collection"], batch_size, resolution, resolution,
+    )
+    start = time.perf_counter()
+    with exact_matmul(), torch.inference_mode(), CrossAttentionCapture(
+        pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps], config["text_tokens"]
+    ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
+        for offset in range(0, len(prompts), batch_size):
+            batch = prompts[offset : offset + batch_size]
+            tokens = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+            mask = None
+            if config["text_tokens"] == "prompt":
+                mask = text_row_mask(tokens.input_ids, tokenizer.eos_token_id).to(pipe.unet.device)
+            capture.begin_batch(batch, first_index + offset, mask)
+            generators = prompt_generators(config["seed"], first_index + offset, len(batch))
+            run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)
+            capture.end_batch()
+            progress.update(len(batch))
+            done = offset + len(batch)
+            rate = done / (time.perf_counter() - start)
+            log.info("prompts %d/%d, %.2f prompts/s, ETA %.0f s", done, len(prompts), rate, (len(prompts) - done) / rate)
+        step_moments, text_moments = capture.results()
+    return step_moments, text_moments, [name for name, _ in layers], resolution
+
+
+def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
+                    schedule: dict, config: dict, step_paths: dict[str, str], text_path: str | None,
+                    threads: int = 1) -> None:
+    """Collect one shard and write ``step_paths[name]`` per step and ``text_path`` atomically."""
+    torch.set_num_threads(threads)
+    device = resolve_device(config["device"])
+    log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
+             device, config["device"])
+    pipe = load_pipeline(model_dir, config["dtype"], device)
+    configure_scheduler(pipe, schedule)
+    too_long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > pipe.tokenizer.model_max_length]
+    if too_long:
+        log.warning("%d prompt(s) exceed %d tokens and are truncated by the tokenizer, e.g. %r",
+                    len(too_long), pipe.tokenizer.model_max_length, too_long[0])
+    step_moments, text_moments, layer_names, resolution = collect_shard(pipe, prompts, first_index, schedule, config)
+    provenance = {
+        "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
+        "config": feature_config(config),
+        "prompts": {"first_index": first_index, "count": len(prompts), "sha256": prompt_set_sha256(prompts),
+                    "prompts": prompts},
+        "shard": shard,
+        "layers": layer_names,
+        "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
+                "scheduler": schedule["scheduler"]["class"]},
+        "packages": package_versions(),
+    }
+    steps = schedule["steps"]
+    if step_paths:
+        if sorted(step_paths) != sorted(step["name"] for step in steps):
+            raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
+        for step, moments in zip(steps, step_moments):
+            attrs = {"provenance": provenance, "step": {k: step[k] for k in ("index", "name", "timestep")}}
+            write_moments(step_paths[step["name"]], "features", moments, attrs)
+    if text_path:
+        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
+    log.info("wrote %d step files%s", len(step_paths), " and text.h5" if text_path else "")

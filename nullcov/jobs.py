@@ -1,0 +1,69 @@
+"""Job-level entry points behind the Snakemake scripts (schedule, merge, projection).
+
+The Snakemake scripts only unpack ``snakemake.input/output/params`` and call these. None of
+them imports torch or diffusers except :func:`write_schedule` (which runs the real scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+
+from nullcov.merge import merge_shard_files
+from nullcov.projection import null_space
+from nullcov.provenance import package_versions
+from nullcov.schedule import build_schedule
+from nullcov.store import atomic_path, read_moments, write_moments, write_projections
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def logging_to(path):
+    """Send stderr and ``logging`` (INFO) to a job's log file for the duration of the job."""
+    with open(path, "w", buffering=1) as handle:
+        saved = sys.stderr
+        sys.stderr = handle
+        logging.basicConfig(
+            stream=handle, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
+        try:
+            yield
+        except BaseException:
+            log.exception("job failed")
+            raise
+        finally:
+            sys.stderr = saved
+
+
+def write_schedule(path, scheduler_config: dict, strategy, num_steps: int, model_spec: str) -> dict:
+    schedule = build_schedule(scheduler_config, strategy, num_steps)
+    schedule["provenance"] = {"model": model_spec, "packages": package_versions()}
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
+    log.info("%s: %d steps of %s (%s)", path, len(schedule["steps"]), strategy, schedule["scheduler"]["class"])
+    return schedule
+
+
+def merge_job(shard_paths, output_path, expected_prompt_sha256: str) -> None:
+    moments, attrs = merge_shard_files(sorted(map(str, shard_paths)), expected_prompt_sha256)
+    write_moments(output_path, "covariance", moments, attrs)
+    log.info("%s: merged %d shards, %d groups, %d prompts", output_path, len(shard_paths), len(moments),
+             attrs["provenance"]["prompts"]["count"])
+
+
+def projection_job(covariance_path, output_path, statistic: str, nullspace_threshold: float,
+                   threshold_percent: float | None) -> None:
+    moments, attrs = read_moments(covariance_path, "covariance")
+    spaces = {}
+    for key, moment in sorted(moments.items()):
+        spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent)
+        log.info("%s: d=%d null_dim=%d threshold=%.4g", key, moment.dim, spaces[key].null_dim, spaces[key].threshold)
+    attrs["provenance"]["projection"] = {
+        "statistic": statistic,
+        "nullspace_threshold": nullspace_threshold,
+        "threshold_percent": threshold_percent,
+    }
+    write_projections(output_path, spaces, attrs)

@@ -1,0 +1,124 @@
+"""Locating and loading a Stable Diffusion model, and naming its cross-attention layers.
+
+``model`` in the config is ``builtin:tiny`` (built by the workflow into ``resources/``), a local
+diffusers folder, or a hub id that must already be in the local Hugging Face cache
+(``HF_HOME`` is honoured). Nothing here ever contacts the hub: every load is
+``local_files_only`` and weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY_DIR = "resources/models/tiny-sd"
+LINEARS = ("to_q", "to_k", "to_v", "to_out")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelError(ValueError):
+    """The configured model cannot be found or is not a Stable Diffusion folder."""
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """The folder holding the model (for ``builtin:tiny`` it may not be built yet)."""
+    if spec == BUILTIN_TINY:
+        return Path(BUILTIN_TINY_DIR)
+    path = Path(spec).expanduser()
+    if path.exists():
+        check_model_dir(path)
+        return path
+    if _HUB_ID.fullmatch(spec):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(spec, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ModelError(
+                f"model {spec!r} is neither a local folder nor in the local Hugging Face cache "
+                "(HF_HOME); nullcov never downloads: fetch it first with "
+                f"`huggingface-cli download {spec}` on a machine with internet"
+            ) from None
+        check_model_dir(path)
+        return path
+    raise ModelError(f"model {spec!r}: no such folder (and not a hub id of the form owner/name)")
+
+
+def check_model_dir(path: Path) -> None:
+    for required in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        if not (path / required).is_file():
+            raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder")
+
+
+def scheduler_config(spec: str) -> dict:
+    """The model's scheduler config, read without importing torch or diffusers."""
+    if spec == BUILTIN_TINY:
+        from nullcov.tiny_model import TINY_SCHEDULER_CONFIG
+
+        return dict(TINY_SCHEDULER_CONFIG)
+    return json.loads((resolve_model_dir(spec) / "scheduler" / "scheduler_config.json").read_text())
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
+def load_pipeline(model_dir: str | Path, dtype: str, device: str):
+    """``StableDiffusionPipeline.from_pretrained`` on a local folder, offline, safetensors only."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir,
+        dtype=getattr(torch, dtype),
+        local_files_only=True,
+        use_safetensors=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cross_attention_modules(unet) -> list[tuple[str, object]]:
+    """Every cross-attention module of the UNet (``is_cross_attention``), in module order."""
+    return [(name, module) for name, module in unet.named_modules() if getattr(module, "is_cross_attention", False)]
+
+
+def select_layers(modules: list[tuple[str, object]], selection) -> list[tuple[str, object]]:
+    """``all``, or a list of indices into :func:`cross_attention_modules`, or of module names."""
+    if selection == "all":
+        return list(modules)
+    names = [name for name, _ in modules]
+    chosen = []
+    for item in selection:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item < len(modules):
+                raise ModelError(
+                    f"cross_attention_layers: index {item} is out of range; the model has {len(modules)} "
+                    f"cross-attention layers: {', '.join(f'{i}={n}' for i, n in enumerate(names))}"
+                )
+            chosen.append(modules[item])
+        elif item in names:
+            chosen.append(modules[names.index(item)])
+        else:
+            raise ModelError(
+                f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {', '.join(names)}"
+            )
+    duplicated = sorted({name for name, _ in chosen if [n for n, _ in chosen].count(name) > 1})
+    if duplicated:
+        raise ModelError(f"cross_attention_layers names {duplicated} more than once")
+    return chosen

@@ -1,0 +1,59 @@
+"""Prompt files: reading, hashing and splitting into shards."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing, unreadable or has no prompts."""
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Read one prompt per line; blank lines and lines starting with ``#`` are skipped.
+
+    Surrounding whitespace is stripped. Raises :class:`PromptFileError` naming the file (and
+    the line, for bytes that are not UTF-8) when the file cannot give at least one prompt.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist") from None
+    except OSError as err:
+        raise PromptFileError(f"prompt file {str(path)!r} cannot be read: {err}") from None
+    prompts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise PromptFileError(
+                f"prompt file {str(path)!r}, line {number}: not UTF-8 ({err.reason} at byte {err.start})"
+            ) from None
+        if text and not text.startswith("#"):
+            prompts.append(text)
+    if not prompts:
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts (only blank or '#' lines)")
+    return prompts
+
+
+def prompt_set_sha256(prompts: list[str]) -> str:
+    """A hash of an ordered prompt list; equal lists give equal hashes."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        encoded = prompt.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def split_into_shards(prompts: list[str], prompts_per_shard: int) -> list[list[str]]:
+    """Consecutive shards of ``prompts_per_shard`` prompts (the last may be shorter).
+
+    Shard ``s`` starts at prompt index ``s * prompts_per_shard``, so appending prompts changes
+    only the last shard and adds new ones.
+    """
+    if prompts_per_shard <= 0:
+        raise ValueError(f"prompts_per_shard must be a positive integer, got {prompts_per_shard}")
+    return [prompts[i : i + prompts_per_shard] for i in range(0, len(prompts), prompts_per_shard)]

@@ -1,0 +1,189 @@
+"""Timestep schedules: which UNet calls are collected, and what each one is called.
+
+A sampler name is a real diffusers scheduler class plus options (diffusers' own A1111 mapping),
+built with ``from_config`` on the model's scheduler config. ``null`` (uniform) and
+``early_timestep`` are explicit timestep lists driven by first-order DPM-Solver++ (equivalent
+to DDIM), which accepts custom ``timesteps``.
+
+Importing this module is cheap (no torch/diffusers); :func:`build_schedule` imports diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+# sampler name -> (diffusers scheduler class, options passed to from_config)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "DPM++ 3M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {"original_inference_steps": 50}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+}
+# Drives the explicit lists of `null` and `early_timestep`: first-order DPM-Solver++ is DDIM.
+TIMESTEP_LIST_SCHEDULER: tuple[str, dict] = (
+    "DPMSolverMultistepScheduler",
+    {"solver_order": 1, "algorithm_type": "dpmsolver++"},
+)
+TIMESTEP_LIST_STRATEGIES = (None, "early_timestep")
+STRATEGIES: tuple = (*TIMESTEP_LIST_STRATEGIES, *SAMPLERS)
+
+# Bump when the schedule JSON layout or the mapping above changes: invalidates parse-time caches.
+SCHEDULE_FORMAT = 1
+
+# No braces: Snakemake reads `{...}` inside a wildcard constraint as a wildcard.
+NAME_PATTERN = r"(?:timestep_\d\d\d\d|alpha_\d\d+_\d\d\d\d)"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class ScheduleError(ValueError):
+    """An invalid strategy, step count or scheduler config."""
+
+
+def check_strategy(strategy) -> None:
+    if strategy not in STRATEGIES:
+        valid = ", ".join("null" if s is None else repr(s) for s in STRATEGIES)
+        raise ScheduleError(f"sampler_strategy {strategy!r} is not known; valid values: {valid}")
+
+
+def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[int]:
+    """The explicit timestep list of ``null`` (uniform) or ``early_timestep`` (the noisiest)."""
+    import numpy as np
+
+    if num_steps <= 0:
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}")
+    last = num_train_timesteps - 1
+    if num_steps >= num_train_timesteps:
+        return list(range(last, -1, -1))
+    if strategy is None:
+        return [int(t) for t in np.linspace(last, 0, num_steps).astype(np.int64)]
+    if strategy == "early_timestep":
+        return list(range(last, last - num_steps, -1))
+    raise ScheduleError(f"{strategy!r} is a sampler, not a timestep-list strategy")
+
+
+def step_name(strategy, index: int, timestep: float) -> str:
+    """``timestep_{t:04d}`` for the uniform strategy, else ``alpha_{index:02d}_{round(t):04d}``."""
+    if strategy is None:
+        return f"timestep_{int(round(timestep)):04d}"
+    return f"alpha_{index:02d}_{int(round(timestep)):04d}"
+
+
+def scheduler_choice(strategy) -> tuple[str, dict]:
+    """The diffusers scheduler class name and ``from_config`` options used for a strategy."""
+    check_strategy(strategy)
+    if strategy in TIMESTEP_LIST_STRATEGIES:
+        return TIMESTEP_LIST_SCHEDULER
+    return SAMPLERS[strategy]
+
+
+def set_timesteps_arguments(strategy, num_steps: int, num_train_timesteps: int) -> dict:
+    """Keyword arguments for both ``scheduler.set_timesteps`` and the pipeline call."""
+    if strategy in TIMESTEP_LIST_STRATEGIES:
+        return {"timesteps": timestep_list(strategy, num_steps, num_train_timesteps)}
+    if num_steps <= 0:
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}")
+    return {"num_inference_steps": num_steps}
+
+
+def make_scheduler(scheduler_config: dict, strategy):
+    """The configured diffusers scheduler for ``strategy`` (``set_timesteps`` not yet called)."""
+    import diffusers
+
+    class_name, options = scheduler_choice(strategy)
+    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
+
+
+def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
+    """Run the real scheduler and describe every UNet call of the trajectory.
+
+    Returns a JSON-able dict: the scheduler class, options, full config, the ``set_timesteps``
+    arguments, and per collected step ``index``, ``name``, exact ``timestep`` (float),
+    ``alphas_cumprod`` (interpolated at the timestep) and ``sigma`` = sqrt((1 - a) / a).
+    """
+    import numpy as np
+
+    check_strategy(strategy)
+    class_name, options = scheduler_choice(strategy)
+    scheduler = make_scheduler(scheduler_config, strategy)
+    num_train = int(scheduler.config.num_train_timesteps)
+    arguments = set_timesteps_arguments(strategy, num_steps, num_train)
+    scheduler.set_timesteps(**arguments)
+    timesteps = [float(t) for t in scheduler.timesteps.double().tolist()]
+    alphas_cumprod = scheduler.alphas_cumprod.double().numpy()
+    steps = []
+    for index, timestep in enumerate(timesteps):
+        alpha = float(np.interp(timestep, np.arange(num_train), alphas_cumprod))
+        steps.append(
+            {
+                "index": index,
+                "name": step_name(strategy, index, timestep),
+                "timestep": timestep,
+                "alphas_cumprod": alpha,
+                "sigma": math.sqrt((1.0 - alpha) / alpha),
+            }
+        )
+    names = [step["name"] for step in steps]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ScheduleError(f"strategy {strategy!r} gives repeated step names {duplicated}")
+    return {
+        "format": SCHEDULE_FORMAT,
+        "strategy": strategy,
+        "num_denoising_steps": num_steps,
+        "scheduler": {"class": class_name, "options": options, "config": dict(scheduler.config)},
+        "set_timesteps": arguments,
+        "num_train_timesteps": num_train,
+        "steps": steps,
+    }
+
+
+def _cache_key(scheduler_config: dict, strategy, num_steps: int) -> str:
+    try:
+        diffusers_version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        diffusers_version = "not installed"
+    payload = json.dumps(
+        [SCHEDULE_FORMAT, diffusers_version, scheduler_config, strategy, num_steps],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir: str | Path) -> dict:
+    """:func:`build_schedule`, memoised as JSON under ``cache_dir``.
+
+    The Snakefile needs every step name at parse time, and cluster jobs re-parse it; importing
+    diffusers costs seconds, reading this cache milliseconds. The key covers the scheduler
+    config, strategy, step count, diffusers version and :data:`SCHEDULE_FORMAT`.
+    """
+    check_strategy(strategy)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"schedule-{_cache_key(scheduler_config, strategy, num_steps)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    schedule = build_schedule(scheduler_config, strategy, num_steps)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+    return schedule
+
+
+def is_step_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name))

@@ -1,0 +1,278 @@
+"""Build a tiny, randomly initialised, byte-reproducible Stable Diffusion 1.x pipeline.
+
+The folder written by :func:`build_tiny_model` has the exact layout of a diffusers
+``StableDiffusionPipeline`` checkpoint (SD 1.x architecture: UNet2DConditionModel with
+cross-attention, AutoencoderKL, CLIP text encoder and tokenizer, PNDM scheduler) but is
+only a few hundred kilobytes, so the whole workflow can be exercised on a CPU without
+network access. Every file is written from code in this module: two builds on the same
+machine with the same package versions are byte-identical.
+
+Usage::
+
+    python -m nullcov.tiny_model OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+#: Stable Diffusion 1.5's ``scheduler/scheduler_config.json``, verbatim. Written by hand
+#: (not via ``save_pretrained``) so that no newer defaults such as ``timestep_spacing``
+#: get pinned into the file.
+TINY_SCHEDULER_CONFIG: dict = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+SEED = 0
+NUM_MERGES = 256
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+TEXT_HIDDEN_SIZE = 32
+MAX_LENGTH = 77
+
+#: Fixed lowercase corpus the tokenizer's BPE merges are learned from.
+_CORPUS = """
+a an the of in on at with and or by for from to under over near behind beside inside
+photo photograph picture image portrait painting drawing sketch illustration render
+close up closeup wide shot view landscape scene still life macro aerial
+cat cats kitten dog dogs puppy horse horses bird birds eagle owl parrot duck fish
+shark whale dolphin lion tiger bear fox wolf deer rabbit mouse elephant giraffe zebra
+monkey cow sheep goat pig chicken butterfly bee spider snake turtle frog
+car cars truck bus train bicycle bike motorcycle boat ship airplane plane rocket
+house building tower castle bridge church temple street road city town village
+forest tree trees flower flowers garden park field meadow mountain mountains hill
+river lake sea ocean beach island desert snow ice sky cloud clouds sun moon star
+stars night day morning evening sunset sunrise rain storm fog
+table chair bed sofa lamp window door wall floor kitchen room bedroom office
+cup mug bottle glass plate bowl apple banana orange bread cake pizza coffee tea
+book books clock phone computer camera guitar piano ball hat shoe shoes bag umbrella
+man woman boy girl child children people person family friends face hands eyes hair
+red green blue yellow orange purple pink black white gray brown golden silver
+big small large tiny old young new beautiful pretty cute happy sad dark bright
+colorful vintage modern ancient realistic detailed sharp blurry soft warm cold
+sitting standing running walking flying swimming sleeping playing eating looking
+style art artistic oil watercolor digital cartoon anime pixel studio lighting
+cinematic dramatic minimal abstract surreal fantasy futuristic retro black and white
+high quality highly detailed trending masterpiece professional award winning
+"""
+
+
+def bytes_to_unicode() -> list[str]:
+    """Return GPT-2/CLIP's 256 byte-level symbols, in CLIP's vocabulary order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """Replace every occurrence of ``pair`` in ``word`` by the concatenated symbol."""
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Learn CLIP-style BPE merges (last symbol carries ``</w>``), deterministically.
+
+    The most frequent adjacent pair wins; ties go to the lexicographically smallest pair.
+    Pairs whose concatenation is already a token are skipped so that each merge adds
+    exactly one new vocabulary entry.
+    """
+    corpus = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    merges: list[tuple[str, str]] = []
+    known: set[str] = set()
+    while len(merges) < num_merges:
+        pairs: Counter = Counter()
+        for word, freq in corpus.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += freq
+        candidates = [(-n, pair) for pair, n in pairs.items() if "".join(pair) not in known]
+        if not candidates:
+            break
+        best = min(candidates)[1]
+        merges.append(best)
+        known.add("".join(best))
+        corpus = Counter({_merge_pair(word, best): freq for word, freq in corpus.items()})
+    return merges
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as UTF-8 JSON with sorted keys, fixed indent and a final newline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """Write the CLIP tokenizer files by hand; return the vocabulary size."""
+    merges = learn_bpe_merges(_CORPUS.split(), NUM_MERGES)
+    symbols = bytes_to_unicode()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    _write_json(folder / "vocab.json", {tok: i for i, tok in enumerate(tokens)})
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    _write_json(folder / "special_tokens_map.json", specials)
+    config = {
+        **specials,
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": MAX_LENGTH,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+    return len(tokens)
+
+
+def _write_text_encoder(folder: Path, vocab_size: int) -> None:
+    """Write a tiny CLIPTextModel with SD-1.x-style (``text_model.``-prefixed) weight keys."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    bos_id, eos_id = vocab_size - 2, vocab_size - 1
+    config = {
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "hidden_act": "quick_gelu",
+        "hidden_size": TEXT_HIDDEN_SIZE,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": MAX_LENGTH,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "pad_token_id": eos_id,
+        "projection_dim": TEXT_HIDDEN_SIZE,
+        "vocab_size": vocab_size,
+    }
+    torch.manual_seed(SEED)
+    model = CLIPTextModel(CLIPTextConfig(**config))
+    state = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", config)
+
+
+def _write_diffusers_models(root: Path) -> None:
+    """Write the tiny UNet2DConditionModel and AutoencoderKL with diffusers' own serializer."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=8,
+    )
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+
+
+def build_tiny_model(out_dir: str | Path) -> Path:
+    """Build the tiny pipeline into ``out_dir`` (replacing it atomically) and return its path."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        from diffusers import __version__ as diffusers_version
+
+        _write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers_version,
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+        )
+        _write_json(tmp / "scheduler" / "scheduler_config.json", TINY_SCHEDULER_CONFIG)
+        vocab_size = _write_tokenizer(tmp / "tokenizer")
+        _write_text_encoder(tmp / "text_encoder", vocab_size)
+        _write_diffusers_models(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600 and mkdtemp makes 0700
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``python -m nullcov.tiny_model OUT_DIR``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m nullcov.tiny_model OUT_DIR", file=sys.stderr)
+        return 2
+    print(build_tiny_model(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+rule features:
+    """One prompt shard through the sampler: exact moments per scheduled step and text.h5.
+
+    Shard membership is a param (not the prompt file), so appending prompts reruns only the
+    shards whose prompt list changed.
+    """
+    input:
+        schedule="results/schedule.json",
+        model=model_input,
+    output:
+        expand("results/features/shard_{{shard}}/{name}.h5", name=SHARD_FILE_NAMES),
+    params:
+        prompts=shard_prompts,
+        first_index=shard_first_index,
+        model=config["model"],
+        model_dir=str(MODEL_DIR),
+        config=feature_config(config) | {"batch_size": config["batch_size"], "device": config["device"]},
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=feature_job_minutes,
+    log:
+        "logs/features/shard_{shard}.log",
+    benchmark:
+        "benchmarks/features/shard_{shard}.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/features.py"

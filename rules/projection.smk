@@ -1,0 +1,25 @@
+rule projection:
+    """Null-space projection P = U0 U0^T of one timestep's statistic (float64 eigh)."""
+    input:
+        "results/covariance/{name}.h5",
+    output:
+        "results/projections/{name}.h5",
+    params:
+        statistic=config["statistic"],
+        nullspace_threshold=config["nullspace_threshold"],
+        threshold_percent=config["threshold_percent"],
+    log:
+        "logs/projections/{name}.log",
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/projection.py"
+
+
+use rule projection as projection_text with:
+    input:
+        "results/covariance/text.h5",
+    output:
+        "results/projections/text.h5",
+    log:
+        "logs/projections/text.log",

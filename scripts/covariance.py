@@ -1,0 +1,9 @@
+"""Snakemake adapter: merge every shard's moments of one timestep (nullcov.jobs.merge_job)."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov.jobs import logging_to, merge_job
+
+with logging_to(snakemake.log[0]):
+    merge_job(list(snakemake.input), snakemake.output[0], snakemake.params.prompt_sha256)

@@ -1,0 +1,25 @@
+"""Snakemake adapter: one prompt shard's feature statistics (nullcov.features.run_feature_job)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov.features import run_feature_job
+from nullcov.jobs import logging_to
+
+with logging_to(snakemake.log[0]):
+    paths = {Path(path).stem: path for path in snakemake.output}
+    text_path = paths.pop("text", None)
+    run_feature_job(
+        model_spec=snakemake.params.model,
+        model_dir=snakemake.params.model_dir,
+        prompts=list(snakemake.params.prompts),
+        first_index=snakemake.params.first_index,
+        shard=snakemake.wildcards.shard,
+        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        config=dict(snakemake.params.config),
+        step_paths=paths,
+        text_path=text_path,
+        threads=snakemake.threads,
+    )
