@@ -1,0 +1,194 @@
+"""Feature collection on the tiny model against a brute-force capture of the raw inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, text_row_mask
+from nullcov.features import collect_shard, configure_scheduler
+from nullcov.model import cross_attention_modules
+from nullcov.schedule import build_schedule
+from nullcov.store import TEXT_KEY
+
+from conftest import base_config
+
+
+def _schedule(pipe, config):
+    schedule = build_schedule(dict(pipe.scheduler.config), config["sampler_strategy"], config["num_denoising_steps"])
+    configure_scheduler(pipe, schedule)
+    return schedule
+
+
+class RawInputs:
+    """Independent reference: keep every raw input of every hooked linear, per UNet call."""
+
+    def __init__(self, unet):
+        self.calls = []  # per UNet call: {"timestep", "batch", "states", key: tensor}
+        self.handles = [unet.register_forward_pre_hook(self._unet, with_kwargs=True)]
+        for name, module in cross_attention_modules(unet):
+            for linear, target in (("to_q", module.to_q), ("to_out", module.to_out[0]), ("to_k", module.to_k)):
+                self.handles.append(target.register_forward_pre_hook(self._linear(f"{name}/{linear}")))
+
+    def _unet(self, module, args, kwargs):
+        self.calls.append({"timestep": float(args[1]), "states": kwargs["encoder_hidden_states"].double().clone()})
+
+    def _linear(self, key):
+        def hook(module, args):
+            self.calls[-1][key] = args[0].double().clone()
+
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def assert_close_to_float64(actual, expected, rtol=2e-6):
+    """float32 products summed in float64: errors scale with the matrix's largest entry."""
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
+def test_collection_equals_brute_force_xtx(tiny_pipe, demo_prompts):
+    config = base_config(batch_size=2)
+    schedule = _schedule(tiny_pipe, config)
+    prompts = demo_prompts[:5]
+    raw = RawInputs(tiny_pipe.unet)
+    try:
+        steps, text, layers = collect_shard(tiny_pipe, prompts, 0, schedule, config)[:3]
+    finally:
+        raw.close()
+    num_steps = len(schedule["steps"])
+    batches = [prompts[i : i + 2] for i in range(0, 5, 2)]
+    assert len(raw.calls) == num_steps * len(batches)
+    assert len(layers) == 7
+    for step_index, step in enumerate(schedule["steps"]):
+        calls = [raw.calls[b * num_steps + step_index] for b in range(len(batches))]
+        assert all(call["timestep"] == step["timestep"] for call in calls)
+        for key, moments in steps[step_index].items():
+            rows = torch.cat([c[key][c[key].shape[0] // 2 :].reshape(-1, c[key].shape[-1]) for c in calls]).numpy()
+            assert moments.count == rows.shape[0] == 5 * calls[0][key].shape[1]
+            assert_close_to_float64(moments.sum_outer, rows.T @ rows)
+            assert_close_to_float64(moments.sum, rows.sum(0))
+        assert set(steps[step_index]) == {f"{layer}/{linear}" for layer in layers for linear in ("to_q", "to_out")}
+    # to_k receives the UNet's encoder_hidden_states; text.h5 holds its conditional half once per prompt.
+    first_calls = [raw.calls[b * num_steps] for b in range(len(batches))]
+    for call in first_calls:
+        key = f"{layers[0]}/to_k"
+        np.testing.assert_array_equal(call[key].numpy(), call["states"].numpy())
+    rows = torch.cat([c["states"][c["states"].shape[0] // 2 :].reshape(-1, c["states"].shape[-1]) for c in first_calls])
+    rows = rows.numpy()
+    assert text.count == 5 * 77
+    assert_close_to_float64(text.sum_outer, rows.T @ rows)
+
+
+def _collect(pipe, prompts, first_index, **overrides):
+    config = base_config(**overrides)
+    schedule = _schedule(pipe, config)
+    steps, text, _, _ = collect_shard(pipe, prompts, first_index, schedule, config)
+    return steps, text
+
+
+def _assert_same(a, b, rtol=1e-5):
+    (steps_a, text_a), (steps_b, text_b) = a, b
+    for step_a, step_b in zip(steps_a, steps_b, strict=True):
+        for key in step_a:
+            assert step_a[key].count == step_b[key].count
+            scale = np.abs(step_a[key].sum_outer).max()
+            np.testing.assert_allclose(step_a[key].sum_outer, step_b[key].sum_outer, rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(text_a.sum_outer, text_b.sum_outer, rtol=rtol, atol=rtol * np.abs(text_a.sum_outer).max())
+
+
+@pytest.mark.parametrize("strategy", ["DPM++ 2M Karras", "Euler a", None])
+def test_results_do_not_depend_on_batch_size_or_sharding(tiny_pipe, demo_prompts, strategy):
+    prompts = demo_prompts[:5]
+    whole = _collect(tiny_pipe, prompts, 0, batch_size=5, sampler_strategy=strategy)
+    one_by_one = _collect(tiny_pipe, prompts, 0, batch_size=1, sampler_strategy=strategy)
+    _assert_same(whole, one_by_one)
+    first = _collect(tiny_pipe, prompts[:2], 0, batch_size=2, sampler_strategy=strategy)
+    rest = _collect(tiny_pipe, prompts[2:], 2, batch_size=2, sampler_strategy=strategy)
+    summed = (
+        [{k: a[k] + b[k] for k in a} for a, b in zip(first[0], rest[0])],
+        first[1] + rest[1],
+    )
+    _assert_same(whole, summed)
+
+
+def test_seeds_are_per_prompt(tiny_pipe, demo_prompts):
+    """The same prompt at another index (seed + i) gives other statistics."""
+    a = _collect(tiny_pipe, demo_prompts[:1], 0)
+    b = _collect(tiny_pipe, demo_prompts[:1], 1)
+    key = next(iter(a[0][-1]))
+    assert not np.allclose(a[0][-1][key].sum_outer, b[0][-1][key].sum_outer)
+
+
+def test_prompt_text_tokens_keep_bos_to_eos(tiny_pipe, demo_prompts):
+    prompts = demo_prompts[:3]
+    _, text_all = _collect(tiny_pipe, prompts, 0)
+    _, text_prompt = _collect(tiny_pipe, prompts, 0, text_tokens="prompt")
+    ids = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    lengths = [row.index(tiny_pipe.tokenizer.eos_token_id) + 1 for row in ids]
+    assert text_prompt.count == sum(lengths) < text_all.count
+    mask = text_row_mask(torch.tensor(ids), tiny_pipe.tokenizer.eos_token_id)
+    assert mask.sum(1).tolist() == lengths and mask[:, 0].all()
+
+
+def test_noised_collection_is_one_conditional_call_per_step(tiny_pipe, demo_prompts):
+    config = base_config(collection="noised", batch_size=3)
+    schedule = _schedule(tiny_pipe, config)
+    raw = RawInputs(tiny_pipe.unet)
+    try:
+        steps, _, layers, _ = collect_shard(tiny_pipe, demo_prompts[:3], 0, schedule, config)
+    finally:
+        raw.close()
+    assert [c["timestep"] for c in raw.calls] == [s["timestep"] for s in schedule["steps"]]
+    key = f"{layers[-1]}/to_out"
+    for call, step in zip(raw.calls, steps):
+        assert call[key].shape[0] == 3  # no CFG half
+        rows = call[key].reshape(-1, call[key].shape[-1]).numpy()
+        assert_close_to_float64(step[key].sum_outer, rows.T @ rows)
+
+
+def test_guidance_off_collects_the_plain_batch(tiny_pipe, demo_prompts):
+    steps, text = _collect(tiny_pipe, demo_prompts[:2], 0, guidance_scale=1.0)
+    assert text.count == 2 * 77
+
+
+def test_layer_and_feature_selection(tiny_pipe, demo_prompts):
+    names = [name for name, _ in cross_attention_modules(tiny_pipe.unet)]
+    config = base_config(cross_attention_layers=[0, names[3]], collect_features={"q": True, "k": False, "v": False, "out": False})
+    schedule = _schedule(tiny_pipe, config)
+    steps, text, layers, _ = collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)
+    assert layers == [names[0], names[3]] and text is None
+    assert set(steps[0]) == {f"{names[0]}/to_q", f"{names[3]}/to_q"}
+
+
+def test_timestep_mismatch_is_an_error(tiny_pipe, demo_prompts):
+    config = base_config()
+    schedule = _schedule(tiny_pipe, config)
+    schedule["steps"][2]["timestep"] += 5
+    with pytest.raises(ScheduleMismatchError, match="UNet call 2 ran at timestep"):
+        collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)
+
+
+def test_non_finite_activation_names_prompt_layer_and_step(tiny_pipe, demo_prompts):
+    config = base_config(batch_size=2)
+    schedule = _schedule(tiny_pipe, config)
+    name, module = cross_attention_modules(tiny_pipe.unet)[2]
+    calls = {"n": 0}
+
+    def inject(mod, args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third step of the first batch; the second prompt's conditional row
+            x = args[0].clone()
+            x[3, 0, 0] = float("inf")
+            return (x,)
+
+    handle = module.to_q.register_forward_pre_hook(inject)
+    try:
+        with pytest.raises(NonFiniteActivationError) as info:
+            collect_shard(tiny_pipe, demo_prompts[:4], 10, schedule, config)
+    finally:
+        handle.remove()
+    error = info.value
+    assert error.prompt_index == 11 and error.key == f"{name}/to_q"
+    assert error.step_name == schedule["steps"][2]["name"]
