@@ -177,12 +177,12 @@ def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir:
     path = cache_dir / f"schedule-{_cache_key(scheduler_config, strategy, num_steps)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    schedule = build_schedule(scheduler_config, strategy, num_steps)
+    text = json.dumps(build_schedule(scheduler_config, strategy, num_steps), indent=1, sort_keys=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
+    temporary.write_text(text)
     os.replace(temporary, path)
-    return schedule
+    return json.loads(text)  # the same value a cache hit returns
 
 
 def is_step_name(name: str) -> bool:

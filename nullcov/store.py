@@ -66,7 +66,7 @@ def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]
                     group.create_dataset(name, data=value)
 
 
-def _read(path, kind: str, datasets: tuple[str, ...]) -> tuple[dict[str, dict], dict]:
+def _read(path, kind: str, datasets: tuple[str, ...], keys=None) -> tuple[dict[str, dict], dict]:
     path = Path(path)
     if not path.exists():
         raise StatisticsFileError(path, "file does not exist")
@@ -94,6 +94,11 @@ def _read(path, kind: str, datasets: tuple[str, ...]) -> tuple[dict[str, dict], 
             handle.visititems(visit)
             if not groups:
                 raise StatisticsFileError(path, f"no groups holding {datasets}")
+            if keys is not None:
+                unknown = sorted(set(keys) - set(groups))
+                if unknown:
+                    raise StatisticsFileError(path, f"no group {unknown}; it holds {sorted(groups)}")
+                groups = {key: groups[key] for key in keys}
             loaded = {}
             for key, group in groups.items():
                 missing = [d for d in datasets if not isinstance(group.get(d), h5py.Dataset)]
@@ -120,9 +125,9 @@ def write_moments(path, kind: str, moments: dict[str, Moments], attrs: dict) -> 
     _write(path, kind, attrs, groups)
 
 
-def read_moments(path, kind: str) -> tuple[dict[str, Moments], dict]:
-    """Read and validate a moments file: dtypes, shapes, count > 0, finite sums."""
-    loaded, attrs = _read(path, kind, MOMENT_DATASETS)
+def read_moments(path, kind: str, keys=None) -> tuple[dict[str, Moments], dict]:
+    """Read and validate a moments file (all groups, or ``keys``): dtypes, shapes, count > 0, finite sums."""
+    loaded, attrs = _read(path, kind, MOMENT_DATASETS, keys)
     moments = {}
     for key, data in loaded.items():
         count = data["count"]
@@ -149,8 +154,8 @@ def write_projections(path, spaces: dict[str, NullSpace], attrs: dict) -> None:
     _write(path, "projection", attrs, groups)
 
 
-def read_projections(path) -> tuple[dict[str, NullSpace], dict]:
-    loaded, attrs = _read(path, "projection", PROJECTION_DATASETS)
+def read_projections(path, keys=None) -> tuple[dict[str, NullSpace], dict]:
+    loaded, attrs = _read(path, "projection", PROJECTION_DATASETS, keys)
     spaces = {
         key: NullSpace(
             projection=np.asarray(data["P"]),

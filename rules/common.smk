@@ -20,8 +20,9 @@ if not any(config["collect_features"].values()):
 try:
     PROMPTS = nc_prompts.read_prompts(config["prompts"])
     MODEL_DIR = nc_model.resolve_model_dir(config["model"])
+    SCHEDULER_CONFIG = nc_model.scheduler_config(config["model"])
     SCHEDULE = nc_schedule.cached_schedule(
-        nc_model.scheduler_config(config["model"]),
+        SCHEDULER_CONFIG,
         config["sampler_strategy"],
         config["num_denoising_steps"],
         cache_dir="resources/cache/schedules",
@@ -44,8 +45,10 @@ wildcard_constraints:
 
 
 def final_outputs():
-    names = SHARD_FILE_NAMES
-    return ["results/schedule.json"] + [f"results/projections/{name}.h5" for name in names]
+    """The deliverables: merged moments (interpolating trainers need them) and projections."""
+    return ["results/schedule.json"] + [
+        f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES
+    ]
 
 
 def model_input(wildcards):
@@ -61,10 +64,9 @@ def shard_first_index(wildcards):
     return int(wildcards.shard) * config["prompts_per_shard"]
 
 
-def shard_files(wildcards):
-    """Every shard's file for one timestep (or for text.h5)."""
-    name = getattr(wildcards, "name", "text")
-    return [f"results/features/shard_{shard}/{name}.h5" for shard in SHARD_IDS]
+def shard_folders(wildcards):
+    """Every shard's feature folder (the merge reads {folder}/{name}.h5 from each)."""
+    return [f"results/features/shard_{shard}" for shard in SHARD_IDS]
 
 
 def feature_job_minutes(wildcards, attempt):

@@ -1,10 +1,11 @@
 rule covariance:
     """Sum of every shard's moments for one timestep (exact float64 sums)."""
     input:
-        shard_files,
+        shard_folders,
     output:
         "results/covariance/{name}.h5",
     params:
+        file_name=lambda wildcards: f"{wildcards.name}.h5",
         prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
     log:
         "logs/covariance/{name}.log",
@@ -15,6 +16,9 @@ rule covariance:
 
 
 use rule covariance as covariance_text with:
+    params:
+        file_name="text.h5",
+        prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
     output:
         "results/covariance/text.h5",
     log:

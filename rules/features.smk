@@ -2,14 +2,17 @@ rule features:
     """One prompt shard through the sampler: exact moments per scheduled step and text.h5.
 
     Shard membership is a param (not the prompt file), so appending prompts reruns only the
-    shards whose prompt list changed.
+    shards whose prompt list changed. The output is the shard's folder, holding {name}.h5 per
+    scheduled step and text.h5: one output instead of one per step keeps the DAG of a
+    1000-step schedule fast to build.
     """
     input:
         schedule="results/schedule.json",
         model=model_input,
     output:
-        expand("results/features/shard_{{shard}}/{name}.h5", name=SHARD_FILE_NAMES),
+        directory("results/features/shard_{shard}"),
     params:
+        file_names=SHARD_FILE_NAMES,
         prompts=shard_prompts,
         first_index=shard_first_index,
         model=config["model"],

@@ -3,7 +3,7 @@ rule schedule:
     output:
         "results/schedule.json",
     params:
-        scheduler_config=lambda wildcards: SCHEDULE["scheduler"]["config"],
+        scheduler_config=SCHEDULER_CONFIG,
         strategy=config["sampler_strategy"],
         num_steps=config["num_denoising_steps"],
         model=config["model"],

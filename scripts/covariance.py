@@ -6,4 +6,5 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 from nullcov.jobs import logging_to, merge_job
 
 with logging_to(snakemake.log[0]):
-    merge_job(list(snakemake.input), snakemake.output[0], snakemake.params.prompt_sha256)
+    shard_files = [f"{folder}/{snakemake.params.file_name}" for folder in snakemake.input]
+    merge_job(shard_files, snakemake.output[0], snakemake.params.prompt_sha256)

@@ -9,7 +9,8 @@ from nullcov.features import run_feature_job
 from nullcov.jobs import logging_to
 
 with logging_to(snakemake.log[0]):
-    paths = {Path(path).stem: path for path in snakemake.output}
+    folder = Path(snakemake.output[0])
+    paths = {name: str(folder / f"{name}.h5") for name in snakemake.params.file_names}
     text_path = paths.pop("text", None)
     run_feature_job(
         model_spec=snakemake.params.model,

@@ -47,3 +47,54 @@ def tiny_pipe(tiny_model_dir):
     from nullcov.model import load_pipeline
 
     return load_pipeline(tiny_model_dir, "float32", "cpu")
+
+
+SNAKEFILE = REPO / "Snakefile"
+
+
+def write_config(workdir, prompts, **overrides):
+    """A config.yaml for a test run in ``workdir`` (tiny model, few steps) and its prompt file."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(
+        prompts=str(workdir / "prompts.txt"),
+        prompts_per_shard=4,
+        num_denoising_steps=3,
+        batch_size=2,
+        device="cpu",
+    )
+    config.update(overrides)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return workdir / "config.yaml"
+
+
+def snakemake(workdir, *args, check=True, timeout=600):
+    """Run the workflow with ``workdir``'s config.yaml; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
+    """(rule, first output) of every job a dry-run would run."""
+    import re
+
+    output = snakemake(workdir, "--dry-run", *args).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        match = re.match(r"(?:local)?rule (\w+):", block)
+        if match:
+            out = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
+            jobs.append((match.group(1), out.group(1) if out else ""))
+    return jobs
