@@ -17,7 +17,8 @@ rule features:
         first_index=shard_first_index,
         model=config["model"],
         model_dir=str(MODEL_DIR),
-        config=feature_config(config) | {"batch_size": config["batch_size"], "device": config["device"]},
+        # Only the keys that change the statistics: editing batch_size or device reruns nothing.
+        config=feature_config(config),
     threads: 2
     resources:
         gpu=1,

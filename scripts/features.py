@@ -19,7 +19,8 @@ with logging_to(snakemake.log[0]):
         first_index=snakemake.params.first_index,
         shard=snakemake.wildcards.shard,
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),
-        config=dict(snakemake.params.config),
+        config=dict(snakemake.params.config)
+        | {"batch_size": snakemake.config["batch_size"], "device": snakemake.config["device"]},
         step_paths=paths,
         text_path=text_path,
         threads=snakemake.threads,
