@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -31,6 +32,30 @@ FEATURE_LINEARS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
 
 class ScheduleFileError(RuntimeError):
     """results/schedule.json does not describe what this model's sampler does."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt exceeds the tokenizer's limit and ``strict_prompts`` is set."""
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool) -> int:
+    """Count (and log) prompts the tokenizer truncates; with ``strict`` refuse them instead."""
+    limit = tokenizer.model_max_length
+    too_long = []
+    for offset, prompt in enumerate(prompts):
+        length = len(tokenizer(prompt).input_ids)
+        if length > limit:
+            too_long.append((first_index + offset, prompt, length))
+    if too_long and strict:
+        listing = "; ".join(f"prompt {index} has {length} tokens: {prompt!r}" for index, prompt, length in too_long)
+        raise PromptTooLongError(
+            f"strict_prompts: {len(too_long)} prompt(s) exceed the tokenizer's limit of {limit} tokens: {listing}"
+        )
+    for index, prompt, length in too_long:
+        log.warning("prompt %d has %d tokens, over the limit of %d: truncated: %r", index, length, limit, prompt)
+    if too_long:
+        log.warning("%d of %d prompts in this shard are truncated to %d tokens", len(too_long), len(prompts), limit)
+    return len(too_long)
 
 
 def selected_linears(collect_features: dict) -> set[str]:
@@ -90,7 +115,11 @@ COLLECTIONS = {"trajectory": _run_trajectory, "noised": _run_noised}
 
 def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict):
     """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names)."""
-    layers = select_layers(cross_attention_modules(pipe.unet), config["cross_attention_layers"])
+    modules = dict(cross_attention_modules(pipe.unet))
+    names = select_layers(list(modules), config["cross_attention_layers"])
+    if schedule.get("layers", names) != names:
+        raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}")
+    layers = [(name, modules[name]) for name in names]
     linears = selected_linears(config["collect_features"])
     resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     run = COLLECTIONS[config["collection"]]
@@ -131,18 +160,18 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
     device = resolve_device(config["device"])
     log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
              device, config["device"])
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
+    truncated = check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"])
     pipe = load_pipeline(model_dir, config["dtype"], device)
     configure_scheduler(pipe, schedule)
-    too_long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > pipe.tokenizer.model_max_length]
-    if too_long:
-        log.warning("%d prompt(s) exceed %d tokens and are truncated by the tokenizer, e.g. %r",
-                    len(too_long), pipe.tokenizer.model_max_length, too_long[0])
     step_moments, text_moments, layer_names, resolution = collect_shard(pipe, prompts, first_index, schedule, config)
     provenance = {
         "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
         "config": feature_config(config),
         "prompts": {"first_index": first_index, "count": len(prompts), "sha256": prompt_set_sha256(prompts),
-                    "prompts": prompts},
+                    "truncated": truncated, "prompts": prompts},
         "shard": shard,
         "layers": layer_names,
         "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from nullcov.merge import merge_shard_files
+from nullcov.model import cross_attention_layer_names, select_layers
 from nullcov.projection import null_space
 from nullcov.provenance import package_versions
 from nullcov.schedule import build_schedule
@@ -38,12 +39,21 @@ def logging_to(path):
             sys.stderr = saved
 
 
-def write_schedule(path, scheduler_config: dict, strategy, num_steps: int, model_spec: str) -> dict:
+def write_schedule(path, scheduler_config: dict, strategy, num_steps: int, model_spec: str, model_dir,
+                   layer_selection) -> dict:
+    """The schedule, plus the cross-attention layers to collect, checked against the model's UNet.
+
+    Runs before any feature job, on the CPU, so a bad ``cross_attention_layers`` fails before
+    any GPU work (the UNet is built on the meta device: no weights are read).
+    """
+    available = cross_attention_layer_names(model_dir)
     schedule = build_schedule(scheduler_config, strategy, num_steps)
+    schedule["layers"] = select_layers(available, layer_selection)
     schedule["provenance"] = {"model": model_spec, "packages": package_versions()}
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
-    log.info("%s: %d steps of %s (%s)", path, len(schedule["steps"]), strategy, schedule["scheduler"]["class"])
+    log.info("%s: %d steps of %s (%s); %d of %d cross-attention layers", path, len(schedule["steps"]), strategy,
+             schedule["scheduler"]["class"], len(schedule["layers"]), len(available))
     return schedule
 
 

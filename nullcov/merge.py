@@ -18,7 +18,8 @@ _SHARED_FIELDS = ("model_fingerprint", "model", "config", "step")
 
 
 def regenerate_hint(path) -> str:
-    return f"regenerate it with: snakemake --cores all --force {path}"
+    """The command that reruns the feature job owning ``path`` (its output is the shard folder)."""
+    return f"regenerate that shard with: snakemake --cores all --force {Path(path).parent}"
 
 
 def _shared(provenance: dict, step) -> dict:

@@ -38,7 +38,7 @@ def resolve_model_dir(spec: str) -> Path:
             path = Path(snapshot_download(spec, local_files_only=True))
         except LocalEntryNotFoundError:
             raise ModelError(
-                f"model {spec!r} is neither a local folder nor in the local Hugging Face cache "
+                f"model {spec!r} is not a local folder and not in the local Hugging Face cache "
                 "(HF_HOME); nullcov never downloads: fetch it first with "
                 f"`huggingface-cli download {spec}` on a machine with internet"
             ) from None
@@ -98,27 +98,36 @@ def cross_attention_modules(unet) -> list[tuple[str, object]]:
     return [(name, module) for name, module in unet.named_modules() if getattr(module, "is_cross_attention", False)]
 
 
-def select_layers(modules: list[tuple[str, object]], selection) -> list[tuple[str, object]]:
-    """``all``, or a list of indices into :func:`cross_attention_modules`, or of module names."""
+def cross_attention_layer_names(model_dir: str | Path) -> list[str]:
+    """The UNet's cross-attention module names from its config alone (meta device: no weights read)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(Path(model_dir) / "unet", local_files_only=True)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return [name for name, _ in cross_attention_modules(unet)]
+
+
+def select_layers(available: list[str], selection) -> list[str]:
+    """Resolve ``cross_attention_layers`` (``all``, indices into ``available``, or module names)."""
     if selection == "all":
-        return list(modules)
-    names = [name for name, _ in modules]
+        return list(available)
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(available))
     chosen = []
     for item in selection:
         if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item < len(modules):
+            if not 0 <= item < len(available):
                 raise ModelError(
-                    f"cross_attention_layers: index {item} is out of range; the model has {len(modules)} "
-                    f"cross-attention layers: {', '.join(f'{i}={n}' for i, n in enumerate(names))}"
+                    f"cross_attention_layers: index {item} is out of range; the model has {len(available)} "
+                    f"cross-attention layers: {listing}"
                 )
-            chosen.append(modules[item])
-        elif item in names:
-            chosen.append(modules[names.index(item)])
+            chosen.append(available[item])
+        elif item in available:
+            chosen.append(item)
         else:
-            raise ModelError(
-                f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {', '.join(names)}"
-            )
-    duplicated = sorted({name for name, _ in chosen if [n for n, _ in chosen].count(name) > 1})
+            raise ModelError(f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {listing}")
+    duplicated = sorted({name for name in chosen if chosen.count(name) > 1})
     if duplicated:
         raise ModelError(f"cross_attention_layers names {duplicated} more than once")
     return chosen

@@ -57,3 +57,20 @@ def split_into_shards(prompts: list[str], prompts_per_shard: int) -> list[list[s
     if prompts_per_shard <= 0:
         raise ValueError(f"prompts_per_shard must be a positive integer, got {prompts_per_shard}")
     return [prompts[i : i + prompts_per_shard] for i in range(0, len(prompts), prompts_per_shard)]
+
+
+def duplicate_counts(prompts: list[str]) -> dict[str, int]:
+    """Prompts that occur more than once, with their number of occurrences (first-seen order)."""
+    counts: dict[str, int] = {}
+    for prompt in prompts:
+        counts[prompt] = counts.get(prompt, 0) + 1
+    return {prompt: count for prompt, count in counts.items() if count > 1}
+
+
+def apply_duplicate_policy(prompts: list[str], policy: str) -> list[str]:
+    """``keep`` every occurrence, or ``drop`` all but the first occurrence of each prompt."""
+    if policy == "keep":
+        return list(prompts)
+    if policy == "drop":
+        return list(dict.fromkeys(prompts))
+    raise ValueError(f"duplicate_prompts must be 'keep' or 'drop', got {policy!r}")

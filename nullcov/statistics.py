@@ -37,6 +37,7 @@ class Moments:
             found.append(f"count must be a positive integer, got {self.count!r}")
         if self.sum.dtype != np.float64 or self.sum_outer.dtype != np.float64:
             found.append(f"sums must be float64, got {self.sum.dtype} and {self.sum_outer.dtype}")
+            return found
         if self.sum.ndim != 1 or self.sum_outer.shape != (self.sum.shape[0],) * 2:
             found.append(f"inconsistent shapes: sum {self.sum.shape}, sum_outer {self.sum_outer.shape}")
         elif not (np.isfinite(self.sum).all() and np.isfinite(self.sum_outer).all()):

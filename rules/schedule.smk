@@ -1,5 +1,10 @@
 rule schedule:
-    """The real sampler's timesteps; every feature job checks its UNet calls against it."""
+    """The real sampler's timesteps and the layers to collect, checked against the model (CPU).
+
+    Every feature job checks its UNet calls against it.
+    """
+    input:
+        model=model_input,
     output:
         "results/schedule.json",
     params:
@@ -7,6 +12,8 @@ rule schedule:
         strategy=config["sampler_strategy"],
         num_steps=config["num_denoising_steps"],
         model=config["model"],
+        model_dir=str(MODEL_DIR),
+        layers=config["cross_attention_layers"],
     log:
         "logs/schedule.log",
     conda:

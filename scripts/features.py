@@ -20,7 +20,7 @@ with logging_to(snakemake.log[0]):
         shard=snakemake.wildcards.shard,
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),
         config=dict(snakemake.params.config)
-        | {"batch_size": snakemake.config["batch_size"], "device": snakemake.config["device"]},
+        | {key: snakemake.config[key] for key in ("batch_size", "device", "strict_prompts")},
         step_paths=paths,
         text_path=text_path,
         threads=snakemake.threads,

@@ -12,4 +12,6 @@ with logging_to(snakemake.log[0]):
         snakemake.params.strategy,
         snakemake.params.num_steps,
         snakemake.params.model,
+        snakemake.params.model_dir,
+        snakemake.params.layers,
     )

@@ -23,6 +23,7 @@ def base_config(**overrides) -> dict:
         "collect_features": {"q": True, "k": True, "v": True, "out": True},
         "cross_attention_layers": "all",
         "text_tokens": "all",
+        "strict_prompts": False,
     }
     config.update(overrides)
     return config
@@ -71,16 +72,20 @@ def write_config(workdir, prompts, **overrides):
     return workdir / "config.yaml"
 
 
-def snakemake(workdir, *args, check=True, timeout=600):
-    """Run the workflow with ``workdir``'s config.yaml; returns the CompletedProcess."""
-    import subprocess
+def snakemake_command(workdir, *args) -> list[str]:
     import sys
 
-    command = [
+    return [
         sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def snakemake(workdir, *args, check=True, timeout=600):
+    """Run the workflow with ``workdir``'s config.yaml; returns the CompletedProcess."""
+    import subprocess
+
+    result = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -98,3 +103,22 @@ def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
             out = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
             jobs.append((match.group(1), out.group(1) if out else ""))
     return jobs
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many fault and bad-input cases ran and whether all passed."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if report.when != "call" and outcome != "error" and not (outcome == "skipped" and report.when == "setup"):
+                continue
+            for marker in ("fault", "bad_input"):
+                if marker in report.keywords:
+                    counts.setdefault(marker, {}).setdefault(outcome, set()).add(report.nodeid)
+    for marker, label in (("fault", "fault cases"), ("bad_input", "bad-input cases")):
+        outcomes = {outcome: len(ids) for outcome, ids in counts.get(marker, {}).items()}
+        ran = sum(outcomes.values())
+        if ran:
+            verdict = "all passed" if outcomes.get("passed", 0) == ran else "NOT all passed"
+            details = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+            terminalreporter.write_line(f"{label}: {ran} run, {details}: {verdict}")
