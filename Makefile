@@ -23,9 +23,30 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all
+	$(BIN)/snakemake --cores all --report results/report.html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Speed/memory benchmark (not part of `make test`): bare pipeline vs nullcov vs the legacy method,
+# tiny model and SD-1.5 architecture (random weights, no download); table + benchmarks/bench-*.json.
+.PHONY: bench bench-gpu
+bench: $(STAMP)
+	$(BIN)/python -m nullcov.benchmark --device cpu --profile
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m nullcov.benchmark --device cuda --profile
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
+
+# Once per user: link profiles/slurm into Snakemake's profile folder, so that
+# `snakemake --profile slurm` finds it (`--profile profiles/slurm` works without this).
+SNAKEMAKE_PROFILES ?= $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+.PHONY: slurm-profile
+slurm-profile:
+	@mkdir -p "$(SNAKEMAKE_PROFILES)"
+	@if [ -e "$(SNAKEMAKE_PROFILES)/slurm" ] && [ ! -L "$(SNAKEMAKE_PROFILES)/slurm" ]; then \
+		echo "$(SNAKEMAKE_PROFILES)/slurm exists and is not a link: move it away first" >&2; exit 1; fi
+	ln -sfn "$(CURDIR)/profiles/slurm" "$(SNAKEMAKE_PROFILES)/slurm"
+	@echo "snakemake --profile slurm now reads $(CURDIR)/profiles/slurm/config.yaml"

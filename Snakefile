@@ -8,12 +8,17 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/schedule.smk"
 include: "rules/features.smk"
 include: "rules/covariance.smk"
 include: "rules/projection.smk"
+include: "rules/validation.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -6,17 +6,46 @@ add their inputs' conditional half to that step's accumulator, and the text-enco
 every ``to_k``/``to_v`` receives are accumulated once per prompt batch.
 
 Products are float32 matmuls (TF32 must be off, see :func:`exact_matmul`) summed into float64.
+fp16/bf16 inputs on CUDA go straight into a GEMM with float32 accumulation and float32 output
+(the product of two fp16 or bf16 numbers is exact in float32, so this equals upcasting first,
+without the copy and on tensor cores); never an fp16 output, never TF32.
+
+Where the accumulators live: a step's float64 accumulator (``sum_outer``, Σ d² × 8 bytes over
+the hooked linears) sits on the device when it fits (:func:`plan_device_steps`, from the free
+device memory with a reserve for activations); the steps that do not fit keep it on the host,
+and each UNet call then ships one float32 partial product (computed on the device) through a
+pinned buffer, added into float64 by a worker thread while the GPU runs on. Sums and counts
+always stay on the device (O(d) per step).
+
+Nothing synchronises with the host per layer: the non-finite check keeps one number per prompt
+per hook (the total of its column sums, which the moments need anyway; see
+:meth:`CrossAttentionCapture._add_inputs`) and looks at them once per prompt batch; timesteps
+on the device are compared once per batch too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from nullcov.statistics import Moments
 from nullcov.store import TEXT_KEY
+
+log = logging.getLogger(__name__)
+
+#: Device memory kept free for the pipeline's activations when planning accumulators: the larger
+#: of this fraction of the device and :data:`RESERVE_MIN_BYTES`.
+RESERVE_FRACTION = 0.2
+RESERVE_MIN_BYTES = 2 * 1024**3
+#: Number of device/pinned staging buffers for host-side steps (double buffering).
+STAGING_BUFFERS = 2
+#: Default accumulator placement of :class:`CrossAttentionCapture` (``auto``, ``device``, ``host``).
+ACCUMULATE = "auto"
 
 
 class ScheduleMismatchError(RuntimeError):
@@ -50,6 +79,66 @@ def exact_matmul():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+# -- the product ------------------------------------------------------------------------------------
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_mm_out_dtype_works: bool | None = None  # learned on first use: torch.mm(a, b, out_dtype) on CUDA
+
+
+def gram(rows: torch.Tensor, out: torch.Tensor | None = None, mode: str = "auto") -> torch.Tensor:
+    """``rowsᵀ rows`` as float32 with float32 accumulation (exact products), optionally into ``out``.
+
+    ``mode``: ``auto`` (fp16/bf16 on CUDA: one GEMM with fp16/bf16 inputs and float32 output; else
+    upcast), ``out_dtype`` (force that GEMM), ``upcast`` (convert to float32, then a float32 GEMM).
+    A float32 GEMM on CUDA must run with TF32 off (:func:`exact_matmul`).
+    """
+    global _mm_out_dtype_works
+    if mode not in ("auto", "out_dtype", "upcast"):
+        raise ValueError(f"mode must be auto, out_dtype or upcast, got {mode!r}")
+    half = rows.dtype in _HALF_DTYPES
+    if mode == "out_dtype" or (mode == "auto" and half and rows.is_cuda and _mm_out_dtype_works is not False):
+        try:
+            if out is None:
+                result = torch.mm(rows.t(), rows, torch.float32)
+            else:
+                result = torch.mm(rows.t(), rows, torch.float32, out=out)
+            _mm_out_dtype_works = True
+            return result
+        except (RuntimeError, TypeError, NotImplementedError):
+            if mode == "out_dtype":
+                raise
+            _mm_out_dtype_works = False
+            log.info("torch.mm(..., out_dtype=float32) unavailable for %s on %s: upcasting", rows.dtype, rows.device)
+    rows = rows.float()
+    return torch.mm(rows.t(), rows, out=out)
+
+
+def column_sums(inputs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums over ``dim`` with float32 accumulation (float64 for float64 inputs), like the products.
+
+    (A float64-accumulating reduction of float32 inputs is 10-20x slower on CPU.)
+    """
+    return inputs.sum(dim=dim, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32)
+
+
+def accumulate(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
+    """``total += part`` for a float64 ``total`` and a float32 ``part`` on the same device;
+    ``total = part`` when ``first`` (accumulators start uninitialised: no zero-fill pass).
+
+    On the CPU through numpy, whose mixed-precision add is 2-3x faster than torch's (and works
+    on inference tensors from any thread); on a GPU in place, without a float64 temporary.
+    """
+    if total.device.type == "cpu":
+        target, source = total.detach().numpy(), part.detach().numpy()
+        if first:
+            np.copyto(target, source)
+        else:
+            np.add(target, source, out=target)
+    elif first:
+        total.copy_(part)
+    else:
+        total.add_(part)
+
+
 class TorchMoments:
     """count / sum / sum of outer products of rows, accumulated in float64 on a device."""
 
@@ -59,13 +148,152 @@ class TorchMoments:
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.float()
-        self.sum_outer += (rows.T @ rows).double()
-        self.sum += rows.sum(dim=0, dtype=torch.float64)
+        accumulate(self.sum_outer, gram(rows))
+        self.sum.add_(column_sums(rows, dim=0).double())
         self.count += rows.shape[0]
 
     def to_moments(self) -> Moments:
         return Moments(count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
+
+
+# -- where the accumulators live --------------------------------------------------------------------
+def plan_device_steps(step_bytes: int, num_steps: int, free_bytes: int, total_bytes: int,
+                      staging_bytes: int = 0, reserve_fraction: float = RESERVE_FRACTION,
+                      reserve_min_bytes: int = RESERVE_MIN_BYTES) -> int:
+    """How many of ``num_steps`` step accumulators (``step_bytes`` each) to keep on the device.
+
+    ``free_bytes`` is what the device can still give (free plus the allocator's cached blocks),
+    ``total_bytes`` its size. The larger of ``reserve_fraction`` × total and ``reserve_min_bytes``
+    stays free for activations. When not every step fits, ``staging_bytes`` (the device buffers
+    of the host path) come out of the budget too. The first steps go to the device.
+    """
+    if num_steps <= 0:
+        return 0
+    budget = free_bytes - max(reserve_fraction * total_bytes, reserve_min_bytes)
+    if step_bytes <= 0 or num_steps * step_bytes <= budget:
+        return num_steps
+    return max(0, min(num_steps, int((budget - staging_bytes) // step_bytes)))
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes this process can still allocate on a CUDA ``device``, what it may use in all).
+
+    Both honour ``torch.cuda.set_per_process_memory_fraction``.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free += cached
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:  # torch.cuda.set_per_process_memory_fraction caps the allocator
+        with contextlib.suppress(RuntimeError, AttributeError, TypeError):
+            total = int(fraction(device) * total)
+            free = min(free, total - torch.cuda.memory_allocated(device))
+    return int(free), int(total)
+
+
+class _HostSteps:
+    """float64 ``sum_outer`` accumulators on the host for some steps, fed one float32 flat
+    partial (every key of one UNet call) at a time through ``STAGING_BUFFERS`` staging buffers.
+
+    On CUDA: the hooks write the partial into a device buffer, :meth:`flush` queues its copy
+    into a pinned buffer on a side stream, and a worker thread waits for that copy and adds it
+    into float64. On a CPU device the same path runs with plain buffers and a plain copy.
+    """
+
+    def __init__(self, flat_size: int, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.flat_size = flat_size
+        self.accumulators: dict[int, torch.Tensor] = {}
+        self.device_buffers = [torch.empty(flat_size, dtype=torch.float32, device=device) for _ in range(STAGING_BUFFERS)]
+        self.host_buffers = [
+            torch.empty(flat_size, dtype=torch.float32, pin_memory=self.cuda) for _ in range(STAGING_BUFFERS)
+        ]
+        self.copy_done = [torch.cuda.Event() if self.cuda else None for _ in range(STAGING_BUFFERS)]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pending: list[Future | None] = [None] * STAGING_BUFFERS
+        self.current = 0
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nullcov-host-accumulate")
+
+    def accumulator(self, step: int) -> torch.Tensor:
+        """Step ``step``'s float64 accumulator (uninitialised until its first :meth:`flush`)."""
+        if step not in self.accumulators:
+            self.accumulators[step] = torch.empty(self.flat_size, dtype=torch.float64)
+        return self.accumulators[step]
+
+    def begin_call(self) -> torch.Tensor:
+        """The device buffer this UNet call writes its partial products into."""
+        if self.cuda and self.pending[self.current] is not None:
+            # the previous copy out of this buffer must be done before the kernels overwrite it
+            torch.cuda.current_stream(self.device).wait_event(self.copy_done[self.current])
+        return self.device_buffers[self.current]
+
+    def flush(self, step: int) -> None:
+        """Send this call's partial products to step ``step``'s float64 accumulator."""
+        slot = self.current
+        first = step not in self.accumulators  # the single worker keeps the order: copy, then adds
+        accumulator = self.accumulator(step)
+        if self.pending[slot] is not None:
+            self.pending[slot].result()  # the worker is done reading host_buffers[slot]
+        source, target = self.device_buffers[slot], self.host_buffers[slot]
+        if self.cuda:
+            ready = torch.cuda.current_stream(self.device).record_event()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(ready)
+                target.copy_(source, non_blocking=True)
+                self.copy_done[slot].record(self.copy_stream)
+            done = self.copy_done[slot]
+        else:
+            target.copy_(source)
+            done = None
+
+        def add():
+            if done is not None:
+                done.synchronize()
+            accumulate(accumulator, target, first)
+
+        self.pending[slot] = self.worker.submit(add)
+        self.current = (slot + 1) % STAGING_BUFFERS
+
+    def drain(self) -> None:
+        """Wait for every queued addition (re-raising the worker's errors)."""
+        for slot, future in enumerate(self.pending):
+            if future is not None:
+                future.result()
+                self.pending[slot] = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.drain()
+        self.worker.shutdown(wait=True)
+
+
+class _StepAccumulator:
+    """One step's moments of every key: flat float64 buffers (``sum_outer`` on the device, or
+    held by :class:`_HostSteps`), keyed views into them, counts on the host. A key's part of
+    ``outer`` is uninitialised while its count is 0 (its first product is copied, not added)."""
+
+    def __init__(self, dims: dict[str, int], device: torch.device, on_device: bool):
+        self.on_device = on_device
+        self.sums = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)
+        self.outer = torch.empty(sum(d * d for d in dims.values()), dtype=torch.float64, device=device) if on_device else None
+        self.counts = {key: 0 for key in dims}
+
+
+def _labelled(label: str):
+    """Name a hook's work in torch.profiler traces (only while a profiler runs: no cost otherwise)."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if torch.autograd._profiler_enabled():
+                with torch.profiler.record_function(label):
+                    return function(*args, **kwargs)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 class CrossAttentionCapture:
@@ -74,19 +302,53 @@ class CrossAttentionCapture:
     ``layers`` are ``(module_name, Attention)`` pairs; ``linears`` a subset of ``to_q``,
     ``to_out`` (per step) and ``to_k``/``to_v`` (both mean: the text states, stored once).
     ``timesteps`` are the schedule's, in call order. Use as a context manager (removes hooks).
+    ``accumulate``: ``auto`` (each step's float64 accumulator on the device while it fits, see
+    :func:`plan_device_steps`; the rest on the host), ``device`` or ``host`` (all steps); default
+    :data:`ACCUMULATE`.
     """
 
-    def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str):
+    #: Compare CPU timesteps in end_batch too (device timesteps always are: reading one syncs).
+    _defer_timestep_check = False
+
+    def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
+                 accumulate: str | None = None):
         if text_tokens not in ("all", "prompt"):
             raise ValueError(f"text_tokens must be 'all' or 'prompt', got {text_tokens!r}")
+        accumulate = ACCUMULATE if accumulate is None else accumulate
+        if accumulate not in ("auto", "device", "host"):
+            raise ValueError(f"accumulate must be 'auto', 'device' or 'host', got {accumulate!r}")
         self.timesteps = list(timesteps)
         self.step_names = list(step_names)
         self.text_tokens = text_tokens
         self.keys = [f"{name}/{linear}" for name, _ in layers for linear in ("to_q", "to_out") if linear in linears]
         self.collect_text = bool({"to_k", "to_v"} & set(linears))
-        self.step_moments: list[dict[str, TorchMoments]] = [{} for _ in self.timesteps]
+        self.device = next(unet.parameters()).device
+        self.dims: dict[str, int] = {}
+        for name, module in layers:
+            for linear, target in (("to_q", module.to_q), ("to_out", module.to_out[0])):
+                if linear in linears:
+                    self.dims[f"{name}/{linear}"] = int(target.in_features)
+        self._outer_offsets, self._sum_offsets = {}, {}
+        outer_offset = sum_offset = 0
+        for key in self.keys:
+            dim = self.dims[key]
+            self._outer_offsets[key], self._sum_offsets[key] = outer_offset, sum_offset
+            outer_offset += dim * dim
+            sum_offset += dim
+        self._outer_size, self._sum_size = outer_offset, sum_offset
+        self.device_steps = self._plan(accumulate)
+        self._host = None
+        if self.device_steps < len(self.timesteps) and self._outer_size:
+            self._host = _HostSteps(self._outer_size, self.device)
+        self._steps = [
+            _StepAccumulator(self.dims, self.device, on_device=index < self.device_steps)
+            for index in range(len(self.timesteps))
+        ]
         self.text_moments: TorchMoments | None = None
-        self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
+        self._handles = [
+            unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
+            unet.register_forward_hook(self._after_unet_call),
+        ]
         for name, module in layers:
             for linear, target in (("to_q", module.to_q), ("to_out", module.to_out[0])):
                 if linear in linears:
@@ -97,6 +359,28 @@ class CrossAttentionCapture:
                     target = getattr(module, linear)
                     self._handles.append(target.register_forward_pre_hook(self._text_check_hook(f"{name}/{linear}")))
         self._batch = None
+        self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
+
+    def _plan(self, accumulate: str) -> int:
+        steps = len(self.timesteps)
+        step_bytes = 8 * self._outer_size
+        if accumulate == "device":
+            return steps
+        if accumulate == "host":
+            chosen = 0
+        elif self.device.type != "cuda":
+            return steps  # host memory either way: nothing to stage
+        else:
+            free, total = device_memory(self.device)
+            free -= steps * 8 * self._sum_size  # the sums stay on the device whatever the plan
+            staging = STAGING_BUFFERS * 4 * self._outer_size
+            chosen = plan_device_steps(step_bytes, steps, free, total, staging)
+            log.info("accumulators: %d steps x %.1f MiB; %.1f GiB of %.1f GiB free on %s",
+                     steps, step_bytes / 2**20, free / 2**30, total / 2**30, self.device)
+        if chosen < steps:
+            log.info("accumulators: %d step(s) on %s, %d step(s) on the host (%.1f GiB of host memory)",
+                     chosen, self.device, steps - chosen, (steps - chosen) * step_bytes / 2**30)
+        return chosen
 
     def __enter__(self):
         return self
@@ -108,6 +392,8 @@ class CrossAttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._host is not None:
+            self._host.close()
 
     # -- per batch ------------------------------------------------------------------------------
     def begin_batch(self, prompts: list[str], first_prompt_index: int, text_mask: torch.Tensor | None) -> None:
@@ -120,19 +406,27 @@ class CrossAttentionCapture:
             "calls": 0,
             "cond": None,
             "encoder_hidden_states": None,
-            "nonfinite": [],  # (step, key, per-prompt bool tensor)
+            "timesteps": [],  # (step, device timestep tensor) checked in end_batch
+            "nonfinite": [],  # (step, key, per-prompt float64 tensor: non-finite iff an input is)
         }
 
     def end_batch(self) -> None:
         """Check the batch made exactly the scheduled UNet calls and no non-finite input."""
         batch, self._batch = self._batch, None
+        if self._host is not None:
+            self._host.drain()
+        if batch["timesteps"]:
+            found = torch.cat([t.reshape(-1)[:1] for _, t in batch["timesteps"]]).cpu().double().tolist()
+            for (step, _), value in zip(batch["timesteps"], found):
+                self._check_timestep(step, value)
         if batch["calls"] != len(self.timesteps):
             raise ScheduleMismatchError(
                 f"the UNet was called {batch['calls']} times for this prompt batch, but the schedule has "
                 f"{len(self.timesteps)} steps"
             )
         if batch["nonfinite"]:
-            flags = torch.stack([flag for _, _, flag in batch["nonfinite"]]).cpu()
+            checks = torch.stack([check for _, _, check in batch["nonfinite"]]).cpu()
+            flags = ~torch.isfinite(checks)
             if flags.any():
                 row, prompt = (int(v) for v in torch.nonzero(flags)[0])
                 step, key, _ = batch["nonfinite"][row]
@@ -141,6 +435,15 @@ class CrossAttentionCapture:
                 )
 
     # -- hooks ----------------------------------------------------------------------------------
+    def _check_timestep(self, step: int, found: float) -> None:
+        expected = self.timesteps[step]
+        if abs(found - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise ScheduleMismatchError(
+                f"UNet call {step} ran at timestep {found}, but results/schedule.json says {expected} "
+                f"({self.step_names[step]}); the schedule and the sampler disagree"
+            )
+
+    @_labelled("nullcov:unet pre-hook")
     def _on_unet_call(self, module, args, kwargs):
         batch = self._batch
         if batch is None:
@@ -151,13 +454,10 @@ class CrossAttentionCapture:
         step = batch["calls"]
         if step >= len(self.timesteps):
             raise ScheduleMismatchError(f"the UNet was called more than the {len(self.timesteps)} scheduled times")
-        found = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
-        expected = self.timesteps[step]
-        if abs(found - expected) > 1e-3 * max(1.0, abs(expected)):
-            raise ScheduleMismatchError(
-                f"UNet call {step} ran at timestep {found}, but results/schedule.json says {expected} "
-                f"({self.step_names[step]}); the schedule and the sampler disagree"
-            )
+        if torch.is_tensor(timestep) and (timestep.device.type != "cpu" or self._defer_timestep_check):
+            batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
+        else:
+            self._check_timestep(step, float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep))
         size = batch["size"]
         if sample.shape[0] == 2 * size:  # classifier-free guidance: the batch is [uncond, cond]
             batch["cond"] = slice(size, 2 * size)
@@ -168,29 +468,67 @@ class CrossAttentionCapture:
         batch["calls"] = step + 1
         batch["step"] = step
         batch["encoder_hidden_states"] = hidden
+        self._call = None
+        if self._host is not None and not self._steps[step].on_device:
+            self._call = {"buffer": self._host.begin_call(), "written": set()}
         if self.collect_text and step == 0:
             states = hidden[batch["cond"]]
-            self._flag_nonfinite(step, TEXT_KEY, states)
+            batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
             rows = states[batch["text_mask"]] if batch["text_mask"] is not None else states.reshape(-1, states.shape[-1])
             if self.text_moments is None:
                 self.text_moments = TorchMoments(rows.shape[-1], rows.device)
             self.text_moments.add(rows)
 
-    def _flag_nonfinite(self, step: int, key: str, inputs: torch.Tensor) -> None:
-        flag = ~torch.isfinite(inputs).reshape(inputs.shape[0], -1).all(dim=1)
-        self._batch["nonfinite"].append((step, key, flag))
+    @_labelled("nullcov:unet post-hook")
+    def _after_unet_call(self, module, args, output):
+        call, self._call = self._call, None
+        if call is None or self._batch is None:
+            return
+        missing = [key for key in self.keys if key not in call["written"]]
+        if missing:  # a hook did not fire: its slot still holds another call's product
+            for key in missing:
+                self._outer_view(call["buffer"], key).zero_()
+        self._host.flush(self._batch["step"])
+
+    def _outer_view(self, flat: torch.Tensor, key: str) -> torch.Tensor:
+        dim, offset = self.dims[key], self._outer_offsets[key]
+        return flat[offset : offset + dim * dim].view(dim, dim)
+
+    @_labelled("nullcov:layer hook")
+    def _add_inputs(self, key: str, step: int, inputs: torch.Tensor) -> None:
+        """Add a hook's conditional inputs [B, ..., d] to step ``step``'s moments of ``key``.
+
+        The per-prompt column sums double as the non-finite check (no extra pass over the inputs,
+        no sync): NaN and inf propagate into a sum, so a prompt's total is non-finite when one of
+        its inputs is. A float32 sum of finite inputs overflows only for |x| > 3.4e38 / (tokens),
+        which fp16 inputs cannot reach and which would overflow the float32 products (|x| > 1.8e19)
+        anyway: then too the statistics would not be finite, and the job must stop.
+        """
+        accumulator = self._steps[step]
+        dim = self.dims[key]
+        inputs = inputs.reshape(inputs.shape[0], -1, dim)
+        per_prompt = column_sums(inputs, dim=1)  # [B, d]
+        self._batch["nonfinite"].append((step, key, per_prompt.sum(dim=1, dtype=torch.float64)))
+        offset = self._sum_offsets[key]
+        accumulator.sums[offset : offset + dim].add_(per_prompt.sum(dim=0, dtype=torch.float64))
+        rows = inputs.reshape(-1, dim)
+        first = accumulator.counts[key] == 0
+        accumulator.counts[key] += rows.shape[0]
+        if accumulator.on_device:
+            accumulate(self._outer_view(accumulator.outer, key), gram(rows), first)
+        else:
+            call = self._call
+            view = self._outer_view(call["buffer"], key)
+            if key in call["written"]:  # a second call of the same layer in one UNet call
+                view.add_(gram(rows))
+            else:
+                gram(rows, out=view)
+                call["written"].add(key)
 
     def _step_hook(self, key: str):
         def hook(module, args):
             batch = self._batch
-            inputs = args[0][batch["cond"]]
-            step = batch["step"]
-            self._flag_nonfinite(step, key, inputs)
-            rows = inputs.reshape(-1, inputs.shape[-1])
-            moments = self.step_moments[step].get(key)
-            if moments is None:
-                moments = self.step_moments[step][key] = TorchMoments(rows.shape[-1], rows.device)
-            moments.add(rows)
+            self._add_inputs(key, batch["step"], args[0][batch["cond"]])
 
         return hook
 
@@ -208,12 +546,28 @@ class CrossAttentionCapture:
 
     # -- results --------------------------------------------------------------------------------
     def results(self) -> tuple[list[dict[str, Moments]], Moments | None]:
+        """Per step ``{key: Moments}`` (in schedule order) and the text moments (or None)."""
+        if self._host is not None:
+            self._host.drain()
         steps = []
-        for index, moments in enumerate(self.step_moments):
-            missing = [key for key in self.keys if key not in moments]
+        for index, accumulator in enumerate(self._steps):
+            missing = [key for key in self.keys if accumulator.counts[key] == 0]
             if missing:
                 raise RuntimeError(f"step {self.step_names[index]}: no input captured for {missing}")
-            steps.append({key: moments[key].to_moments() for key in self.keys})
+            if not self.keys:
+                steps.append({})
+                continue
+            outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
+            outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
+            moments = {}
+            for key in self.keys:
+                dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
+                moments[key] = Moments(
+                    count=accumulator.counts[key],
+                    sum=sums[s : s + dim],
+                    sum_outer=outer[o : o + dim * dim].reshape(dim, dim),
+                )
+            steps.append(moments)
         text = self.text_moments.to_moments() if self.text_moments is not None else None
         return steps, text
 

@@ -2,6 +2,7 @@
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workflow
@@ -30,6 +31,15 @@ try:
 except (nc_prompts.PromptFileError, nc_model.ModelError, nc_schedule.ScheduleError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
+DUPLICATES = nc_prompts.duplicate_counts(PROMPTS)
+if DUPLICATES:
+    logger.warning(
+        f"{config['prompts']}: {sum(DUPLICATES.values()) - len(DUPLICATES)} repeated prompt line(s) "
+        f"({len(DUPLICATES)} distinct prompts), e.g. {next(iter(DUPLICATES))!r} x{next(iter(DUPLICATES.values()))}; "
+        f"duplicate_prompts: {config['duplicate_prompts']} "
+        + ("(each occurrence is collected with its own seed)" if config["duplicate_prompts"] == "keep" else "(dropped)")
+    )
+    PROMPTS = nc_prompts.apply_duplicate_policy(PROMPTS, config["duplicate_prompts"])
 SHARDS = nc_prompts.split_into_shards(PROMPTS, config["prompts_per_shard"])
 SHARD_IDS = [f"{index:04d}" for index in range(len(SHARDS))]
 STEP_NAMES = [step["name"] for step in SCHEDULE["steps"]]
@@ -48,7 +58,7 @@ def final_outputs():
     """The deliverables: merged moments (interpolating trainers need them) and projections."""
     return ["results/schedule.json"] + [
         f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES
-    ]
+    ] + report_outputs()
 
 
 def model_input(wildcards):
@@ -73,3 +83,113 @@ def feature_job_minutes(wildcards, attempt):
     """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry."""
     work = len(shard_prompts(wildcards)) * len(STEP_NAMES)
     return attempt * (15 + work // 300)
+
+
+# -- Report and validation (rules/report.smk, rules/validation.smk) -----------------------------
+from nullcov import report as nc_report
+from nullcov import validation as nc_validation
+
+try:
+    # Validation prompt j is seeded seed + validation_seed_offset + j (checked disjoint from PROMPTS).
+    # A relative path missing in the working directory is looked up in the workflow's folder.
+    VALIDATION_FILE = (
+        nc_validation.resolve_prompt_file(config["validation_prompts"], workflow.basedir)
+        if config["validation_prompts"] is not None
+        else None
+    )
+    VALIDATION_PROMPTS = (
+        nc_validation.read_validation_prompts(VALIDATION_FILE, PROMPTS, config["validation_seed_offset"])
+        if VALIDATION_FILE is not None
+        else []
+    )
+    REPORT_STEPS = nc_report.select_steps(len(STEP_NAMES), config["report_steps"])  # indices into STEP_NAMES
+    ATTENTION_PROMPTS = nc_report.select_prompts(len(PROMPTS), config["attention_prompts"])
+except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
+    raise WorkflowError(f"invalid configuration: {err}")
+
+LEAKAGE_STEPS_PER_JOB = 25  # steps per leakage job (CPU: one eigh per layer/linear and step)
+LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
+STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}
+REPORT_FIGURES = {  # figure kind -> path (rule report_figures)
+    **{
+        f"spectra_{linear}": f"results/report/spectra/{linear}.png"
+        for feature, linear in (("q", "to_q"), ("out", "to_out"))
+        if config["collect_features"][feature]
+    },
+    **({"spectra_text": "results/report/spectra/text.png"} if COLLECT_TEXT else {}),
+    **({"null_dim": "results/report/null_dim.png"} if COLLECT_STEPS else {}),
+}
+ATTENTION_FIGURES = {  # (prompt index, step name) -> path (rule attention_maps)
+    (index, STEP_NAMES[step]): f"results/report/attention/prompt_{index:04d}_{STEP_NAMES[step]}.png"
+    for index in ATTENTION_PROMPTS
+    for step in REPORT_STEPS
+}
+
+
+def report_outputs():
+    """Every figure and table of the report (all of them are outputs of rules in `all`)."""
+    outputs = list(REPORT_FIGURES.values()) + ["results/report/summary.html"]
+    if ATTENTION_FIGURES:
+        outputs += ["results/report/attention/attention_maps.h5", *ATTENTION_FIGURES.values()]
+    if VALIDATION_PROMPTS:
+        outputs += [
+            "results/validation/leakage.tsv",
+            "results/report/validation/leakage_tradeoff.png",
+            "results/report/validation/leakage_heatmap.png",
+        ]
+    return outputs
+
+
+def attention_labels(index, name):
+    """Report labels of one attention figure (braces would read as wildcards)."""
+    prompt = PROMPTS[index] if len(PROMPTS[index]) <= 60 else PROMPTS[index][:59] + "…"
+    return {
+        "prompt": f"{index}: {prompt}".replace("{", "(").replace("}", ")"),
+        "step": f"{name} (t={STEP_TIMESTEPS[name]:.0f})",
+    }
+
+
+def leakage_part_files(stage):
+    """Input function: the {stage} files (covariance, projections) of one leakage job's steps."""
+    return lambda wildcards: [f"results/{stage}/{name}.h5" for name in LEAKAGE_PARTS[int(wildcards.part)]]
+
+
+def leakage_tables(wildcards):
+    return [f"results/validation/leakage/part_{part:03d}.tsv" for part in range(len(LEAKAGE_PARTS))]
+
+
+def summary_inputs(wildcards):
+    """Everything the run summary reports on: it runs after every other job of the run."""
+    inputs = ["results/schedule.json", *shard_folders(wildcards)]
+    inputs += [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
+    if VALIDATION_PROMPTS:
+        inputs += ["results/validation/features", *leakage_tables(wildcards)]
+    if ATTENTION_FIGURES:
+        inputs.append("results/report/attention/attention_maps.h5")
+    return inputs
+
+
+def summary_benchmarks(wildcards):
+    """Benchmark files per stage (absent ones are reported as such)."""
+    stages = {
+        "features": [f"benchmarks/features/shard_{shard}.tsv" for shard in SHARD_IDS],
+        "covariance": [f"benchmarks/covariance/{name}.tsv" for name in SHARD_FILE_NAMES],
+        "projection": [f"benchmarks/projections/{name}.tsv" for name in SHARD_FILE_NAMES],
+    }
+    if VALIDATION_PROMPTS:
+        stages["validation inputs"] = ["benchmarks/validation_inputs/validation.tsv"]
+        stages["leakage"] = [f"benchmarks/leakage/part_{part:03d}.tsv" for part in range(len(LEAKAGE_PARTS))]
+    if ATTENTION_FIGURES:
+        stages["attention maps"] = ["benchmarks/attention_maps/attention_maps.tsv"]
+    return stages
+
+
+def summary_folders(wildcards):
+    folders = {
+        "shard scratch (results/features)": "results/features",
+        "merged moments": "results/covariance",
+        "projections": "results/projections",
+    }
+    if VALIDATION_PROMPTS:
+        folders["validation"] = "results/validation"
+    return folders

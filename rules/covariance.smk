@@ -9,6 +9,8 @@ rule covariance:
         prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
     log:
         "logs/covariance/{name}.log",
+    benchmark:
+        "benchmarks/covariance/{name}.tsv"
     conda:
         "../envs/nullcov.yaml"
     script:
@@ -23,3 +25,5 @@ use rule covariance as covariance_text with:
         "results/covariance/text.h5",
     log:
         "logs/covariance/text.log",
+    benchmark:
+        "benchmarks/covariance/text.tsv"

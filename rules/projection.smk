@@ -10,6 +10,8 @@ rule projection:
         threshold_percent=config["threshold_percent"],
     log:
         "logs/projections/{name}.log",
+    benchmark:
+        "benchmarks/projections/{name}.tsv"
     conda:
         "../envs/nullcov.yaml"
     script:
@@ -23,3 +25,5 @@ use rule projection as projection_text with:
         "results/projections/text.h5",
     log:
         "logs/projections/text.log",
+    benchmark:
+        "benchmarks/projections/text.tsv"

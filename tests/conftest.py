@@ -53,12 +53,12 @@ def tiny_pipe(tiny_model_dir):
 SNAKEFILE = REPO / "Snakefile"
 
 
-def write_config(workdir, prompts, **overrides):
+def write_config(workdir, prompt_lines, **overrides):
     """A config.yaml for a test run in ``workdir`` (tiny model, few steps) and its prompt file."""
     import yaml
 
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (workdir / "prompts.txt").write_text("\n".join(prompt_lines) + "\n")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(
         prompts=str(workdir / "prompts.txt"),
@@ -66,6 +66,10 @@ def write_config(workdir, prompts, **overrides):
         num_denoising_steps=3,
         batch_size=2,
         device="cpu",
+        # The report's extra feature-style jobs stay off unless a test asks for them
+        # (tests/test_report.py and tests/test_validation.py do); the figures and summary still run.
+        validation_prompts=None,
+        attention_prompts=0,
     )
     config.update(overrides)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

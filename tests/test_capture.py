@@ -192,3 +192,115 @@ def test_non_finite_activation_names_prompt_layer_and_step(tiny_pipe, demo_promp
     error = info.value
     assert error.prompt_index == 11 and error.key == f"{name}/to_q"
     assert error.step_name == schedule["steps"][2]["name"]
+
+
+# -- performance paths (issue 4): host accumulators, the product, the non-finite check ---------------
+GIB = 2**30
+SD15_OUTER_FLOATS = 2 * (5 * 320**2 + 5 * 640**2 + 6 * 1280**2)  # 16 attn2 layers, to_q and to_out
+
+
+def test_host_accumulation_equals_device_accumulation(tiny_pipe, demo_prompts, monkeypatch):
+    from nullcov import capture
+
+    device = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
+    flushed = []
+    real_flush = capture._HostSteps.flush
+    monkeypatch.setattr(capture._HostSteps, "flush", lambda self, step: (flushed.append(step), real_flush(self, step)))
+    monkeypatch.setattr(capture, "ACCUMULATE", "host")
+    host = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
+    assert flushed == [0, 1, 2, 3] * 2  # every UNet call of both batches went through the staging path
+    _assert_same(device, host, rtol=1e-12)
+
+
+def test_accumulators_split_between_device_and_host(tiny_pipe, demo_prompts, monkeypatch):
+    from nullcov import capture
+
+    whole = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
+    monkeypatch.setattr(capture.CrossAttentionCapture, "_plan", lambda self, accumulate: 2)  # 2 of 4 steps fit
+    split = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
+    _assert_same(whole, split, rtol=1e-12)
+
+
+def test_accumulator_placement_plan():
+    from nullcov.capture import plan_device_steps
+
+    step = 8 * SD15_OUTER_FLOATS  # SD-1.5: 198 MB of float64 per step
+    staging = 2 * 4 * SD15_OUTER_FLOATS
+    # a 24 GB card with the fp16 model loaded: 50 steps (9.9 GB) stay on it
+    assert plan_device_steps(step, 50, free_bytes=21 * GIB, total_bytes=24 * GIB, staging_bytes=staging) == 50
+    # 1000 steps (198 GB) cannot: as many as fit beside the reserve and the staging buffers, the rest on the host
+    fitted = plan_device_steps(step, 1000, free_bytes=21 * GIB, total_bytes=24 * GIB, staging_bytes=staging)
+    assert 0 < fitted < 1000
+    assert fitted * step + staging <= 21 * GIB - 0.2 * 24 * GIB < (fitted + 1) * step + staging
+    # an 80 GB card: (78 - 16 reserved) GiB less staging, in 198 MB steps
+    assert plan_device_steps(step, 1000, free_bytes=78 * GIB, total_bytes=80 * GIB, staging_bytes=staging) == 334
+    assert plan_device_steps(step, 50, free_bytes=3 * GIB, total_bytes=24 * GIB, staging_bytes=staging) == 0
+    assert plan_device_steps(step, 0, free_bytes=21 * GIB, total_bytes=24 * GIB) == 0
+
+
+def test_sd15_step_accumulator_size(tiny_model_dir):
+    from nullcov.capture import CrossAttentionCapture
+    from nullcov.sd15 import build_sd15_pipeline
+
+    pipe = build_sd15_pipeline(tiny_model_dir / "tokenizer", device="meta")
+    layers = cross_attention_modules(pipe.unet)
+    with CrossAttentionCapture(pipe.unet, layers, {"to_q", "to_k", "to_v", "to_out"}, [999.0], ["s"], "all") as capture:
+        assert capture._outer_size == SD15_OUTER_FLOATS and 8 * capture._outer_size == 198_246_400
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_product_of_half_inputs_is_float32_exact_products(dtype):
+    from nullcov.capture import gram
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1 << 16, generator=generator) * 100).to(dtype), (torch.randn(1 << 16, generator=generator)).to(dtype)
+    assert torch.equal((a.float() * b.float()).double(), a.double() * b.double())  # exact in float32
+    x = (torch.randn(2048, 320, generator=generator) * 3 + 1).to(dtype)
+    reference = x.double().T @ x.double()
+    product = gram(x)
+    assert product.dtype == torch.float32
+    error = ((product.double() - reference).abs().max() / reference.abs().max()).item()
+    assert error < 2e-6
+    half_output = ((x.T @ x).double() - reference).abs().max().item() / reference.abs().max().item()
+    assert half_output > 100 * error  # what a plain x.T @ x in the input dtype would lose
+    out = torch.empty(320, 320)
+    gram(x, out=out)
+    assert torch.equal(out, product)
+
+
+@pytest.mark.parametrize("values", [(float("nan"),), (float("inf"), float("-inf"))])
+def test_non_finite_check_catches_nan_and_cancelling_infinities(tiny_pipe, demo_prompts, values):
+    config = base_config(batch_size=2)
+    schedule = _schedule(tiny_pipe, config)
+    name, module = cross_attention_modules(tiny_pipe.unet)[4]
+    calls = {"n": 0}
+
+    def inject(mod, args):
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:  # second batch (4 steps each), third step; its first prompt's conditional row
+            x = args[0].clone()
+            for offset, value in enumerate(values):
+                x[2, offset, 0] = value
+            return (x,)
+
+    handle = module.to_out[0].register_forward_pre_hook(inject)
+    try:
+        with pytest.raises(NonFiniteActivationError) as info:
+            collect_shard(tiny_pipe, demo_prompts[:4], 20, schedule, config)
+    finally:
+        handle.remove()
+    assert info.value.prompt_index == 22 and info.value.key == f"{name}/to_out"
+    assert info.value.step_name == schedule["steps"][2]["name"]
+
+
+def test_timesteps_checked_once_per_batch_are_still_checked(tiny_pipe, demo_prompts, monkeypatch):
+    """On a GPU the timesteps are compared in end_batch (no sync per UNet call): same error."""
+    from nullcov import capture
+
+    monkeypatch.setattr(capture.CrossAttentionCapture, "_defer_timestep_check", True)
+    config = base_config()
+    schedule = _schedule(tiny_pipe, config)
+    assert len(_collect(tiny_pipe, demo_prompts[:1], 0)[0]) == len(schedule["steps"])
+    schedule["steps"][2]["timestep"] += 5
+    with pytest.raises(ScheduleMismatchError, match="UNet call 2 ran at timestep"):
+        collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)

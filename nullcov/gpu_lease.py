@@ -1,0 +1,180 @@
+"""One GPU per job on a multi-GPU machine: a device lease held for the job's lifetime.
+
+Snakemake's ``--resources gpu=N`` bounds how many GPU jobs run at once, but gives them no device
+ids: every job would pick ``cuda`` (device 0). :func:`lease_device` gives each concurrent job its
+own device. For each candidate device it tries a non-blocking exclusive ``flock`` on
+``resources/gpu-locks/gpu-<id>.lock`` (relative to the working directory, i.e. the workflow's
+``--directory``) and keeps the first one it gets until the job ends. The kernel drops the lock
+when the process dies, even on SIGKILL or an out-of-memory kill, so a crashed job never leaves a
+device taken; the lock files themselves stay (deleting them would race with other jobs).
+
+When it applies: the configured device is ``auto`` or ``cuda`` and more than one CUDA device is
+visible. No lease (and no lock file) for ``cpu``, an explicit ``cuda:N``, a machine with one or no
+CUDA device, or a job whose ``CUDA_VISIBLE_DEVICES`` already names a single device or that runs
+under SLURM (``SLURM_JOB_ID`` set): there the scheduler already gave the job its GPU(s). A
+``CUDA_VISIBLE_DEVICES`` listing several devices outside SLURM is honoured by leasing only among
+those, with lock files named by the listed ids so that jobs with and without the variable agree.
+
+When every device is taken (``--resources gpu=`` larger than the machine's GPU count, or GPUs
+held by another run in the same directory) the job logs that it waits, polls every
+``poll_seconds``, and after ``wait_seconds`` fails with :class:`DeviceLeaseError` naming the lock
+files and their holders.
+
+Every outcome is logged as one line ``device lease: CUDA_VISIBLE_DEVICES=<value> -> <device> (...)``.
+torch is imported only to count devices, and only when no ``device_count`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = Path("resources") / "gpu-locks"
+LEASED = ("auto", "cuda")
+
+
+class DeviceLeaseError(RuntimeError):
+    """No device could be leased within the wait time."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The device a job uses and how it was chosen."""
+
+    device: str  # what to pass to torch: "cuda:1", "cuda", "cpu", or the configured device
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES at the start of the job (None: unset)
+    lock_path: Path | None = None  # the lock file held (None: no lease was needed)
+    reason: str = ""
+
+    @property
+    def leased(self) -> bool:
+        return self.lock_path is not None
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch can use (0 without a CUDA build or driver); imports torch."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _safe_id(device_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", device_id)
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown holder"
+    return text or "unknown holder"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on ``path``, or None if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+def _log_lease(lease: Lease, logger: logging.Logger) -> None:
+    visible = "<unset>" if lease.visible_devices is None else lease.visible_devices
+    logger.info("device lease: CUDA_VISIBLE_DEVICES=%s -> %s (%s)", visible, lease.device, lease.reason)
+
+
+@contextlib.contextmanager
+def lease_device(
+    configured: str,
+    *,
+    device_count: int | Callable[[], int] | None = None,
+    lock_dir: str | Path = LOCK_DIR,
+    label: str = "",
+    wait_seconds: float = 600.0,
+    poll_seconds: float = 5.0,
+    environ: Mapping[str, str] | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[Lease]:
+    """Yield the :class:`Lease` of the device this job uses; the device stays leased inside the block.
+
+    ``configured`` is the config's ``device`` (``auto``, ``cuda``, ``cuda:N``, ``cpu``, ...).
+    ``device_count``: the number of CUDA devices torch sees (an int or a callable; default: ask
+    torch). ``label`` (e.g. ``shard 0003``) is written into the lock file so that a waiting job
+    can name the holder. ``environ`` defaults to ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    logger = logger or log
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+
+    def done(lease: Lease) -> Lease:
+        _log_lease(lease, logger)
+        return lease
+
+    if configured not in LEASED:
+        yield done(Lease(configured, visible, reason=f"device {configured!r} configured: no lease"))
+        return
+    count = device_count() if callable(device_count) else device_count
+    if count is None:
+        count = cuda_device_count()
+    if count == 0:
+        # auto falls back to the CPU; an explicit cuda is left to fail where the model is loaded.
+        device = "cpu" if configured == "auto" else "cuda"
+        yield done(Lease(device, visible, reason="no CUDA device visible: no lease"))
+        return
+    listed = None if visible is None else [item.strip() for item in visible.split(",") if item.strip()]
+    if environ.get("SLURM_JOB_ID") and visible is not None:
+        yield done(Lease("cuda", visible, reason=f"SLURM job {environ['SLURM_JOB_ID']} owns its GPUs: no lease"))
+        return
+    if count == 1 or (listed is not None and len(listed) == 1):
+        yield done(Lease("cuda", visible, reason="one CUDA device visible: no lease"))
+        return
+    device_ids = listed[:count] if listed is not None else [str(index) for index in range(count)]
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    paths = [lock_dir / f"gpu-{_safe_id(device_id)}.lock" for device_id in device_ids]
+    deadline = time.monotonic() + wait_seconds
+    waiting_logged = False
+    while True:
+        for position, path in enumerate(paths):
+            fd = _try_lock(path)
+            if fd is None:
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{': ' + label if label else ''}\n".encode())
+                lease = Lease(f"cuda:{position}", visible, path,
+                              reason=f"leased device {device_ids[position]} of {len(paths)}, lock {path}")
+                _log_lease(lease, logger)
+                yield lease
+            finally:
+                # Closing the descriptor releases the flock (the kernel does the same if we die).
+                os.close(fd)
+            return
+        holders = "; ".join(f"{path} held by {_holder(path)}" for path in paths)
+        if time.monotonic() >= deadline:
+            raise DeviceLeaseError(
+                f"all {len(paths)} CUDA devices stayed leased by other jobs for {wait_seconds:.0f} s: {holders}. "
+                f"Run with --resources gpu=N where N is at most the number of GPUs ({len(paths)}), "
+                f"or remove a stale holder's process (a lock file alone never blocks: locks die with their process)"
+            )
+        if not waiting_logged:
+            logger.warning("device lease: all %d CUDA devices are leased (%s); waiting up to %.0f s, polling every %.0f s",
+                           len(paths), holders, wait_seconds, poll_seconds)
+            waiting_logged = True
+        time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))

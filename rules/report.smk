@@ -1,0 +1,106 @@
+# The report: spectra, null-space dimensions, attention maps and the run summary.
+# `snakemake --report results/report.html` gathers every file flagged report(...) below and in
+# rules/validation.smk into one browsable HTML page; the PNGs are plain files as well.
+
+
+REPORT_FIGURE_LABELS = {
+    "spectra_to_q": "spectra of to_q inputs",
+    "spectra_to_out": "spectra of to_out inputs",
+    "spectra_text": "spectrum of the text states (to_k/to_v)",
+    "null_dim": "null_dim heatmaps (to_q, to_out)",
+}
+
+
+rule report_figures:
+    """Eigenvalue spectra (report steps) and null-space dimension heatmaps from the projection files."""
+    input:
+        schedule="results/schedule.json",
+        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
+    output:
+        [
+            report(
+                path,
+                caption=f"../report/{'spectra' if kind.startswith('spectra') else kind}.rst",
+                category="2. Spectra" if kind.startswith("spectra") else "3. Null-space dimension",
+                labels={"figure": REPORT_FIGURE_LABELS[kind]},
+            )
+            for kind, path in REPORT_FIGURES.items()
+        ],
+    params:
+        figures=REPORT_FIGURES,
+        step_names=STEP_NAMES if COLLECT_STEPS else [],
+        report_steps=REPORT_STEPS,
+    log:
+        "logs/report/figures.log",
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/report_figures.py"
+
+
+rule attention_maps:
+    """Cross-attention maps of a few prompts at a few steps: the feature job's pipeline call and seeds."""
+    input:
+        schedule="results/schedule.json",
+        model=model_input,
+    output:
+        data="results/report/attention/attention_maps.h5",
+        figures=[
+            report(
+                path,
+                caption="../report/attention.rst",
+                category="4. Attention maps",
+                labels=attention_labels(index, name),
+            )
+            for (index, name), path in ATTENTION_FIGURES.items()
+        ],
+    params:
+        prompts=[PROMPTS[index] for index in ATTENTION_PROMPTS],
+        prompt_indices=ATTENTION_PROMPTS,
+        step_indices=REPORT_STEPS,
+        figure_paths=[[index, name, path] for (index, name), path in ATTENTION_FIGURES.items()],
+        layers=config["attention_layers"],
+        model_dir=str(MODEL_DIR),
+        config=feature_config(config),
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+    log:
+        "logs/report/attention_maps.log",
+    benchmark:
+        "benchmarks/attention_maps/attention_maps.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/attention_maps.py"
+
+
+rule run_summary:
+    """Model, prompts, shards, schedule, statistic, threshold, wall times and disk use of the run."""
+    input:
+        summary_inputs,
+    output:
+        html=report(
+            "results/report/summary.html",
+            caption="../report/summary.rst",
+            category="1. Run summary",
+            labels={"table": "run summary"},
+        ),
+        tsv="results/report/summary.tsv",
+    params:
+        benchmarks=summary_benchmarks,
+        folders=summary_folders,
+        num_prompts=len(PROMPTS),
+        prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
+        num_shards=len(SHARD_IDS),
+        num_validation=len(VALIDATION_PROMPTS),
+        validation_file=str(VALIDATION_FILE),
+        spectra=[f"results/projections/{name}.h5" for name in SHARD_FILE_NAMES],
+        shard_file=f"results/features/shard_0000/{SHARD_FILE_NAMES[0]}.h5",
+    log:
+        "logs/report/summary.log",
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/run_summary.py"

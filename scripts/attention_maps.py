@@ -1,0 +1,27 @@
+"""Snakemake adapter: cross-attention maps of a few prompts (nullcov.attention.run_attention_job)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov import report
+from nullcov.attention import run_attention_job
+from nullcov.jobs import logging_to
+
+RUN_KEYS = ("batch_size", "device")
+
+with logging_to(snakemake.log[0]):
+    report.keep_matplotlib_cache_in_workdir()
+    run_attention_job(
+        model_dir=snakemake.params.model_dir,
+        prompts=list(snakemake.params.prompts),
+        prompt_indices=list(snakemake.params.prompt_indices),
+        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        config=dict(snakemake.params.config) | {key: snakemake.config[key] for key in RUN_KEYS},
+        layer_selection=snakemake.params.layers,
+        step_indices=list(snakemake.params.step_indices),
+        figure_paths={(index, name): path for index, name, path in snakemake.params.figure_paths},
+        data_path=snakemake.output.data,
+        threads=snakemake.threads,
+    )

@@ -1,0 +1,23 @@
+"""Snakemake adapter: leakage of random projected updates for a chunk of steps (nullcov.validation)."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov.jobs import logging_to
+from nullcov.validation import leakage_job
+
+with logging_to(snakemake.log[0]):
+    leakage_job(
+        names=list(snakemake.params.names),
+        covariance_dir="results/covariance",
+        projection_dir="results/projections",
+        validation_dir=snakemake.input.validation,
+        output_path=snakemake.output[0],
+        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        statistic=snakemake.params.statistic,
+        thresholds=list(snakemake.params.thresholds),
+        updates=snakemake.params.updates,
+        seed=snakemake.params.seed,
+    )

@@ -1,0 +1,28 @@
+"""Snakemake adapter: the run summary table (nullcov.report.summary_rows), TSV and HTML."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov import report
+from nullcov.jobs import logging_to
+
+with logging_to(snakemake.log[0]):
+    schedule = json.loads(Path("results/schedule.json").read_text())
+    provenance = report.read_provenance(snakemake.params.shard_file)
+    spectra = {path: report.read_spectra(path) for path in snakemake.params.spectra}
+    rows = report.summary_rows(
+        config=dict(snakemake.config),
+        schedule=schedule,
+        provenance=provenance,
+        num_prompts=snakemake.params.num_prompts,
+        prompt_sha256=snakemake.params.prompt_sha256,
+        num_shards=snakemake.params.num_shards,
+        num_validation=snakemake.params.num_validation,
+        validation_file=snakemake.params.validation_file,
+        benchmarks=dict(snakemake.params.benchmarks),
+        folders=dict(snakemake.params.folders),
+        projection_stats=report.projection_statistics(spectra),
+    )
+    report.write_summary(rows, snakemake.output.tsv, snakemake.output.html)

@@ -1,0 +1,97 @@
+"""The benchmark: SD-1.5 shapes, the real feature path, scratch accounting, a quick end-to-end run."""
+
+import json
+
+import pytest
+
+from nullcov import benchmark, features
+from nullcov.model import cross_attention_modules
+
+
+def test_sd15_architecture_has_sd15_shapes(tiny_model_dir):
+    """Built on the meta device (no memory, no weights): the shapes the issue asks for."""
+    from nullcov.sd15 import SD15_NUM_CROSS_ATTENTION_LAYERS, build_sd15_pipeline
+
+    pipe = build_sd15_pipeline(tiny_model_dir / "tokenizer", device="meta")
+    layers = cross_attention_modules(pipe.unet)
+    assert len(layers) == SD15_NUM_CROSS_ATTENTION_LAYERS == 16
+    assert all(name.endswith("attn2") for name, _ in layers)
+    widths = [module.to_q.in_features for _, module in layers]
+    assert widths == [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280]
+    assert all(module.to_out[0].in_features == module.to_q.in_features for _, module in layers)
+    assert {module.to_k.in_features for _, module in layers} == {768}
+    assert list(pipe.unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 64
+    text = pipe.text_encoder.config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (768, 12, 12, 3072)
+    assert text.vocab_size == 49408 and len(pipe.tokenizer) <= text.vocab_size
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964  # SD-1.5's UNet
+
+
+def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeypatch):
+    calls = []
+    real = features.collect_shard
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "collect_shard", spy)
+    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=3, batch_size=2)
+    config = benchmark.feature_config(case)
+    schedule = benchmark.prepare_schedule(tiny_pipe, config)
+    timings = {}
+    steps, text = benchmark.run_ours(tiny_pipe, demo_prompts[:3], schedule, config, timings)[:2]
+    assert len(calls) == 1 and calls[0][2] == 0 and calls[0][3] is schedule
+    assert len(steps) == 2 and text.count == 3 * 77 and timings["results_s"] >= 0
+
+
+def test_our_scratch_is_per_step_and_independent_of_prompt_count(tiny_pipe, demo_prompts, tmp_path):
+    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=1, batch_size=2)
+    config = benchmark.feature_config(case)
+    schedule = benchmark.prepare_schedule(tiny_pipe, config)
+    sizes = []
+    for count in (1, 4):
+        steps, text = benchmark.run_ours(tiny_pipe, demo_prompts[:count], schedule, config)[:2]
+        scratch = benchmark.write_our_scratch(steps, text, schedule, tmp_path / f"s{count}")
+        assert scratch["files_written"] == 3 and not (tmp_path / f"s{count}").exists()
+        sizes.append(scratch["step_file_bytes"])
+    assert sizes[0] == sizes[1]  # O(d²) per step: the prompt count does not matter
+
+
+def test_legacy_baseline_dumps_raw_inputs_and_streams_them_back(tiny_pipe, demo_prompts, tmp_path):
+    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=3, prompts=2, batch_size=1)
+    config = benchmark.feature_config(case, batch_size=1)
+    schedule = benchmark.prepare_schedule(tiny_pipe, config)
+    subset = dict(schedule, steps=schedule["steps"][:2])
+    legacy = benchmark.run_legacy(tiny_pipe, demo_prompts[:2], subset, config, tmp_path / "legacy")
+    layers = len(cross_attention_modules(tiny_pipe.unet))
+    assert legacy["prompt_timesteps"] == 4 and legacy["arrays_per_file"] == 4 * layers
+    raw_floats = 0
+    for _, module in cross_attention_modules(tiny_pipe.unet):
+        raw_floats += 2 * 77 * module.to_k.in_features
+    assert legacy["scratch_bytes_per_prompt_timestep"] > 0.2 * 4 * raw_floats  # compressed float32 dumps
+    assert legacy["prompt_timesteps_per_s"] > 0 and not (tmp_path / "legacy").exists()
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path):
+    assert benchmark.main(["--quick", "--models", "tiny", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench-cpu.json").read_text())
+    (result,) = report["cases"]
+    assert {"bare", "ours", "legacy"} <= set(result)
+    assert result["ratio_ours_bare"] > 0 and result["ratio_ours_legacy"] > 0
+    assert result["ours"]["scratch"]["step_file_bytes"] > 0 and result["ours"]["peak_rss_bytes"] > 0
+    assert report["precision"]["float16_products_exact_in_float32"] is True
+    assert max(report["precision"]["errors"]["float16/gram"]) < 2e-6
+    table = (tmp_path / "bench-cpu.txt").read_text()
+    assert "ours/bare" in table and "legacy" in table
+
+
+def test_projection_counts_per_shard_costs():
+    best = {"ours": {"steady_prompt_timesteps_per_s": 100.0, "results_s": 1.0,
+                     "scratch": {"write_s": 4.0, "shard_bytes": 10e9}}}
+    projection = benchmark.projection_1000x50(best)
+    assert projection["compute_s"] == pytest.approx(500.0)
+    assert projection["prompts_per_shard_1000"]["seconds"] == pytest.approx(505.0)
+    assert projection["prompts_per_shard_16"]["seconds"] == pytest.approx(500.0 + 63 * 5.0)
+    assert projection["prompts_per_shard_16"]["scratch_bytes"] == pytest.approx(63 * 10e9)
