@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nullcov.features import COLLECTIONS, configure_scheduler
-from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
+from nullcov.features import COLLECTIONS, configure_scheduler, use_device
+from nullcov.gpu_lease import lease_device
+from nullcov.model import cross_attention_modules, load_pipeline, select_layers
 from nullcov.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -221,25 +222,26 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
     if len(prompts) != len(prompt_indices):
         raise ValueError(f"{len(prompts)} prompts for {len(prompt_indices)} prompt indices")
     torch.set_num_threads(threads)
-    device = resolve_device(config["device"])
-    log.info("attention maps of prompts %s at steps %s on device %s", prompt_indices, step_indices, device)
-    pipe = load_pipeline(model_dir, config["dtype"], device)
-    configure_scheduler(pipe, schedule)
-    available = [name for name, _ in cross_attention_modules(pipe.unet)]
-    layer_names = select_layers(available, layer_selection)
-    selected = list(prompts)
-    found = collect_attention_maps(pipe, selected, prompt_indices, schedule, config, layer_names, step_indices)
-    write_maps(data_path, found, prompt_indices, selected, schedule, step_indices, layer_names)
-    steps = schedule["steps"]
-    for position, index in enumerate(prompt_indices):
-        for step in step_indices:
-            panels = [(layer, found["maps"][(position, step, layer)]) for layer in layer_names]
-            image = None if found["images"] is None else found["images"][position]
-            report.attention_figure(
-                figure_paths[(index, steps[step]["name"])], panels, found["tokens"][position], image,
-                prompt=selected[position], prompt_index=index, seed=config["seed"] + index, step=steps[step],
-            )
-    log.info("wrote %d attention figures", len(figure_paths))
+    with lease_device(config["device"], label="attention maps") as lease:
+        device = use_device(lease.device)
+        log.info("attention maps of prompts %s at steps %s on device %s", prompt_indices, step_indices, device)
+        pipe = load_pipeline(model_dir, config["dtype"], device)
+        configure_scheduler(pipe, schedule)
+        available = [name for name, _ in cross_attention_modules(pipe.unet)]
+        layer_names = select_layers(available, layer_selection)
+        selected = list(prompts)
+        found = collect_attention_maps(pipe, selected, prompt_indices, schedule, config, layer_names, step_indices)
+        write_maps(data_path, found, prompt_indices, selected, schedule, step_indices, layer_names)
+        steps = schedule["steps"]
+        for position, index in enumerate(prompt_indices):
+            for step in step_indices:
+                panels = [(layer, found["maps"][(position, step, layer)]) for layer in layer_names]
+                image = None if found["images"] is None else found["images"][position]
+                report.attention_figure(
+                    figure_paths[(index, steps[step]["name"])], panels, found["tokens"][position], image,
+                    prompt=selected[position], prompt_index=index, seed=config["seed"] + index, step=steps[step],
+                )
+        log.info("wrote %d attention figures", len(figure_paths))
 
 
 def write_maps(path, found, prompt_indices, prompts, schedule, step_indices, layer_names) -> None:

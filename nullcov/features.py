@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from nullcov.capture import CrossAttentionCapture, exact_matmul, text_row_mask
+from nullcov.gpu_lease import lease_device
 from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
@@ -155,11 +156,31 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
 def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
                     schedule: dict, config: dict, step_paths: dict[str, str], text_path: str | None,
                     threads: int = 1) -> None:
-    """Collect one shard and write ``step_paths[name]`` per step and ``text_path`` atomically."""
+    """Collect one shard and write ``step_paths[name]`` per step and ``text_path`` atomically.
+
+    On a machine with several GPUs the job leases one (see :mod:`nullcov.gpu_lease`) and holds
+    it until the shard is written.
+    """
     torch.set_num_threads(threads)
-    device = resolve_device(config["device"])
-    log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
-             device, config["device"])
+    with lease_device(config["device"], label=f"shard {shard}") as lease:
+        device = use_device(lease.device)
+        log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
+                 device, config["device"])
+        _collect_and_write(device=device, model_spec=model_spec, model_dir=model_dir, prompts=prompts,
+                           first_index=first_index, shard=shard, schedule=schedule, config=config,
+                           step_paths=step_paths, text_path=text_path)
+
+
+def use_device(leased: str) -> str:
+    """The torch device for a leased one; a CUDA device also becomes the current one."""
+    device = resolve_device(leased)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # stray "cuda" allocations follow the leased GPU
+    return device
+
+
+def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, shard, schedule, config, step_paths,
+                       text_path) -> None:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)

@@ -1,5 +1,6 @@
 rule tiny_model:
     """The embedded deterministic tiny SD-1.x model (model: builtin:tiny)."""
+    localrule: True
     output:
         directory(nc_model.BUILTIN_TINY_DIR),
     log:

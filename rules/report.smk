@@ -80,6 +80,7 @@ rule run_summary:
     """Model, prompts, shards, schedule, statistic, threshold, wall times and disk use of the run."""
     input:
         summary_inputs,
+    localrule: True
     output:
         html=report(
             "results/report/summary.html",

@@ -5,6 +5,7 @@ rule schedule:
     """
     input:
         model=model_input,
+    localrule: True
     output:
         "results/schedule.json",
     params:

@@ -326,3 +326,15 @@ def _minutes(limit):
     days, _, clock = limit.rpartition("-")
     hours, minutes, seconds = (int(part) for part in clock.split(":"))
     return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def test_feature_jobs_log_the_gpu_slurm_gave_them(slurm_run):
+    workdir = slurm_run[0]
+    seen = {}
+    for shard in ("0000", "0001"):
+        text = (workdir / "logs" / "features" / f"shard_{shard}.log").read_text()
+        match = re.search(r"device lease: CUDA_VISIBLE_DEVICES=(\S+) -> (\S+) \(", text)
+        assert match, text
+        assert match.group(2) == "cpu"  # fake GPUs: torch sees no CUDA device
+        seen[shard] = match.group(1)
+    assert sorted(seen.values()) == ["0", "1"]
