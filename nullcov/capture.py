@@ -5,10 +5,12 @@ scheduled step is running (and checks its timestep), layer pre-hooks on ``to_q``
 add their inputs' conditional half to that step's accumulator, and the text-encoder states that
 every ``to_k``/``to_v`` receives are accumulated once per prompt batch.
 
-Products are float32 matmuls (TF32 must be off, see :func:`exact_matmul`) summed into float64.
-fp16/bf16 inputs on CUDA go straight into a GEMM with float32 accumulation and float32 output
-(the product of two fp16 or bf16 numbers is exact in float32, so this equals upcasting first,
-without the copy and on tensor cores); never an fp16 output, never TF32.
+Products are float32 matmuls (TF32 must be off, see :func:`exact_matmul`) summed into float64;
+column sums likewise (float32 within a UNet call, float64 across calls). fp16/bf16 inputs on
+CUDA go straight into a GEMM with float32 accumulation and float32 output (the product of two
+fp16 or bf16 numbers is exact in float32, so this equals upcasting first, without the copy and
+on tensor cores); never an fp16 output, never TF32. A step's first product is copied into its
+accumulator, later ones added (no zero-fill pass over Σ d² per step).
 
 Where the accumulators live: a step's float64 accumulator (``sum_outer``, Σ d² × 8 bytes over
 the hooked linears) sits on the device when it fits (:func:`plan_device_steps`, from the free
