@@ -15,6 +15,7 @@ rule features:
         file_names=SHARD_FILE_NAMES,
         prompts=shard_prompts,
         first_index=shard_first_index,
+        shard=lambda wildcards: wildcards.shard,
         model=config["model"],
         model_dir=str(MODEL_DIR),
         # Only the keys that change the statistics: editing batch_size or device reruns nothing.

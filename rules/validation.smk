@@ -17,6 +17,7 @@ rule validation_inputs:
         file_names=SHARD_FILE_NAMES,
         prompts=VALIDATION_PROMPTS,
         first_index=config["validation_seed_offset"],
+        shard="validation",
         model=config["model"],
         model_dir=str(MODEL_DIR),
         config=feature_config(config),
@@ -32,7 +33,7 @@ rule validation_inputs:
     conda:
         "../envs/nullcov.yaml"
     script:
-        "../scripts/validation_inputs.py"
+        "../scripts/features.py"
 
 
 rule leakage:

@@ -1,4 +1,8 @@
-"""Snakemake adapter: one prompt shard's feature statistics (nullcov.features.run_feature_job)."""
+"""Snakemake adapter: one prompt shard's feature statistics (nullcov.features.run_feature_job).
+
+Also runs the validation prompts (rule validation_inputs): same job, its own shard name and
+first prompt index (which sets the seeds).
+"""
 import json
 import sys
 from pathlib import Path
@@ -17,7 +21,7 @@ with logging_to(snakemake.log[0]):
         model_dir=snakemake.params.model_dir,
         prompts=list(snakemake.params.prompts),
         first_index=snakemake.params.first_index,
-        shard=snakemake.wildcards.shard,
+        shard=snakemake.params.shard,
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),
         config=dict(snakemake.params.config)
         | {key: snakemake.config[key] for key in ("batch_size", "device", "strict_prompts")},
