@@ -207,6 +207,16 @@ def text_spectrum_figure(path, entry: dict) -> None:
 
 
 # -- null-space dimension -----------------------------------------------------------------------
+def _layer_step_axes(fig, ax, image, title: str, layers: list[str], steps: list[dict], columns: int) -> None:
+    """Colour bar, title and labelled axes of a layers x timesteps heatmap."""
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    ax.set_title(title)
+    ax.set_yticks(range(len(layers)), [short_layer(layer) for layer in layers])
+    ticks = list(range(columns)) if columns <= 25 else list(range(0, columns, math.ceil(columns / 20)))
+    ax.set_xticks(ticks, [f"{steps[i]['timestep']:.0f}" for i in ticks], rotation=90 if columns > 12 else 0)
+    ax.set_xlabel("timestep (sampling order: noisy → clean)")
+
+
 def null_dim_figure(path, steps: list[dict], spectra: list[dict[str, dict]], text: dict | None) -> None:
     """Heatmaps layers x timesteps of ``null_dim`` (top) and ``null_dim / d`` (bottom), per linear."""
     plt = _pyplot()
@@ -226,12 +236,7 @@ def null_dim_figure(path, steps: list[dict], spectra: list[dict[str, dict]], tex
         ]):
             ax = axes[row, column]
             image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-            fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-            ax.set_title(title)
-            ax.set_yticks(range(len(layers)), [short_layer(layer) for layer in layers])
-            ticks = list(range(columns)) if columns <= 25 else list(range(0, columns, math.ceil(columns / 20)))
-            ax.set_xticks(ticks, [f"{steps[i]['timestep']:.0f}" for i in ticks], rotation=90 if columns > 12 else 0)
-            ax.set_xlabel("timestep (sampling order: noisy → clean)")
+            _layer_step_axes(fig, ax, image, title, layers, steps, columns)
             if annotate:
                 for (y, x), value in np.ndenumerate(values):
                     shade = image.norm(value)
@@ -432,12 +437,7 @@ def leakage_heatmap_figure(path, rows: list[dict], steps: list[dict]) -> None:
                 grid[y, x] = np.mean(values)
             ax = axes[row_index, column]
             image = ax.imshow(np.maximum(grid, low), aspect="auto", cmap="magma_r", norm=norm, interpolation="nearest")
-            fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-            ax.set_title(f"{linear}: leakage on {what}")
-            ax.set_yticks(range(len(layers)), [short_layer(layer) for layer in layers])
-            ticks = list(range(columns)) if columns <= 25 else list(range(0, columns, math.ceil(columns / 20)))
-            ax.set_xticks(ticks, [f"{steps[i]['timestep']:.0f}" for i in ticks], rotation=90 if columns > 12 else 0)
-            ax.set_xlabel("timestep (sampling order: noisy → clean)")
+            _layer_step_axes(fig, ax, image, f"{linear}: leakage on {what}", layers, steps, columns)
             if annotate:
                 for (y, x), value in np.ndenumerate(grid):
                     if np.isfinite(value):

@@ -96,13 +96,13 @@ def snakemake(workdir, *args, check=True, timeout=600):
 
 
 def planned_jobs(workdir, *args) -> list[tuple[str, str]]:
-    """(rule, first output) of every job a dry-run would run."""
+    """(rule, first output) of every job a dry-run would run (group members print indented)."""
     import re
 
     output = snakemake(workdir, "--dry-run", *args).stdout
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
-        match = re.match(r"(?:local)?rule (\w+):", block)
+    for block in re.split(r"\n(?=[ \t]*(?:local)?rule \w+:)", output):
+        match = re.match(r"[ \t]*(?:local)?rule (\w+):", block)
         if match:
             out = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
             jobs.append((match.group(1), out.group(1) if out else ""))

@@ -21,7 +21,7 @@ import yaml
 
 from nullcov.store import read_moments, read_projections
 
-from conftest import REPO, SNAKEFILE, snakemake, write_config
+from conftest import REPO, SNAKEFILE, planned_jobs, snakemake, write_config
 from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -51,15 +51,8 @@ def _slurm(workdir, *args, **kwargs):
 
 
 def _dry_run_jobs(workdir, *args):
-    """Sorted (rule, first output) of a dry-run, group members included (they print indented)."""
-    output = snakemake(workdir, "--dry-run", *args).stdout
-    jobs = []
-    for block in re.split(r"\n(?=[ \t]*(?:local)?rule \w+:)", output):
-        match = re.match(r"[ \t]*(?:local)?rule (\w+):", block)
-        if match:
-            out = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
-            jobs.append((match.group(1), out.group(1) if out else ""))
-    return sorted(jobs)
+    """Sorted (rule, first output) of a dry-run."""
+    return sorted(planned_jobs(workdir, *args))
 
 
 def _seconds(stamp):
