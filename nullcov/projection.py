@@ -32,13 +32,18 @@ def spectrum_threshold(eigenvalues: np.ndarray, nullspace_threshold: float | Non
     return float(nullspace_threshold)
 
 
-def null_space(statistic: np.ndarray, nullspace_threshold: float | None,
-               threshold_percent: float | None = None) -> NullSpace:
-    """Float64 ``eigh`` of a symmetric matrix and the projection onto its null space."""
+def symmetric_eigh(statistic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 ``eigh`` of a symmetric matrix (symmetrised first): ascending eigenvalues, eigenvectors."""
     matrix = np.asarray(statistic, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"statistic must be a square matrix, got shape {matrix.shape}")
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return np.linalg.eigh((matrix + matrix.T) / 2)
+
+
+def null_space(statistic: np.ndarray, nullspace_threshold: float | None,
+               threshold_percent: float | None = None) -> NullSpace:
+    """Float64 ``eigh`` of a symmetric matrix and the projection onto its null space."""
+    eigenvalues, eigenvectors = symmetric_eigh(statistic)
     threshold = spectrum_threshold(eigenvalues, nullspace_threshold, threshold_percent)
     basis = eigenvectors[:, eigenvalues < threshold]
     return NullSpace(

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nullcov.projection import NullSpace
+from nullcov.projection import NullSpace, symmetric_eigh
 from nullcov.prompts import read_prompts
 from nullcov.statistics import Moments
 from nullcov.store import TEXT_KEY, atomic_path, read_moments, read_projections
@@ -124,7 +124,7 @@ def leakage_of_key(key: str, training: Moments, validation: Moments, statistic: 
     if training.dim != validation.dim:
         raise ValueError(f"{key}: training inputs have dimension {training.dim}, validation inputs {validation.dim}")
     dim = training.dim
-    eigenvalues, vectors = np.linalg.eigh(_symmetric(training.statistic(statistic)))
+    eigenvalues, vectors = symmetric_eigh(training.statistic(statistic))
     rotated_validation = vectors.T @ validation.sum_outer @ vectors
     rotated_training = vectors.T @ training.sum_outer @ vectors
     mean = training.sum / training.count
@@ -160,11 +160,6 @@ def leakage_of_key(key: str, training: Moments, validation: Moments, statistic: 
                          _ratio(numerators[0], denominators[0]), _ratio(numerators[1], denominators[1]),
                          _ratio(bound, denominators[1])))
     return rows
-
-
-def _symmetric(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float64)
-    return (matrix + matrix.T) / 2
 
 
 def _row(key, dim, threshold, configured, null_dim, draw, training, validation, leak_validation, leak_training,
