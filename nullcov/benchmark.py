@@ -434,13 +434,13 @@ def run_case(case: Case, workdir: Path, pipe=None, *, legacy: bool = True, write
 def precision_check(device: str, sizes=((4096, 320), (1024, 640), (256, 1280)), seed: int = 0) -> dict:
     """Max |error| / max |reference| of ``XᵀX`` variants against float64, for fp16 and bf16 inputs.
 
-    ``gram`` is nullcov's product (:func:`nullcov.capture.gram`); ``upcast`` converts to float32
+    ``gram`` is nullcov's product (:func:`nullcov.accumulators.gram`); ``upcast`` converts to float32
     first; ``fp16_output`` keeps the input dtype for the result (what a plain ``x.T @ x`` does);
     on CUDA also ``tf32`` (upcast with TF32 on). Also: are fp16/bf16 products exact in float32?
     """
     import torch
 
-    from nullcov.capture import exact_matmul, gram
+    from nullcov.accumulators import exact_matmul, gram
 
     generator = torch.Generator("cpu").manual_seed(seed)
     report = {"device": device, "sizes": [list(s) for s in sizes], "errors": {}, "timings_ms": {}}

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nullcov.capture import CrossAttentionCapture, exact_matmul, text_row_mask
+from nullcov.accumulators import exact_matmul
+from nullcov.capture import CrossAttentionCapture, text_row_mask
 from nullcov.gpu_lease import lease_device
 from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
 from nullcov.prompts import prompt_set_sha256

@@ -200,12 +200,12 @@ SD15_OUTER_FLOATS = 2 * (5 * 320**2 + 5 * 640**2 + 6 * 1280**2)  # 16 attn2 laye
 
 
 def test_host_accumulation_equals_device_accumulation(tiny_pipe, demo_prompts, monkeypatch):
-    from nullcov import capture
+    from nullcov import accumulators, capture
 
     device = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
     flushed = []
-    real_flush = capture._HostSteps.flush
-    monkeypatch.setattr(capture._HostSteps, "flush", lambda self, step: (flushed.append(step), real_flush(self, step)))
+    real_flush = accumulators._HostSteps.flush
+    monkeypatch.setattr(accumulators._HostSteps, "flush", lambda self, step: (flushed.append(step), real_flush(self, step)))
     monkeypatch.setattr(capture, "ACCUMULATE", "host")
     host = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
     assert flushed == [0, 1, 2, 3] * 2  # every UNet call of both batches went through the staging path
@@ -222,7 +222,7 @@ def test_accumulators_split_between_device_and_host(tiny_pipe, demo_prompts, mon
 
 
 def test_accumulator_placement_plan():
-    from nullcov.capture import plan_device_steps
+    from nullcov.accumulators import plan_device_steps
 
     step = 8 * SD15_OUTER_FLOATS  # SD-1.5: 198 MB of float64 per step
     staging = 2 * 4 * SD15_OUTER_FLOATS
@@ -250,7 +250,7 @@ def test_sd15_step_accumulator_size(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_product_of_half_inputs_is_float32_exact_products(dtype):
-    from nullcov.capture import gram
+    from nullcov.accumulators import gram
 
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(1 << 16, generator=generator) * 100).to(dtype), (torch.randn(1 << 16, generator=generator)).to(dtype)
