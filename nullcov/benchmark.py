@@ -220,25 +220,30 @@ def run_bare(pipe, prompts: list[str], schedule: dict, config: dict) -> None:
 
 def run_ours(pipe, prompts: list[str], schedule: dict, config: dict, timings: dict | None = None):
     """The feature job's collection (:func:`nullcov.features.collect_shard`), with the seconds its
-    final ``results()`` (device-to-host transfer of the accumulators) took in ``timings``."""
+    ``release_steps()`` (device-to-host transfer of the accumulators) took in ``timings["results_s"]``."""
     from nullcov import capture, features
 
-    original = capture.CrossAttentionCapture.results
+    original = capture.CrossAttentionCapture.release_steps
 
     @functools.wraps(original)
-    def timed_results(self):
-        start = time.perf_counter()
-        try:
-            return original(self)
-        finally:
-            if timings is not None:
-                timings["results_s"] = timings.get("results_s", 0.0) + time.perf_counter() - start
+    def timed_release_steps(self):
+        steps = original(self)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+            finally:
+                if timings is not None:
+                    timings["results_s"] = timings.get("results_s", 0.0) + time.perf_counter() - start
+            yield item
 
-    capture.CrossAttentionCapture.results = timed_results
+    capture.CrossAttentionCapture.release_steps = timed_release_steps
     try:
         return features.collect_shard(pipe, prompts, 0, schedule, config)
     finally:
-        capture.CrossAttentionCapture.results = original
+        capture.CrossAttentionCapture.release_steps = original
 
 
 def write_our_scratch(step_moments, text_moments, schedule: dict, folder: Path, steps_to_write=None) -> dict:

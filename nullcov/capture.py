@@ -84,13 +84,19 @@ class CrossAttentionCapture:
     ``accumulate``: ``auto`` (each step's float64 accumulator on the device while it fits, see
     :func:`plan_device_steps`; the rest on the host), ``device`` or ``host`` (all steps); default
     :data:`ACCUMULATE`.
+
+    A job that cannot hold every step's accumulators at once collects its steps in chunks
+    (:mod:`nullcov.plan`): ``collect_steps`` are the schedule indices this capture accumulates
+    (default all), ``call_steps`` the indices the UNet is called at, in order (default every
+    step: a trajectory replayed from the start; a replay may stop after its last collected
+    step), and ``text`` says whether this capture accumulates the text states (one chunk does).
     """
 
     #: Compare CPU timesteps in end_batch too (device timesteps always are: reading one syncs).
     _defer_timestep_check = False
 
     def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
-                 accumulate: str | None = None):
+                 accumulate: str | None = None, collect_steps=None, call_steps=None, text: bool = True):
         if text_tokens not in ("all", "prompt"):
             raise ValueError(f"text_tokens must be 'all' or 'prompt', got {text_tokens!r}")
         accumulate = ACCUMULATE if accumulate is None else accumulate
@@ -101,6 +107,11 @@ class CrossAttentionCapture:
         self.text_tokens = text_tokens
         self.keys = [f"{name}/{linear}" for name, _ in layers for linear in ("to_q", "to_out") if linear in linears]
         self.collect_text = bool({"to_k", "to_v"} & set(linears))
+        self.accumulate_text = self.collect_text and text
+        self.collect_steps = list(range(len(self.timesteps)) if collect_steps is None else collect_steps)
+        self.call_steps = list(range(len(self.timesteps)) if call_steps is None else call_steps)
+        if not set(self.collect_steps) <= set(self.call_steps):
+            raise ValueError(f"collect_steps {self.collect_steps} are not all among call_steps {self.call_steps}")
         self.device = next(unet.parameters()).device
         self.dims: dict[str, int] = {}
         for name, module in layers:
@@ -117,12 +128,12 @@ class CrossAttentionCapture:
         self._outer_size, self._sum_size = outer_offset, sum_offset
         self.device_steps = self._plan(accumulate)
         self._host = None
-        if self.device_steps < len(self.timesteps) and self._outer_size:
+        if self.device_steps < len(self.collect_steps) and self._outer_size:
             self._host = _HostSteps(self._outer_size, self.device)
-        self._steps = [
-            _StepAccumulator(self.dims, self.device, on_device=index < self.device_steps)
-            for index in range(len(self.timesteps))
-        ]
+        self._steps = {  # schedule index -> accumulator, for the collected steps only
+            step: _StepAccumulator(self.dims, self.device, on_device=position < self.device_steps)
+            for position, step in enumerate(self.collect_steps)
+        }
         self.text_moments: TorchMoments | None = None
         self._handles = [
             unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
@@ -141,7 +152,7 @@ class CrossAttentionCapture:
         self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
 
     def _plan(self, accumulate: str) -> int:
-        steps = len(self.timesteps)
+        steps = len(self.collect_steps)
         step_bytes = 8 * self._outer_size
         if accumulate == "device":
             return steps
@@ -198,10 +209,10 @@ class CrossAttentionCapture:
             found = torch.cat([t.reshape(-1)[:1] for _, t in batch["timesteps"]]).cpu().double().tolist()
             for (step, _), value in zip(batch["timesteps"], found):
                 self._check_timestep(step, value)
-        if batch["calls"] != len(self.timesteps):
+        if batch["calls"] != len(self.call_steps):
             raise ScheduleMismatchError(
                 f"the UNet was called {batch['calls']} times for this prompt batch, but the schedule has "
-                f"{len(self.timesteps)} steps"
+                f"{len(self.call_steps)} steps" + ("" if len(self.call_steps) == len(self.timesteps) else " in this chunk")
             )
         if batch["nonfinite"]:
             checks = torch.stack([check for _, _, check in batch["nonfinite"]]).cpu()
@@ -230,9 +241,10 @@ class CrossAttentionCapture:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         hidden = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        step = batch["calls"]
-        if step >= len(self.timesteps):
-            raise ScheduleMismatchError(f"the UNet was called more than the {len(self.timesteps)} scheduled times")
+        call = batch["calls"]
+        if call >= len(self.call_steps):
+            raise ScheduleMismatchError(f"the UNet was called more than the {len(self.call_steps)} scheduled times")
+        step = self.call_steps[call]
         if torch.is_tensor(timestep) and (timestep.device.type != "cpu" or self._defer_timestep_check):
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
         else:
@@ -244,13 +256,13 @@ class CrossAttentionCapture:
             batch["cond"] = slice(0, size)
         else:
             raise RuntimeError(f"UNet batch of {sample.shape[0]} for {size} prompts: neither plain nor CFG")
-        batch["calls"] = step + 1
-        batch["step"] = step
+        batch["calls"] = call + 1
+        batch["step"] = step if step in self._steps else None  # None: a replayed step, not collected
         batch["encoder_hidden_states"] = hidden
         self._call = None
-        if self._host is not None and not self._steps[step].on_device:
+        if self._host is not None and step in self._steps and not self._steps[step].on_device:
             self._call = {"buffer": self._host.begin_call(), "written": set()}
-        if self.collect_text and step == 0:
+        if self.accumulate_text and call == 0:
             states = hidden[batch["cond"]]
             batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
             rows = states[batch["text_mask"]] if batch["text_mask"] is not None else states.reshape(-1, states.shape[-1])
@@ -307,7 +319,8 @@ class CrossAttentionCapture:
     def _step_hook(self, key: str):
         def hook(module, args):
             batch = self._batch
-            self._add_inputs(key, batch["step"], args[0][batch["cond"]])
+            if batch["step"] is not None:
+                self._add_inputs(key, batch["step"], args[0][batch["cond"]])
 
         return hook
 
@@ -325,30 +338,45 @@ class CrossAttentionCapture:
 
     # -- results --------------------------------------------------------------------------------
     def results(self) -> tuple[list[dict[str, Moments]], Moments | None]:
-        """Per step ``{key: Moments}`` (in schedule order) and the text moments (or None)."""
+        """Per collected step ``{key: Moments}`` (in schedule order) and the text moments (or None).
+
+        Holds every step on the host at once; a feature job uses :meth:`release_steps`.
+        """
+        steps = [moments for _, moments in self.release_steps()]
+        return steps, self.text_results()
+
+    def text_results(self) -> Moments | None:
+        """The text moments (None when this capture does not accumulate them)."""
+        return self.text_moments.to_moments() if self.text_moments is not None else None
+
+    def release_steps(self):
+        """Yield ``(schedule index, {key: Moments})`` per collected step, in schedule order, one at
+        a time: a device step is copied to the host when its turn comes, and every step's
+        accumulators are freed once the caller asks for the next one (so the host holds at most
+        one step beyond the host-side accumulators not yet released)."""
         if self._host is not None:
             self._host.drain()
-        steps = []
-        for index, accumulator in enumerate(self._steps):
+        for index in sorted(self._steps):
+            accumulator = self._steps[index]
             missing = [key for key in self.keys if accumulator.counts[key] == 0]
             if missing:
                 raise RuntimeError(f"step {self.step_names[index]}: no input captured for {missing}")
-            if not self.keys:
-                steps.append({})
-                continue
-            outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
-            outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
-            moments = {}
-            for key in self.keys:
-                dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
-                moments[key] = Moments(
-                    count=accumulator.counts[key],
-                    sum=sums[s : s + dim],
-                    sum_outer=outer[o : o + dim * dim].reshape(dim, dim),
-                )
-            steps.append(moments)
-        text = self.text_moments.to_moments() if self.text_moments is not None else None
-        return steps, text
+            moments, outer, sums = {}, None, None
+            if self.keys:
+                outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
+                outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
+                for key in self.keys:
+                    dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
+                    moments[key] = Moments(
+                        count=accumulator.counts[key],
+                        sum=sums[s : s + dim],
+                        sum_outer=outer[o : o + dim * dim].reshape(dim, dim),
+                    )
+            yield index, moments
+            del moments, outer, sums, accumulator
+            del self._steps[index]
+            if self._host is not None:
+                self._host.accumulators.pop(index, None)
 
 
 def text_row_mask(input_ids: np.ndarray | torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nullcov.accumulators import exact_matmul
+from nullcov import capture as capture_module
+from nullcov import plan
+from nullcov.accumulators import STAGING_BUFFERS, device_memory, exact_matmul, plan_device_steps
 from nullcov.capture import CrossAttentionCapture, text_row_mask
 from nullcov.gpu_lease import lease_device
 from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
@@ -84,7 +86,16 @@ def configure_scheduler(pipe, schedule: dict) -> None:
     pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
 
 
-def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution) -> None:
+def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range) -> None:
+    """The sampler from the first step through ``chunk``'s last (a replay: the same seeds give
+    the same trajectory), interrupted there (diffusers' ``interrupt``: later steps call nothing)."""
+    stop = chunk.stop
+
+    def stop_after_chunk(pipeline, index, timestep, tensors):
+        if index + 1 >= stop:
+            pipeline._interrupt = True
+        return {}
+
     pipe(
         prompt=prompts,
         guidance_scale=guidance_scale,
@@ -92,20 +103,25 @@ def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolut
         height=resolution,
         width=resolution,
         output_type="latent",
+        callback_on_step_end=stop_after_chunk if stop < len(schedule["steps"]) else None,
         **schedule["set_timesteps"],
     )
 
 
-def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution) -> None:
+def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range) -> None:
+    """Per step of ``chunk`` one UNet call; every earlier step's noise is drawn all the same (the
+    generators' state, hence the result, does not depend on the chunking)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
     embeddings, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
     factor = pipe.vae_scale_factor
     shape = (len(prompts), pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    for step in schedule["steps"]:
+    for index, step in enumerate(schedule["steps"][: chunk.stop]):
         clean = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        if index not in chunk:
+            continue
         alpha = step["alphas_cumprod"]
         noisy = math.sqrt(alpha) * clean + math.sqrt(1.0 - alpha) * noise
         timestep = torch.tensor(step["timestep"], device=device)
@@ -115,49 +131,112 @@ def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution)
 COLLECTIONS = {"trajectory": _run_trajectory, "noised": _run_noised}
 
 
-def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict):
-    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names)."""
+def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]:
+    """The selected cross-attention ``(name, module)`` pairs, checked against the schedule file."""
     modules = dict(cross_attention_modules(pipe.unet))
     names = select_layers(list(modules), config["cross_attention_layers"])
     if schedule.get("layers", names) != names:
         raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}")
-    layers = [(name, modules[name]) for name in names]
+    return [(name, modules[name]) for name in names]
+
+
+def shard_resolution(pipe, config: dict) -> int:
+    return config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int) -> list[range]:
+    """The step chunks of a job with ``mem_mb`` of host memory (None: one chunk, every step).
+
+    On a GPU the steps whose accumulators fit on the device (:func:`plan_device_steps`) come on
+    top of those the host budget holds.
+    """
+    dims = {f"{name}/{linear}": int((module.to_q if linear == "to_q" else module.to_out[0]).in_features)
+            for name, module in layers for linear in ("to_q", "to_out") if linear in linears}
+    step_bytes = plan.statistics_bytes(dims)
+    if mem_mb is None or not step_bytes:
+        return [range(num_steps)]
+    host_steps = plan.steps_per_chunk(mem_mb * plan.MIB, step_bytes, weights, num_steps)
+    device = pipe.unet.device
+    device_steps = 0
+    if device.type == "cuda" and capture_module.ACCUMULATE != "host":
+        free, total = device_memory(device)
+        device_steps = plan_device_steps(step_bytes, num_steps, free, total, STAGING_BUFFERS * step_bytes // 2)
+    chunks = plan.step_chunks(num_steps, min(num_steps, host_steps + device_steps))
+    unchunked = plan.mem_mb(plan.feature_job_bytes(step_bytes, num_steps, weights))
+    log.info("memory: %d steps x %.1f MiB; mem_mb=%d (unchunked host need %d MB): %d step(s) fit on the host, %d "
+             "on %s: %d chunk(s) of <= %d steps", num_steps, step_bytes / plan.MIB, mem_mb, unchunked, host_steps,
+             device_steps, device, len(chunks), max(len(c) for c in chunks))
+    return chunks
+
+
+def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *, on_step=None,
+                  mem_mb: int | None = None, weights: int = 0):
+    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
+
+    ``on_step(index, {key: Moments})``, when given, receives each step as soon as its chunk is
+    done, one at a time, and the returned per-step list is empty (the feature job writes and frees
+    each step). ``mem_mb`` (with the model's ``weights`` bytes) is the job's host-memory budget:
+    when every step's accumulators do not fit it, the steps are collected in chunks
+    (:func:`plan_chunks`), each a replay of the prompt batches with the same seeds, so the
+    results equal an unchunked run.
+    """
+    layers = shard_layers(pipe, schedule, config)
     linears = selected_linears(config["collect_features"])
-    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = shard_resolution(pipe, config)
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer
     batch_size = config["batch_size"]
     steps = schedule["steps"]
+    chunks = plan_chunks(pipe, layers, linears, len(steps), mem_mb, weights)
     log.info(
-        "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d",
+        "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d, %d chunk(s)",
         len(prompts), len(steps), len(layers), sorted(linears), config["collection"], batch_size, resolution, resolution,
+        len(chunks),
     )
+    collected = []
+    if on_step is None:
+        def on_step(index, moments):
+            collected.append(moments)
+
+    text_moments = None
     start = time.perf_counter()
-    with exact_matmul(), torch.inference_mode(), CrossAttentionCapture(
-        pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps], config["text_tokens"]
-    ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
-        for offset in range(0, len(prompts), batch_size):
-            batch = prompts[offset : offset + batch_size]
-            tokens = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-            mask = None
-            if config["text_tokens"] == "prompt":
-                mask = text_row_mask(tokens.input_ids, tokenizer.eos_token_id).to(pipe.unet.device)
-            capture.begin_batch(batch, first_index + offset, mask)
-            generators = prompt_generators(config["seed"], first_index + offset, len(batch))
-            run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)
-            capture.end_batch()
-            progress.update(len(batch))
-            done = offset + len(batch)
-            rate = done / (time.perf_counter() - start)
-            log.info("prompts %d/%d, %.2f prompts/s, ETA %.0f s", done, len(prompts), rate, (len(prompts) - done) / rate)
-        step_moments, text_moments = capture.results()
-    return step_moments, text_moments, [name for name, _ in layers], resolution
+    for number, chunk in enumerate(chunks):
+        call_steps = list(chunk) if config["collection"] == "noised" else list(range(chunk.stop))
+        with exact_matmul(), torch.inference_mode(), CrossAttentionCapture(
+            pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
+            config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
+        ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
+            for offset in range(0, len(prompts), batch_size):
+                batch = prompts[offset : offset + batch_size]
+                tokens = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+                mask = None
+                if config["text_tokens"] == "prompt":
+                    mask = text_row_mask(tokens.input_ids, tokenizer.eos_token_id).to(pipe.unet.device)
+                capture.begin_batch(batch, first_index + offset, mask)
+                generators = prompt_generators(config["seed"], first_index + offset, len(batch))
+                run(pipe, batch, generators, schedule, config["guidance_scale"], resolution, chunk)
+                capture.end_batch()
+                progress.update(len(batch))
+                done = number * len(prompts) + offset + len(batch)
+                rate = done / (time.perf_counter() - start)
+                log.info("chunk %d/%d (steps %d..%d): prompts %d/%d, ETA %.0f s", number + 1, len(chunks), chunk.start,
+                         chunk.stop - 1, offset + len(batch), len(prompts), (len(chunks) * len(prompts) - done) / rate)
+            if number == 0:
+                text_moments = capture.text_results()
+            for index, moments in capture.release_steps():
+                on_step(index, moments)
+                del moments
+    return collected, text_moments, [name for name, _ in layers], resolution
 
 
 def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
                     schedule: dict, config: dict, step_paths: dict[str, str], text_path: str | None,
-                    threads: int = 1) -> None:
-    """Collect one shard and write ``step_paths[name]`` per step and ``text_path`` atomically.
+                    threads: int = 1, mem_mb: int | None = None) -> None:
+    """Collect one shard and write ``step_paths[name]`` per step and ``text_path``.
+
+    ``mem_mb``: the job's host memory (Snakemake's ``resources.mem_mb``); the steps are collected
+    in chunks when they do not all fit (:func:`collect_shard`), each step written and freed as
+    soon as its chunk is done. On a failure the files already written are removed.
 
     On a machine with several GPUs the job leases one (see :mod:`nullcov.gpu_lease`) and holds
     it until the shard is written.
@@ -169,7 +248,7 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
                  device, config["device"])
         _collect_and_write(device=device, model_spec=model_spec, model_dir=model_dir, prompts=prompts,
                            first_index=first_index, shard=shard, schedule=schedule, config=config,
-                           step_paths=step_paths, text_path=text_path)
+                           step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
 
 
 def use_device(leased: str) -> str:
@@ -181,14 +260,17 @@ def use_device(leased: str) -> str:
 
 
 def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, shard, schedule, config, step_paths,
-                       text_path) -> None:
+                       text_path, mem_mb=None) -> None:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
     truncated = check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"])
     pipe = load_pipeline(model_dir, config["dtype"], device)
     configure_scheduler(pipe, schedule)
-    step_moments, text_moments, layer_names, resolution = collect_shard(pipe, prompts, first_index, schedule, config)
+    steps = schedule["steps"]
+    if step_paths and sorted(step_paths) != sorted(step["name"] for step in steps):
+        raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
+    layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
     provenance = {
         "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
         "config": feature_config(config),
@@ -196,17 +278,27 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
                     "truncated": truncated, "prompts": prompts},
         "shard": shard,
         "layers": layer_names,
-        "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
+        "run": {"device": device, "batch_size": config["batch_size"], "resolution": shard_resolution(pipe, config),
                 "scheduler": schedule["scheduler"]["class"]},
         "packages": package_versions(),
     }
-    steps = schedule["steps"]
-    if step_paths:
-        if sorted(step_paths) != sorted(step["name"] for step in steps):
-            raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
-        for step, moments in zip(steps, step_moments):
+    written = []
+
+    def write_step(index, moments):
+        if step_paths:
+            step = steps[index]
             attrs = {"provenance": provenance, "step": {k: step[k] for k in ("index", "name", "timestep")}}
             write_moments(step_paths[step["name"]], "features", moments, attrs)
-    if text_path:
-        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
-    log.info("wrote %d step files%s", len(step_paths), " and text.h5" if text_path else "")
+            written.append(step_paths[step["name"]])
+
+    weights = plan.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
+    try:
+        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
+                                              mem_mb=mem_mb, weights=weights)
+        if text_path:
+            write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
+    log.info("wrote %d step files%s", len(written), " and text.h5" if text_path else "")

@@ -38,11 +38,26 @@ TINY_SCHEDULER_CONFIG: dict = {
     "trained_betas": None,
 }
 
+#: The tiny UNet's constructor arguments (also its dims before it is built: nullcov.plan).
+TINY_UNET_CONFIG: dict = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "cross_attention_dim": 32,  # TEXT_HIDDEN_SIZE
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
 SEED = 0
 NUM_MERGES = 256
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-TEXT_HIDDEN_SIZE = 32
+TEXT_HIDDEN_SIZE = TINY_UNET_CONFIG["cross_attention_dim"]
 MAX_LENGTH = 77
 
 #: Fixed lowercase corpus the tokenizer's BPE merges are learned from.
@@ -197,19 +212,7 @@ def _write_diffusers_models(root: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=TEXT_HIDDEN_SIZE,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     unet.save_pretrained(root / "unet", safe_serialization=True)
     torch.manual_seed(SEED)
     vae = AutoencoderKL(

@@ -28,4 +28,5 @@ with logging_to(snakemake.log[0]):
         step_paths=paths,
         text_path=text_path,
         threads=snakemake.threads,
+        mem_mb=snakemake.resources.mem_mb,
     )

@@ -1,0 +1,275 @@
+"""Model dims, memory per job and the run plan, from configs alone: before any GPU work.
+
+The dims of every hooked linear come from the UNet's ``config.json`` through a UNet built on
+the meta device (no weights read, no memory), cached as JSON under ``resources/cache/`` (the
+Snakefile needs them at parse time and cluster jobs re-parse it; importing diffusers costs
+seconds, the cache milliseconds). From them: the bytes of one step's statistics, what a feature
+job holds in host memory for ``k`` steps at once, how many steps fit a job's ``mem_mb`` (the job
+then collects its steps in chunks, see :func:`step_chunks`), every rule's ``mem_mb``, and the
+run plan (:func:`run_plan`, :func:`format_plan`; rule ``plan``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+MIB = 2**20
+GIB = 2**30
+#: Host memory of a feature job besides the model weights and the step accumulators: the
+#: interpreter with torch, diffusers, transformers and h5py, the tokenizer, the sampler's
+#: activations. Measured (max_rss of the `benchmark:` file): 0.43 GiB for the whole tiny-model
+#: job (its weights are 2 MB; `make bench`), so 1 GiB leaves room for larger activations.
+JOB_OVERHEAD_BYTES = 1 * GIB
+#: Steps' worth of host memory a feature job needs beyond the steps it holds: one step's copy
+#: while it is written (a device step comes to the host one at a time) and the float32 staging
+#: buffers of the host path (2 × 4 bytes × Σ d² = one float64 step).
+EXTRA_STEPS = 2
+#: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
+#: result (nullcov.merge, constant in the number of shards), plus the interpreter.
+MERGE_STEPS = 3
+#: Host memory of a projection job: the statistic, the eigendecomposition's vectors and
+#: workspace, and ``P`` (float32), per matrix, over a whole step file: ~3 steps' worth.
+PROJECTION_STEPS = 3
+#: Interpreter with numpy, h5py and torch imported (CPU jobs).
+CPU_JOB_OVERHEAD_BYTES = 512 * MIB
+DIMS_FORMAT = 1
+
+
+class MemoryBudgetError(RuntimeError):
+    """A job's ``mem_mb`` cannot hold even one step's statistics beside the model."""
+
+
+# -- model dims -------------------------------------------------------------------------------------
+def unet_config(model_spec: str, model_dir: str | Path) -> dict:
+    """The UNet's config: the builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
+    from nullcov.model import BUILTIN_TINY
+
+    if model_spec == BUILTIN_TINY:
+        from nullcov.tiny_model import TINY_UNET_CONFIG
+
+        return dict(TINY_UNET_CONFIG)
+    path = Path(model_dir) / "unet" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model {model_spec!r}: cannot read the UNet config {path}: {err}") from None
+
+
+def _meta_dims(config: dict) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from nullcov.model import cross_attention_modules
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    layers = {
+        name: {"to_q": int(module.to_q.in_features), "to_out": int(module.to_out[0].in_features),
+               "text": int(module.to_k.in_features)}
+        for name, module in cross_attention_modules(unet)
+    }
+    return {"format": DIMS_FORMAT, "layers": layers, "unet_parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def model_dims(config: dict, cache_dir: str | Path | None = None) -> dict:
+    """``{"layers": {module: {"to_q": d, "to_out": d, "text": d}}, "unet_parameters": n}`` for a
+    UNet config, in module order; memoised under ``cache_dir`` (keyed by the config and the
+    diffusers version)."""
+    if cache_dir is None:
+        return _meta_dims(config)
+    from importlib.metadata import version
+
+    key = hashlib.sha256(
+        json.dumps([DIMS_FORMAT, version("diffusers"), config], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / f"dims-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    dims = _meta_dims(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(dims, indent=1))
+    os.replace(temporary, path)
+    return dims
+
+
+def step_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
+    """``{"<layer>/<linear>": d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
+    linears = [linear for feature, linear in (("q", "to_q"), ("out", "to_out")) if collect_features[feature]]
+    return {f"{layer}/{linear}": dims["layers"][layer][linear] for layer in layers for linear in linears}
+
+
+def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
+    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``."""
+    from nullcov.store import TEXT_KEY
+
+    if not (collect_features["k"] or collect_features["v"]) or not layers:
+        return {}
+    return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
+
+
+def moments_file_bytes(dims: dict[str, int]) -> int:
+    """Bytes of one moments file of ``{key: d}``: full float64 ``sum_outer`` and ``sum`` and an
+    int64 count per key (HDF5 metadata not counted)."""
+    return sum(8 * (d * d + d + 1) for d in dims.values())
+
+
+def statistics_bytes(dims: dict[str, int]) -> int:
+    """In-memory float64 bytes of one step's accumulators (``sum_outer`` and ``sum`` per key)."""
+    return sum(8 * (d * d + d) for d in dims.values())
+
+
+def weights_bytes(model_dir: str | Path, dims: dict) -> int:
+    """Bytes of the model's weight files (UNet, text encoder, VAE); for a model not built yet (the
+    builtin tiny model) its UNet's float32 parameter bytes."""
+    folder = Path(model_dir)
+    files = [path for part in ("unet", "text_encoder", "vae") for path in (folder / part).glob("*")
+             if path.suffix in (".safetensors", ".bin")]
+    if files:
+        return sum(path.stat().st_size for path in files)
+    return 4 * int(dims["unet_parameters"])
+
+
+# -- feature-job memory and chunks -------------------------------------------------------------------
+def feature_job_bytes(step_bytes: int, steps_held: int, weights: int) -> int:
+    """Peak host bytes of a feature job that holds ``steps_held`` steps' accumulators at once."""
+    return JOB_OVERHEAD_BYTES + weights + (steps_held + EXTRA_STEPS) * step_bytes
+
+
+def steps_per_chunk(mem_bytes: int, step_bytes: int, weights: int, num_steps: int) -> int:
+    """How many steps a feature job with ``mem_bytes`` of host memory collects per pass."""
+    if num_steps <= 0 or step_bytes <= 0:
+        return max(num_steps, 1)
+    fit = (mem_bytes - JOB_OVERHEAD_BYTES - weights) // step_bytes - EXTRA_STEPS
+    if fit < 1:
+        need = math.ceil(feature_job_bytes(step_bytes, 1, weights) / MIB)
+        raise MemoryBudgetError(
+            f"mem_mb={mem_bytes // MIB} cannot hold one step's statistics ({step_bytes / MIB:.0f} MiB) beside the "
+            f"model ({weights / MIB:.0f} MiB) and the job's overhead ({JOB_OVERHEAD_BYTES / MIB:.0f} MiB): "
+            f"give the feature job at least mem_mb={need} (--set-resources features:mem_mb={need})"
+        )
+    return int(min(num_steps, fit))
+
+
+def step_chunks(num_steps: int, per_chunk: int) -> list[range]:
+    """``range(num_steps)`` cut into the fewest chunks of at most ``per_chunk`` steps, sizes balanced."""
+    if num_steps <= 0:
+        return [range(0)]
+    count = math.ceil(num_steps / per_chunk)
+    bounds = [round(i * num_steps / count) for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def replayed_calls(collection: str, chunks: list[range]) -> int:
+    """UNet calls per prompt batch over all chunks: ``trajectory`` replays the sampler from the
+    start to each chunk's last step; ``noised`` calls only the chunk's steps."""
+    if collection == "noised":
+        return sum(len(chunk) for chunk in chunks)
+    return sum(chunk.stop for chunk in chunks)
+
+
+def mem_mb(total_bytes: int) -> int:
+    return int(math.ceil(total_bytes / MIB))
+
+
+def feature_job_mem_mb(step_bytes: int, num_steps: int, weights: int, max_mem_mb: int) -> int:
+    """A feature job's ``mem_mb``: what it needs holding every step, at most ``max_mem_mb`` (then it
+    collects in chunks), and at least what one step needs."""
+    unchunked = mem_mb(feature_job_bytes(step_bytes, num_steps, weights))
+    single = mem_mb(feature_job_bytes(step_bytes, min(num_steps, 1), weights))
+    return max(min(unchunked, max_mem_mb), single)
+
+
+def merge_mem_mb(file_bytes: int) -> int:
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + MERGE_STEPS * file_bytes)
+
+
+def projection_mem_mb(file_bytes: int) -> int:
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * file_bytes)
+
+
+def projection_file_bytes(dims: dict[str, int]) -> int:
+    """``P`` (float32 d×d) and the eigenvalues (float64 d) per key."""
+    return sum(4 * d * d + 8 * d for d in dims.values())
+
+
+# -- the run plan ------------------------------------------------------------------------------------
+def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dict, num_steps: int,
+             collection: str, shards: list[int], validation_prompts: int, weights: int, feature_mem_mb: int,
+             throughput: float, jobs_per_rule: dict[str, int]) -> dict:
+    """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard."""
+    per_step = step_dims(dims, layers, collect_features)
+    per_text = text_dims(dims, layers, collect_features)
+    step_file, text_file = moments_file_bytes(per_step), moments_file_bytes(per_text)
+    step_memory = statistics_bytes(per_step)
+    steps_written = num_steps if per_step else 0
+    per_chunk = steps_per_chunk(feature_mem_mb * MIB, step_memory, weights, num_steps) if per_step else num_steps
+    chunks = step_chunks(num_steps, per_chunk)
+    prompts = sum(shards)
+    calls = replayed_calls(collection, chunks)
+    prompt_timesteps = (prompts + validation_prompts) * calls
+    return {
+        "model": model,
+        "layers": len(layers),
+        "step_keys": len(per_step),
+        "steps": num_steps,
+        "prompts": prompts,
+        "validation_prompts": validation_prompts,
+        "shards": len(shards),
+        "jobs": jobs_per_rule,
+        "bytes": {
+            "step file": step_file,
+            "text file": text_file,
+            "shard scratch": len(shards) * (steps_written * step_file + text_file),
+            "merged moments": steps_written * step_file + text_file,
+            "projections": steps_written * projection_file_bytes(per_step) + projection_file_bytes(per_text),
+        },
+        "memory_mb": {
+            "features": feature_mem_mb,
+            "covariance": merge_mem_mb(max(step_file, text_file)),
+            "projection": projection_mem_mb(max(step_file, text_file)),
+        },
+        "feature_chunks": {"steps_per_chunk": per_chunk, "chunks": len(chunks), "unet_calls_per_batch": calls,
+                           "unchunked_mem_mb": mem_mb(feature_job_bytes(step_memory, num_steps, weights))},
+        "weights": weights,
+        "throughput": throughput,
+        "gpu_hours": prompt_timesteps / throughput / 3600,
+    }
+
+
+def _size(value: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
+    chunks = plan["feature_chunks"]
+    lines = [
+        f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
+        f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
+        f"{plan['step_keys']} per-step matrices",
+        "",
+        "jobs per rule:",
+        *(f"  {rule:<20} {count}" for rule, count in plan["jobs"].items()),
+        "",
+        "disk:",
+        *(f"  {name:<20} {_size(value)}" for name, value in plan["bytes"].items()),
+        "",
+        "peak host memory per job (mem_mb):",
+        *(f"  {rule:<20} {value} MB" for rule, value in plan["memory_mb"].items()),
+        f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
+        f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
+        f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)",
+        f"  model weights {_size(plan['weights'])}",
+        "",
+        f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
+        "(config gpu_prompt_timesteps_per_second)",
+    ]
+    return "\n".join(lines) + "\n"
