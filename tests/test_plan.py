@@ -1,0 +1,121 @@
+"""Model dims from configs, job memory, step chunks: a chunked feature job equals an unchunked one."""
+
+import numpy as np
+import pytest
+
+from nullcov import plan
+from nullcov.features import collect_shard, configure_scheduler
+from nullcov.model import BUILTIN_TINY, cross_attention_modules
+from nullcov.schedule import build_schedule
+
+from conftest import base_config
+
+MIB = 2**20
+
+
+def _dims_of(unet) -> dict:
+    """Independent of nullcov.plan: read the built modules' in_features."""
+    return {
+        name: {"to_q": module.to_q.in_features, "to_out": module.to_out[0].in_features, "text": module.to_k.in_features}
+        for name, module in cross_attention_modules(unet)
+    }
+
+
+def test_tiny_dims_from_config_match_the_built_model(tiny_pipe, tiny_model_dir, tmp_path):
+    dims = plan.model_dims(plan.unet_config(BUILTIN_TINY, tiny_model_dir), cache_dir=tmp_path)
+    assert dims["layers"] == _dims_of(tiny_pipe.unet)
+    assert dims["unet_parameters"] == sum(p.numel() for p in tiny_pipe.unet.parameters())
+    # the folder's own config.json (every default written out: another cache entry) gives the same
+    saved = plan.unet_config("folder", tiny_model_dir)
+    assert plan.model_dims(saved, cache_dir=tmp_path)["layers"] == dims["layers"]
+    assert len(list(tmp_path.glob("dims-*.json"))) == 2
+    # a cache hit reads the file (an edited entry shows through), never rebuilds
+    for path in tmp_path.glob("dims-*.json"):
+        path.write_text(path.read_text().replace('"unet_parameters"', '"edited": 1, "unet_parameters"'))
+    assert plan.model_dims(saved, cache_dir=tmp_path)["edited"] == 1
+
+
+def test_sd15_step_bytes(tiny_model_dir):
+    from nullcov.sd15 import SD15_UNET_CONFIG, build_sd15_pipeline
+
+    dims = plan.model_dims(SD15_UNET_CONFIG)
+    meta = build_sd15_pipeline(tiny_model_dir / "tokenizer", device="meta")
+    assert dims["layers"] == _dims_of(meta.unet)
+    layers = list(dims["layers"])
+    everything = {"q": True, "k": True, "v": True, "out": True}
+    per_step = plan.step_dims(dims, layers, everything)
+    widths = [320] * 5 + [640] * 5 + [1280] * 6  # SD-1.5: 16 attn2 layers, to_q and to_out of the same width
+    assert sorted(per_step.values()) == sorted(widths * 2)
+    assert plan.statistics_bytes(per_step) == 8 * sum(2 * (d * d + d) for d in widths)
+    assert plan.text_dims(dims, layers, everything) == {"encoder_hidden_states": 768}
+    assert plan.text_dims(dims, layers, everything | {"k": False, "v": False}) == {}
+
+
+def test_steps_per_chunk_fit_the_budget():
+    step, weights = 198 * MIB, 3000 * MIB
+    for mem_mb in (6000, 8000, 16000, 40000):
+        fit = plan.steps_per_chunk(mem_mb * MIB, step, weights, 1000)
+        assert plan.feature_job_bytes(step, fit, weights) <= mem_mb * MIB < plan.feature_job_bytes(step, fit + 1, weights)
+    assert plan.steps_per_chunk(10**6 * MIB, step, weights, 50) == 50
+    need = plan.feature_job_bytes(step, 1, weights)
+    with pytest.raises(plan.MemoryBudgetError, match=r"mem_mb=4000 .*features:mem_mb=") as info:
+        plan.steps_per_chunk(4000 * MIB, step, weights, 50)
+    assert f"mem_mb={-(-need // MIB)}" in str(info.value)
+    # the rule asks the unchunked need, capped, never less than one step's need
+    assert plan.feature_job_mem_mb(step, 50, weights, 10**6) == -(-plan.feature_job_bytes(step, 50, weights) // MIB)
+    assert plan.feature_job_mem_mb(step, 1000, weights, 32000) == 32000
+    assert plan.feature_job_mem_mb(step, 1000, weights, 10) == -(-need // MIB)
+
+
+@pytest.mark.parametrize("steps, per_chunk", [(5, 2), (50, 7), (1000, 334), (3, 3), (1, 1)])
+def test_step_chunks_cover_the_steps_once(steps, per_chunk):
+    chunks = plan.step_chunks(steps, per_chunk)
+    assert [i for chunk in chunks for i in chunk] == list(range(steps))
+    assert len(chunks) == -(-steps // per_chunk) and max(map(len, chunks)) - min(map(len, chunks)) <= 1
+    assert max(map(len, chunks)) <= per_chunk
+
+
+def _collect_with(pipe, prompts, config, steps_fitting=None):
+    """Collect with a host budget that holds exactly ``steps_fitting`` steps (None: no budget)."""
+    schedule = build_schedule(dict(pipe.scheduler.config), config["sampler_strategy"], config["num_denoising_steps"])
+    configure_scheduler(pipe, schedule)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    delivered = []
+    try:
+        if steps_fitting is None:
+            steps, text, _, _ = collect_shard(pipe, prompts, 0, schedule, config)
+        else:
+            dims = {f"{name}/{linear}": width for name, layer in _dims_of(pipe.unet).items()
+                    for linear, width in layer.items() if linear != "text"}
+            step_bytes = sum(8 * (d * d + d) for d in dims.values())
+            mem_mb = 4096
+            weights = mem_mb * MIB - plan.JOB_OVERHEAD_BYTES - (steps_fitting + plan.EXTRA_STEPS) * step_bytes
+            _, text, _, _ = collect_shard(pipe, prompts, 0, schedule, config, mem_mb=mem_mb, weights=weights,
+                                          on_step=lambda index, moments: delivered.append((index, moments)))
+            assert [index for index, _ in delivered] == list(range(len(schedule["steps"])))
+            steps = [moments for _, moments in delivered]
+    finally:
+        handle.remove()
+    return steps, text, len(calls)
+
+
+@pytest.mark.parametrize("collection, strategy", [("trajectory", "Euler a"), ("noised", "DPM++ 2M Karras")])
+def test_chunked_collection_equals_unchunked(tiny_pipe, demo_prompts, collection, strategy):
+    """Five steps in chunks of 2, 1, 2 (the trajectory replayed with its stochastic sampler noise)."""
+    config = base_config(collection=collection, sampler_strategy=strategy, num_denoising_steps=5, batch_size=2)
+    prompts = demo_prompts[:3]  # two prompt batches
+    whole_steps, whole_text, whole_calls = _collect_with(tiny_pipe, prompts, config)
+    steps, text, calls = _collect_with(tiny_pipe, prompts, config, steps_fitting=2)
+    assert whole_calls == 2 * 5
+    # chunks [0, 2), [2, 3), [3, 5): the trajectory replays from step 0 and stops after each chunk
+    assert calls == (2 * (2 + 3 + 5) if collection == "trajectory" else 2 * 5)
+    assert len(steps) == len(whole_steps) == 5
+    for chunked, unchunked in zip(steps, whole_steps):
+        assert chunked.keys() == unchunked.keys()
+        for key in unchunked:
+            assert chunked[key].count == unchunked[key].count
+            np.testing.assert_array_equal(chunked[key].sum, unchunked[key].sum)
+            np.testing.assert_array_equal(chunked[key].sum_outer, unchunked[key].sum_outer)
+    assert text.count == whole_text.count
+    np.testing.assert_array_equal(text.sum_outer, whole_text.sum_outer)
