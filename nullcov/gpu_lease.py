@@ -69,6 +69,75 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+#: Where the NVIDIA driver lists its GPUs (one folder each), read without initialising CUDA.
+DRIVER_GPU_DIR = Path("/proc/driver/nvidia/gpus")
+
+
+def visible_gpu_count(environ: Mapping[str, str] | None = None, driver_dir: str | Path = DRIVER_GPU_DIR,
+                      nvidia_smi: str = "nvidia-smi") -> tuple[int, str]:
+    """``(GPUs a job started from here would see, where that number comes from)``, without
+    importing torch or initialising CUDA (the Snakemake process must stay light and fork-safe).
+
+    ``CUDA_VISIBLE_DEVICES`` when set (its entries up to the first empty or negative one, as CUDA
+    reads it); else the driver's GPU folders under ``driver_dir``; else ``nvidia-smi -L``; else 0.
+    """
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = 0
+        for item in visible.split(","):
+            item = item.strip()
+            if not item or item.startswith("-"):
+                break
+            count += 1
+        return count, f"CUDA_VISIBLE_DEVICES={visible!r}"
+    with contextlib.suppress(OSError):
+        folders = [path for path in Path(driver_dir).iterdir() if path.is_dir()]
+        if folders:
+            return len(folders), f"{len(folders)} GPU(s) in {driver_dir}"
+    import shutil
+    import subprocess
+
+    if shutil.which(nvidia_smi):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+            count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+            return count, f"{count} GPU(s) listed by {nvidia_smi} -L"
+    return 0, f"no CUDA_VISIBLE_DEVICES, no {driver_dir}, no working {nvidia_smi}"
+
+
+def gpu_job_limit(environ: Mapping[str, str] | None = None, **where) -> tuple[int, str]:
+    """The default ``gpu`` resource of a local run: how many GPU jobs may run at once, and why.
+
+    One per visible GPU. With none visible the GPU jobs run on the CPU, one at a time (each
+    holds the model and its steps' statistics in host memory and uses its ``threads``; raise it
+    with ``--resources gpu=N``).
+    """
+    count, source = visible_gpu_count(environ, **where)
+    if count:
+        return count, f"{count} visible GPU(s) ({source})"
+    return 1, f"no GPU visible ({source}): GPU jobs run on the CPU, one at a time"
+
+
+def limit_gpu_jobs(workflow, info: Callable[[str], None], **where) -> int | None:
+    """Set the ``gpu`` resource of a local Snakemake run to :func:`gpu_job_limit` unless the user
+    gave ``--resources gpu=N``, and say which limit holds; returns the limit set (None: none set).
+
+    Called while the Snakefile is parsed (the scheduler reads ``workflow.global_resources`` after
+    that). Not for remote executors (``--jobs``, e.g. SLURM: the cluster gives each job its GPU,
+    and the submit host may have none) nor in jobs re-parsing the Snakefile.
+    """
+    if not workflow.is_main_process or workflow.resource_settings.nodes is not None:
+        return None
+    if "gpu" in workflow.global_resources:
+        info(f"GPU jobs: at most gpu={workflow.global_resources['gpu'].value} at once (--resources)")
+        return None
+    limit, reason = gpu_job_limit(**where)
+    workflow.global_resources["gpu"] = limit
+    info(f"GPU jobs: at most gpu={limit} at once: {reason}; --resources gpu=N overrides")
+    return limit
+
+
 def _safe_id(device_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", device_id)
 

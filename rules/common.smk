@@ -7,7 +7,9 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workflow
 
+from nullcov import gpu_lease as nc_gpu_lease
 from nullcov import model as nc_model
+from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
 from nullcov.provenance import feature_config
@@ -31,6 +33,9 @@ try:
 except (nc_prompts.PromptFileError, nc_model.ModelError, nc_schedule.ScheduleError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
+# At most one GPU job per visible GPU unless --resources gpu=N (local runs; logged).
+nc_gpu_lease.limit_gpu_jobs(workflow, logger.info)
+
 DUPLICATES = nc_prompts.duplicate_counts(PROMPTS)
 if DUPLICATES:
     logger.warning(
@@ -47,6 +52,27 @@ COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["o
 COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
 SHARD_FILE_NAMES = (STEP_NAMES if COLLECT_STEPS else []) + (["text"] if COLLECT_TEXT else [])
+
+# Model dims from the UNet config (a meta-device UNet, cached: no weights read) -> every job's memory.
+try:
+    UNET_DIMS = nc_plan.model_dims(
+        nc_plan.unet_config(config["model"], MODEL_DIR),
+        cache_dir="resources/cache/dims",
+    )
+    LAYERS = nc_model.select_layers(
+        list(UNET_DIMS["layers"]), config["cross_attention_layers"]
+    )
+except (ValueError, nc_model.ModelError) as err:
+    raise WorkflowError(f"invalid configuration: {err}")
+STEP_DIMS = nc_plan.step_dims(UNET_DIMS, LAYERS, config["collect_features"])
+TEXT_DIMS = nc_plan.text_dims(UNET_DIMS, LAYERS, config["collect_features"])
+WEIGHTS_BYTES = nc_plan.weights_bytes(MODEL_DIR, UNET_DIMS)
+FEATURE_MEM_MB = nc_plan.feature_job_mem_mb(
+    nc_plan.statistics_bytes(STEP_DIMS),
+    len(STEP_NAMES) if COLLECT_STEPS else 0,
+    WEIGHTS_BYTES,
+    config["feature_job_max_mem_mb"],
+)
 
 
 wildcard_constraints:
@@ -77,6 +103,29 @@ def shard_first_index(wildcards):
 def shard_folders(wildcards):
     """Every shard's feature folder (the merge reads {folder}/{name}.h5 from each)."""
     return [f"results/features/shard_{shard}" for shard in SHARD_IDS]
+
+
+def feature_job_mem_mb(wildcards, attempt):
+    """GPU jobs running the feature job (features, validation_inputs): its need from the model
+    dims x steps, capped by feature_job_max_mem_mb (the job chunks its steps to fit), x attempt."""
+    return attempt * FEATURE_MEM_MB
+
+
+def model_job_mem_mb(wildcards, attempt):
+    """GPU jobs that hold the model but no step statistics (attention_maps), x attempt."""
+    return attempt * nc_plan.feature_job_mem_mb(0, 0, WEIGHTS_BYTES, config["feature_job_max_mem_mb"])
+
+
+def merge_mem_mb(wildcards, attempt):
+    """covariance jobs: a few steps' statistics (constant in the number of shards), x attempt."""
+    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
+    return attempt * nc_plan.merge_mem_mb(nc_plan.moments_file_bytes(dims))
+
+
+def projection_mem_mb(wildcards, attempt):
+    """projection jobs: the statistic, its eigenvectors and P of one step file, x attempt."""
+    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
+    return attempt * nc_plan.projection_mem_mb(nc_plan.moments_file_bytes(dims))
 
 
 def feature_job_minutes(wildcards, attempt):

@@ -7,6 +7,8 @@ rule covariance:
     params:
         file_name=lambda wildcards: f"{wildcards.name}.h5",
         prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
+    resources:
+        mem_mb=merge_mem_mb,
     log:
         "logs/covariance/{name}.log",
     benchmark:

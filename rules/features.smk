@@ -23,7 +23,7 @@ rule features:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=feature_job_mem_mb,
         runtime=feature_job_minutes,
     log:
         "logs/features/shard_{shard}.log",

@@ -8,6 +8,8 @@ rule projection:
         statistic=config["statistic"],
         nullspace_threshold=config["nullspace_threshold"],
         threshold_percent=config["threshold_percent"],
+    resources:
+        mem_mb=projection_mem_mb,
     log:
         "logs/projections/{name}.log",
     benchmark:

@@ -65,7 +65,7 @@ rule attention_maps:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=model_job_mem_mb,
     log:
         "logs/report/attention_maps.log",
     benchmark:

@@ -24,7 +24,7 @@ rule validation_inputs:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=feature_job_mem_mb,
         runtime=lambda wildcards, attempt: attempt * (15 + len(VALIDATION_PROMPTS) * len(STEP_NAMES) // 300),
     log:
         "logs/validation/features.log",
