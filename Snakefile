@@ -19,6 +19,7 @@ include: "rules/covariance.smk"
 include: "rules/projection.smk"
 include: "rules/validation.smk"
 include: "rules/report.smk"
+include: "rules/plan.smk"
 
 
 rule all:

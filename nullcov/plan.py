@@ -257,13 +257,13 @@ def format_plan(plan: dict) -> str:
         f"{plan['step_keys']} per-step matrices",
         "",
         "jobs per rule:",
-        *(f"  {rule:<20} {count}" for rule, count in plan["jobs"].items()),
+        *(f"  {rule:<26} {count}" for rule, count in plan["jobs"].items()),
         "",
         "disk:",
-        *(f"  {name:<20} {_size(value)}" for name, value in plan["bytes"].items()),
+        *(f"  {name:<26} {_size(value)}" for name, value in plan["bytes"].items()),
         "",
         "peak host memory per job (mem_mb):",
-        *(f"  {rule:<20} {value} MB" for rule, value in plan["memory_mb"].items()),
+        *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
         f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
         f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
         f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)",

@@ -242,3 +242,33 @@ def summary_folders(wildcards):
     if VALIDATION_PROMPTS:
         folders["validation"] = "results/validation"
     return folders
+
+
+# -- The run plan (rules/plan.smk) ----------------------------------------------------------------
+def run_plan():
+    """Jobs per rule, bytes on disk, memory per job type and GPU-hours (nullcov.plan.run_plan)."""
+    jobs = {
+        "tiny_model": int(config["model"] == nc_model.BUILTIN_TINY),
+        "schedule": 1,
+        "features (GPU)": len(SHARD_IDS),
+        "validation_inputs (GPU)": int(bool(VALIDATION_PROMPTS)),
+        "attention_maps (GPU)": int(bool(ATTENTION_FIGURES)),
+        "covariance": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
+        "projection": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
+        "leakage": len(LEAKAGE_PARTS),
+        "report, summary": len(report_outputs()) and 2 + int(bool(VALIDATION_PROMPTS)),
+    }
+    return nc_plan.run_plan(
+        model=config["model"],
+        dims=UNET_DIMS,
+        layers=LAYERS,
+        collect_features=config["collect_features"],
+        num_steps=len(STEP_NAMES),
+        collection=config["collection"],
+        shards=[len(shard) for shard in SHARDS],
+        validation_prompts=len(VALIDATION_PROMPTS),
+        weights=WEIGHTS_BYTES,
+        feature_mem_mb=FEATURE_MEM_MB,
+        throughput=config["gpu_prompt_timesteps_per_second"],
+        jobs_per_rule=jobs,
+    )
