@@ -119,3 +119,33 @@ def test_chunked_collection_equals_unchunked(tiny_pipe, demo_prompts, collection
             np.testing.assert_array_equal(chunked[key].sum_outer, unchunked[key].sum_outer)
     assert text.count == whole_text.count
     np.testing.assert_array_equal(text.sum_outer, whole_text.sum_outer)
+
+
+def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
+    dims = plan.model_dims(plan.unet_config(BUILTIN_TINY, tiny_model_dir))
+    layers = list(dims["layers"])
+    widths = [w for layer in _dims_of(tiny_pipe.unet).values() for w in (layer["to_q"], layer["to_out"])]
+    text_width = next(iter(_dims_of(tiny_pipe.unet).values()))["text"]
+    step_file = sum(8 * (d * d + d + 1) for d in widths)
+    text_file = 8 * (text_width**2 + text_width + 1)
+    common = dict(model="m", dims=dims, layers=layers, collect_features={"q": True, "k": True, "v": True, "out": True},
+                  num_steps=4, shards=[4, 4, 2], validation_prompts=2, weights=0, throughput=2.0,
+                  jobs_per_rule={"features (GPU)": 3})
+    whole = plan.run_plan(collection="trajectory", feature_mem_mb=10**5, **common)
+    assert whole["bytes"]["step file"] == step_file and whole["bytes"]["text file"] == text_file
+    assert whole["bytes"]["shard scratch"] == 3 * (4 * step_file + text_file)
+    assert whole["bytes"]["merged moments"] == 4 * step_file + text_file
+    assert whole["bytes"]["projections"] == sum(4 * (4 * d * d + 8 * d) for d in widths) + 4 * text_width**2 + 8 * text_width
+    assert whole["gpu_hours"] == pytest.approx((10 + 2) * 4 / 2.0 / 3600)
+    assert whole["feature_chunks"]["chunks"] == 1
+    # a budget that holds 2 of 4 steps: two chunks; the trajectory replays 2 + 4 calls, noised calls 4
+    step_bytes = sum(8 * (d * d + d) for d in widths)
+    weights = 4096 * MIB - plan.JOB_OVERHEAD_BYTES - (2 + plan.EXTRA_STEPS) * step_bytes
+    tight = common | {"weights": weights, "feature_mem_mb": 4096}
+    chunked = plan.run_plan(collection="trajectory", **tight)
+    assert chunked["feature_chunks"]["steps_per_chunk"] == 2 and chunked["feature_chunks"]["chunks"] == 2
+    assert chunked["feature_chunks"]["unet_calls_per_batch"] == 2 + 4
+    assert chunked["gpu_hours"] == pytest.approx(12 * 6 / 2.0 / 3600)
+    assert plan.run_plan(collection="noised", **tight)["feature_chunks"]["unet_calls_per_batch"] == 4
+    text = plan.format_plan(whole)
+    assert "features (GPU)" in text and "0.01 GPU-hours" in text and "shard scratch" in text
