@@ -236,7 +236,8 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
 
     ``mem_mb``: the job's host memory (Snakemake's ``resources.mem_mb``); the steps are collected
     in chunks when they do not all fit (:func:`collect_shard`), each step written and freed as
-    soon as its chunk is done. On a failure the files already written are removed.
+    soon as its chunk is done (each file atomically; after a failure in a later chunk the earlier
+    chunks' complete files remain, and Snakemake removes the failed job's output folder).
 
     On a machine with several GPUs the job leases one (see :mod:`nullcov.gpu_lease`) and holds
     it until the shard is written.
@@ -292,13 +293,8 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
             written.append(step_paths[step["name"]])
 
     weights = plan.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
-    try:
-        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
-                                              mem_mb=mem_mb, weights=weights)
-        if text_path:
-            write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
-    except BaseException:
-        for path in written:
-            Path(path).unlink(missing_ok=True)
-        raise
+    _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
+                                          mem_mb=mem_mb, weights=weights)
+    if text_path:
+        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
     log.info("wrote %d step files%s", len(written), " and text.h5" if text_path else "")
