@@ -86,10 +86,11 @@ def configure_scheduler(pipe, schedule: dict) -> None:
     pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
 
 
-def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range) -> None:
+def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
     """The sampler from the first step through ``chunk``'s last (a replay: the same seeds give
-    the same trajectory), interrupted there (diffusers' ``interrupt``: later steps call nothing)."""
-    stop = chunk.stop
+    the same trajectory), interrupted there (diffusers' ``interrupt``: later steps call nothing).
+    ``chunk`` None: every step."""
+    stop = len(schedule["steps"]) if chunk is None else chunk.stop
 
     def stop_after_chunk(pipeline, index, timestep, tensors):
         if index + 1 >= stop:
@@ -108,9 +109,10 @@ def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolut
     )
 
 
-def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range) -> None:
+def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
     """Per step of ``chunk`` one UNet call; every earlier step's noise is drawn all the same (the
-    generators' state, hence the result, does not depend on the chunking)."""
+    generators' state, hence the result, does not depend on the chunking). ``chunk`` None: every step."""
+    chunk = range(len(schedule["steps"])) if chunk is None else chunk
     from diffusers.utils.torch_utils import randn_tensor
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
