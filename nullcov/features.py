@@ -299,4 +299,13 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
                                           mem_mb=mem_mb, weights=weights)
     if text_path:
         write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
-    log.info("wrote %d step files%s", len(written), " and text.h5" if text_path else "")
+    log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(written), " and text.h5" if text_path else "",
+             peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux ``VmHWM``: exact, unlike a sampled
+    ``benchmark:`` max_rss, which Snakemake polls every 30 s after the first 15 s)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
