@@ -37,6 +37,12 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m nullcov.benchmark --device cuda --profile
 
+# A feature job held to mem_mb below its unchunked need (SD-1.5 architecture, CPU, ~5 min, ~8 GB
+# RAM and disk under /tmp): peak RSS and bit-equality with the unchunked run. Not in `make test`.
+.PHONY: bench-feature-memory
+bench-feature-memory: $(STAMP)
+	$(BIN)/python tools/feature_memory.py --mem-mb 5600 6000
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 
