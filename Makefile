@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores all
 	$(BIN)/snakemake --cores all --report results/report.html
 
-test: $(STAMP)
+# Lint first (pyproject.toml [tool.ruff] and [tool.snakefmt]), then the test suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 # Speed/memory benchmark (not part of `make test`): bare pipeline vs nullcov vs the legacy method,

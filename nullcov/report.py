@@ -252,7 +252,7 @@ def attention_figure(path, panels: list[tuple[str, np.ndarray]], tokens: list[st
     label_band = 14  # pixels under each row for the shares
     pitch_x, pitch_y = cell + gap, cell + gap + label_band
     canvas = np.ones((rows * pitch_y, columns * pitch_x - gap, 3))
-    for row, (layer, maps) in enumerate(panels):
+    for row, (_layer, maps) in enumerate(panels):
         top = row * pitch_y
         if image is not None:
             canvas[top : top + cell, 0:cell] = _resize_nearest(np.clip(np.asarray(image, dtype=float), 0, 1), cell)

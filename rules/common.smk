@@ -15,7 +15,6 @@ from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
 from nullcov.provenance import feature_config
 
-
 # `--config key=null` passes the string "null": it means None for every key that admits null.
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
     nc_config.normalise_nulls(config, yaml.safe_load(schema_file))
@@ -64,9 +63,11 @@ wildcard_constraints:
 
 def final_outputs():
     """The deliverables: merged moments (interpolating trainers need them) and projections."""
-    return ["results/schedule.json"] + [
-        f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES
-    ] + report_outputs()
+    return (
+        ["results/schedule.json"]
+        + [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
+        + report_outputs()
+    )
 
 
 def model_input(wildcards):

@@ -4,16 +4,16 @@ rule projection:
         "results/covariance/{name}.h5",
     output:
         "results/projections/{name}.h5",
-    params:
-        statistic=config["statistic"],
-        nullspace_threshold=config["nullspace_threshold"],
-        threshold_percent=config["threshold_percent"],
     log:
         "logs/projections/{name}.log",
     benchmark:
         "benchmarks/projections/{name}.tsv"
     conda:
         "../envs/nullcov.yaml"
+    params:
+        statistic=config["statistic"],
+        nullspace_threshold=config["nullspace_threshold"],
+        threshold_percent=config["threshold_percent"],
     script:
         "../scripts/projection.py"
 

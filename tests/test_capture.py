@@ -8,7 +8,6 @@ from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, tex
 from nullcov.features import collect_shard, configure_scheduler
 from nullcov.model import cross_attention_modules
 from nullcov.schedule import build_schedule
-from nullcov.store import TEXT_KEY
 
 from conftest import base_config
 

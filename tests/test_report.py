@@ -172,7 +172,7 @@ def test_attention_maps_come_from_the_same_trajectory_and_seeds(finished, demo_p
     config = yaml.safe_load((finished / "config.yaml").read_text())
     found = collect_attention_maps(pipe, [demo_prompts[1]], [1], schedule, config, [names[0], names[6]], [0, 2])
     assert stored["tokens"][1] == found["tokens"][0] and stored["tokens"][1][0] == "<bos>"
-    assert sorted(stored["maps"]) == sorted((1, steps[s]["name"], names[l]) for s in (0, 2) for l in (0, 6))
+    assert sorted(stored["maps"]) == sorted((1, steps[s]["name"], names[layer]) for s in (0, 2) for layer in (0, 6))
     for step in (0, 2):
         for layer in (names[0], names[6]):
             np.testing.assert_allclose(stored["maps"][(1, steps[step]["name"], layer)], found["maps"][(0, step, layer)],
