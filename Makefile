@@ -37,10 +37,10 @@ test: lint
 # tiny model and SD-1.5 architecture (random weights, no download); table + benchmarks/bench-*.json.
 .PHONY: bench bench-gpu
 bench: $(STAMP)
-	$(BIN)/python -m nullcov.benchmark --device cpu --profile
+	$(BIN)/python tools/benchmark.py --device cpu --profile
 
 bench-gpu: $(STAMP)
-	$(BIN)/python -m nullcov.benchmark --device cuda --profile
+	$(BIN)/python tools/benchmark.py --device cuda --profile
 
 clean:
 	rm -rf results logs benchmarks resources .snakemake

@@ -59,3 +59,8 @@ def select_prompts(num_prompts: int, selection) -> list[int]:
     if bad:
         raise ValueError(f"attention_prompts: prompt indices {bad} are out of range; there are {num_prompts} prompts")
     return list(dict.fromkeys(indices))
+
+
+def schema_defaults(schema: dict) -> dict:
+    """Every top-level key's ``default`` from the config schema: the config of an empty config file."""
+    return {key: spec["default"] for key, spec in schema.get("properties", {}).items() if "default" in spec}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nullcov.capture import CrossAttentionCapture, exact_matmul, text_row_mask
 from nullcov.gpu_lease import lease_device
-from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
+from nullcov.model import cross_attention_modules, image_resolution, load_pipeline, resolve_device, select_layers
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
 from nullcov.schedule import build_schedule, make_scheduler
@@ -66,8 +66,14 @@ def selected_linears(collect_features: dict) -> set[str]:
     return linears
 
 
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """Prompt ``index``'s own CPU generator (latents and sampler noise): seeded ``seed + index``."""
+    return torch.Generator("cpu").manual_seed(seed + index)
+
+
 def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed + first_index + offset) for offset in range(count)]
+    """The generators of ``count`` consecutive prompts starting at ``first_index``."""
+    return [prompt_generator(seed, first_index + offset) for offset in range(count)]
 
 
 def configure_scheduler(pipe, schedule: dict) -> None:
@@ -114,15 +120,20 @@ def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution)
 COLLECTIONS = {"trajectory": _run_trajectory, "noised": _run_noised}
 
 
-def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict):
-    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names)."""
+def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *,
+                  capture_class: type = CrossAttentionCapture):
+    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
+
+    ``capture_class`` is the hook class (a subclass of :class:`CrossAttentionCapture`; the
+    benchmark passes one that also times and records what the capture does).
+    """
     modules = dict(cross_attention_modules(pipe.unet))
     names = select_layers(list(modules), config["cross_attention_layers"])
     if schedule.get("layers", names) != names:
         raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}")
     layers = [(name, modules[name]) for name in names]
     linears = selected_linears(config["collect_features"])
-    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = image_resolution(pipe, config["resolution"])
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer
     batch_size = config["batch_size"]
@@ -132,7 +143,7 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
         len(prompts), len(steps), len(layers), sorted(linears), config["collection"], batch_size, resolution, resolution,
     )
     start = time.perf_counter()
-    with exact_matmul(), torch.inference_mode(), CrossAttentionCapture(
+    with exact_matmul(), torch.inference_mode(), capture_class(
         pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps], config["text_tokens"]
     ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
         for offset in range(0, len(prompts), batch_size):
