@@ -79,7 +79,10 @@ rule attention_maps:
 rule run_summary:
     """Model, prompts, shards, schedule, statistic, threshold, wall times and disk use of the run."""
     input:
-        summary_inputs,
+        schedule="results/schedule.json",
+        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
+        first_shard="results/features/shard_0000",  # its provenance describes the run
+        everything=summary_inputs,  # the summary runs after every other job of the run
     output:
         html=report(
             "results/report/summary.html",
@@ -101,7 +104,6 @@ rule run_summary:
         num_shards=len(SHARD_IDS),
         num_validation=len(VALIDATION_PROMPTS),
         validation_file=str(VALIDATION_FILE),
-        spectra=[f"results/projections/{name}.h5" for name in SHARD_FILE_NAMES],
-        shard_file=f"results/features/shard_0000/{SHARD_FILE_NAMES[0]}.h5",
+        shard_file_name=f"{SHARD_FILE_NAMES[0]}.h5",
     script:
         "../scripts/run_summary.py"
