@@ -151,28 +151,6 @@ def test_duplicate_prompts_are_counted_and_kept_or_dropped(tmp_path, policy, sha
     assert sum(rule == "features" for rule, _ in planned_jobs(tmp_path)) == shards
 
 
-# -- what users type: `--config key=null` means null for every nullable key -----------------------
-def test_null_on_the_command_line_means_uniform_sampler_strategy(tmp_path, demo_prompts):
-    write_config(tmp_path, demo_prompts[:2], sampler_strategy="Euler")  # overridden below
-    # num_denoising_steps=3: uniform = linspace(999, 0, 3) as ints, named timestep_{t:04d}
-    expected = {f"results/projections/{name}.h5" for name in ("timestep_0999", "timestep_0499", "timestep_0000")}
-    for spelling in ("null", "uniform"):
-        planned = {out for rule, out in planned_jobs(tmp_path, "--config", f"sampler_strategy={spelling}")}
-        assert {out for out in planned if out.startswith("results/projections/")} - {
-            "results/projections/text.h5"
-        } == expected, spelling
-
-
-def test_null_on_the_command_line_means_null(tmp_path, demo_prompts):
-    """`--config key=null` plans exactly what `key: null` in the config file plans (not the string)."""
-    nullable = {"resolution": 64, "threshold_percent": 50, "validation_prompts": "config/prompts/validation.txt"}
-    write_config(tmp_path, demo_prompts[:2], **dict.fromkeys(nullable))
-    from_file = planned_jobs(tmp_path)
-    assert not any(rule == "leakage" for rule, _ in from_file)  # validation_prompts: null = no validation
-    write_config(tmp_path, demo_prompts[:2], **nullable)
-    assert sorted(planned_jobs(tmp_path, "--config", *(f"{key}=null" for key in nullable))) == sorted(from_file)
-
-
 def test_lcm_with_more_steps_than_it_allows_names_the_limit(tmp_path, demo_prompts):
     write_config(tmp_path, demo_prompts[:2], sampler_strategy="LCM", num_denoising_steps=51)
     _refused(tmp_path, "sampler_strategy 'LCM' allows at most 50 num_denoising_steps", "got num_denoising_steps 51")

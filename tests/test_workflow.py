@@ -227,3 +227,25 @@ def test_dry_run_of_a_1000_step_schedule_is_fast_once_warm(tmp_path, demo_prompt
     assert sum(rule == "projection" for rule, _ in jobs) == 1000
     assert sum(rule == "features" for rule, _ in jobs) == 3
     assert elapsed < 10, f"dry-run took {elapsed:.1f} s"  # measured ~4 s with full output on 2 cores
+
+
+# -- what users type: `--config key=null` means null for every nullable key -----------------------
+def test_null_on_the_command_line_means_uniform_sampler_strategy(tmp_path, demo_prompts):
+    write_config(tmp_path, demo_prompts[:2], sampler_strategy="Euler")  # overridden below
+    # num_denoising_steps=3: uniform = linspace(999, 0, 3) as ints, named timestep_{t:04d}
+    expected = {f"results/projections/{name}.h5" for name in ("timestep_0999", "timestep_0499", "timestep_0000")}
+    for spelling in ("null", "uniform"):
+        planned = {out for rule, out in planned_jobs(tmp_path, "--config", f"sampler_strategy={spelling}")}
+        assert {out for out in planned if out.startswith("results/projections/")} - {
+            "results/projections/text.h5"
+        } == expected, spelling
+
+
+def test_null_on_the_command_line_means_null(tmp_path, demo_prompts):
+    """`--config key=null` plans exactly what `key: null` in the config file plans (not the string)."""
+    nullable = {"resolution": 64, "threshold_percent": 50, "validation_prompts": "config/prompts/validation.txt"}
+    write_config(tmp_path, demo_prompts[:2], **dict.fromkeys(nullable))
+    from_file = planned_jobs(tmp_path)
+    assert not any(rule == "leakage" for rule, _ in from_file)  # validation_prompts: null = no validation
+    write_config(tmp_path, demo_prompts[:2], **nullable)
+    assert sorted(planned_jobs(tmp_path, "--config", *(f"{key}=null" for key in nullable))) == sorted(from_file)
