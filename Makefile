@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,17 +25,22 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores all
 	$(BIN)/snakemake --cores all --report results/report.html
 
-test: $(STAMP)
+# Lint first (pyproject.toml [tool.ruff] and [tool.snakefmt]), then the test suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 # Speed/memory benchmark (not part of `make test`): bare pipeline vs nullcov vs the legacy method,
 # tiny model and SD-1.5 architecture (random weights, no download); table + benchmarks/bench-*.json.
 .PHONY: bench bench-gpu
 bench: $(STAMP)
-	$(BIN)/python -m nullcov.benchmark --device cpu --profile
+	$(BIN)/python tools/benchmark.py --device cpu --profile
 
 bench-gpu: $(STAMP)
-	$(BIN)/python -m nullcov.benchmark --device cuda --profile
+	$(BIN)/python tools/benchmark.py --device cuda --profile
 
 # A feature job held to mem_mb below its unchunked need (SD-1.5 architecture, CPU, ~5 min, ~8 GB
 # RAM and disk under /tmp): peak RSS and bit-equality with the unchunked run. Not in `make test`.

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nullcov.features import COLLECTIONS, configure_scheduler, use_device
+from nullcov.capture import conditional_rows
+from nullcov.features import COLLECTIONS, configure_scheduler, prompt_generator, use_device
 from nullcov.gpu_lease import lease_device
-from nullcov.model import cross_attention_modules, load_pipeline, select_layers
+from nullcov.model import cross_attention_modules, image_resolution, load_pipeline, select_layers
 from nullcov.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,7 @@ class AttentionProbe:
         if batch is None:
             raise RuntimeError("UNet called outside begin_batch()/end_batch()")
         sample = args[0] if args else kwargs["sample"]
-        size = batch["size"]
-        if sample.shape[0] == 2 * size:  # classifier-free guidance: [uncond, cond]
-            batch["cond"] = slice(size, 2 * size)
-        elif sample.shape[0] == size:
-            batch["cond"] = slice(0, size)
-        else:
-            raise RuntimeError(f"UNet batch of {sample.shape[0]} for {size} prompts: neither plain nor CFG")
+        batch["cond"] = conditional_rows(sample.shape[0], batch["size"])
         batch["step"] = batch["calls"]
         batch["calls"] += 1
 
@@ -169,7 +164,7 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
     """
     modules = dict(cross_attention_modules(pipe.unet))
     layers = [(name, modules[name]) for name in layer_names]
-    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = image_resolution(pipe, config["resolution"])
     latent = resolution // pipe.vae_scale_factor
     run = COLLECTIONS[config["collection"]]
     batch_size = config["batch_size"]
@@ -178,8 +173,7 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
     with torch.inference_mode(), AttentionProbe(pipe.unet, layers, step_indices) as probe:
         for offset in range(0, len(prompts), batch_size):
             batch = prompts[offset : offset + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(config["seed"] + index)
-                          for index in prompt_indices[offset : offset + batch_size]]
+            generators = [prompt_generator(config["seed"], index) for index in prompt_indices[offset : offset + batch_size]]
             probe.begin_batch(len(batch))
             with _FinalLatents(pipe.scheduler) as final:
                 run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)

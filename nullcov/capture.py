@@ -249,13 +249,7 @@ class CrossAttentionCapture:
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
         else:
             self._check_timestep(step, float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep))
-        size = batch["size"]
-        if sample.shape[0] == 2 * size:  # classifier-free guidance: the batch is [uncond, cond]
-            batch["cond"] = slice(size, 2 * size)
-        elif sample.shape[0] == size:
-            batch["cond"] = slice(0, size)
-        else:
-            raise RuntimeError(f"UNet batch of {sample.shape[0]} for {size} prompts: neither plain nor CFG")
+        batch["cond"] = conditional_rows(sample.shape[0], batch["size"])
         batch["calls"] = call + 1
         batch["step"] = step if step in self._steps else None  # None: a replayed step, not collected
         batch["encoder_hidden_states"] = hidden
@@ -377,6 +371,19 @@ class CrossAttentionCapture:
             del self._steps[index]
             if self._host is not None:
                 self._host.accumulators.pop(index, None)
+
+
+def conditional_rows(unet_batch: int, prompts: int) -> slice:
+    """The rows of a UNet call that belong to the prompts' conditional pass.
+
+    With classifier-free guidance the pipeline stacks ``[uncond, cond]`` (2 x prompts rows);
+    without it the batch is the prompts themselves. Anything else is an error.
+    """
+    if unet_batch == 2 * prompts:
+        return slice(prompts, 2 * prompts)
+    if unet_batch == prompts:
+        return slice(0, prompts)
+    raise RuntimeError(f"UNet batch of {unet_batch} for {prompts} prompts: neither plain nor CFG")
 
 
 def text_row_mask(input_ids: np.ndarray | torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from nullcov import plan
 from nullcov.accumulators import STAGING_BUFFERS, device_memory, exact_matmul, plan_device_steps
 from nullcov.capture import CrossAttentionCapture, text_row_mask
 from nullcov.gpu_lease import lease_device
-from nullcov.model import cross_attention_modules, load_pipeline, resolve_device, select_layers
+from nullcov.model import cross_attention_modules, image_resolution, load_pipeline, resolve_device, select_layers
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
 from nullcov.schedule import build_schedule, make_scheduler
@@ -69,8 +69,14 @@ def selected_linears(collect_features: dict) -> set[str]:
     return linears
 
 
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """Prompt ``index``'s own CPU generator (latents and sampler noise): seeded ``seed + index``."""
+    return torch.Generator("cpu").manual_seed(seed + index)
+
+
 def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
-    return [torch.Generator("cpu").manual_seed(seed + first_index + offset) for offset in range(count)]
+    """The generators of ``count`` consecutive prompts starting at ``first_index``."""
+    return [prompt_generator(seed, first_index + offset) for offset in range(count)]
 
 
 def configure_scheduler(pipe, schedule: dict) -> None:
@@ -142,10 +148,6 @@ def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]
     return [(name, modules[name]) for name in names]
 
 
-def shard_resolution(pipe, config: dict) -> int:
-    return config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int) -> list[range]:
     """The step chunks of a job with ``mem_mb`` of host memory (None: one chunk, every step).
 
@@ -172,7 +174,7 @@ def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | N
 
 
 def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *, on_step=None,
-                  mem_mb: int | None = None, weights: int = 0):
+                  mem_mb: int | None = None, weights: int = 0, capture_class: type = CrossAttentionCapture):
     """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
 
     ``on_step(index, {key: Moments})``, when given, receives each step as soon as its chunk is
@@ -180,11 +182,12 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     each step). ``mem_mb`` (with the model's ``weights`` bytes) is the job's host-memory budget:
     when every step's accumulators do not fit it, the steps are collected in chunks
     (:func:`plan_chunks`), each a replay of the prompt batches with the same seeds, so the
-    results equal an unchunked run.
+    results equal an unchunked run. ``capture_class`` is the hook class (a subclass of
+    :class:`CrossAttentionCapture`; the benchmark passes one that also times what the capture does).
     """
     layers = shard_layers(pipe, schedule, config)
     linears = selected_linears(config["collect_features"])
-    resolution = shard_resolution(pipe, config)
+    resolution = image_resolution(pipe, config["resolution"])
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer
     batch_size = config["batch_size"]
@@ -204,7 +207,7 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     start = time.perf_counter()
     for number, chunk in enumerate(chunks):
         call_steps = list(chunk) if config["collection"] == "noised" else list(range(chunk.stop))
-        with exact_matmul(), torch.inference_mode(), CrossAttentionCapture(
+        with exact_matmul(), torch.inference_mode(), capture_class(
             pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
             config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
         ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
@@ -281,7 +284,7 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
                     "truncated": truncated, "prompts": prompts},
         "shard": shard,
         "layers": layer_names,
-        "run": {"device": device, "batch_size": config["batch_size"], "resolution": shard_resolution(pipe, config),
+        "run": {"device": device, "batch_size": config["batch_size"], "resolution": image_resolution(pipe, config["resolution"]),
                 "scheduler": schedule["scheduler"]["class"]},
         "packages": package_versions(),
     }

@@ -93,6 +93,12 @@ def load_pipeline(model_dir: str | Path, dtype: str, device: str):
     return pipe
 
 
+def image_resolution(pipe, configured: int | None) -> int:
+    """Image side in pixels: ``configured`` (config key ``resolution``), or the model's native size
+    (``unet.config.sample_size x vae_scale_factor``) when it is None."""
+    return configured or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def cross_attention_modules(unet) -> list[tuple[str, object]]:
     """Every cross-attention module of the UNet (``is_cross_attention``), in module order."""
     return [(name, module) for name, module in unet.named_modules() if getattr(module, "is_cross_attention", False)]

@@ -1,8 +1,8 @@
 """Figures and tables of the report: spectra, null-space dimensions, attention maps, leakage, run summary.
 
 Every figure is a plain PNG (matplotlib, Agg backend) that the Snakemake report also embeds.
-Importing this module is cheap (no torch, no matplotlib: both are imported where used), so the
-Snakefile uses its selection helpers at parse time.
+Importing this module is cheap (no torch, no matplotlib: both are imported where used). The
+parse-time selections of steps and prompts live in nullcov.config.
 """
 
 from __future__ import annotations
@@ -23,30 +23,6 @@ TEXT_LABEL = "text (to_k/to_v)"
 _LAYER = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _BLOCK_SHORT = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
-
-
-# -- selections (parse time) ------------------------------------------------------------------
-def select_steps(num_steps: int, selection) -> list[int]:
-    """Step indices: a count spread evenly over the schedule (first and last included) or a list."""
-    if isinstance(selection, int) and not isinstance(selection, bool):
-        count = min(selection, num_steps)
-        return sorted({int(round(i)) for i in np.linspace(0, num_steps - 1, count)})
-    indices = [int(index) for index in selection]
-    bad = [index for index in indices if not 0 <= index < num_steps]
-    if bad:
-        raise ValueError(f"report_steps: step indices {bad} are out of range; the schedule has {num_steps} steps")
-    return sorted(set(indices))
-
-
-def select_prompts(num_prompts: int, selection) -> list[int]:
-    """Prompt indices (0-based, in the prompt file): the first ``selection`` prompts, or a list."""
-    if isinstance(selection, int) and not isinstance(selection, bool):
-        return list(range(min(selection, num_prompts)))
-    indices = [int(index) for index in selection]
-    bad = [index for index in indices if not 0 <= index < num_prompts]
-    if bad:
-        raise ValueError(f"attention_prompts: prompt indices {bad} are out of range; there are {num_prompts} prompts")
-    return list(dict.fromkeys(indices))
 
 
 def short_layer(name: str) -> str:
@@ -276,7 +252,7 @@ def attention_figure(path, panels: list[tuple[str, np.ndarray]], tokens: list[st
     label_band = 14  # pixels under each row for the shares
     pitch_x, pitch_y = cell + gap, cell + gap + label_band
     canvas = np.ones((rows * pitch_y, columns * pitch_x - gap, 3))
-    for row, (layer, maps) in enumerate(panels):
+    for row, (_layer, maps) in enumerate(panels):
         top = row * pitch_y
         if image is not None:
             canvas[top : top + cell, 0:cell] = _resize_nearest(np.clip(np.asarray(image, dtype=float), 0, 1), cell)

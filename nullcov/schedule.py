@@ -1,9 +1,10 @@
 """Timestep schedules: which UNet calls are collected, and what each one is called.
 
 A sampler name is a real diffusers scheduler class plus options (diffusers' own A1111 mapping),
-built with ``from_config`` on the model's scheduler config. ``null`` (uniform) and
-``early_timestep`` are explicit timestep lists driven by first-order DPM-Solver++ (equivalent
-to DDIM), which accepts custom ``timesteps``.
+built with ``from_config`` on the model's scheduler config. ``null`` (uniform; also spelt
+``uniform`` or the string ``"null"``, see :func:`canonical_strategy`) and ``early_timestep``
+are explicit timestep lists driven by first-order DPM-Solver++ (equivalent to DDIM), which
+accepts custom ``timesteps``.
 
 Importing this module is cheap (no torch/diffusers); :func:`build_schedule` imports diffusers.
 """
@@ -41,6 +42,9 @@ TIMESTEP_LIST_SCHEDULER: tuple[str, dict] = (
 )
 TIMESTEP_LIST_STRATEGIES = (None, "early_timestep")
 STRATEGIES: tuple = (*TIMESTEP_LIST_STRATEGIES, *SAMPLERS)
+# Spellings of the uniform strategy (canonical form: None). "null" is what `--config
+# sampler_strategy=null` passes; the other null words come from nullcov.config.NULL_WORDS.
+UNIFORM_NAMES = ("uniform",)
 
 # Bump when the schedule JSON layout or the mapping above changes: invalidates parse-time caches.
 SCHEDULE_FORMAT = 1
@@ -54,9 +58,22 @@ class ScheduleError(ValueError):
     """An invalid strategy, step count or scheduler config."""
 
 
+def canonical_strategy(strategy):
+    """The strategy as the functions below compare it: None for every spelling of uniform.
+
+    ``None``, ``"uniform"`` and the null words (``"null"``, ...) all mean the uniform strategy;
+    any other value is returned unchanged (and :func:`check_strategy` judges it).
+    """
+    from nullcov.config import NULL_WORDS
+
+    if isinstance(strategy, str) and (strategy.strip() in UNIFORM_NAMES or strategy.strip() in NULL_WORDS):
+        return None
+    return strategy
+
+
 def check_strategy(strategy) -> None:
-    if strategy not in STRATEGIES:
-        valid = ", ".join("null" if s is None else repr(s) for s in STRATEGIES)
+    if canonical_strategy(strategy) not in STRATEGIES:
+        valid = ", ".join("null (or 'uniform')" if s is None else repr(s) for s in STRATEGIES)
         raise ScheduleError(f"sampler_strategy {strategy!r} is not known; valid values: {valid}")
 
 
@@ -64,6 +81,7 @@ def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[in
     """The explicit timestep list of ``null`` (uniform) or ``early_timestep`` (the noisiest)."""
     import numpy as np
 
+    strategy = canonical_strategy(strategy)
     if num_steps <= 0:
         raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}")
     last = num_train_timesteps - 1
@@ -78,7 +96,7 @@ def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[in
 
 def step_name(strategy, index: int, timestep: float) -> str:
     """``timestep_{t:04d}`` for the uniform strategy, else ``alpha_{index:02d}_{round(t):04d}``."""
-    if strategy is None:
+    if canonical_strategy(strategy) is None:
         return f"timestep_{int(round(timestep)):04d}"
     return f"alpha_{index:02d}_{int(round(timestep)):04d}"
 
@@ -86,6 +104,7 @@ def step_name(strategy, index: int, timestep: float) -> str:
 def scheduler_choice(strategy) -> tuple[str, dict]:
     """The diffusers scheduler class name and ``from_config`` options used for a strategy."""
     check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
     if strategy in TIMESTEP_LIST_STRATEGIES:
         return TIMESTEP_LIST_SCHEDULER
     return SAMPLERS[strategy]
@@ -93,6 +112,7 @@ def scheduler_choice(strategy) -> tuple[str, dict]:
 
 def set_timesteps_arguments(strategy, num_steps: int, num_train_timesteps: int) -> dict:
     """Keyword arguments for both ``scheduler.set_timesteps`` and the pipeline call."""
+    strategy = canonical_strategy(strategy)
     if strategy in TIMESTEP_LIST_STRATEGIES:
         return {"timesteps": timestep_list(strategy, num_steps, num_train_timesteps)}
     if num_steps <= 0:
@@ -108,6 +128,22 @@ def make_scheduler(scheduler_config: dict, strategy):
     return getattr(diffusers, class_name).from_config(scheduler_config, **options)
 
 
+def check_step_limit(scheduler, strategy, num_steps: int) -> None:
+    """Refuse more steps than a distilled sampler's schedule holds (LCM: ``original_inference_steps``).
+
+    LCM picks its timesteps from a grid of ``original_inference_steps`` points, so it cannot
+    take more steps than that; diffusers would fail inside ``set_timesteps`` with a traceback.
+    """
+    limit = getattr(scheduler.config, "original_inference_steps", None)
+    if canonical_strategy(strategy) in TIMESTEP_LIST_STRATEGIES or limit is None or num_steps <= int(limit):
+        return
+    raise ScheduleError(
+        f"sampler_strategy {strategy!r} allows at most {int(limit)} num_denoising_steps (its scheduler's "
+        f"original_inference_steps is {int(limit)}), got num_denoising_steps {num_steps}: set "
+        f"num_denoising_steps to {int(limit)} or fewer, or pick another sampler_strategy"
+    )
+
+
 def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
     """Run the real scheduler and describe every UNet call of the trajectory.
 
@@ -118,11 +154,18 @@ def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
     import numpy as np
 
     check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
     class_name, options = scheduler_choice(strategy)
     scheduler = make_scheduler(scheduler_config, strategy)
     num_train = int(scheduler.config.num_train_timesteps)
     arguments = set_timesteps_arguments(strategy, num_steps, num_train)
-    scheduler.set_timesteps(**arguments)
+    check_step_limit(scheduler, strategy, num_steps)
+    try:
+        scheduler.set_timesteps(**arguments)
+    except ValueError as err:  # any other limit of a diffusers scheduler: name the keys at fault
+        raise ScheduleError(
+            f"sampler_strategy {strategy!r} with num_denoising_steps {num_steps} is refused by {class_name}: {err}"
+        ) from err
     timesteps = [float(t) for t in scheduler.timesteps.double().tolist()]
     alphas_cumprod = scheduler.alphas_cumprod.double().numpy()
     steps = []
@@ -173,6 +216,7 @@ def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir:
     config, strategy, step count, diffusers version and :data:`SCHEDULE_FORMAT`.
     """
     check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"schedule-{_cache_key(scheduler_config, strategy, num_steps)}.json"
     if path.exists():

@@ -175,16 +175,27 @@ def _row(key, dim, threshold, configured, null_dim, draw, training, validation, 
     }
 
 
-def leakage_job(names: list[str], covariance_dir, projection_dir, validation_dir, output_path, schedule: dict,
-                statistic: str, thresholds: list[float], updates: int, seed: int) -> list[dict]:
-    """Leakage table of the steps ``names`` (``text`` for the text inputs), written as TSV."""
+def leakage_job(names: list[str], covariance_paths: list, projection_paths: list, validation_dir, output_path,
+                schedule: dict, statistic: str, thresholds: list[float], updates: int, seed: int) -> list[dict]:
+    """Leakage table of the steps ``names`` (``text`` for the text inputs), written as TSV.
+
+    ``covariance_paths`` and ``projection_paths`` are the merged moments and projections of
+    ``names``, in the same order (the rule's inputs); the validation features are read from
+    ``validation_dir``/{name}.h5.
+    """
+    if not len(names) == len(covariance_paths) == len(projection_paths):
+        raise ValueError(f"leakage of {len(names)} steps needs as many covariance and projection files, got "
+                         f"{len(covariance_paths)} and {len(projection_paths)}")
     timesteps = {step["name"]: step["timestep"] for step in schedule["steps"]}
     thresholds = sorted(float(t) for t in thresholds)
     rows = []
-    for name in names:
-        training, _ = read_moments(Path(covariance_dir) / f"{name}.h5", "covariance")
+    for name, covariance_path, projection_path in zip(names, covariance_paths, projection_paths):
+        for path in (covariance_path, projection_path):
+            if Path(path).stem != name:
+                raise ValueError(f"leakage of step {name}: input {path} belongs to another step")
+        training, _ = read_moments(covariance_path, "covariance")
         validation, _ = read_moments(Path(validation_dir) / f"{name}.h5", "features")
-        spaces, _ = read_projections(Path(projection_dir) / f"{name}.h5")
+        spaces, _ = read_projections(projection_path)
         if sorted(training) != sorted(validation) or sorted(training) != sorted(spaces):
             raise ValueError(f"{name}: training, validation and projection files hold different layers: "
                              f"{sorted(training)} / {sorted(validation)} / {sorted(spaces)}")

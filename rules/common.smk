@@ -7,6 +7,9 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workflow
 
+import yaml
+
+from nullcov import config as nc_config
 from nullcov import gpu_lease as nc_gpu_lease
 from nullcov import model as nc_model
 from nullcov import plan as nc_plan
@@ -14,8 +17,12 @@ from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
 from nullcov.provenance import feature_config
 
-
+# `--config key=null` passes the string "null": it means None for every key that admits null.
+with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
+    nc_config.normalise_nulls(config, yaml.safe_load(schema_file))
 validate(config, "../config/schema.yaml", set_default=True)
+# One spelling of the uniform strategy (None) from here on: provenance compares it.
+config["sampler_strategy"] = nc_schedule.canonical_strategy(config["sampler_strategy"])
 
 if not any(config["collect_features"].values()):
     raise WorkflowError("config key 'collect_features': q, k, v and out are all false; nothing to collect")
@@ -59,9 +66,7 @@ try:
         nc_plan.unet_config(config["model"], MODEL_DIR),
         cache_dir="resources/cache/dims",
     )
-    LAYERS = nc_model.select_layers(
-        list(UNET_DIMS["layers"]), config["cross_attention_layers"]
-    )
+    LAYERS = nc_model.select_layers(list(UNET_DIMS["layers"]), config["cross_attention_layers"])
 except (ValueError, nc_model.ModelError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 STEP_DIMS = nc_plan.step_dims(UNET_DIMS, LAYERS, config["collect_features"])
@@ -82,9 +87,11 @@ wildcard_constraints:
 
 def final_outputs():
     """The deliverables: merged moments (interpolating trainers need them) and projections."""
-    return ["results/schedule.json"] + [
-        f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES
-    ] + report_outputs()
+    return (
+        ["results/schedule.json"]
+        + [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
+        + report_outputs()
+    )
 
 
 def model_input(wildcards):
@@ -135,7 +142,6 @@ def feature_job_minutes(wildcards, attempt):
 
 
 # -- Report and validation (rules/report.smk, rules/validation.smk) -----------------------------
-from nullcov import report as nc_report
 from nullcov import validation as nc_validation
 
 try:
@@ -151,8 +157,8 @@ try:
         if VALIDATION_FILE is not None
         else []
     )
-    REPORT_STEPS = nc_report.select_steps(len(STEP_NAMES), config["report_steps"])  # indices into STEP_NAMES
-    ATTENTION_PROMPTS = nc_report.select_prompts(len(PROMPTS), config["attention_prompts"])
+    REPORT_STEPS = nc_config.select_steps(len(STEP_NAMES), config["report_steps"])  # indices into STEP_NAMES
+    ATTENTION_PROMPTS = nc_config.select_prompts(len(PROMPTS), config["attention_prompts"])
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 

@@ -11,6 +11,17 @@ rule features:
         model=model_input,
     output:
         directory("results/features/shard_{shard}"),
+    log:
+        "logs/features/shard_{shard}.log",
+    benchmark:
+        "benchmarks/features/shard_{shard}.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=feature_job_mem_mb,
+        runtime=feature_job_minutes,
     params:
         file_names=SHARD_FILE_NAMES,
         prompts=shard_prompts,
@@ -20,16 +31,5 @@ rule features:
         model_dir=str(MODEL_DIR),
         # Only the keys that change the statistics: editing batch_size or device reruns nothing.
         config=feature_config(config),
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=feature_job_mem_mb,
-        runtime=feature_job_minutes,
-    log:
-        "logs/features/shard_{shard}.log",
-    benchmark:
-        "benchmarks/features/shard_{shard}.tsv"
-    conda:
-        "../envs/nullcov.yaml"
     script:
         "../scripts/features.py"

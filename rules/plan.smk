@@ -1,17 +1,17 @@
 rule plan:
+    output:
+        "results/plan.txt",
+    log:
+        "logs/plan.log",
     """The run plan for the current config and model, before any GPU work: jobs per rule,
     bytes of scratch / merged moments / projections, memory per job, GPU-hours.
 
     `snakemake plan` prints it and writes results/plan.txt; reads configs only (no weights).
     """
     localrule: True
-    output:
-        "results/plan.txt",
-    params:
-        plan=run_plan(),
-    log:
-        "logs/plan.log",
     conda:
         "../envs/nullcov.yaml"
+    params:
+        plan=run_plan(),
     script:
         "../scripts/plan.py"

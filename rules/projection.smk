@@ -4,18 +4,18 @@ rule projection:
         "results/covariance/{name}.h5",
     output:
         "results/projections/{name}.h5",
-    params:
-        statistic=config["statistic"],
-        nullspace_threshold=config["nullspace_threshold"],
-        threshold_percent=config["threshold_percent"],
-    resources:
-        mem_mb=projection_mem_mb,
     log:
         "logs/projections/{name}.log",
     benchmark:
         "benchmarks/projections/{name}.tsv"
     conda:
         "../envs/nullcov.yaml"
+    resources:
+        mem_mb=projection_mem_mb,
+    params:
+        statistic=config["statistic"],
+        nullspace_threshold=config["nullspace_threshold"],
+        threshold_percent=config["threshold_percent"],
     script:
         "../scripts/projection.py"
 

@@ -26,14 +26,14 @@ rule report_figures:
             )
             for kind, path in REPORT_FIGURES.items()
         ],
-    params:
-        figures=REPORT_FIGURES,
-        step_names=STEP_NAMES if COLLECT_STEPS else [],
-        report_steps=REPORT_STEPS,
     log:
         "logs/report/figures.log",
     conda:
         "../envs/nullcov.yaml"
+    params:
+        figures=REPORT_FIGURES,
+        step_names=STEP_NAMES if COLLECT_STEPS else [],
+        report_steps=REPORT_STEPS,
     script:
         "../scripts/report_figures.py"
 
@@ -54,6 +54,16 @@ rule attention_maps:
             )
             for (index, name), path in ATTENTION_FIGURES.items()
         ],
+    log:
+        "logs/report/attention_maps.log",
+    benchmark:
+        "benchmarks/attention_maps/attention_maps.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=model_job_mem_mb,
     params:
         prompts=[PROMPTS[index] for index in ATTENTION_PROMPTS],
         prompt_indices=ATTENTION_PROMPTS,
@@ -62,16 +72,6 @@ rule attention_maps:
         layers=config["attention_layers"],
         model_dir=str(MODEL_DIR),
         config=feature_config(config),
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=model_job_mem_mb,
-    log:
-        "logs/report/attention_maps.log",
-    benchmark:
-        "benchmarks/attention_maps/attention_maps.tsv"
-    conda:
-        "../envs/nullcov.yaml"
     script:
         "../scripts/attention_maps.py"
 
@@ -79,8 +79,10 @@ rule attention_maps:
 rule run_summary:
     """Model, prompts, shards, schedule, statistic, threshold, wall times and disk use of the run."""
     input:
-        summary_inputs,
-    localrule: True
+        schedule="results/schedule.json",
+        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
+        first_shard="results/features/shard_0000",  # its provenance describes the run
+        everything=summary_inputs,  # the summary runs after every other job of the run
     output:
         html=report(
             "results/report/summary.html",
@@ -89,6 +91,11 @@ rule run_summary:
             labels={"table": "run summary"},
         ),
         tsv="results/report/summary.tsv",
+    log:
+        "logs/report/summary.log",
+    localrule: True
+    conda:
+        "../envs/nullcov.yaml"
     params:
         benchmarks=summary_benchmarks,
         folders=summary_folders,
@@ -97,11 +104,6 @@ rule run_summary:
         num_shards=len(SHARD_IDS),
         num_validation=len(VALIDATION_PROMPTS),
         validation_file=str(VALIDATION_FILE),
-        spectra=[f"results/projections/{name}.h5" for name in SHARD_FILE_NAMES],
-        shard_file=f"results/features/shard_0000/{SHARD_FILE_NAMES[0]}.h5",
-    log:
-        "logs/report/summary.log",
-    conda:
-        "../envs/nullcov.yaml"
+        shard_file_name=f"{SHARD_FILE_NAMES[0]}.h5",
     script:
         "../scripts/run_summary.py"

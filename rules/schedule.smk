@@ -5,9 +5,13 @@ rule schedule:
     """
     input:
         model=model_input,
-    localrule: True
     output:
         "results/schedule.json",
+    log:
+        "logs/schedule.log",
+    localrule: True
+    conda:
+        "../envs/nullcov.yaml"
     params:
         scheduler_config=SCHEDULER_CONFIG,
         strategy=config["sampler_strategy"],
@@ -15,9 +19,5 @@ rule schedule:
         model=config["model"],
         model_dir=str(MODEL_DIR),
         layers=config["cross_attention_layers"],
-    log:
-        "logs/schedule.log",
-    conda:
-        "../envs/nullcov.yaml"
     script:
         "../scripts/schedule.py"

@@ -13,6 +13,17 @@ rule validation_inputs:
         model=model_input,
     output:
         directory("results/validation/features"),
+    log:
+        "logs/validation/features.log",
+    benchmark:
+        "benchmarks/validation_inputs/validation.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=feature_job_mem_mb,
+        runtime=lambda wildcards, attempt: attempt * (15 + len(VALIDATION_PROMPTS) * len(STEP_NAMES) // 300),
     params:
         file_names=SHARD_FILE_NAMES,
         prompts=VALIDATION_PROMPTS,
@@ -21,17 +32,6 @@ rule validation_inputs:
         model=config["model"],
         model_dir=str(MODEL_DIR),
         config=feature_config(config),
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=feature_job_mem_mb,
-        runtime=lambda wildcards, attempt: attempt * (15 + len(VALIDATION_PROMPTS) * len(STEP_NAMES) // 300),
-    log:
-        "logs/validation/features.log",
-    benchmark:
-        "benchmarks/validation_inputs/validation.tsv"
-    conda:
-        "../envs/nullcov.yaml"
     script:
         "../scripts/features.py"
 
@@ -48,20 +48,20 @@ rule leakage:
         schedule="results/schedule.json",
     output:
         "results/validation/leakage/part_{part}.tsv",
+    log:
+        "logs/validation/leakage_{part}.log",
+    benchmark:
+        "benchmarks/leakage/part_{part}.tsv"
+    wildcard_constraints:
+        part=r"\d{3}",
+    conda:
+        "../envs/nullcov.yaml"
     params:
         names=lambda wildcards: LEAKAGE_PARTS[int(wildcards.part)],
         statistic=config["statistic"],
         thresholds=config["validation_thresholds"],
         updates=config["validation_updates"],
         seed=config["seed"],
-    wildcard_constraints:
-        part=r"\d{3}",
-    log:
-        "logs/validation/leakage_{part}.log",
-    benchmark:
-        "benchmarks/leakage/part_{part}.tsv"
-    conda:
-        "../envs/nullcov.yaml"
     script:
         "../scripts/leakage.py"
 

@@ -11,8 +11,8 @@ from nullcov.validation import leakage_job
 with logging_to(snakemake.log[0]):
     leakage_job(
         names=list(snakemake.params.names),
-        covariance_dir="results/covariance",
-        projection_dir="results/projections",
+        covariance_paths=list(snakemake.input.covariance),
+        projection_paths=list(snakemake.input.projections),
         validation_dir=snakemake.input.validation,
         output_path=snakemake.output[0],
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),

@@ -13,14 +13,15 @@ with logging_to(snakemake.log[0]):
     report.keep_matplotlib_cache_in_workdir()
     figures = dict(snakemake.params.figures)
     steps = {step["name"]: step for step in json.loads(Path(snakemake.input.schedule).read_text())["steps"]}
+    projections = {Path(path).stem: path for path in snakemake.input.projections}  # step name (or text) -> file
     names = list(snakemake.params.step_names)
-    spectra = {name: report.read_spectra(f"results/projections/{name}.h5") for name in names}
+    spectra = {name: report.read_spectra(projections[name]) for name in names}
     shown = [names[index] for index in snakemake.params.report_steps] if names else []
     for kind, path in figures.items():
         if kind in ("spectra_to_q", "spectra_to_out"):
             report.spectra_figure(path, kind.removeprefix("spectra_"), [steps[n] for n in shown],
                                   [spectra[n] for n in shown])
-    text = report.read_spectra("results/projections/text.h5")[TEXT_KEY] if "spectra_text" in figures else None
+    text = report.read_spectra(projections["text"])[TEXT_KEY] if "spectra_text" in figures else None
     if text is not None:
         report.text_spectrum_figure(figures["spectra_text"], text)
     if "null_dim" in figures:

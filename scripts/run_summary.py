@@ -9,9 +9,9 @@ from nullcov import report
 from nullcov.jobs import logging_to
 
 with logging_to(snakemake.log[0]):
-    schedule = json.loads(Path("results/schedule.json").read_text())
-    provenance = report.read_provenance(snakemake.params.shard_file)
-    spectra = {path: report.read_spectra(path) for path in snakemake.params.spectra}
+    schedule = json.loads(Path(snakemake.input.schedule).read_text())
+    provenance = report.read_provenance(Path(snakemake.input.first_shard) / snakemake.params.shard_file_name)
+    spectra = {path: report.read_spectra(path) for path in snakemake.input.projections}
     rows = report.summary_rows(
         config=dict(snakemake.config),
         schedule=schedule,

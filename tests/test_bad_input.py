@@ -149,3 +149,8 @@ def test_duplicate_prompts_are_counted_and_kept_or_dropped(tmp_path, policy, sha
     result = snakemake(tmp_path, "--dry-run", check=False)
     assert "2 repeated prompt line(s) (1 distinct prompts), e.g. 'a cat' x3" in result.stdout + result.stderr
     assert sum(rule == "features" for rule, _ in planned_jobs(tmp_path)) == shards
+
+
+def test_lcm_with_more_steps_than_it_allows_names_the_limit(tmp_path, demo_prompts):
+    write_config(tmp_path, demo_prompts[:2], sampler_strategy="LCM", num_denoising_steps=51)
+    _refused(tmp_path, "sampler_strategy 'LCM' allows at most 50 num_denoising_steps", "got num_denoising_steps 51")

@@ -1,11 +1,18 @@
 """The benchmark: SD-1.5 shapes, the real feature path, scratch accounting, a quick end-to-end run."""
 
 import json
+import sys
 
 import pytest
 
-from nullcov import benchmark, features
+from nullcov import features
+from nullcov.capture import CrossAttentionCapture
 from nullcov.model import cross_attention_modules
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import benchmark  # tools/benchmark.py: a developer tool, not in the package
 
 
 def test_sd15_architecture_has_sd15_shapes(tiny_model_dir):
@@ -38,17 +45,33 @@ def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeyp
 
     monkeypatch.setattr(features, "collect_shard", spy)
     case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=3, batch_size=2)
-    config = benchmark.feature_config(case)
+    config = benchmark.case_config(case)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     timings = {}
+    results = CrossAttentionCapture.results
     steps, text = benchmark.run_ours(tiny_pipe, demo_prompts[:3], schedule, config, timings)[:2]
     assert len(calls) == 1 and calls[0][2] == 0 and calls[0][3] is schedule
     assert len(steps) == 2 and text.count == 3 * 77 and timings["results_s"] >= 0
+    assert timings["steps"] == 2 and timings["device_steps"] == 2  # the recording capture's placement (CPU)
+    assert CrossAttentionCapture.results is results  # recorded by a subclass: nothing patched globally
+
+
+def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):
+    import yaml
+
+    from nullcov.config import schema_defaults
+
+    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=3, batch_size=2)
+    config = benchmark.case_config(case)
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    assert set(config) == set(schema["properties"])  # every key, no key of its own
+    assert config["num_denoising_steps"] == 2 and config["batch_size"] == 2 and config["device"] == "cpu"
+    assert config["seed"] == schema_defaults(schema)["seed"] == schema["properties"]["seed"]["default"]
 
 
 def test_our_scratch_is_per_step_and_independent_of_prompt_count(tiny_pipe, demo_prompts, tmp_path):
     case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=1, batch_size=2)
-    config = benchmark.feature_config(case)
+    config = benchmark.case_config(case)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     sizes = []
     for count in (1, 4):
@@ -61,7 +84,7 @@ def test_our_scratch_is_per_step_and_independent_of_prompt_count(tiny_pipe, demo
 
 def test_legacy_baseline_dumps_raw_inputs_and_streams_them_back(tiny_pipe, demo_prompts, tmp_path):
     case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=3, prompts=2, batch_size=1)
-    config = benchmark.feature_config(case, batch_size=1)
+    config = benchmark.case_config(case, batch_size=1)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     subset = dict(schedule, steps=schedule["steps"][:2])
     legacy = benchmark.run_legacy(tiny_pipe, demo_prompts[:2], subset, config, tmp_path / "legacy")

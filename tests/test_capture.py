@@ -8,7 +8,6 @@ from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, tex
 from nullcov.features import collect_shard, configure_scheduler
 from nullcov.model import cross_attention_modules
 from nullcov.schedule import build_schedule
-from nullcov.store import TEXT_KEY
 
 from conftest import base_config
 
@@ -113,6 +112,23 @@ def test_results_do_not_depend_on_batch_size_or_sharding(tiny_pipe, demo_prompts
     _assert_same(whole, summed)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"collection": "noised"},
+        {"sampler_strategy": "DPM++ 3M SDE Karras"},  # draws fresh noise at every step
+        {"sampler_strategy": "LCM"},  # re-noises after every step
+        {"sampler_strategy": "PNDM"},  # N + 1 UNet calls
+    ],
+    ids=["noised", "dpm3m-sde-karras", "lcm", "pndm"],
+)
+def test_noised_and_stochastic_samplers_do_not_depend_on_batch_size(tiny_pipe, demo_prompts, overrides):
+    prompts = demo_prompts[:2]
+    together = _collect(tiny_pipe, prompts, 0, batch_size=2, num_denoising_steps=3, **overrides)
+    one_by_one = _collect(tiny_pipe, prompts, 0, batch_size=1, num_denoising_steps=3, **overrides)
+    _assert_same(together, one_by_one)
+
+
 def test_seeds_are_per_prompt(tiny_pipe, demo_prompts):
     """The same prompt at another index (seed + i) gives other statistics."""
     a = _collect(tiny_pipe, demo_prompts[:1], 0)
@@ -149,8 +165,24 @@ def test_noised_collection_is_one_conditional_call_per_step(tiny_pipe, demo_prom
 
 
 def test_guidance_off_collects_the_plain_batch(tiny_pipe, demo_prompts):
-    steps, text = _collect(tiny_pipe, demo_prompts[:2], 0, guidance_scale=1.0)
+    """CFG off: the UNet sees B rows per call (not 2B), and every row of them is collected."""
+    config = base_config(guidance_scale=1.0, batch_size=2)
+    schedule = _schedule(tiny_pipe, config)
+    raw = RawInputs(tiny_pipe.unet)
+    try:
+        steps, text = collect_shard(tiny_pipe, demo_prompts[:2], 0, schedule, config)[:2]
+    finally:
+        raw.close()
+    assert len(raw.calls) == len(schedule["steps"])
+    assert all(call["states"].shape[0] == 2 for call in raw.calls)  # with CFG on: 4 (uncond + cond)
+    for step_index, call in enumerate(raw.calls):
+        for key, moments in steps[step_index].items():
+            rows = call[key].reshape(-1, call[key].shape[-1]).numpy()  # the whole batch, no half dropped
+            assert moments.count == rows.shape[0]
+            assert_close_to_float64(moments.sum_outer, rows.T @ rows)
+    states = raw.calls[0]["states"].reshape(-1, raw.calls[0]["states"].shape[-1]).numpy()
     assert text.count == 2 * 77
+    assert_close_to_float64(text.sum_outer, states.T @ states)
 
 
 def test_layer_and_feature_selection(tiny_pipe, demo_prompts):

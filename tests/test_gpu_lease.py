@@ -53,7 +53,7 @@ class Holders:
         assert self.processes[label].exitcode == 0
 
     def stop(self):
-        for label, process in self.processes.items():
+        for label in self.processes:
             self.release[label].set()
         for process in self.processes.values():
             process.join(30)

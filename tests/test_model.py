@@ -1,6 +1,5 @@
 """Locating models: local folders, hub ids from the local HF cache (offline), layer names."""
 
-import os
 import shutil
 
 import pytest

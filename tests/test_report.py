@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from nullcov import report
+from nullcov.config import select_prompts, select_steps
 from nullcov.store import TEXT_KEY, read_projections
 
 from conftest import REPO, planned_jobs, snakemake, write_config
@@ -65,16 +66,18 @@ def _is_png(path):
 
 # -- selections (parse time) ---------------------------------------------------------------------
 def test_step_selection_spreads_over_the_schedule():
-    assert report.select_steps(10, 3) == [0, 4, 9] or report.select_steps(10, 3) == [0, 5, 9]
-    assert report.select_steps(10, 1) == [0]
-    assert report.select_steps(2, 5) == [0, 1]
-    assert report.select_steps(10, [7, 2, 7]) == [2, 7]
+    spread = select_steps(10, 3)
+    # first and last step, and one step within half a step of the middle (4.5)
+    assert len(spread) == 3 and spread[0] == 0 and spread[-1] == 9 and abs(spread[1] - 4.5) <= 0.5
+    assert select_steps(10, 1) == [0]
+    assert select_steps(2, 5) == [0, 1]
+    assert select_steps(10, [7, 2, 7]) == [2, 7]
     with pytest.raises(ValueError, match=r"report_steps: step indices \[10\]"):
-        report.select_steps(10, [10])
-    assert report.select_prompts(48, 2) == [0, 1] and report.select_prompts(1, 2) == [0]
-    assert report.select_prompts(48, 0) == [] and report.select_prompts(48, [5, 3, 5]) == [5, 3]
+        select_steps(10, [10])
+    assert select_prompts(48, 2) == [0, 1] and select_prompts(1, 2) == [0]
+    assert select_prompts(48, 0) == [] and select_prompts(48, [5, 3, 5]) == [5, 3]
     with pytest.raises(ValueError, match="attention_prompts"):
-        report.select_prompts(4, [4])
+        select_prompts(4, [4])
 
 
 def test_layer_labels_follow_the_unet():
@@ -169,7 +172,7 @@ def test_attention_maps_come_from_the_same_trajectory_and_seeds(finished, demo_p
     config = yaml.safe_load((finished / "config.yaml").read_text())
     found = collect_attention_maps(pipe, [demo_prompts[1]], [1], schedule, config, [names[0], names[6]], [0, 2])
     assert stored["tokens"][1] == found["tokens"][0] and stored["tokens"][1][0] == "<bos>"
-    assert sorted(stored["maps"]) == sorted((1, steps[s]["name"], names[l]) for s in (0, 2) for l in (0, 6))
+    assert sorted(stored["maps"]) == sorted((1, steps[s]["name"], names[layer]) for s in (0, 2) for layer in (0, 6))
     for step in (0, 2):
         for layer in (names[0], names[6]):
             np.testing.assert_allclose(stored["maps"][(1, steps[step]["name"], layer)], found["maps"][(0, step, layer)],

@@ -97,3 +97,18 @@ def test_cache_returns_the_built_schedule_and_is_reused(tmp_path, monkeypatch):
     assert nc_schedule.cached_schedule(TINY_SCHEDULER_CONFIG, "Euler", 6, tmp_path) == first
     with pytest.raises(AssertionError, match="cache was not used"):
         nc_schedule.cached_schedule(TINY_SCHEDULER_CONFIG, "Euler", 7, tmp_path)
+
+
+@pytest.mark.parametrize("spelling", ["uniform", "null", "None", None])
+def test_every_spelling_of_the_uniform_strategy_builds_the_uniform_schedule(spelling):
+    built = nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, spelling, 5)
+    assert built["strategy"] is None
+    assert [int(s["timestep"]) for s in built["steps"]] == [int(t) for t in np.linspace(999, 0, 5)]
+    assert [s["name"] for s in built["steps"]][0] == "timestep_0999"
+
+
+def test_lcm_step_limit_is_its_original_inference_steps():
+    limit = diffusers.LCMScheduler.from_config(TINY_SCHEDULER_CONFIG).config.original_inference_steps
+    assert len(nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, "LCM", limit)["steps"]) == limit
+    with pytest.raises(nc_schedule.ScheduleError, match=rf"'LCM' allows at most {limit} num_denoising_steps"):
+        nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, "LCM", limit + 1)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_report import RUN, VALIDATION_PROMPTS, report_run
 
 from nullcov.features import COLLECTIONS, configure_scheduler
 from nullcov.model import cross_attention_modules, load_pipeline
@@ -12,11 +13,14 @@ from nullcov.projection import null_space
 from nullcov.statistics import Moments
 from nullcov.store import read_moments, read_projections
 from nullcov.validation import (
-    ValidationConfigError, leakage_of_key, random_update, read_table, read_validation_prompts,
+    ValidationConfigError,
+    leakage_of_key,
+    random_update,
+    read_table,
+    read_validation_prompts,
 )
 
 from conftest import planned_jobs, snakemake, write_config
-from test_report import RUN, VALIDATION_PROMPTS, report_run
 
 
 def _rows(seed, n, d=10, shift=0.0):

@@ -4,12 +4,15 @@ import json
 import shutil
 import time
 
+import diffusers
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from nullcov.bank import ProjectionBank
 from nullcov.store import TEXT_KEY, read_moments, read_projections
+from nullcov.tiny_model import TINY_SCHEDULER_CONFIG
 
 from conftest import planned_jobs, snakemake, write_config
 
@@ -43,7 +46,10 @@ def _step_names(workdir):
 
 def test_outputs_follow_the_layout_with_provenance(finished, demo_prompts):
     names = _step_names(finished)
-    assert names == [f"alpha_{i:02d}_{t:04d}" for i, t in enumerate([999, 815, 327])] or len(names) == 3
+    # Independent of nullcov.schedule: diffusers' own DPM++ 2M Karras on the tiny model's scheduler.
+    reference = diffusers.DPMSolverMultistepScheduler.from_config(TINY_SCHEDULER_CONFIG, use_karras_sigmas=True)
+    reference.set_timesteps(num_inference_steps=3)
+    assert names == [f"alpha_{i:02d}_{int(t):04d}" for i, t in enumerate(reference.timesteps)]
     results = finished / "results"
     for shard in ("0000", "0001", "0002"):
         assert sorted(p.name for p in (results / "features" / f"shard_{shard}").glob("*.h5")) == sorted(
@@ -188,6 +194,30 @@ def test_projection_bank(finished):
         bank.get(layer, "to_x", 10)
 
 
+def test_projection_bank_interpolation_equals_a_brute_force_mix(finished):
+    """interpolate = null space of (1 - w) S_low + w S_high, S = sum_outer / count of the merged moments."""
+    bank = ProjectionBank(finished / "results")
+    schedule = json.loads((finished / "results" / "schedule.json").read_text())["steps"]
+    low, high = sorted(schedule[:2], key=lambda step: step["timestep"])  # neighbours of t
+    weight = 0.3
+    timestep = low["timestep"] + weight * (high["timestep"] - low["timestep"])
+    threshold = yaml.safe_load((finished / "config.yaml").read_text())["nullspace_threshold"]
+    moments = {step["name"]: read_moments(finished / "results" / "covariance" / f"{step['name']}.h5", "covariance")[0]
+               for step in (low, high)}
+    null_dims = []
+    for key in moments[low["name"]]:
+        layer, linear = key.rsplit("/", 1)
+        low_moment, high_moment = moments[low["name"]][key], moments[high["name"]][key]
+        mixed = (1 - weight) * low_moment.sum_outer / low_moment.count + weight * high_moment.sum_outer / high_moment.count
+        eigenvalues, eigenvectors = np.linalg.eigh((mixed + mixed.T) / 2)
+        null_basis = eigenvectors[:, eigenvalues < threshold]
+        null_dims.append(null_basis.shape[1])
+        expected = null_basis @ null_basis.T
+        actual = bank.get(layer, linear, timestep, mode="interpolate").double().numpy()
+        np.testing.assert_allclose(actual, expected, atol=1e-5, err_msg=key)
+    assert 0 < max(null_dims)  # at least one non-trivial null space was compared
+
+
 def test_dry_run_of_a_1000_step_schedule_is_fast_once_warm(tmp_path, demo_prompts):
     write_config(tmp_path, demo_prompts, sampler_strategy=None, num_denoising_steps=1000, prompts_per_shard=16)
     snakemake(tmp_path, "--dry-run", "--quiet")  # warms the schedule cache
@@ -197,3 +227,25 @@ def test_dry_run_of_a_1000_step_schedule_is_fast_once_warm(tmp_path, demo_prompt
     assert sum(rule == "projection" for rule, _ in jobs) == 1000
     assert sum(rule == "features" for rule, _ in jobs) == 3
     assert elapsed < 10, f"dry-run took {elapsed:.1f} s"  # measured ~4 s with full output on 2 cores
+
+
+# -- what users type: `--config key=null` means null for every nullable key -----------------------
+def test_null_on_the_command_line_means_uniform_sampler_strategy(tmp_path, demo_prompts):
+    write_config(tmp_path, demo_prompts[:2], sampler_strategy="Euler")  # overridden below
+    # num_denoising_steps=3: uniform = linspace(999, 0, 3) as ints, named timestep_{t:04d}
+    expected = {f"results/projections/{name}.h5" for name in ("timestep_0999", "timestep_0499", "timestep_0000")}
+    for spelling in ("null", "uniform"):
+        planned = {out for rule, out in planned_jobs(tmp_path, "--config", f"sampler_strategy={spelling}")}
+        assert {out for out in planned if out.startswith("results/projections/")} - {
+            "results/projections/text.h5"
+        } == expected, spelling
+
+
+def test_null_on_the_command_line_means_null(tmp_path, demo_prompts):
+    """`--config key=null` plans exactly what `key: null` in the config file plans (not the string)."""
+    nullable = {"resolution": 64, "threshold_percent": 50, "validation_prompts": "config/prompts/validation.txt"}
+    write_config(tmp_path, demo_prompts[:2], **dict.fromkeys(nullable))
+    from_file = planned_jobs(tmp_path)
+    assert not any(rule == "leakage" for rule, _ in from_file)  # validation_prompts: null = no validation
+    write_config(tmp_path, demo_prompts[:2], **nullable)
+    assert sorted(planned_jobs(tmp_path, "--config", *(f"{key}=null" for key in nullable))) == sorted(from_file)

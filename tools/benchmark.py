@@ -1,4 +1,5 @@
-"""``make bench``: the bare sampler, our collection and the legacy tool's method, side by side.
+"""``make bench`` (``python tools/benchmark.py``): the bare sampler, our collection and the legacy
+tool's method, side by side. A developer tool, not part of the installed package.
 
 One invocation on one machine runs, per model size, on the same prompts, scheduler, batch,
 dtype, steps and CFG:
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import logging
 import math
@@ -49,16 +49,18 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("nullcov.benchmark")
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's nullcov, whatever is installed
+
+from nullcov.capture import CrossAttentionCapture  # noqa: E402
+from nullcov.config import schema_defaults  # noqa: E402
+from nullcov.model import image_resolution  # noqa: E402
+from nullcov.report import folder_bytes  # noqa: E402
+
+log = logging.getLogger("nullcov.benchmark")
 LEGACY_FILE_BYTES = 92e6  # the legacy tool's measured .npz per prompt per timestep (SD-1.5, 512x512)
 LEGACY_SECONDS = (5.5, 8.0)  # its measured seconds per prompt per timestep on one GPU
 GPU_MEMORY_TARGET = 20e9
-FALLBACK_PROMPTS = [f"a photo of a {thing}" for thing in (
-    "cat", "dog", "red car", "house by a lake", "mountain at sunset", "bowl of fruit", "city street at night",
-    "bird on a branch", "old bicycle", "castle in the fog", "bowl of soup", "sailing boat", "snowy forest",
-    "teapot", "guitar", "lighthouse")]
 
 
 @dataclass
@@ -129,10 +131,6 @@ def measured(device: str, into: dict):
         into["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 # -- the models ------------------------------------------------------------------------------------
 def build_pipeline(model: str, dtype: str, device: str, workdir: Path):
     """``tiny`` through the workflow's own loader, ``sd15`` in memory (random weights)."""
@@ -154,35 +152,25 @@ def build_pipeline(model: str, dtype: str, device: str, workdir: Path):
 def read_benchmark_prompts(count: int) -> list[str]:
     from nullcov.prompts import read_prompts
 
-    try:
-        base = read_prompts(REPO / "config" / "prompts" / "demo.txt")
-    except Exception:  # noqa: BLE001 - outside a checkout: a fixed list
-        base = FALLBACK_PROMPTS
+    base = read_prompts(REPO / "config" / "prompts" / "demo.txt")
     return [base[i % len(base)] for i in range(count)]
 
 
-def feature_config(case: Case, **overrides) -> dict:
-    """The workflow's config (config/config.yaml when present) with the case's settings."""
-    config = {}
-    with contextlib.suppress(Exception):
-        import yaml
+def case_config(case: Case, **overrides) -> dict:
+    """The workflow config of a case: every key's default from config/schema.yaml, then the
+    settings the case measures (sampler, steps, CFG, resolution, batch, dtype, device)."""
+    import yaml
 
-        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text()) or {}
+    config = schema_defaults(yaml.safe_load((REPO / "config" / "schema.yaml").read_text()))
     config.update(
-        seed=0,
         sampler_strategy=case.sampler,
         num_denoising_steps=case.steps,
-        collection="trajectory",
         guidance_scale=case.guidance_scale,
         resolution=case.resolution,
         batch_size=case.batch_size,
         dtype=case.dtype,
         device=case.device,
-        collect_features={"q": True, "k": True, "v": True, "out": True},
-        cross_attention_layers="all",
-        text_tokens="all",
     )
-    config.setdefault("strict_prompts", False)
     config.update(overrides)
     return config
 
@@ -203,7 +191,7 @@ def run_bare(pipe, prompts: list[str], schedule: dict, config: dict) -> None:
 
     from nullcov.features import prompt_generators
 
-    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = image_resolution(pipe, config["resolution"])
     with torch.inference_mode():
         for offset in range(0, len(prompts), config["batch_size"]):
             batch = prompts[offset : offset + config["batch_size"]]
@@ -218,32 +206,39 @@ def run_bare(pipe, prompts: list[str], schedule: dict, config: dict) -> None:
             )
 
 
+def recording_capture(record: dict) -> type:
+    """A :class:`CrossAttentionCapture` that also writes into ``record`` its accumulator placement
+    (``device_steps``, ``steps``, ``step_bytes``) and the seconds of its ``release_steps()``
+    (device-to-host transfer of the accumulators, ``results_s``). Only this capture is changed."""
+
+    class RecordingCapture(CrossAttentionCapture):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            record.update(device_steps=self.device_steps, steps=len(self.timesteps),
+                          step_bytes=8 * getattr(self, "_outer_size", 0))
+
+        def release_steps(self):
+            steps = super().release_steps()
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+                finally:
+                    record["results_s"] = record.get("results_s", 0.0) + time.perf_counter() - start
+                yield item
+
+    return RecordingCapture
+
+
 def run_ours(pipe, prompts: list[str], schedule: dict, config: dict, timings: dict | None = None):
-    """The feature job's collection (:func:`nullcov.features.collect_shard`), with the seconds its
-    ``release_steps()`` (device-to-host transfer of the accumulators) took in ``timings["results_s"]``."""
-    from nullcov import capture, features
+    """The feature job's collection (:func:`nullcov.features.collect_shard`); with ``timings``, what
+    :func:`recording_capture` records goes there."""
+    from nullcov import features
 
-    original = capture.CrossAttentionCapture.release_steps
-
-    @functools.wraps(original)
-    def timed_release_steps(self):
-        steps = original(self)
-        while True:
-            start = time.perf_counter()
-            try:
-                item = next(steps)
-            except StopIteration:
-                return
-            finally:
-                if timings is not None:
-                    timings["results_s"] = timings.get("results_s", 0.0) + time.perf_counter() - start
-            yield item
-
-    capture.CrossAttentionCapture.release_steps = timed_release_steps
-    try:
-        return features.collect_shard(pipe, prompts, 0, schedule, config)
-    finally:
-        capture.CrossAttentionCapture.release_steps = original
+    capture_class = CrossAttentionCapture if timings is None else recording_capture(timings)
+    return features.collect_shard(pipe, prompts, 0, schedule, config, capture_class=capture_class)
 
 
 def write_our_scratch(step_moments, text_moments, schedule: dict, folder: Path, steps_to_write=None) -> dict:
@@ -286,7 +281,7 @@ def run_legacy(pipe, prompts: list[str], schedule: dict, config: dict, folder: P
     from nullcov.model import cross_attention_modules
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = image_resolution(pipe, config["resolution"])
     noiser = DDPMScheduler.from_config(pipe.scheduler.config)
     layers = cross_attention_modules(pipe.unet)
     captured: dict[str, torch.Tensor] = {}
@@ -298,7 +293,7 @@ def run_legacy(pipe, prompts: list[str], schedule: dict, config: dict, folder: P
         return hook
 
     handles = []
-    for index, (name, module) in enumerate(layers):
+    for index, (_name, module) in enumerate(layers):
         for feature, target in (("q", module.to_q), ("k", module.to_k), ("v", module.to_v), ("out", module.to_out[0])):
             handles.append(target.register_forward_pre_hook(keep(f"layer{index:02d}_{feature}")))
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +319,7 @@ def run_legacy(pipe, prompts: list[str], schedule: dict, config: dict, folder: P
     finally:
         for handle in handles:
             handle.remove()
-    scratch = _dir_bytes(folder)
+    scratch = folder_bytes(folder)
     keys = sorted(arrays)
     out = folder / "covariance"
     out.mkdir()
@@ -381,13 +376,13 @@ def run_case(case: Case, workdir: Path, pipe=None, *, legacy: bool = True, write
         start = time.perf_counter()
         pipe = build_pipeline(case.model, case.dtype, case.device, workdir)
         log.info("built %s in %.1f s", case.model, time.perf_counter() - start)
-    config = feature_config(case)
+    config = case_config(case)
     if case.resolution is None:
         case.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         config["resolution"] = case.resolution
     prompts = read_benchmark_prompts(case.prompts)
     if warmup:  # first calls allocate and pick kernels: a short run of each, untimed
-        warm = feature_config(case, num_denoising_steps=2, resolution=case.resolution)
+        warm = case_config(case, num_denoising_steps=2, resolution=case.resolution)
         warm_schedule = prepare_schedule(pipe, warm)
         run_bare(pipe, prompts[: case.batch_size], warm_schedule, warm)
         run_ours(pipe, prompts[: case.batch_size], warm_schedule, warm)
@@ -426,7 +421,7 @@ def run_case(case: Case, workdir: Path, pipe=None, *, legacy: bool = True, write
         ours["scratch_bytes_per_prompt_timestep"] = ours["scratch"]["shard_bytes"] / prompt_timesteps
     del moments
     if legacy and case.legacy_prompts and case.legacy_steps:
-        legacy_config = feature_config(case, batch_size=1)
+        legacy_config = case_config(case, batch_size=1)
         legacy_schedule = dict(schedule, steps=schedule["steps"][: case.legacy_steps])
         result["legacy"] = run_legacy(pipe, prompts[: case.legacy_prompts], legacy_schedule, legacy_config,
                                       workdir / "legacy-scratch")
@@ -461,10 +456,10 @@ def precision_check(device: str, sizes=((4096, 320), (1024, 640), (256, 1280)), 
             x = (torch.randn(n, d, generator=generator) * 2 + torch.randn(d, generator=generator)).to(dtype).to(device)
             reference = x.double().T @ x.double()
             scale = reference.abs().max().item()
-            variants = {"gram": lambda: gram(x), "upcast": lambda: gram(x, mode="upcast")}
-            variants["fp16_output" if dtype == torch.float16 else "bf16_output"] = lambda: x.T @ x
+            variants = {"gram": lambda x=x: gram(x), "upcast": lambda x=x: gram(x, mode="upcast")}
+            variants["fp16_output" if dtype == torch.float16 else "bf16_output"] = lambda x=x: x.T @ x
             if device.startswith("cuda"):
-                def tf32():
+                def tf32(x=x):
                     saved = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = True
                     try:
@@ -508,30 +503,21 @@ def timestep_1000_check(pipe, workdir: Path, card_gib: float = 24.0, prompts: in
     """
     import torch
 
-    from nullcov import capture
     from nullcov.model import cross_attention_modules
 
     layers = [index for index, (_, module) in enumerate(cross_attention_modules(pipe.unet)) if module.to_q.in_features <= 640]
     case = Case(model="sd15", device="cuda", dtype=str(pipe.unet.dtype).split(".")[-1], resolution=512, steps=1000,
                 prompts=prompts, batch_size=prompts, sampler=None)
-    config = feature_config(case, cross_attention_layers=layers)
+    config = case_config(case, cross_attention_layers=layers)
     schedule = prepare_schedule(pipe, config)
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = min(1.0, card_gib * 2**30 / total)
-    planned = {}
-    original_plan = capture.CrossAttentionCapture._plan
-
-    def recording_plan(self, accumulate):
-        chosen = original_plan(self, accumulate)
-        planned.update(device_steps=chosen, steps=len(self.timesteps), step_bytes=8 * self._outer_size)
-        return chosen
-
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(fraction)
-    capture.CrossAttentionCapture._plan = recording_plan
     record = {"layers": len(layers), "emulated_card_gib": card_gib, "fraction": fraction}
     try:
         with measured("cuda", record):
+            # the recording capture adds device_steps, steps and step_bytes (its placement) to record
             steps, text = run_ours(pipe, read_benchmark_prompts(prompts), schedule, config, record)[:2]
         record["ok"] = True
         record["finite"] = bool(all(np.isfinite(m.sum_outer).all() for step in steps[:: 100] for m in step.values()))
@@ -539,10 +525,8 @@ def timestep_1000_check(pipe, workdir: Path, card_gib: float = 24.0, prompts: in
     except torch.cuda.OutOfMemoryError as err:
         record.update(ok=False, error=f"out of GPU memory: {err}")
     finally:
-        capture.CrossAttentionCapture._plan = original_plan
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
-    record.update(planned)
     record["prompt_timesteps_per_s"] = prompts * 1000 / record["wall_s"]
     return record
 
@@ -697,7 +681,7 @@ def default_cases(device: str, quick: bool) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nullcov.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--models", default=None, help="comma-separated: tiny,sd15 (default: both on CPU, sd15 on CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, seconds)")
@@ -737,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(device),
-        "command": "python -m nullcov.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": device,
         "cases": [],
     }
@@ -792,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage, run in stages:  # one failing study must not cost the others (device time is scarce)
             try:
                 report[stage] = run()
-            except Exception as err:  # noqa: BLE001 - recorded, reported, and the exit status says so
+            except Exception as err:  # recorded, reported, and the exit status says so
                 log.exception("%s failed", stage)
                 report.setdefault("errors", {})[stage] = f"{type(err).__name__}: {err}"
             save()
@@ -810,12 +794,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def profile_feature_job(case: Case, pipe, workdir: Path, path: Path, steps: int = 3) -> dict:
     """torch.profiler over one feature collection of ``case`` (``steps`` steps); top ops to ``path``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     if pipe is None:
         pipe = build_pipeline(case.model, case.dtype, case.device, workdir)
-    config = feature_config(case, num_denoising_steps=min(steps, case.steps))
+    config = case_config(case, num_denoising_steps=min(steps, case.steps))
     schedule = prepare_schedule(pipe, config)
     prompts = read_benchmark_prompts(case.batch_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.startswith("cuda") else [])

@@ -1,0 +1,66 @@
+"""Parse-time reading of the workflow config: what users type, and the report's selections.
+
+Importing this module is cheap (numpy only), so rules/common.smk uses it at parse time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# What `--config key=null` gives: Snakemake passes the text after '=' as a string (an empty
+# value, `key=`, is already None). YAML's null spellings and Python's None all mean null.
+NULL_WORDS = frozenset({"null", "Null", "NULL", "~", "None", "none"})
+
+
+def nullable_keys(schema: dict) -> list[str]:
+    """Top-level keys whose JSON-schema type admits null (``type: [..., "null"]`` or ``enum`` with null)."""
+    keys = []
+    for key, spec in schema.get("properties", {}).items():
+        types = spec.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if "null" in types or None in spec.get("enum", ()):
+            keys.append(key)
+    return keys
+
+
+def normalise_nulls(config: dict, schema: dict) -> list[str]:
+    """Replace the word ``null`` (any of :data:`NULL_WORDS`) by None in every nullable key.
+
+    Changes ``config`` in place (before schema validation) and returns the keys it changed.
+    Keys that do not admit null keep their value, so the schema names them if it is wrong.
+    """
+    changed = []
+    for key in nullable_keys(schema):
+        value = config.get(key)
+        if isinstance(value, str) and value.strip() in NULL_WORDS:
+            config[key] = None
+            changed.append(key)
+    return changed
+
+
+def select_steps(num_steps: int, selection) -> list[int]:
+    """Step indices: a count spread evenly over the schedule (first and last included) or a list."""
+    if isinstance(selection, int) and not isinstance(selection, bool):
+        count = min(selection, num_steps)
+        return sorted({int(round(i)) for i in np.linspace(0, num_steps - 1, count)})
+    indices = [int(index) for index in selection]
+    bad = [index for index in indices if not 0 <= index < num_steps]
+    if bad:
+        raise ValueError(f"report_steps: step indices {bad} are out of range; the schedule has {num_steps} steps")
+    return sorted(set(indices))
+
+
+def select_prompts(num_prompts: int, selection) -> list[int]:
+    """Prompt indices (0-based, in the prompt file): the first ``selection`` prompts, or a list."""
+    if isinstance(selection, int) and not isinstance(selection, bool):
+        return list(range(min(selection, num_prompts)))
+    indices = [int(index) for index in selection]
+    bad = [index for index in indices if not 0 <= index < num_prompts]
+    if bad:
+        raise ValueError(f"attention_prompts: prompt indices {bad} are out of range; there are {num_prompts} prompts")
+    return list(dict.fromkeys(indices))
+
+
+def schema_defaults(schema: dict) -> dict:
+    """Every top-level key's ``default`` from the config schema: the config of an empty config file."""
+    return {key: spec["default"] for key, spec in schema.get("properties", {}).items() if "default" in spec}
