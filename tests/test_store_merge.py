@@ -10,6 +10,7 @@ from nullcov.prompts import prompt_set_sha256
 from nullcov.statistics import Moments
 from nullcov.store import (
     StatisticsFileError,
+    _checksummed,
     atomic_path,
     read_moments,
     read_projections,
@@ -46,6 +47,7 @@ def test_moments_round_trip_and_layout(tmp_path):
         np.testing.assert_array_equal(read[key].sum_outer, written[key].sum_outer)
     with h5py.File(tmp_path / "a.h5") as handle:
         assert handle[LAYER]["to_q"]["sum_outer"].dtype == np.float64
+        assert handle[LAYER]["to_q"]["sum_outer"].shape == (6 * 7 // 2,)  # packed upper triangle
         assert handle[LAYER]["to_q"]["count"].dtype == np.int64
 
 
@@ -75,22 +77,22 @@ def _corrupt(path, how):
         data[0:64] = b"\0" * 64
         path.write_bytes(bytes(data))
         return
-    with h5py.File(path, "a") as handle:
+    with h5py.File(path, "a") as handle:  # rewritten datasets carry checksums: the content check must catch them
         group = handle[LAYER]["to_q"]
         if how == "missing":
             del group["sum_outer"]
         elif how == "dims":
             del group["sum_outer"]
-            group["sum_outer"] = np.zeros((3, 4))
+            _checksummed(group, "sum_outer", np.zeros(12))
         elif how == "dtype":
             data = group["sum"][()]
             del group["sum"]
-            group["sum"] = data.astype(np.float32)
+            _checksummed(group, "sum", data.astype(np.float32))
         elif how == "count":
             del group["count"]
-            group["count"] = np.int64(0)
+            _checksummed(group, "count", np.int64(0))
         elif how == "nan":
-            group["sum_outer"][0, 0] = np.nan
+            group["sum_outer"][0] = np.nan
 
 
 @pytest.mark.parametrize(
