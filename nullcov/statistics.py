@@ -94,25 +94,25 @@ class Moments:
         return found
 
     def __add__(self, other: "Moments") -> "Moments":
-        if self.shifted_outer.shape != other.shifted_outer.shape:
-            raise ValueError(f"cannot add moments of dimension {self.dim} and {other.dim}")
-        other = other.shifted_to(self.shift)
-        return Moments.about(
-            int(self.count) + int(other.count),
-            self.shift,
-            self.shifted_sum + other.shifted_sum,
-            self.shifted_outer + other.shifted_outer,
-        )
+        """The sum, about this (left) operand's shift: sums in prompt order are deterministic."""
+        total = Moments.about(self.count, self.shift.copy(), self.shifted_sum.copy(), self.shifted_outer.copy())
+        return total.add_(other)
 
     def add_(self, other: "Moments") -> "Moments":
         """Add ``other`` into these moments in place (about this shift); returns self. For merges:
         no second [d, d] total is allocated."""
         if self.shifted_outer.shape != other.shifted_outer.shape:
             raise ValueError(f"cannot add moments of dimension {self.dim} and {other.dim}")
-        other = other.shifted_to(self.shift)
-        self.count = int(self.count) + int(other.count)
-        self.shifted_sum += other.shifted_sum
+        # other about this shift, with δ = s_other - s and c = b_other + n_other δ / 2:
+        # C_other + δ b_otherᵀ + b_other δᵀ + n_other δδᵀ = C_other + δ cᵀ + c δᵀ (one [d, d] temporary at a time)
+        delta, n = other.shift - self.shift, int(other.count)
         self.shifted_outer += other.shifted_outer
+        if delta.any():
+            half = other.shifted_sum + (n / 2) * delta
+            self.shifted_outer += np.outer(delta, half)
+            self.shifted_outer += np.outer(half, delta)
+        self.shifted_sum += other.shifted_sum + n * delta
+        self.count = int(self.count) + n
         return self
 
     def __repr__(self) -> str:

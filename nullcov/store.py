@@ -39,8 +39,8 @@ _DTYPES = {"count": np.int64, "shift": np.float64, "sum": np.float64, "sum_outer
 _CHUNK_BYTES = 1 << 20  # chunk size of the checksummed datasets (Fletcher32 is per chunk)
 # HDF5 overhead of one moments file, measured: root attributes (provenance) excluded. Used by
 # moments_file_bytes; tests/test_store_merge.py checks the estimate against written files.
-_FILE_BYTES = 4096
-_GROUP_BYTES = 6144
+_FILE_BYTES = 8192
+_GROUP_BYTES = 11264
 
 
 class StatisticsFileError(ValueError):
@@ -106,7 +106,10 @@ def _checksummed(group: h5py.Group, name: str, value) -> None:
     value = np.asarray(value)
     if value.ndim == 0:
         value = value.reshape(1)
-    rows = max(1, min(value.shape[0], _CHUNK_BYTES // max(1, value[0:1].nbytes)))
+    # Equal chunks of at most _CHUNK_BYTES (HDF5 stores a partial last chunk at full size).
+    limit = max(1, _CHUNK_BYTES // max(1, value[0:1].nbytes))
+    chunks = -(-value.shape[0] // limit)
+    rows = max(1, -(-value.shape[0] // chunks))
     group.create_dataset(name, data=value, chunks=(rows, *value.shape[1:]), fletcher32=True)
 
 
