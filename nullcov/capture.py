@@ -10,7 +10,10 @@ column sums likewise (float32 within a UNet call, float64 across calls). fp16/bf
 CUDA go straight into a GEMM with float32 accumulation and float32 output (the product of two
 fp16 or bf16 numbers is exact in float32, so this equals upcasting first, without the copy and
 on tensor cores); never an fp16 output, never TF32. A step's first product is copied into its
-accumulator, later ones added (no zero-fill pass over Σ d² per step).
+accumulator, later ones added (no zero-fill pass over Σ d² per step). The hooked inputs are
+first centred about a shift per step and key (:func:`centring_shift`, the first batch's mean,
+recorded in the moments; :func:`centred` subtracts it in float32, so fp16/bf16 inputs reach the
+GEMM as float32): products then carry the spread's digits, not ``|μ|²``'s.
 
 Where the accumulators live: a step's float64 accumulator (``sum_outer``, Σ d² × 8 bytes over
 the hooked linears) sits on the device when it fits (:func:`plan_device_steps`, from the free
@@ -122,6 +125,19 @@ def column_sums(inputs: torch.Tensor, dim: int) -> torch.Tensor:
     return inputs.sum(dim=dim, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32)
 
 
+def centring_shift(rows: torch.Tensor) -> torch.Tensor:
+    """The shift that moments are taken about: the float64 column mean of ``rows`` [n, d],
+    rounded to float32 so that :func:`centred` subtracts exactly the value recorded."""
+    return (column_sums(rows, dim=0).double() / rows.shape[0]).float().double()
+
+
+def centred(inputs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``inputs - shift`` in float32 (float64 for float64 inputs): the moments' rows. With the
+    shift near the mean, the float32 products keep the digits of the spread, not of ``|μ|²``."""
+    dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    return inputs.to(dtype) - shift.to(dtype)
+
+
 def accumulate(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
     """``total += part`` for a float64 ``total`` and a float32 ``part`` on the same device;
     ``total = part`` when ``first`` (accumulators start uninitialised: no zero-fill pass).
@@ -142,20 +158,25 @@ def accumulate(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> 
 
 
 class TorchMoments:
-    """count / sum / sum of outer products of rows, accumulated in float64 on a device."""
+    """count / sum / sum of outer products of rows about a shift (the first rows' mean),
+    accumulated in float64 on a device."""
 
     def __init__(self, dim: int, device):
         self.count = 0
+        self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = centring_shift(rows)
+        rows = centred(rows, self.shift)
         accumulate(self.sum_outer, gram(rows))
         self.sum.add_(column_sums(rows, dim=0).double())
         self.count += rows.shape[0]
 
     def to_moments(self) -> Moments:
-        return Moments(count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
+        return Moments.about(self.count, self.shift.cpu().numpy(), self.sum.cpu().numpy(), self.sum_outer.cpu().numpy())
 
 
 # -- where the accumulators live --------------------------------------------------------------------
@@ -278,6 +299,7 @@ class _StepAccumulator:
     def __init__(self, dims: dict[str, int], device: torch.device, on_device: bool):
         self.on_device = on_device
         self.sums = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)
+        self.shifts = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)  # set at a key's first call
         self.outer = torch.empty(sum(d * d for d in dims.values()), dtype=torch.float64, device=device) if on_device else None
         self.counts = {key: 0 for key in dims}
 
@@ -508,13 +530,16 @@ class CrossAttentionCapture:
         """
         accumulator = self._steps[step]
         dim = self.dims[key]
-        inputs = inputs.reshape(inputs.shape[0], -1, dim)
+        offset = self._sum_offsets[key]
+        first = accumulator.counts[key] == 0
+        shift = accumulator.shifts[offset : offset + dim]
+        if first:  # moments about this step's first batch mean (see nullcov.statistics)
+            shift.copy_(centring_shift(inputs.reshape(-1, dim)))
+        inputs = centred(inputs, shift).reshape(inputs.shape[0], -1, dim)
         per_prompt = column_sums(inputs, dim=1)  # [B, d]
         self._batch["nonfinite"].append((step, key, per_prompt.sum(dim=1, dtype=torch.float64)))
-        offset = self._sum_offsets[key]
         accumulator.sums[offset : offset + dim].add_(per_prompt.sum(dim=0, dtype=torch.float64))
         rows = inputs.reshape(-1, dim)
-        first = accumulator.counts[key] == 0
         accumulator.counts[key] += rows.shape[0]
         if accumulator.on_device:
             accumulate(self._outer_view(accumulator.outer, key), gram(rows), first)
@@ -561,13 +586,15 @@ class CrossAttentionCapture:
                 continue
             outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
             outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
+            shifts = accumulator.shifts.cpu().numpy()
             moments = {}
             for key in self.keys:
                 dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
-                moments[key] = Moments(
-                    count=accumulator.counts[key],
-                    sum=sums[s : s + dim],
-                    sum_outer=outer[o : o + dim * dim].reshape(dim, dim),
+                moments[key] = Moments.about(
+                    accumulator.counts[key],
+                    shifts[s : s + dim],
+                    sums[s : s + dim],
+                    outer[o : o + dim * dim].reshape(dim, dim),
                 )
             steps.append(moments)
         text = self.text_moments.to_moments() if self.text_moments is not None else None

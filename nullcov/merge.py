@@ -18,7 +18,12 @@ from pathlib import Path
 
 from nullcov.prompts import prompt_set_sha256
 from nullcov.statistics import Moments
-from nullcov.store import StatisticsFileError, iter_moments, read_attrs, regenerate_command
+from nullcov.store import (
+    StatisticsFileError,
+    iter_moments,
+    read_attrs,
+    regenerate_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
             provenance = attrs["provenance"]
             shared = _shared(provenance, attrs.get("step"))
             prompts = provenance["prompts"]
-            prompts["first_index"], prompts["prompts"]  # noqa: B018 (both must be present)
+            prompts["first_index"], prompts["prompts"]
         except StatisticsFileError as err:
             raise _with_hint(err) from None
         except (KeyError, TypeError) as err:

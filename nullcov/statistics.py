@@ -29,7 +29,7 @@ class Moments:
     :meth:`about` builds them about a given shift.
     """
 
-    __slots__ = ("count", "shift", "shifted_sum", "shifted_outer")
+    __slots__ = ("count", "shift", "shifted_outer", "shifted_sum")
 
     def __init__(self, count: int, sum: np.ndarray, sum_outer: np.ndarray, shift: np.ndarray | None = None):
         # With ``shift`` given, ``sum`` and ``sum_outer`` are the sums about that shift.
@@ -39,7 +39,7 @@ class Moments:
         self.shift = np.zeros(self.shifted_sum.shape, dtype=np.float64) if shift is None else np.asarray(shift)
 
     @classmethod
-    def about(cls, count: int, shift: np.ndarray, shifted_sum: np.ndarray, shifted_outer: np.ndarray) -> "Moments":
+    def about(cls, count: int, shift: np.ndarray, shifted_sum: np.ndarray, shifted_outer: np.ndarray) -> Moments:
         """Moments given as ``Σ(x - shift)`` and ``Σ(x - shift)(x - shift)ᵀ``."""
         return cls(count, shifted_sum, shifted_outer, shift=shift)
 
@@ -59,14 +59,14 @@ class Moments:
         return self.shifted_outer + np.outer(s, b) + np.outer(b, s) + self.count * np.outer(s, s)
 
     @classmethod
-    def of_rows(cls, rows: np.ndarray, shift: np.ndarray | None = None) -> "Moments":
+    def of_rows(cls, rows: np.ndarray, shift: np.ndarray | None = None) -> Moments:
         """Brute-force moments of a [n, d] array (float64), about ``shift`` (default zero)."""
         rows = np.asarray(rows, dtype=np.float64)
         shift = np.zeros(rows.shape[1]) if shift is None else _float64(shift)
         centred = rows - shift
         return cls.about(rows.shape[0], shift, centred.sum(axis=0), centred.T @ centred)
 
-    def shifted_to(self, shift: np.ndarray) -> "Moments":
+    def shifted_to(self, shift: np.ndarray) -> Moments:
         """The same moments about another shift ``t``: with ``δ = s - t``,
         ``Σ(x-t) = b + nδ`` and ``Σ(x-t)(x-t)ᵀ = C + δbᵀ + bδᵀ + nδδᵀ`` (float64)."""
         shift = _float64(shift)
@@ -93,12 +93,12 @@ class Moments:
             found.append("sums hold non-finite values")
         return found
 
-    def __add__(self, other: "Moments") -> "Moments":
+    def __add__(self, other: Moments) -> Moments:
         """The sum, about this (left) operand's shift: sums in prompt order are deterministic."""
         total = Moments.about(self.count, self.shift.copy(), self.shifted_sum.copy(), self.shifted_outer.copy())
         return total.add_(other)
 
-    def add_(self, other: "Moments") -> "Moments":
+    def add_(self, other: Moments) -> Moments:
         """Add ``other`` into these moments in place (about this shift); returns self. For merges:
         no second [d, d] total is allocated."""
         if self.shifted_outer.shape != other.shifted_outer.shape:

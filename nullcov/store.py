@@ -122,16 +122,15 @@ def moments_file_bytes(dims: dict[str, int]) -> int:
 
 
 def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]]) -> None:
-    with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["nullcov_kind"] = kind
-            handle.attrs["nullcov_format"] = json.dumps(FORMAT)
-            for name, value in attrs.items():
-                handle.attrs[name] = json.dumps(value, sort_keys=True)
-            for key in sorted(groups):
-                group = handle.create_group(key)
-                for name, value in groups[key].items():
-                    _checksummed(group, name, value)
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+        handle.attrs["nullcov_kind"] = kind
+        handle.attrs["nullcov_format"] = json.dumps(FORMAT)
+        for name, value in attrs.items():
+            handle.attrs[name] = json.dumps(value, sort_keys=True)
+        for key in sorted(groups):
+            group = handle.create_group(key)
+            for name, value in groups[key].items():
+                _checksummed(group, name, value)
 
 
 def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -289,6 +288,15 @@ def write_projections(path, spaces: dict[str, NullSpace], attrs: dict) -> None:
         for key, space in spaces.items()
     }
     _write(path, "projection", attrs, groups)
+
+
+def read_spectra(path) -> dict[str, dict]:
+    """``{key: {"eigenvalues", "null_dim", "threshold", "d"}}`` of a projection file (checksummed; ``P`` not read)."""
+    items = _read(path, "projection", PROJECTION_DATASETS[1:])
+    next(items)
+    return {key: {"eigenvalues": data["eigenvalues"], "null_dim": int(data["null_dim"][0]),
+                  "threshold": float(data["threshold"][0]), "d": int(data["eigenvalues"].shape[0])}
+            for key, data in items}
 
 
 def read_projections(path, keys=None) -> tuple[dict[str, NullSpace], dict]:

@@ -65,10 +65,9 @@ def test_projection_round_trip(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.h5"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as temporary:
-            temporary.write_bytes(b"partial")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_bytes(b"partial")
+        raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -184,12 +183,12 @@ def test_flipped_bytes_in_the_data_region_stop_the_reader_naming_file_and_fix(tm
     if kind == "projection":
         space = null_space(Moments.of_rows(rows).second_moment(), 0.5)
         write_projections(path, {f"{LAYER}/to_q": space}, {"provenance": {"x": 1}})
-        read = lambda: read_projections(path)  # noqa: E731
+        read = lambda: read_projections(path)
         dataset = "P"
     else:
         moments = {f"{LAYER}/to_q": Moments.of_rows(rows)}
         write_moments(path, kind, moments, {"provenance": _provenance(0, ["a"]), "step": {"index": 0}})
-        read = lambda: read_moments(path, kind)  # noqa: E731
+        read = lambda: read_moments(path, kind)
         dataset = "sum_outer"
     read()  # intact: reads
     _flip_data_bytes(path, f"{LAYER}/to_q", dataset)
