@@ -40,12 +40,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def prompt_set_sha256(prompts: list[str]) -> str:
     """A hash of an ordered prompt list; equal lists give equal hashes."""
-    digest = hashlib.sha256()
-    for prompt in prompts:
+    parts = []
+    for prompt in prompts:  # one update over the joined bytes: 600k prompts in a fraction of a second
         encoded = prompt.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()
+        parts += (len(encoded).to_bytes(8, "little"), encoded)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 #: ``prompts_per_shard: auto`` gives each feature job this many prompt-steps (UNet calls per
