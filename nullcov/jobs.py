@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,12 +78,24 @@ def merge_group_job(shard_folders, output_folder, file_names) -> None:
     log.info("%s: partial sums of %d shards, %d files", output_folder, len(shard_folders), len(file_names))
 
 
+def projection_device() -> str:
+    """``cuda`` when the job can see an NVIDIA GPU (torch's float64 ``eigh`` there), else ``cpu``
+    (numpy). torch is imported only where a GPU may exist (``/dev/nvidia0``)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidia0"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def projection_job(covariance_path, output_path, statistic: str, nullspace_threshold: float,
                    threshold_percent: float | None) -> None:
     moments, attrs = read_moments(covariance_path, "covariance")
+    device = projection_device()
+    log.info("%s: eigendecompositions on %s", covariance_path, device)
     spaces = {}
     for key, moment in sorted(moments.items()):
-        spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent)
+        spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent, device)
         log.info("%s: d=%d null_dim=%d threshold=%.4g", key, moment.dim, spaces[key].null_dim, spaces[key].threshold)
     attrs["provenance"]["projection"] = {
         "statistic": statistic,

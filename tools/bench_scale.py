@@ -35,9 +35,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nullcov.prompts import auto_prompts_per_shard  # noqa: E402
-from nullcov.statistics import Moments  # noqa: E402
-from nullcov.store import moments_file_bytes, write_moments  # noqa: E402
+from nullcov.prompts import auto_prompts_per_shard
+from nullcov.statistics import Moments
+from nullcov.store import moments_file_bytes, write_moments
 
 LEGACY_BYTES_PER_PROMPT_TIMESTEP = 92e6  # the legacy tool's scratch (issue 9)
 
@@ -98,8 +98,8 @@ def merge_in_subprocess(paths, output) -> dict:
 
 def baseline_rss() -> int:
     """Peak RSS of the merge child's imports alone (the interpreter, numpy, h5py, nullcov)."""
-    code = ("import resource, sys; sys.path.insert(0, %r); import nullcov.jobs; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)" % str(REPO))
+    code = (f"import resource, sys; sys.path.insert(0, {str(REPO)!r}); import nullcov.jobs; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -125,8 +125,7 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     prompt_file = workdir / "prompts.txt"
     with open(prompt_file, "w") as handle:
-        for index in range(prompts):
-            handle.write(f"a photo of object number {index} in a scene\n")
+        handle.writelines(f"a photo of object number {index} in a scene\n" for index in range(prompts))
     (workdir / "config.yaml").write_text(json.dumps({
         "prompts": str(prompt_file), "num_denoising_steps": steps, "prompts_per_shard": per_shard,
         "validation_prompts": None, "attention_prompts": 0}))
@@ -144,6 +143,32 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
             "max_rss_bytes": max(before, after) * 1024 if after > before else None, "jobs": jobs}
 
 
+def projection_timings() -> list[dict]:
+    """Seconds of today's full float64 ``eigh`` + ``U0 U0ᵀ`` against ``null_space`` at d = 1280, for
+    a threshold inside the spectrum and outside it (below and above), and the largest |ΔP|."""
+    from nullcov.projection import null_space
+
+    rng = np.random.default_rng(1)
+    d = 1280
+    rows = rng.normal(size=(2 * d, d)) * np.geomspace(1e-3, 10, d)  # a spread spectrum, full rank
+    statistic = rows.T @ rows / rows.shape[0]
+    timings = []
+    for label, threshold in (("inside the spectrum", 0.02), ("under the spectrum", 1e-12), ("over it", 1e6)):
+        start = time.perf_counter()
+        values, vectors = np.linalg.eigh((statistic + statistic.T) / 2)
+        basis = vectors[:, values < threshold]
+        full = (basis @ basis.T).astype(np.float32)
+        full_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        space = null_space(statistic, threshold)
+        seconds = time.perf_counter() - start
+        timings.append({"d": d, "threshold": label, "null_dim": space.null_dim, "full_eigh_seconds": full_seconds,
+                        "null_space_seconds": seconds,
+                        "max_abs_projection_difference": float(np.abs(space.projection - full).max())})
+        print(json.dumps(timings[-1]), flush=True)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scratch", default=str(REPO / "benchmarks" / "bench-scale-tmp"))
@@ -154,7 +179,7 @@ def main() -> None:
     scratch = Path(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    results: dict = {}
+    results: dict = {"projection": projection_timings()}
     try:
         dims = sd15_dims()
         step_bytes = sum(8 * d * d for d in dims.values())
