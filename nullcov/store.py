@@ -145,7 +145,8 @@ def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str
         if not group[name].fletcher32:
             raise StatisticsFileError(
                 path, f"group {key!r}: dataset {name!r} carries no checksum (a file of an older nullcov, or not "
-                f"written by nullcov); regenerate it with: {regenerate_command(path)}")
+                f"written by nullcov); regenerate it with: {regenerate_command(path)} (after upgrading "
+                "nullcov, regenerate every result at once: snakemake --cores all --forceall)")
     missing = [d for d in names if d not in present]
     if missing:
         raise StatisticsFileError(path, f"group {key!r} lacks dataset(s) {missing}")
