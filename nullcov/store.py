@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -121,12 +122,18 @@ def moments_file_bytes(dims: dict[str, int]) -> int:
     return _FILE_BYTES + _GROUP_BYTES * len(dims) + data
 
 
+def _attrs_sha256(texts: dict[str, str]) -> str:
+    """Checksum of the file's attributes (Fletcher32 covers datasets only)."""
+    return hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()
+
+
 def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]]) -> None:
     with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
-        handle.attrs["nullcov_kind"] = kind
-        handle.attrs["nullcov_format"] = json.dumps(FORMAT)
-        for name, value in attrs.items():
-            handle.attrs[name] = json.dumps(value, sort_keys=True)
+        texts = {"nullcov_kind": kind, "nullcov_format": json.dumps(FORMAT)}
+        texts |= {name: json.dumps(value, sort_keys=True) for name, value in attrs.items()}
+        for name, text in texts.items():
+            handle.attrs[name] = text
+        handle.attrs["nullcov_attrs_sha256"] = _attrs_sha256(texts)
         for key in sorted(groups):
             group = handle.create_group(key)
             for name, value in groups[key].items():
@@ -175,11 +182,19 @@ def _open(path, kind: str, datasets: tuple[str, ...]):
         found_kind = handle.attrs.get("nullcov_kind")
         if found_kind != kind:
             raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}")
+        texts = dict(handle.attrs.items())
+        stored_sha256 = texts.pop("nullcov_attrs_sha256", None)
+        if stored_sha256 is not None and stored_sha256 != _attrs_sha256(texts):
+            raise StatisticsFileError(path, "the attributes (provenance) fail their checksum, the file is corrupted; "
+                                      f"regenerate it with: {regenerate_command(path)}")
         try:
-            attrs = {name: json.loads(value) for name, value in handle.attrs.items() if name != "nullcov_kind"}
+            attrs = {name: json.loads(value) for name, value in texts.items() if name != "nullcov_kind"}
         except (TypeError, json.JSONDecodeError) as err:
             raise StatisticsFileError(path, f"attributes are not valid JSON ({err})") from None
         found_format = attrs.pop("nullcov_format", None)
+        if found_format is not None and stored_sha256 is None:
+            raise StatisticsFileError(path, "the attributes carry no checksum; "
+                                      f"regenerate it with: {regenerate_command(path)}")
         if "provenance" not in attrs:
             raise StatisticsFileError(path, "no provenance attribute")
         groups: dict[str, h5py.Group] = {}

@@ -299,3 +299,13 @@ def test_grouped_merge_equals_the_direct_merge_and_repeats_bit_for_bit(tmp_path)
     for key in direct:
         assert np.array_equal(again[key].shifted_outer, direct[key].shifted_outer)
         assert np.array_equal(again[key].shift, direct[key].shift)
+
+
+def test_a_changed_provenance_attribute_fails_its_checksum(tmp_path):
+    path = tmp_path / "shard_0000" / "s.h5"
+    _write_shard(path, np.ones((3, 2)), 0, ["a cat"])
+    with h5py.File(path, "a") as handle:  # same length, one prompt character changed
+        handle.attrs["provenance"] = handle.attrs["provenance"].replace("a cat", "a car")
+    with pytest.raises(StatisticsFileError, match="attributes .* fail their checksum") as info:
+        read_moments(path, "features")
+    assert f"snakemake --cores all --force {path.parent}" in str(info.value)
