@@ -48,6 +48,13 @@ bench-gpu: $(STAMP)
 bench-feature-memory: $(STAMP)
 	$(BIN)/python tools/feature_memory.py --mem-mb 5600 6000
 
+# Storage side at SD-1.5 scale (not part of `make test`): merge peak RSS at 3/12/48 shards,
+# merge GB/s vs the disk's sequential read, shard scratch, 100k/600k-prompt dry-runs.
+# Writes ~5 GB under benchmarks/bench-scale-tmp (deleted after); results in benchmarks/bench-scale.json.
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(BIN)/python tools/bench_scale.py
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

@@ -89,6 +89,19 @@ def column_sums(inputs: torch.Tensor, dim: int) -> torch.Tensor:
     return inputs.sum(dim=dim, dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32)
 
 
+def centring_shift(rows: torch.Tensor) -> torch.Tensor:
+    """The shift that moments are taken about: the float64 column mean of ``rows`` [n, d],
+    rounded to float32 so that :func:`centred` subtracts exactly the value recorded."""
+    return (column_sums(rows, dim=0).double() / rows.shape[0]).float().double()
+
+
+def centred(inputs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``inputs - shift`` in float32 (float64 for float64 inputs): the moments' rows. With the
+    shift near the mean, the float32 products keep the digits of the spread, not of ``|μ|²``."""
+    dtype = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    return inputs.to(dtype) - shift.to(dtype)
+
+
 def accumulate(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> None:
     """``total += part`` for a float64 ``total`` and a float32 ``part`` on the same device;
     ``total = part`` when ``first`` (accumulators start uninitialised: no zero-fill pass).
@@ -109,20 +122,25 @@ def accumulate(total: torch.Tensor, part: torch.Tensor, first: bool = False) -> 
 
 
 class TorchMoments:
-    """count / sum / sum of outer products of rows, accumulated in float64 on a device."""
+    """count / sum / sum of outer products of rows about a shift (the first rows' mean),
+    accumulated in float64 on a device."""
 
     def __init__(self, dim: int, device):
         self.count = 0
+        self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = centring_shift(rows)
+        rows = centred(rows, self.shift)
         accumulate(self.sum_outer, gram(rows))
         self.sum.add_(column_sums(rows, dim=0).double())
         self.count += rows.shape[0]
 
     def to_moments(self) -> Moments:
-        return Moments(count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
+        return Moments.about(self.count, self.shift.cpu().numpy(), self.sum.cpu().numpy(), self.sum_outer.cpu().numpy())
 
 
 # -- where the accumulators live --------------------------------------------------------------------
@@ -245,5 +263,6 @@ class _StepAccumulator:
     def __init__(self, dims: dict[str, int], device: torch.device, on_device: bool):
         self.on_device = on_device
         self.sums = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)
+        self.shifts = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)  # set at a key's first call
         self.outer = torch.empty(sum(d * d for d in dims.values()), dtype=torch.float64, device=device) if on_device else None
         self.counts = {key: 0 for key in dims}

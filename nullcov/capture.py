@@ -5,6 +5,10 @@ a UNet pre-hook tracks which scheduled step is running (and checks its timestep)
 pre-hooks on ``to_q``/``to_out[0]`` add their inputs' conditional half to that step's
 accumulator, and the text-encoder states that every ``to_k``/``to_v`` receives are accumulated
 once per prompt batch.
+The hooked inputs are first centred about a shift per step and key
+(:func:`nullcov.accumulators.centring_shift`, the first batch's mean, recorded in the moments;
+:func:`nullcov.accumulators.centred` subtracts it in float32, so fp16/bf16 inputs reach the GEMM
+as float32): products then carry the spread's digits, not ``|μ|²``'s.
 
 Nothing synchronises with the host per layer: the non-finite check keeps one number per prompt
 per hook (the total of its column sums, which the moments need anyway; see
@@ -26,6 +30,8 @@ from nullcov.accumulators import (
     _HostSteps,
     _StepAccumulator,
     accumulate,
+    centred,
+    centring_shift,
     column_sums,
     device_memory,
     gram,
@@ -291,13 +297,16 @@ class CrossAttentionCapture:
         """
         accumulator = self._steps[step]
         dim = self.dims[key]
-        inputs = inputs.reshape(inputs.shape[0], -1, dim)
+        offset = self._sum_offsets[key]
+        first = accumulator.counts[key] == 0
+        shift = accumulator.shifts[offset : offset + dim]
+        if first:  # moments about this step's first batch mean (see nullcov.statistics)
+            shift.copy_(centring_shift(inputs.reshape(-1, dim)))
+        inputs = centred(inputs, shift).reshape(inputs.shape[0], -1, dim)
         per_prompt = column_sums(inputs, dim=1)  # [B, d]
         self._batch["nonfinite"].append((step, key, per_prompt.sum(dim=1, dtype=torch.float64)))
-        offset = self._sum_offsets[key]
         accumulator.sums[offset : offset + dim].add_(per_prompt.sum(dim=0, dtype=torch.float64))
         rows = inputs.reshape(-1, dim)
-        first = accumulator.counts[key] == 0
         accumulator.counts[key] += rows.shape[0]
         if accumulator.on_device:
             accumulate(self._outer_view(accumulator.outer, key), gram(rows), first)
@@ -359,12 +368,14 @@ class CrossAttentionCapture:
             if self.keys:
                 outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
                 outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
+                shifts = accumulator.shifts.cpu().numpy()
                 for key in self.keys:
                     dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
-                    moments[key] = Moments(
-                        count=accumulator.counts[key],
-                        sum=sums[s : s + dim],
-                        sum_outer=outer[o : o + dim * dim].reshape(dim, dim),
+                    moments[key] = Moments.about(
+                        accumulator.counts[key],
+                        shifts[s : s + dim],
+                        sums[s : s + dim],
+                        outer[o : o + dim * dim].reshape(dim, dim),
                     )
             yield index, moments
             del moments, outer, sums, accumulator

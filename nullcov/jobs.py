@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-from nullcov.merge import merge_shard_files
+from nullcov.merge import merge_files
 from nullcov.model import cross_attention_layer_names, select_layers
 from nullcov.projection import null_space
 from nullcov.provenance import package_versions
@@ -57,19 +59,43 @@ def write_schedule(path, scheduler_config: dict, strategy, num_steps: int, model
     return schedule
 
 
-def merge_job(shard_paths, output_path, expected_prompt_sha256: str) -> None:
-    moments, attrs = merge_shard_files(sorted(map(str, shard_paths)), expected_prompt_sha256)
+def merge_job(input_paths, output_path, expected_prompt_sha256: str, kind: str = "features") -> None:
+    """One step's merged moments from every shard's file (``features``) or every group's partial sum."""
+    moments, attrs = merge_files(sorted(map(str, input_paths)), kind, expected_prompt_sha256)
     write_moments(output_path, "covariance", moments, attrs)
-    log.info("%s: merged %d shards, %d groups, %d prompts", output_path, len(shard_paths), len(moments),
+    log.info("%s: merged %d %s files, %d keys, %d prompts", output_path, len(input_paths), kind, len(moments),
              attrs["provenance"]["prompts"]["count"])
+
+
+def merge_group_job(shard_folders, output_folder, file_names) -> None:
+    """Partial sums of a group of consecutive shards, one file per step (and text.h5), one step at a time."""
+    output_folder = Path(output_folder)
+    for name in file_names:
+        paths = sorted(f"{folder}/{name}.h5" for folder in shard_folders)
+        moments, attrs = merge_files(paths, "features", first_index=None)
+        write_moments(output_folder / f"{name}.h5", "partial", moments, attrs)
+        del moments
+    log.info("%s: partial sums of %d shards, %d files", output_folder, len(shard_folders), len(file_names))
+
+
+def projection_device() -> str:
+    """``cuda`` when the job can see an NVIDIA GPU (torch's float64 ``eigh`` there), else ``cpu``
+    (numpy). torch is imported only where a GPU may exist (``/dev/nvidia0``)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidia0"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def projection_job(covariance_path, output_path, statistic: str, nullspace_threshold: float,
                    threshold_percent: float | None) -> None:
     moments, attrs = read_moments(covariance_path, "covariance")
+    device = projection_device()
+    log.info("%s: eigendecompositions on %s", covariance_path, device)
     spaces = {}
     for key, moment in sorted(moments.items()):
-        spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent)
+        spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent, device)
         log.info("%s: d=%d null_dim=%d threshold=%.4g", key, moment.dim, spaces[key].null_dim, spaces[key].threshold)
     attrs["provenance"]["projection"] = {
         "statistic": statistic,

@@ -3,23 +3,43 @@
 The merge is a float64 sum of sufficient statistics, so it is exact and independent of how
 prompts were sharded. Shards that disagree on the model, the feature config, the step, the
 layers or their dimensions are refused, naming both files and both values.
+
+Memory stays constant in the number of shards: the files' attributes are read and checked
+first (no statistics), then the statistics are read, validated and added one file at a time
+in prompt order (so the same inputs give the same bits). Many shards go through partial sums
+over groups of shards (kind ``partial``, one job per group for all steps), then the per-step
+sum over the groups' files: :func:`merge_files` reads either kind.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from nullcov.prompts import prompt_set_sha256
 from nullcov.statistics import Moments
-from nullcov.store import StatisticsFileError, read_moments
+from nullcov.store import (
+    StatisticsFileError,
+    iter_moments,
+    read_attrs,
+    regenerate_command,
+)
+
+log = logging.getLogger(__name__)
 
 # Provenance fields that every shard of one merge must share.
 _SHARED_FIELDS = ("model_fingerprint", "model", "config", "step")
 
 
 def regenerate_hint(path) -> str:
-    """The command that reruns the feature job owning ``path`` (its output is the shard folder)."""
-    return f"regenerate that shard with: snakemake --cores all --force {Path(path).parent}"
+    """The command that reruns the job owning ``path`` (a shard's or a group's folder)."""
+    return f"regenerate that shard with: {regenerate_command(path)}"
+
+
+def _with_hint(err: StatisticsFileError) -> StatisticsFileError:
+    if "snakemake --cores all --force" in err.problem:
+        return err
+    return StatisticsFileError(err.path, f"{err.problem}; {regenerate_hint(err.path)}")
 
 
 def _shared(provenance: dict, step) -> dict:
@@ -31,28 +51,23 @@ def _shared(provenance: dict, step) -> dict:
     }
 
 
-def merge_shard_files(paths: list[str | Path], expected_prompt_sha256: str | None = None
-                      ) -> tuple[dict[str, Moments], dict]:
-    """Sum the ``features`` files of all shards of one step; returns (moments, attrs).
-
-    ``attrs`` are the merged file's attributes: ``provenance`` and ``step``."""
-    if not paths:
-        raise ValueError("no shard files to merge")
-    shards = []
+def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
+    """(path, shared fields, prompts, provenance) of every file, in prompt order, checked to agree."""
+    headers = []
     for path in paths:
         try:
-            moments, attrs = read_moments(path, "features")
+            attrs = read_attrs(path, kind)
             provenance = attrs["provenance"]
             shared = _shared(provenance, attrs.get("step"))
             prompts = provenance["prompts"]
+            prompts["first_index"], prompts["prompts"]
         except StatisticsFileError as err:
-            raise StatisticsFileError(err.path, f"{err.problem}; {regenerate_hint(err.path)}") from None
+            raise _with_hint(err) from None
         except (KeyError, TypeError) as err:
             raise StatisticsFileError(path, f"provenance lacks {err}; {regenerate_hint(path)}") from None
-        shards.append((str(path), moments, shared, prompts, provenance))
-
-    first_path, first_moments, first_shared, _, first_provenance = shards[0]
-    for path, moments, shared, _, _ in shards[1:]:
+        headers.append((str(path), shared, prompts, provenance))
+    first_path, first_shared = headers[0][0], headers[0][1]
+    for path, shared, _, _ in headers[1:]:
         for field in _SHARED_FIELDS:
             if shared[field] != first_shared[field]:
                 raise StatisticsFileError(
@@ -61,45 +76,86 @@ def merge_shard_files(paths: list[str | Path], expected_prompt_sha256: str | Non
                     f"  {path}: {shared[field]}\nThese shards come from different runs; "
                     f"{regenerate_hint(path)}",
                 )
-        if sorted(moments) != sorted(first_moments):
+    headers.sort(key=lambda header: header[2]["first_index"])
+    first_index = headers[0][2]["first_index"]
+    expected = first_index
+    for path, _, prompts, _ in headers:
+        if prompts["first_index"] != expected:
             raise StatisticsFileError(
                 path,
-                f"holds layers {sorted(set(moments) ^ set(first_moments))} that {first_path} does not (or vice versa)",
-            )
-        for key, moment in moments.items():
-            if moment.dim != first_moments[key].dim:
-                raise StatisticsFileError(
-                    path, f"{key!r} has dimension {moment.dim}, but {first_path} has {first_moments[key].dim}"
-                )
-
-    shards.sort(key=lambda shard: shard[3]["first_index"])
-    all_prompts: list[str] = []
-    for path, _, _, prompts, _ in shards:
-        if prompts["first_index"] != len(all_prompts):
-            raise StatisticsFileError(
-                path,
-                f"covers prompts from index {prompts['first_index']}, expected {len(all_prompts)}: "
+                f"covers prompts from index {prompts['first_index']}, expected {expected}: "
                 "shards overlap or one is missing",
             )
-        all_prompts.extend(prompts["prompts"])
+        expected += len(prompts["prompts"])
+    return headers
+
+
+def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt_sha256: str | None = None,
+                first_index: int | None = 0) -> tuple[dict[str, Moments], dict]:
+    """Sum the ``kind`` files (``features`` shards, or ``partial`` group sums) of one step.
+
+    Returns (moments, attrs): ``attrs`` are the merged file's attributes, ``provenance`` and
+    ``step``. The prompts of the files must follow each other from ``first_index`` (``None``:
+    from wherever the first file starts, for a group of shards), and, when
+    ``expected_prompt_sha256`` is given, make up exactly that prompt set.
+    """
+    if not paths:
+        raise ValueError("no shard files to merge")
+    headers = _headers(paths, kind)
+    start = headers[0][2]["first_index"]
+    if first_index is not None and start != first_index:
+        raise StatisticsFileError(headers[0][0], f"covers prompts from index {start}, expected {first_index}: "
+                                  "shards overlap or one is missing")
+    all_prompts = [prompt for header in headers for prompt in header[2]["prompts"]]
     prompt_sha256 = prompt_set_sha256(all_prompts)
     if expected_prompt_sha256 is not None and prompt_sha256 != expected_prompt_sha256:
         raise StatisticsFileError(
-            shards[0][0],
+            headers[0][0],
             f"the shards' prompts (sha256 {prompt_sha256}) are not the configured prompt set "
             f"(sha256 {expected_prompt_sha256}); stale shards? Rerun the feature jobs.",
         )
 
-    total = {}
-    for key in first_moments:  # summed in prompt order, so a rerun gives the same bits
-        total[key] = shards[0][1][key]
-        for shard in shards[1:]:
-            total[key] = total[key] + shard[1][key]
+    total: dict[str, Moments] = {}
+    first_path = headers[0][0]
+    for path, _, _, _ in headers:  # summed in prompt order, so a rerun gives the same bits
+        seen = []
+        try:
+            items = iter_moments(path, kind)
+            next(items)
+            for key, moment in items:
+                seen.append(key)
+                if path == first_path:
+                    total[key] = moment
+                    continue
+                if key not in total:
+                    break
+                if moment.dim != total[key].dim:
+                    raise StatisticsFileError(
+                        path, f"{key!r} has dimension {moment.dim}, but {first_path} has {total[key].dim}"
+                    )
+                total[key].add_(moment)
+        except StatisticsFileError as err:
+            raise _with_hint(err) from None
+        if sorted(seen) != sorted(total):
+            raise StatisticsFileError(
+                path,
+                f"holds layers {sorted(set(seen) ^ set(total))} that {first_path} does not (or vice versa)",
+            )
+    first_provenance = headers[0][3]
+    shards = [name for header in headers for name in header[3].get("shards", [Path(header[0]).parent.name])]
     provenance = {
         "model": first_provenance["model"],
         "config": first_provenance["config"],
         "packages": first_provenance["packages"],
         "prompts": {"count": len(all_prompts), "sha256": prompt_sha256},
-        "shards": [Path(shard[0]).parent.name for shard in shards],
+        "shards": shards,
     }
-    return total, {"provenance": provenance, "step": first_shared["step"]}
+    if first_index is None:  # a partial sum: the next merge checks its coverage like a shard's
+        provenance["prompts"].update(first_index=start, prompts=all_prompts)
+    return total, {"provenance": provenance, "step": headers[0][1]["step"]}
+
+
+def merge_shard_files(paths: list[str | Path], expected_prompt_sha256: str | None = None
+                      ) -> tuple[dict[str, Moments], dict]:
+    """Sum the ``features`` files of all shards of one step; returns (moments, attrs)."""
+    return merge_files(paths, "features", expected_prompt_sha256)

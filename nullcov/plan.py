@@ -112,14 +112,9 @@ def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
 
 
-def moments_file_bytes(dims: dict[str, int]) -> int:
-    """Bytes of one moments file of ``{key: d}``: full float64 ``sum_outer`` and ``sum`` and an
-    int64 count per key (HDF5 metadata not counted)."""
-    return sum(8 * (d * d + d + 1) for d in dims.values())
-
-
 def statistics_bytes(dims: dict[str, int]) -> int:
-    """In-memory float64 bytes of one step's accumulators (``sum_outer`` and ``sum`` per key)."""
+    """In-memory float64 bytes of one step's accumulators (``sum_outer`` and ``sum`` per key); on disk
+    a step is smaller (packed symmetric ``sum_outer``: :func:`nullcov.store.moments_file_bytes`)."""
     return sum(8 * (d * d + d) for d in dims.values())
 
 
@@ -184,12 +179,14 @@ def feature_job_mem_mb(step_bytes: int, num_steps: int, weights: int, max_mem_mb
     return max(min(unchunked, max_mem_mb), single)
 
 
-def merge_mem_mb(file_bytes: int) -> int:
-    return mem_mb(CPU_JOB_OVERHEAD_BYTES + MERGE_STEPS * file_bytes)
+def merge_mem_mb(step_bytes: int) -> int:
+    """A merge job's ``mem_mb`` for files of ``step_bytes`` of float64 statistics (in memory)."""
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + MERGE_STEPS * step_bytes)
 
 
-def projection_mem_mb(file_bytes: int) -> int:
-    return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * file_bytes)
+def projection_mem_mb(step_bytes: int) -> int:
+    """A projection job's ``mem_mb`` for one file of ``step_bytes`` of float64 statistics (in memory)."""
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * step_bytes)
 
 
 def projection_file_bytes(dims: dict[str, int]) -> int:
@@ -204,6 +201,8 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
     """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard."""
     per_step = step_dims(dims, layers, collect_features)
     per_text = text_dims(dims, layers, collect_features)
+    from nullcov.store import moments_file_bytes
+
     step_file, text_file = moments_file_bytes(per_step), moments_file_bytes(per_text)
     step_memory = statistics_bytes(per_step)
     steps_written = num_steps if per_step else 0
@@ -230,8 +229,8 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
         },
         "memory_mb": {
             "features": feature_mem_mb,
-            "covariance": merge_mem_mb(max(step_file, text_file)),
-            "projection": projection_mem_mb(max(step_file, text_file)),
+            "covariance": merge_mem_mb(max(step_memory, statistics_bytes(per_text))),
+            "projection": projection_mem_mb(max(step_memory, statistics_bytes(per_text))),
         },
         "feature_chunks": {"steps_per_chunk": per_chunk, "chunks": len(chunks), "unet_calls_per_batch": calls,
                            "unchunked_mem_mb": mem_mb(feature_job_bytes(step_memory, num_steps, weights))},

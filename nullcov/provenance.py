@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 import nullcov
@@ -47,23 +48,66 @@ def feature_config(config: dict) -> dict:
     return {key: config[key] for key in FEATURE_CONFIG_KEYS}
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the model's component configs and weight file sizes.
+#: Where :func:`file_sha256` keeps the hashes of files it has read (relative to the working directory).
+HASH_CACHE = "resources/cache/file_sha256.json"
 
-    Cheap (no weight hashing) yet it changes with the architecture, the scheduler config and
-    any re-saved weights; used to refuse mixing statistics of different models.
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    """The files that make the model: ``model_index.json`` and every file in the component
+    folders it names (unet, text_encoder, tokenizer, scheduler, ...), sorted."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model_index.json"
+    components = [name for name, value in json.loads(index.read_text()).items()
+                  if not name.startswith("_") and isinstance(value, list)]
+    files = [index]
+    for component in sorted(components):
+        folder = model_dir / component
+        if folder.is_dir():
+            files += sorted(path for path in folder.rglob("*") if path.is_file())
+    return files
+
+
+def file_sha256(path: str | Path, cache_path: str | Path | None = HASH_CACHE) -> str:
+    """sha256 of a file's contents; remembered in ``cache_path`` (JSON) under the file's resolved
+    path, size and mtime_ns, so an unchanged multi-GB weight file is hashed once per machine."""
+    path = Path(path)
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache: dict[str, str] = {}
+    if cache_path is not None and Path(cache_path).is_file():
+        try:
+            cache = json.loads(Path(cache_path).read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}  # a damaged cache only costs re-hashing
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    if cache_path is not None:
+        cache[key] = digest.hexdigest()
+        cache_path = Path(cache_path)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_path.with_name(f".{cache_path.name}.tmp{os.getpid()}")
+        temporary.write_text(json.dumps(cache, sort_keys=True, indent=0))
+        os.replace(temporary, cache_path)  # concurrent jobs: the last writer wins, no torn file
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path, cache_path: str | Path | None = HASH_CACHE) -> str:
+    """sha256 over the relative paths and the contents (sha256) of the model's files
+    (:func:`model_files`: configs, tokenizer and every weight file of its components).
+
+    Weight files are hashed in full, once: hashes are cached by path, size and mtime_ns in
+    ``cache_path`` (None: no cache). Any change of a weight, config or tokenizer file changes
+    it; used to refuse mixing statistics of different models.
     """
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
-    for path in sorted(model_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(model_dir).as_posix()
-        digest.update(relative.encode())
-        if path.suffix == ".json":
-            digest.update(path.read_bytes())
-        else:
-            digest.update(str(path.stat().st_size).encode())
+    for path in model_files(model_dir):
+        digest.update(path.relative_to(model_dir).as_posix().encode())
+        digest.update(file_sha256(path, cache_path).encode())
     return digest.hexdigest()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nullcov import store
 from nullcov.store import TEXT_KEY, atomic_path
 
 STEP_LINEARS = ("to_q", "to_out")
@@ -51,21 +52,7 @@ def step_label(step: dict) -> str:
 # -- reading ----------------------------------------------------------------------------------
 def read_spectra(path) -> dict[str, dict]:
     """``{key: {"eigenvalues", "null_dim", "threshold", "d"}}`` of a projection file (``P`` not read)."""
-    import h5py
-
-    spectra = {}
-    with h5py.File(Path(path), "r") as handle:
-        if handle.attrs.get("nullcov_kind") != "projection":
-            raise ValueError(f"{path}: not a nullcov projection file")
-
-        def visit(name, item):
-            if isinstance(item, h5py.Group) and "eigenvalues" in item:
-                eigenvalues = item["eigenvalues"][()]
-                spectra[name] = {"eigenvalues": eigenvalues, "null_dim": int(item["null_dim"][()]),
-                                 "threshold": float(item["threshold"][()]), "d": int(eigenvalues.shape[0])}
-
-        handle.visititems(visit)
-    return spectra
+    return store.read_spectra(path)
 
 
 def split_key(key: str) -> tuple[str, str]:

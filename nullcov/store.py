@@ -1,15 +1,25 @@
-"""HDF5 files of statistics and projections: atomic writes, validated reads, provenance inside.
+"""HDF5 files of statistics and projections: atomic writes, checksummed and validated reads, provenance inside.
 
 Layout: one group per layer module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``)
 with one subgroup per linear (``to_q``, ``to_out``); the text files hold one group
 ``encoder_hidden_states``. A key is the slash-joined path, e.g. ``<layer>/to_q``. Root attributes:
-``nullcov_kind`` and JSON ``provenance`` (plus ``step`` for per-timestep files). No pickle: only
-numeric datasets and string attributes are written or read.
+``nullcov_kind``, ``nullcov_format`` and JSON ``provenance`` (plus ``step`` for per-timestep files).
+No pickle: only numeric datasets and string attributes are written or read.
+
+Format 2 (this one): every dataset is chunked and carries HDF5's Fletcher32 checksum, verified
+on every read, so a flipped byte stops the reader (naming the file and the command that
+regenerates it); scalars are stored as 1-element arrays so that they are checksummed too.
+Moments groups hold ``count`` [1] (int64), ``shift`` [d], ``sum`` [d] = ``Σ(x - shift)`` and
+``sum_outer`` [d(d+1)/2] = the upper triangle (row-major, ``numpy.triu_indices``) of
+``Σ(x - shift)(x - shift)ᵀ``, all float64: half the bytes of the full matrix, read back full.
+Files without checksums (format 1, written by older nullcov) are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,8 +31,17 @@ from nullcov.projection import NullSpace
 from nullcov.statistics import Moments
 
 TEXT_KEY = "encoder_hidden_states"
-MOMENT_DATASETS = ("count", "sum", "sum_outer")
+FORMAT = 2
+MOMENT_DATASETS = ("count", "shift", "sum", "sum_outer")
 PROJECTION_DATASETS = ("P", "eigenvalues", "null_dim", "threshold")
+# The dtype each dataset must have (checked from the metadata, before any data is read).
+_DTYPES = {"count": np.int64, "shift": np.float64, "sum": np.float64, "sum_outer": np.float64,
+           "P": np.float32, "eigenvalues": np.float64, "null_dim": np.int64, "threshold": np.float64}
+_CHUNK_BYTES = 1 << 20  # chunk size of the checksummed datasets (Fletcher32 is per chunk)
+# HDF5 overhead of one moments file, measured: root attributes (provenance) excluded. Used by
+# moments_file_bytes; tests/test_store_merge.py checks the estimate against written files.
+_FILE_BYTES = 8192
+_GROUP_BYTES = 11264
 
 
 class StatisticsFileError(ValueError):
@@ -32,6 +51,14 @@ class StatisticsFileError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def regenerate_command(path) -> str:
+    """The command that rewrites ``path``: its job's output is the folder for shard and
+    partial-sum files (``shard_*``, ``group_*``), the file itself otherwise."""
+    path = Path(path)
+    target = path.parent if path.parent.name.startswith(("shard_", "group_")) else path
+    return f"snakemake --cores all --force {target}"
 
 
 @contextlib.contextmanager
@@ -54,37 +81,123 @@ def atomic_path(path: str | Path):
             temporary.unlink()
 
 
+@functools.lru_cache(maxsize=8)
+def _triangle(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(dim)
+
+
+def pack_symmetric(matrix: np.ndarray) -> np.ndarray:
+    """The upper triangle of a square matrix, row-major (``d(d+1)/2`` values)."""
+    return matrix[_triangle(matrix.shape[0])]
+
+
+def unpack_symmetric(packed: np.ndarray) -> np.ndarray:
+    """The full symmetric matrix from its packed upper triangle."""
+    dim = int((np.sqrt(8 * packed.shape[0] + 1) - 1) / 2)
+    if packed.ndim != 1 or dim * (dim + 1) // 2 != packed.shape[0]:
+        raise ValueError(f"{packed.shape} is not the shape of a packed triangle")
+    rows, cols = _triangle(dim)
+    full = np.empty((dim, dim), dtype=packed.dtype)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
+
+
+def _checksummed(group: h5py.Group, name: str, value) -> None:
+    value = np.asarray(value)
+    if value.ndim == 0:
+        value = value.reshape(1)
+    # Equal chunks of at most _CHUNK_BYTES (HDF5 stores a partial last chunk at full size).
+    limit = max(1, _CHUNK_BYTES // max(1, value[0:1].nbytes))
+    chunks = -(-value.shape[0] // limit)
+    rows = max(1, -(-value.shape[0] // chunks))
+    group.create_dataset(name, data=value, chunks=(rows, *value.shape[1:]), fletcher32=True)
+
+
+def moments_file_bytes(dims: dict[str, int]) -> int:
+    """Bytes on disk of one moments file (shard, partial sum or merged) whose keys have ``dims``:
+    count, shift, sum and the packed float64 ``sum_outer`` per key, plus HDF5 overhead (the
+    provenance attribute, which grows with the shard's prompt text, is not included)."""
+    data = sum(8 + 16 * d + 4 * d * (d + 1) for d in dims.values())
+    return _FILE_BYTES + _GROUP_BYTES * len(dims) + data
+
+
+def _attrs_sha256(texts: dict[str, str]) -> str:
+    """Checksum of the file's attributes (Fletcher32 covers datasets only)."""
+    return hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()
+
+
 def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]]) -> None:
-    with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["nullcov_kind"] = kind
-            for name, value in attrs.items():
-                handle.attrs[name] = json.dumps(value, sort_keys=True)
-            for key in sorted(groups):
-                group = handle.create_group(key)
-                for name, value in groups[key].items():
-                    group.create_dataset(name, data=value)
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+        texts = {"nullcov_kind": kind, "nullcov_format": json.dumps(FORMAT)}
+        texts |= {name: json.dumps(value, sort_keys=True) for name, value in attrs.items()}
+        for name, text in texts.items():
+            handle.attrs[name] = text
+        handle.attrs["nullcov_attrs_sha256"] = _attrs_sha256(texts)
+        for key in sorted(groups):
+            group = handle.create_group(key)
+            for name, value in groups[key].items():
+                _checksummed(group, name, value)
 
 
-def _read(path, kind: str, datasets: tuple[str, ...], keys=None) -> tuple[dict[str, dict], dict]:
+def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    present = [d for d in names if isinstance(group.get(d), h5py.Dataset)]
+    for name in present:  # dtypes first: a foreign file's object datasets are refused before anything else
+        dataset = group[name]
+        if dataset.dtype != _DTYPES[name]:
+            raise StatisticsFileError(
+                path, f"group {key!r}: dataset {name!r} has dtype {dataset.dtype}, expected {np.dtype(_DTYPES[name])} "
+                f"(sums must be float64); regenerate it with: {regenerate_command(path)}")
+    for name in present:
+        if not group[name].fletcher32:
+            raise StatisticsFileError(
+                path, f"group {key!r}: dataset {name!r} carries no checksum (a file of an older nullcov, or not "
+                f"written by nullcov); regenerate it with: {regenerate_command(path)} (after upgrading "
+                "nullcov, regenerate every result at once: snakemake --cores all --forceall)")
+    missing = [d for d in names if d not in present]
+    if missing:
+        raise StatisticsFileError(path, f"group {key!r} lacks dataset(s) {missing}")
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = group[name][()]
+        except OSError as err:
+            raise StatisticsFileError(
+                path, f"group {key!r}: dataset {name!r} fails its checksum or cannot be read, the file is corrupted "
+                f"({err}); regenerate it with: {regenerate_command(path)}") from None
+    return loaded
+
+
+def _open(path, kind: str, datasets: tuple[str, ...]):
+    """Open a file, check kind, format and attributes; returns (handle, attrs, groups)."""
     path = Path(path)
     if not path.exists():
         raise StatisticsFileError(path, "file does not exist")
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise StatisticsFileError(path, f"not a readable HDF5 file ({err})") from None
-    with handle:
+        raise StatisticsFileError(path, f"not a readable HDF5 file ({err}); "
+                                  f"regenerate it with: {regenerate_command(path)}") from None
+    try:
         found_kind = handle.attrs.get("nullcov_kind")
         if found_kind != kind:
             raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}")
+        texts = dict(handle.attrs.items())
+        stored_sha256 = texts.pop("nullcov_attrs_sha256", None)
+        if stored_sha256 is not None and stored_sha256 != _attrs_sha256(texts):
+            raise StatisticsFileError(path, "the attributes (provenance) fail their checksum, the file is corrupted; "
+                                      f"regenerate it with: {regenerate_command(path)}")
         try:
-            attrs = {name: json.loads(value) for name, value in handle.attrs.items() if name != "nullcov_kind"}
+            attrs = {name: json.loads(value) for name, value in texts.items() if name != "nullcov_kind"}
         except (TypeError, json.JSONDecodeError) as err:
             raise StatisticsFileError(path, f"attributes are not valid JSON ({err})") from None
+        found_format = attrs.pop("nullcov_format", None)
+        if found_format is not None and stored_sha256 is None:
+            raise StatisticsFileError(path, "the attributes carry no checksum; "
+                                      f"regenerate it with: {regenerate_command(path)}")
         if "provenance" not in attrs:
             raise StatisticsFileError(path, "no provenance attribute")
-        groups: dict[str, dict] = {}
+        groups: dict[str, h5py.Group] = {}
 
         def visit(name, obj):
             if isinstance(obj, h5py.Group) and any(isinstance(obj.get(d), h5py.Dataset) for d in datasets):
@@ -92,26 +205,42 @@ def _read(path, kind: str, datasets: tuple[str, ...], keys=None) -> tuple[dict[s
 
         try:
             handle.visititems(visit)
-            if not groups:
-                raise StatisticsFileError(path, f"no groups holding {datasets}")
-            if keys is not None:
-                unknown = sorted(set(keys) - set(groups))
-                if unknown:
-                    raise StatisticsFileError(path, f"no group {unknown}; it holds {sorted(groups)}")
-                groups = {key: groups[key] for key in keys}
-            loaded = {}
-            for key, group in groups.items():
-                missing = [d for d in datasets if not isinstance(group.get(d), h5py.Dataset)]
-                if missing:
-                    raise StatisticsFileError(path, f"group {key!r} lacks dataset(s) {missing}")
-                loaded[key] = {d: group[d][()] for d in datasets}
         except (OSError, RuntimeError, KeyError) as err:
-            raise StatisticsFileError(path, f"corrupted HDF5 content ({err})") from None
-    return loaded, attrs
+            raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
+                                      f"regenerate it with: {regenerate_command(path)}") from None
+        if not groups:
+            raise StatisticsFileError(path, f"no groups holding {datasets}")
+        if found_format is not None and found_format != FORMAT:
+            raise StatisticsFileError(
+                path, f"file format {found_format!r}, this nullcov reads format {FORMAT} (checksummed); "
+                f"regenerate it with: {regenerate_command(path)}")
+        return handle, attrs, groups
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _read(path, kind: str, datasets: tuple[str, ...], keys=None):
+    """Yield ``(key, {dataset: array})`` of every group (or of ``keys``, in that order) one at a
+    time, after the file's attrs: the first item is ``(None, attrs)``."""
+    handle, attrs, groups = _open(path, kind, datasets)
+    with handle:
+        if keys is not None:
+            unknown = sorted(set(keys) - set(groups))
+            if unknown:
+                raise StatisticsFileError(path, f"no group {unknown}; it holds {sorted(groups)}")
+            groups = {key: groups[key] for key in keys}
+        yield None, attrs
+        for key, group in groups.items():
+            try:
+                yield key, _load(path, key, group, datasets)
+            except (RuntimeError, KeyError) as err:
+                raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
+                                          f"regenerate it with: {regenerate_command(path)}") from None
 
 
 def write_moments(path, kind: str, moments: dict[str, Moments], attrs: dict) -> None:
-    """Write ``{key: Moments}`` (``kind`` is ``features`` or ``covariance``) atomically."""
+    """Write ``{key: Moments}`` (``kind``: ``features``, ``partial`` or ``covariance``) atomically."""
     groups = {}
     for key, moment in moments.items():
         problems = moment.problems()
@@ -119,26 +248,49 @@ def write_moments(path, kind: str, moments: dict[str, Moments], attrs: dict) -> 
             raise StatisticsFileError(path, f"refusing to write {key!r}: {'; '.join(problems)}")
         groups[key] = {
             "count": np.int64(moment.count),
-            "sum": moment.sum.astype(np.float64),
-            "sum_outer": moment.sum_outer.astype(np.float64),
+            "shift": moment.shift,
+            "sum": moment.shifted_sum,
+            "sum_outer": pack_symmetric(moment.shifted_outer),
         }
     _write(path, kind, attrs, groups)
 
 
+def _moments(path, key: str, data: dict) -> Moments:
+    count = data["count"]
+    if count.shape != (1,):
+        raise StatisticsFileError(path, f"group {key!r}: count must be one integer, got shape {count.shape}")
+    sum_ = data["sum"]
+    packed = data["sum_outer"]
+    dim = sum_.shape[0] if sum_.ndim == 1 else -1
+    if packed.shape != (dim * (dim + 1) // 2,):
+        raise StatisticsFileError(path, f"group {key!r}: inconsistent shapes: sum {sum_.shape}, packed sum_outer "
+                                  f"{packed.shape} (expected ({dim * (dim + 1) // 2},))")
+    moment = Moments.about(int(count[0]), data["shift"], sum_, unpack_symmetric(packed))
+    problems = moment.problems()
+    if problems:
+        raise StatisticsFileError(path, f"group {key!r}: {'; '.join(problems)}")
+    return moment
+
+
+def iter_moments(path, kind: str, keys=None):
+    """Read a moments file one key at a time: yields ``(None, attrs)`` first, then
+    ``(key, Moments)``, each checksummed and validated (dtypes, shapes, count > 0, finite)."""
+    for key, data in _read(path, kind, MOMENT_DATASETS, keys):
+        yield (None, data) if key is None else (key, _moments(path, key, data))
+
+
+def read_attrs(path, kind: str) -> dict:
+    """A moments file's attributes (provenance, step), without reading any statistics."""
+    handle, attrs, _ = _open(path, kind, MOMENT_DATASETS)
+    handle.close()
+    return attrs
+
+
 def read_moments(path, kind: str, keys=None) -> tuple[dict[str, Moments], dict]:
-    """Read and validate a moments file (all groups, or ``keys``): dtypes, shapes, count > 0, finite sums."""
-    loaded, attrs = _read(path, kind, MOMENT_DATASETS, keys)
-    moments = {}
-    for key, data in loaded.items():
-        count = data["count"]
-        if np.ndim(count) != 0 or not np.issubdtype(np.asarray(count).dtype, np.integer):
-            raise StatisticsFileError(path, f"group {key!r}: count must be an integer scalar, got {count!r}")
-        moment = Moments(count=int(count), sum=np.asarray(data["sum"]), sum_outer=np.asarray(data["sum_outer"]))
-        problems = moment.problems()
-        if problems:
-            raise StatisticsFileError(path, f"group {key!r}: {'; '.join(problems)}")
-        moments[key] = moment
-    return moments, attrs
+    """Read and validate a moments file (all groups, or ``keys``)."""
+    items = iter_moments(path, kind, keys)
+    _, attrs = next(items)
+    return dict(items), attrs
 
 
 def write_projections(path, spaces: dict[str, NullSpace], attrs: dict) -> None:
@@ -154,15 +306,26 @@ def write_projections(path, spaces: dict[str, NullSpace], attrs: dict) -> None:
     _write(path, "projection", attrs, groups)
 
 
+def read_spectra(path) -> dict[str, dict]:
+    """``{key: {"eigenvalues", "null_dim", "threshold", "d"}}`` of a projection file (checksummed; ``P`` not read)."""
+    items = _read(path, "projection", PROJECTION_DATASETS[1:])
+    next(items)
+    return {key: {"eigenvalues": data["eigenvalues"], "null_dim": int(data["null_dim"][0]),
+                  "threshold": float(data["threshold"][0]), "d": int(data["eigenvalues"].shape[0])}
+            for key, data in items}
+
+
 def read_projections(path, keys=None) -> tuple[dict[str, NullSpace], dict]:
-    loaded, attrs = _read(path, "projection", PROJECTION_DATASETS, keys)
-    spaces = {
-        key: NullSpace(
+    items = _read(path, "projection", PROJECTION_DATASETS, keys)
+    _, attrs = next(items)
+    spaces = {}
+    for key, data in items:
+        if data["null_dim"].shape != (1,) or data["threshold"].shape != (1,):
+            raise StatisticsFileError(path, f"group {key!r}: null_dim and threshold must hold one value each")
+        spaces[key] = NullSpace(
             projection=np.asarray(data["P"]),
             eigenvalues=np.asarray(data["eigenvalues"]),
-            null_dim=int(data["null_dim"]),
-            threshold=float(data["threshold"]),
+            null_dim=int(data["null_dim"][0]),
+            threshold=float(data["threshold"][0]),
         )
-        for key, data in loaded.items()
-    }
     return spaces, attrs

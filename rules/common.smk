@@ -15,7 +15,7 @@ from nullcov import model as nc_model
 from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
-from nullcov.provenance import feature_config
+from nullcov.provenance import feature_config, model_files
 
 # `--config key=null` passes the string "null": it means None for every key that admits null.
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
@@ -52,9 +52,23 @@ if DUPLICATES:
         + ("(each occurrence is collected with its own seed)" if config["duplicate_prompts"] == "keep" else "(dropped)")
     )
     PROMPTS = nc_prompts.apply_duplicate_policy(PROMPTS, config["duplicate_prompts"])
-SHARDS = nc_prompts.split_into_shards(PROMPTS, config["prompts_per_shard"])
-SHARD_IDS = [f"{index:04d}" for index in range(len(SHARDS))]
 STEP_NAMES = [step["name"] for step in SCHEDULE["steps"]]
+# prompts_per_shard: auto sizes shards by work per job (nullcov.prompts.auto_prompts_per_shard).
+PROMPTS_PER_SHARD = (
+    nc_prompts.auto_prompts_per_shard(len(STEP_NAMES))
+    if config["prompts_per_shard"] == "auto"
+    else config["prompts_per_shard"]
+)
+SHARDS = nc_prompts.split_into_shards(PROMPTS, PROMPTS_PER_SHARD)
+SHARD_IDS = [f"{index:04d}" for index in range(len(SHARDS))]
+# Merges: with more shards than shards_per_merge_group, partial sums per group of consecutive
+# shards (rule merge_group, all steps per job), then the per-step sum over the groups.
+MERGE_GROUPS = [
+    SHARD_IDS[start : start + config["shards_per_merge_group"]]
+    for start in range(0, len(SHARD_IDS), config["shards_per_merge_group"])
+]
+MERGE_KIND = "partial" if len(MERGE_GROUPS) > 1 else "features"
+PROMPT_SHA256 = nc_prompts.prompt_set_sha256(PROMPTS)
 COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["out"]
 COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
@@ -82,6 +96,7 @@ FEATURE_MEM_MB = nc_plan.feature_job_mem_mb(
 
 wildcard_constraints:
     shard=r"\d{4}",
+    group=r"\d{4}",
     name=nc_schedule.NAME_PATTERN,
 
 
@@ -94,9 +109,18 @@ def final_outputs():
     )
 
 
+# A model folder's files (configs, tokenizer, weights) are inputs of the feature jobs: changed
+# weights rerun them (and change the content fingerprint recorded in every shard).
+MODEL_FILES = (
+    [nc_model.BUILTIN_TINY_DIR]
+    if config["model"] == nc_model.BUILTIN_TINY
+    else [str(path) for path in model_files(MODEL_DIR)]
+)
+
+
 def model_input(wildcards):
-    """The built model folder when the model is built by this workflow; else nothing to track."""
-    return [nc_model.BUILTIN_TINY_DIR] if config["model"] == nc_model.BUILTIN_TINY else []
+    """The built model folder (builtin:tiny), else every file of the model folder."""
+    return MODEL_FILES
 
 
 def shard_prompts(wildcards):
@@ -104,12 +128,31 @@ def shard_prompts(wildcards):
 
 
 def shard_first_index(wildcards):
-    return int(wildcards.shard) * config["prompts_per_shard"]
+    return int(wildcards.shard) * PROMPTS_PER_SHARD
+
+
+SHARD_FOLDERS = [f"results/features/shard_{shard}" for shard in SHARD_IDS]
+GROUP_FOLDERS = [f"results/partial/group_{group:04d}" for group in range(len(MERGE_GROUPS))]
 
 
 def shard_folders(wildcards):
-    """Every shard's feature folder (the merge reads {folder}/{name}.h5 from each)."""
-    return [f"results/features/shard_{shard}" for shard in SHARD_IDS]
+    """Every shard's feature folder."""
+    return SHARD_FOLDERS
+
+
+def group_shard_folders(wildcards):
+    """The shard folders of one merge group."""
+    return [f"results/features/shard_{shard}" for shard in MERGE_GROUPS[int(wildcards.group)]]
+
+
+def merge_inputs(wildcards):
+    """What a per-step merge reads {folder}/{name}.h5 from: the shards, or the groups' partial sums."""
+    return GROUP_FOLDERS if MERGE_KIND == "partial" else SHARD_FOLDERS
+
+
+def scratch_output(path):
+    """Shard and partial-sum folders: kept (keep_shards: true), or deleted once merged (temp)."""
+    return directory(path) if config["keep_shards"] else temp(directory(path))
 
 
 def feature_job_mem_mb(wildcards, attempt):
@@ -124,15 +167,21 @@ def model_job_mem_mb(wildcards, attempt):
 
 
 def merge_mem_mb(wildcards, attempt):
-    """covariance jobs: a few steps' statistics (constant in the number of shards), x attempt."""
-    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
-    return attempt * nc_plan.merge_mem_mb(nc_plan.moments_file_bytes(dims))
+    """Merge jobs (covariance, merge_group): a few steps' statistics (constant in the number of
+    shards), x attempt. merge_group holds every kind of file, one at a time."""
+    return attempt * nc_plan.merge_mem_mb(held_statistics_bytes(wildcards))
+
+
+def held_statistics_bytes(wildcards):
+    """float64 bytes of the largest statistics a merge or projection job holds at once."""
+    if "group" in wildcards.keys():
+        return max(nc_plan.statistics_bytes(STEP_DIMS), nc_plan.statistics_bytes(TEXT_DIMS))
+    return nc_plan.statistics_bytes(TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS)
 
 
 def projection_mem_mb(wildcards, attempt):
     """projection jobs: the statistic, its eigenvectors and P of one step file, x attempt."""
-    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
-    return attempt * nc_plan.projection_mem_mb(nc_plan.moments_file_bytes(dims))
+    return attempt * nc_plan.projection_mem_mb(held_statistics_bytes(wildcards))
 
 
 def feature_job_minutes(wildcards, attempt):

@@ -1,7 +1,29 @@
-rule covariance:
-    """Sum of every shard's moments for one timestep (exact float64 sums)."""
+rule merge_group:
+    """Partial sums of one group of consecutive shards, every step (when shards outnumber
+    shards_per_merge_group): no merge job reads more than that many shards' or groups' files.
+    """
     input:
-        shard_folders,
+        group_shard_folders,
+    output:
+        scratch_output("results/partial/group_{group}"),
+    log:
+        "logs/merge_group/group_{group}.log",
+    benchmark:
+        "benchmarks/merge_group/group_{group}.tsv"
+    conda:
+        "../envs/nullcov.yaml"
+    resources:
+        mem_mb=merge_mem_mb,
+    params:
+        file_names=SHARD_FILE_NAMES,
+    script:
+        "../scripts/merge_group.py"
+
+
+rule covariance:
+    """Sum of every shard's (or group's) moments for one timestep (exact float64 sums)."""
+    input:
+        merge_inputs,
     output:
         "results/covariance/{name}.h5",
     log:
@@ -14,7 +36,8 @@ rule covariance:
         mem_mb=merge_mem_mb,
     params:
         file_name=lambda wildcards: f"{wildcards.name}.h5",
-        prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
+        prompt_sha256=PROMPT_SHA256,
+        kind=MERGE_KIND,
     script:
         "../scripts/covariance.py"
 
@@ -28,4 +51,5 @@ use rule covariance as covariance_text with:
         "benchmarks/covariance/text.tsv"
     params:
         file_name="text.h5",
-        prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
+        prompt_sha256=PROMPT_SHA256,
+        kind=MERGE_KIND,

@@ -10,7 +10,7 @@ rule features:
         schedule="results/schedule.json",
         model=model_input,
     output:
-        directory("results/features/shard_{shard}"),
+        scratch_output("results/features/shard_{shard}"),
     log:
         "logs/features/shard_{shard}.log",
     benchmark:

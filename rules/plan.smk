@@ -1,13 +1,13 @@
 rule plan:
-    output:
-        "results/plan.txt",
-    log:
-        "logs/plan.log",
     """The run plan for the current config and model, before any GPU work: jobs per rule,
     bytes of scratch / merged moments / projections, memory per job, GPU-hours.
 
     `snakemake plan` prints it and writes results/plan.txt; reads configs only (no weights).
     """
+    output:
+        "results/plan.txt",
+    log:
+        "logs/plan.log",
     localrule: True
     conda:
         "../envs/nullcov.yaml"

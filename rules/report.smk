@@ -100,7 +100,7 @@ rule run_summary:
         benchmarks=summary_benchmarks,
         folders=summary_folders,
         num_prompts=len(PROMPTS),
-        prompt_sha256=nc_prompts.prompt_set_sha256(PROMPTS),
+        prompt_sha256=PROMPT_SHA256,
         num_shards=len(SHARD_IDS),
         num_validation=len(VALIDATION_PROMPTS),
         validation_file=str(VALIDATION_FILE),

@@ -1,4 +1,4 @@
-"""Snakemake adapter: merge every shard's moments of one timestep (nullcov.jobs.merge_job)."""
+"""Snakemake adapter: merge one timestep's moments of every shard or group (nullcov.jobs.merge_job)."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
@@ -6,5 +6,5 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 from nullcov.jobs import logging_to, merge_job
 
 with logging_to(snakemake.log[0]):
-    shard_files = [f"{folder}/{snakemake.params.file_name}" for folder in snakemake.input]
-    merge_job(shard_files, snakemake.output[0], snakemake.params.prompt_sha256)
+    input_files = [f"{folder}/{snakemake.params.file_name}" for folder in snakemake.input]
+    merge_job(input_files, snakemake.output[0], snakemake.params.prompt_sha256, snakemake.params.kind)

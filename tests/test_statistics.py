@@ -84,3 +84,59 @@ def test_percentile_threshold_wins():
             spectrum_threshold(eigenvalues, 0.02, bad)
     with pytest.raises(ValueError, match="nullspace_threshold"):
         spectrum_threshold(eigenvalues, -1, None)
+
+
+def test_moments_about_different_shifts_add_up_to_the_brute_force_whole():
+    rows = _rows(7) + 40.0
+    rng = np.random.default_rng(7)
+    parts = [Moments.of_rows(rows[a:b], shift=rows[a] + rng.normal(size=rows.shape[1]))
+             for a, b in [(0, 1), (1, 70), (70, 133), (133, 200)]]
+    merged = parts[0] + parts[1] + parts[2] + parts[3]
+    np.testing.assert_array_equal(merged.shift, parts[0].shift)  # the left operand's shift: deterministic
+    np.testing.assert_allclose(merged.sum_outer, rows.T @ rows, rtol=1e-12)
+    np.testing.assert_allclose(merged.sum, rows.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(merged.covariance(), np.cov(rows, rowvar=False), rtol=1e-9, atol=1e-10)
+    moved = merged.shifted_to(np.zeros(rows.shape[1]))
+    np.testing.assert_allclose(moved.shifted_outer, rows.T @ rows, rtol=1e-12)
+
+
+def test_covariance_keeps_its_digits_when_the_mean_dwarfs_the_spread():
+    """|μ| ≫ σ (as text-encoder states): the capture's float32 products about a shift give the
+    float64 brute-force covariance; without the shift (the old code) the cancellation of Σxxᵀ
+    against nμμᵀ leaves errors of ~10% of the covariance."""
+    import torch
+
+    from nullcov.capture import TorchMoments, column_sums, gram
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, generator=generator) * 30
+    batches = [(mean + 0.05 * torch.randn(48, 64, generator=generator)).float() for _ in range(5)]
+    rows = torch.cat(batches).double().numpy()
+    truth = np.cov(rows, rowvar=False)  # two-pass, float64
+
+    def error(covariance):
+        return np.abs(covariance - truth).max() / np.abs(truth).max()
+
+    shifted = TorchMoments(64, "cpu")
+    for batch in batches:
+        shifted.add(batch)
+    unshifted = Moments(len(rows), sum(column_sums(b, 0).double() for b in batches).numpy(),
+                        sum(gram(b).double() for b in batches).numpy())  # the old capture: Σxxᵀ in float32 products
+    assert error(unshifted.covariance()) > 1e-2
+    assert error(shifted.to_moments().covariance()) < 1e-5
+    np.testing.assert_allclose(shifted.to_moments().second_moment(), rows.T @ rows / len(rows), rtol=1e-6)
+
+
+@pytest.mark.parametrize("threshold, percent", [(1e-8, None), (1.0, None), (50.0, None), (1e-30, None), (1e9, None),
+                                                (None, 10), (None, 90)])
+def test_null_space_from_the_smaller_side_equals_the_full_eigh(threshold, percent):
+    """Brute force: the full eigh and U0 U0ᵀ over every eigenvalue under the threshold."""
+    rows = _rows(11, n=300, d=40, rank=25) + 0.01 * _rows(12, n=300, d=40)
+    statistic = rows.T @ rows / len(rows)
+    values, vectors = np.linalg.eigh(statistic)
+    cut = np.percentile(values, percent) if percent is not None else threshold
+    basis = vectors[:, values < cut]
+    space = null_space(statistic, threshold, threshold_percent=percent)
+    assert space.null_dim == basis.shape[1]
+    np.testing.assert_allclose(space.projection, basis @ basis.T, atol=1e-6)
+    np.testing.assert_allclose(space.eigenvalues, values, rtol=1e-9, atol=1e-12)
