@@ -1,5 +1,6 @@
 # Config validation, derived constants, input functions and wildcard constraints.
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -47,11 +48,14 @@ COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["o
 COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
 SHARD_FILE_NAMES = (STEP_NAMES if COLLECT_STEPS else []) + (["text"] if COLLECT_TEXT else [])
+# Built-in tiny models: folder name under resources/models -> family (rule tiny_model builds them).
+BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUILTIN_MODELS.values()}
 
 
 wildcard_constraints:
     shard=r"\d{4}",
     name=nc_schedule.NAME_PATTERN,
+    builtin="|".join(BUILTIN_FAMILIES),
 
 
 def final_outputs():
@@ -63,7 +67,7 @@ def final_outputs():
 
 def model_input(wildcards):
     """The built model folder when the model is built by this workflow; else nothing to track."""
-    return [nc_model.BUILTIN_TINY_DIR] if config["model"] == nc_model.BUILTIN_TINY else []
+    return [str(MODEL_DIR)] if config["model"] in nc_model.BUILTIN_MODELS else []
 
 
 def shard_prompts(wildcards):
@@ -80,8 +84,9 @@ def shard_folders(wildcards):
 
 
 def feature_job_minutes(wildcards, attempt):
-    """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry."""
-    work = len(shard_prompts(wildcards)) * len(STEP_NAMES)
+    """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry (text-only: one
+    "step" per prompt)."""
+    work = len(shard_prompts(wildcards)) * (len(STEP_NAMES) if COLLECT_STEPS else 1)
     return attempt * (15 + work // 300)
 
 

@@ -1,10 +1,12 @@
 rule tiny_model:
-    """The embedded deterministic tiny SD-1.x model (model: builtin:tiny)."""
+    """An embedded deterministic tiny model (model: builtin:tiny, builtin:tiny-sd2, -sdxl, -lcm)."""
     localrule: True
     output:
-        directory(nc_model.BUILTIN_TINY_DIR),
+        directory("resources/models/{builtin}"),
+    params:
+        family=lambda wildcards: BUILTIN_FAMILIES[wildcards.builtin],
     log:
-        "logs/tiny_model.log",
+        "logs/tiny_model/{builtin}.log",
     conda:
         "../envs/nullcov.yaml"
     script:

@@ -1,0 +1,171 @@
+"""Every supported model family (SD-2.x, SDXL, LCM) against an independent brute force.
+
+The reference calls each family's real diffusers pipeline once per prompt with that prompt's own
+generator (seed + i), stores the raw inputs of every hooked linear (tests/test_capture.py's
+``RawInputs``) and computes the moments as XᵀX of the conditional rows.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from nullcov.capture import HookNotFiredError
+from nullcov.family import model_family
+from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
+from nullcov.model import ModelError, load_pipeline
+from nullcov.schedule import build_schedule
+from nullcov.store import TEXT_KEY
+
+from conftest import base_config
+from test_capture import RawInputs, assert_close_to_float64
+
+# family -> (the sampler its users run, number of attn2 layers of the tiny model, text state width)
+FAMILIES = {
+    "sd2": ("DPM++ 2M Karras", 7, 48),
+    "sdxl": ("Euler a", 8, 64),
+    "lcm": ("LCM", 7, 32),
+}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    from nullcov.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    return {family: build_tiny_model(root / f"tiny-{family}", family) for family in FAMILIES}
+
+
+def _configured(model_dir, strategy, **overrides):
+    config = base_config(sampler_strategy=strategy, num_denoising_steps=3, **overrides)
+    pipe = load_pipeline(model_dir, "float32", "cpu")
+    schedule = build_schedule(dict(pipe.scheduler.config), strategy, config["num_denoising_steps"])
+    configure_scheduler(pipe, schedule)
+    return pipe, schedule, config
+
+
+def _brute_force(pipe, prompts, first_index, schedule, config):
+    """Per prompt: one real pipeline call with its own generator; raw inputs of every linear."""
+    raw = RawInputs(pipe.unet)
+    try:
+        for offset, prompt in enumerate(prompts):
+            pipe(prompt=[prompt], guidance_scale=config["guidance_scale"], output_type="latent",
+                 generator=[torch.Generator("cpu").manual_seed(config["seed"] + first_index + offset)],
+                 **schedule["set_timesteps"])
+    finally:
+        raw.close()
+    return raw.calls
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_equals_brute_force_through_its_own_pipeline(family, family_dirs, demo_prompts):
+    strategy, num_layers, text_dim = FAMILIES[family]
+    pipe, schedule, config = _configured(family_dirs[family], strategy)
+    prompts = demo_prompts[:3]
+    steps, text, layers, _ = collect_shard(pipe, prompts, 0, schedule, config)
+    calls = _brute_force(pipe, prompts, 0, schedule, config)
+    num_steps = len(schedule["steps"])
+    assert len(layers) == num_layers and len(calls) == num_steps * len(prompts)
+    cfg = model_family(family_dirs[family]).guidance == "cfg"
+    for call in calls:  # the CFG batch is [uncond, cond]; LCM's guidance embedding means no CFG batch
+        assert call["states"].shape[0] == (2 if cfg else 1)
+    for index, step in enumerate(schedule["steps"]):
+        step_calls = calls[index::num_steps]
+        assert [c["timestep"] for c in step_calls] == [step["timestep"]] * len(prompts)
+        assert set(steps[index]) == {f"{layer}/{linear}" for layer in layers for linear in ("to_q", "to_out")}
+        for key, moments in steps[index].items():
+            rows = torch.cat([c[key][-1:].reshape(-1, c[key].shape[-1]) for c in step_calls]).numpy()
+            assert moments.count == rows.shape[0]
+            assert_close_to_float64(moments.sum_outer, rows.T @ rows)
+            assert_close_to_float64(moments.sum, rows.sum(0))
+    firsts = calls[::num_steps]
+    for call in firsts:  # every attn2 to_k sees the (for SDXL concatenated) text states
+        for layer in layers:
+            np.testing.assert_array_equal(call[f"{layer}/to_k"].numpy(), call["states"].numpy())
+    rows = torch.cat([c["states"][-1:].reshape(-1, c["states"].shape[-1]) for c in firsts]).numpy()
+    assert rows.shape[1] == text_dim == model_family(family_dirs[family]).text_dim
+    assert text.count == 3 * 77
+    assert_close_to_float64(text.sum_outer, rows.T @ rows)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("text_tokens", ["all", "eos"])
+def test_text_only_path_equals_full_run(family, text_tokens, family_dirs, demo_prompts):
+    """Text encoders alone (no UNet, VAE or scheduler loaded) give the full run's text.h5 moments."""
+    strategy = FAMILIES[family][0]
+    pipe, schedule, config = _configured(family_dirs[family], strategy, text_tokens=text_tokens, batch_size=2)
+    prompts = demo_prompts[:3]
+    _, full, _, _ = collect_shard(pipe, prompts, 0, schedule, config)
+    text_pipe = load_pipeline(family_dirs[family], "float32", "cpu", text_only=True)
+    assert text_pipe.unet is None and text_pipe.vae is None and text_pipe.scheduler is None
+    only = collect_text_shard(text_pipe, prompts, 0, config)
+    assert only.count == full.count == (3 * 77 if text_tokens == "all" else 3)
+    np.testing.assert_allclose(only.sum_outer, full.sum_outer, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(only.sum, full.sum, rtol=1e-9, atol=1e-12)
+
+
+def test_sd2_schedule_uses_the_models_v_prediction(family_dirs):
+    pipe, schedule, _ = _configured(family_dirs["sd2"], "DPM++ 2M Karras")
+    assert schedule["scheduler"]["config"]["prediction_type"] == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.use_linear_projection
+    assert type(pipe.unet.down_blocks[0].attentions[0].proj_in).__name__ == "Linear"
+
+
+def test_sdxl_layout(family_dirs):
+    family = model_family(family_dirs["sdxl"])
+    assert (family.pipeline, family.tokenizers, family.added_conditioning) == (
+        "StableDiffusionXLPipeline", ("tokenizer", "tokenizer_2"), "text_time")
+    pipe = load_pipeline(family_dirs["sdxl"], "float32", "cpu")
+    names = [name for name, module in pipe.unet.named_modules() if getattr(module, "is_cross_attention", False)]
+    assert not any(name.startswith("down_blocks.0.") for name in names)
+    assert pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size == family.text_dim
+
+
+def test_lcm_guidance_scale_feeds_the_embedding(family_dirs, demo_prompts):
+    """No CFG batch; the guidance scale still changes what the UNet sees (through timestep_cond)."""
+    assert model_family(family_dirs["lcm"]).guidance == "embedding"
+    results = []
+    for scale in (2.0, 8.0):
+        pipe, schedule, config = _configured(family_dirs["lcm"], "LCM", guidance_scale=scale)
+        results.append(collect_shard(pipe, demo_prompts[:1], 0, schedule, config)[0])
+    key = next(iter(results[0][-1]))
+    assert results[0][0][key].count == results[1][0][key].count
+    assert not np.allclose(results[0][-1][key].sum_outer, results[1][-1][key].sum_outer)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "lcm"])
+def test_noised_collection_is_refused_where_the_unet_needs_more_than_text(family, family_dirs, demo_prompts):
+    pipe, schedule, config = _configured(family_dirs[family], FAMILIES[family][0], collection="noised")
+    with pytest.raises(ValueError, match="use collection: trajectory"):
+        collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
+
+
+class _SkipsToV:
+    """An attention processor that never calls ``to_v`` (uses to_k's output twice)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key = attn.to_q(hidden_states), attn.to_k(context)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, key))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_a_linear_that_never_runs_fails_the_job_naming_it(family_dirs, demo_prompts):
+    pipe, schedule, config = _configured(family_dirs["sdxl"], "Euler a")
+    layer = "up_blocks.0.attentions.1.transformer_blocks.1.attn2"
+    pipe.unet.get_submodule(layer).set_processor(_SkipsToV())
+    with pytest.raises(HookNotFiredError, match=rf"^{layer}/to_v did not run on UNet call 0"):
+        collect_shard(pipe, demo_prompts[:2], 0, schedule, config)
+
+
+def test_fused_projections_are_refused(family_dirs, demo_prompts):
+    pipe, schedule, config = _configured(family_dirs["sd2"], "DPM++ 2M Karras")
+    pipe.fuse_qkv_projections()
+    with pytest.raises(ModelError, match="fused projections"):
+        collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
+
+
+def test_text_key_is_the_stored_name():
+    assert TEXT_KEY == "encoder_hidden_states"  # text.h5's group (README)
