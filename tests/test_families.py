@@ -14,7 +14,6 @@ from nullcov.family import model_family
 from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
 from nullcov.model import ModelError, load_pipeline
 from nullcov.schedule import build_schedule
-from nullcov.store import TEXT_KEY
 
 from conftest import base_config
 from test_capture import RawInputs, assert_close_to_float64
@@ -35,8 +34,8 @@ def family_dirs(tmp_path_factory):
     return {family: build_tiny_model(root / f"tiny-{family}", family) for family in FAMILIES}
 
 
-def _configured(model_dir, strategy, **overrides):
-    config = base_config(sampler_strategy=strategy, num_denoising_steps=3, **overrides)
+def _configured(model_dir, strategy, num_denoising_steps=2, **overrides):
+    config = base_config(sampler_strategy=strategy, num_denoising_steps=num_denoising_steps, **overrides)
     pipe = load_pipeline(model_dir, "float32", "cpu")
     schedule = build_schedule(dict(pipe.scheduler.config), strategy, config["num_denoising_steps"])
     configure_scheduler(pipe, schedule)
@@ -87,18 +86,19 @@ def test_family_equals_brute_force_through_its_own_pipeline(family, family_dirs,
     assert_close_to_float64(text.sum_outer, rows.T @ rows)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("text_tokens", ["all", "eos"])
+@pytest.mark.parametrize(("family", "text_tokens"), [("sd2", "eos"), ("sdxl", "all"), ("lcm", "prompt")])
 def test_text_only_path_equals_full_run(family, text_tokens, family_dirs, demo_prompts):
     """Text encoders alone (no UNet, VAE or scheduler loaded) give the full run's text.h5 moments."""
     strategy = FAMILIES[family][0]
-    pipe, schedule, config = _configured(family_dirs[family], strategy, text_tokens=text_tokens, batch_size=2)
+    pipe, schedule, config = _configured(family_dirs[family], strategy, 1, text_tokens=text_tokens, batch_size=2)
     prompts = demo_prompts[:3]
     _, full, _, _ = collect_shard(pipe, prompts, 0, schedule, config)
     text_pipe = load_pipeline(family_dirs[family], "float32", "cpu", text_only=True)
     assert text_pipe.unet is None and text_pipe.vae is None and text_pipe.scheduler is None
     only = collect_text_shard(text_pipe, prompts, 0, config)
-    assert only.count == full.count == (3 * 77 if text_tokens == "all" else 3)
+    ids = pipe.tokenizer(prompts).input_ids  # BOS .. EOS, unpadded
+    expected = {"all": 3 * 77, "prompt": sum(len(row) for row in ids), "eos": 3}[text_tokens]
+    assert only.count == full.count == expected
     np.testing.assert_allclose(only.sum_outer, full.sum_outer, rtol=1e-9, atol=0)
     np.testing.assert_allclose(only.sum, full.sum, rtol=1e-9, atol=1e-12)
 
@@ -124,10 +124,9 @@ def test_sdxl_layout(family_dirs):
 def test_lcm_guidance_scale_feeds_the_embedding(family_dirs, demo_prompts):
     """No CFG batch; the guidance scale still changes what the UNet sees (through timestep_cond)."""
     assert model_family(family_dirs["lcm"]).guidance == "embedding"
-    results = []
-    for scale in (2.0, 8.0):
-        pipe, schedule, config = _configured(family_dirs["lcm"], "LCM", guidance_scale=scale)
-        results.append(collect_shard(pipe, demo_prompts[:1], 0, schedule, config)[0])
+    pipe, schedule, config = _configured(family_dirs["lcm"], "LCM")
+    results = [collect_shard(pipe, demo_prompts[:1], 0, schedule, config | {"guidance_scale": scale})[0]
+               for scale in (2.0, 8.0)]
     key = next(iter(results[0][-1]))
     assert results[0][0][key].count == results[1][0][key].count
     assert not np.allclose(results[0][-1][key].sum_outer, results[1][-1][key].sum_outer)
@@ -135,7 +134,7 @@ def test_lcm_guidance_scale_feeds_the_embedding(family_dirs, demo_prompts):
 
 @pytest.mark.parametrize("family", ["sdxl", "lcm"])
 def test_noised_collection_is_refused_where_the_unet_needs_more_than_text(family, family_dirs, demo_prompts):
-    pipe, schedule, config = _configured(family_dirs[family], FAMILIES[family][0], collection="noised")
+    pipe, schedule, config = _configured(family_dirs[family], FAMILIES[family][0], 1, collection="noised")
     with pytest.raises(ValueError, match="use collection: trajectory"):
         collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
 
@@ -153,19 +152,58 @@ class _SkipsToV:
 
 
 def test_a_linear_that_never_runs_fails_the_job_naming_it(family_dirs, demo_prompts):
-    pipe, schedule, config = _configured(family_dirs["sdxl"], "Euler a")
+    pipe, schedule, config = _configured(family_dirs["sdxl"], "Euler a", 1)
     layer = "up_blocks.0.attentions.1.transformer_blocks.1.attn2"
     pipe.unet.get_submodule(layer).set_processor(_SkipsToV())
     with pytest.raises(HookNotFiredError, match=rf"^{layer}/to_v did not run on UNet call 0"):
-        collect_shard(pipe, demo_prompts[:2], 0, schedule, config)
+        collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
 
 
 def test_fused_projections_are_refused(family_dirs, demo_prompts):
-    pipe, schedule, config = _configured(family_dirs["sd2"], "DPM++ 2M Karras")
+    pipe, schedule, config = _configured(family_dirs["sd2"], "DPM++ 2M Karras", 1)
     pipe.fuse_qkv_projections()
     with pytest.raises(ModelError, match="fused projections"):
         collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
 
 
-def test_text_key_is_the_stored_name():
-    assert TEXT_KEY == "encoder_hidden_states"  # text.h5's group (README)
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that shape the layout).
+SDXL_BASE_UNET = {
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "in_channels": 4,
+    "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from matplotlib.image import imread
+
+    from nullcov import report
+    from nullcov.model import cross_attention_modules
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET)
+    modules = cross_attention_modules(unet)
+    layers = [name for name, _ in modules]
+    assert len(layers) == 70 and not any(name.startswith("down_blocks.0.") for name in layers)
+    assert {module.to_k.in_features for _, module in modules} == {2048}
+    assert len({report.short_layer(name) for name in layers}) == 70  # every row label distinct
+    rng = np.random.default_rng(0)
+    steps = [{"index": i, "name": f"alpha_{i:02d}_{t:04d}", "timestep": float(t)} for i, t in enumerate((999, 1))]
+    spectra = []
+    for _ in steps:
+        spectrum = {}
+        for name, module in modules:
+            for linear, d in (("to_q", module.to_q.in_features), ("to_out", module.to_out[0].in_features)):
+                values = np.sort(rng.exponential(size=d))
+                spectrum[f"{name}/{linear}"] = {"eigenvalues": values, "threshold": 0.02, "d": d,
+                                                "null_dim": int((values < 0.02).sum())}
+        spectra.append(spectrum)
+    # (the 70-panel spectra figure takes ~40 s to draw here: its grid is checked, the heatmap is drawn)
+    assert report.spectra_grid(70) == (8, 9) and report.spectra_grid(7) == (2, 4)
+    report.null_dim_figure(tmp_path / "null_dim.png", steps, spectra, None)
+    height, width = imread(tmp_path / "null_dim.png").shape[:2]
+    assert height <= 5000 and width <= 4000, (height, width)
