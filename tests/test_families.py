@@ -8,15 +8,14 @@ generator (seed + i), stores the raw inputs of every hooked linear (tests/test_c
 import numpy as np
 import pytest
 import torch
+from conftest import base_config
+from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.capture import HookNotFiredError
 from nullcov.family import model_family
 from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
 from nullcov.model import ModelError, load_pipeline
 from nullcov.schedule import build_schedule
-
-from conftest import base_config
-from test_capture import RawInputs, assert_close_to_float64
 
 # family -> (the sampler its users run, number of attn2 layers of the tiny model, text state width)
 FAMILIES = {
