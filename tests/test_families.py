@@ -5,10 +5,12 @@ generator (seed + i), stores the raw inputs of every hooked linear (tests/test_c
 ``RawInputs``) and computes the moments as XᵀX of the conditional rows.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import base_config
+from conftest import base_config, snakemake, write_config
 from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.capture import HookNotFiredError
@@ -16,6 +18,7 @@ from nullcov.family import model_family
 from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
 from nullcov.model import ModelError, load_pipeline
 from nullcov.schedule import build_schedule
+from nullcov.store import TEXT_KEY, read_moments
 
 # family -> (the sampler its users run, number of attn2 layers of the tiny model, text state width)
 FAMILIES = {
@@ -206,3 +209,46 @@ def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
     report.null_dim_figure(tmp_path / "null_dim.png", steps, spectra, None)
     height, width = imread(tmp_path / "null_dim.png").shape[:2]
     assert height <= 5000 and width <= 4000, (height, width)
+
+
+def test_models_without_unet_cross_attention_are_refused_naming_what_is_supported(tmp_path):
+    from nullcov.model import resolve_model_dir
+
+    model = tmp_path / "sd3"
+    (model / "transformer").mkdir(parents=True)
+    (model / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    with pytest.raises(ModelError, match="no UNet cross-attention.*supports UNet cross-attention models: SD-1.x"):
+        resolve_model_dir(str(model))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "x"]}))
+    with pytest.raises(ModelError, match="pipeline 'KandinskyPipeline'.*is not supported"):
+        resolve_model_dir(str(model))
+    with pytest.raises(ModelError, match="not a built-in model; built-in models: builtin:tiny, builtin:tiny-sd2"):
+        resolve_model_dir("builtin:tiny-sd3")
+
+
+def test_workflow_runs_sdxl_end_to_end(tmp_path, demo_prompts):
+    write_config(tmp_path, demo_prompts[:2], model="builtin:tiny-sdxl", sampler_strategy="Euler a",
+                 num_denoising_steps=2)
+    snakemake(tmp_path)
+    schedule = json.loads((tmp_path / "results" / "schedule.json").read_text())
+    assert len(schedule["layers"]) == 8
+    text = read_moments(tmp_path / "results" / "covariance" / "text.h5", "covariance")[0][TEXT_KEY]
+    assert text.count == 2 * 77 and text.sum_outer.shape == (64, 64)
+    for step in schedule["steps"]:
+        moments = read_moments(tmp_path / "results" / "covariance" / f"{step['name']}.h5", "covariance")[0]
+        assert set(moments) == {f"{layer}/{linear}" for layer in schedule["layers"] for linear in ("to_q", "to_out")}
+
+
+def test_workflow_text_only_runs_no_unet(tmp_path, demo_prompts):
+    """k/v only: one text job per shard, no per-step files; the log says the text encoders ran alone."""
+    write_config(tmp_path, demo_prompts[:6], model="builtin:tiny-lcm", sampler_strategy="LCM",
+                 collect_features={"q": False, "k": True, "v": False, "out": False}, text_tokens="eos")
+    snakemake(tmp_path)
+    shards = sorted((tmp_path / "results" / "features").iterdir())
+    assert [sorted(p.name for p in shard.glob("*.h5")) for shard in shards] == [["text.h5"], ["text.h5"]]
+    log = (tmp_path / "logs" / "features" / "shard_0000.log").read_text()
+    assert "text-only: 4 prompts through LatentConsistencyModelPipeline's text encoder(s)" in log
+    assert read_moments(tmp_path / "results" / "covariance" / "text.h5", "covariance")[0][TEXT_KEY].count == 6
+    assert sorted(p.name for p in (tmp_path / "results" / "projections").glob("*.h5")) == ["text.h5"]
