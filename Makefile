@@ -37,6 +37,11 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m nullcov.benchmark --device cuda --profile
 
+# Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (tools/).
+.PHONY: bench-text-only
+bench-text-only: $(STAMP)
+	$(BIN)/python tools/bench_text_only.py
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 
