@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -265,11 +266,15 @@ def use_device(leased: str) -> str:
 
 def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, shard, schedule, config, step_paths,
                        text_path) -> None:
+    from transformers import CLIPTokenizer
+
     family = model_family(model_dir)
+    truncated = 0
+    for name in family.tokenizers:  # before the model is loaded: strict_prompts fails fast
+        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"]))
     only_text = text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
-    truncated = max(check_prompt_lengths(getattr(pipe, name), prompts, first_index, config["strict_prompts"])
-                    for name in family.tokenizers)
     if only_text:
         if step_paths:
             raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} were asked")
