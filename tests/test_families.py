@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import base_config, snakemake, write_config
+from conftest import base_config, planned_jobs, snakemake, write_config
 from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.capture import HookNotFiredError
@@ -241,14 +241,34 @@ def test_workflow_runs_sdxl_end_to_end(tmp_path, demo_prompts):
         assert set(moments) == {f"{layer}/{linear}" for layer in schedule["layers"] for linear in ("to_q", "to_out")}
 
 
-def test_workflow_text_only_runs_no_unet(tmp_path, demo_prompts):
-    """k/v only: one text job per shard, no per-step files; the log says the text encoders ran alone."""
-    write_config(tmp_path, demo_prompts[:6], model="builtin:tiny-lcm", sampler_strategy="LCM",
-                 collect_features={"q": False, "k": True, "v": False, "out": False}, text_tokens="eos")
-    snakemake(tmp_path)
-    shards = sorted((tmp_path / "results" / "features").iterdir())
-    assert [sorted(p.name for p in shard.glob("*.h5")) for shard in shards] == [["text.h5"], ["text.h5"]]
-    log = (tmp_path / "logs" / "features" / "shard_0000.log").read_text()
-    assert "text-only: 4 prompts through LatentConsistencyModelPipeline's text encoder(s)" in log
-    assert read_moments(tmp_path / "results" / "covariance" / "text.h5", "covariance")[0][TEXT_KEY].count == 6
-    assert sorted(p.name for p in (tmp_path / "results" / "projections").glob("*.h5")) == ["text.h5"]
+def test_text_only_feature_job_writes_text_h5_only(tmp_path, family_dirs, demo_prompts, caplog):
+    """k only: the job loads no UNet, VAE or scheduler and writes text.h5 alone (eos: one row per prompt)."""
+    import logging
+
+    from nullcov.features import run_feature_job
+    from nullcov.jobs import write_schedule
+
+    config = base_config(sampler_strategy="LCM", collect_features={"q": False, "k": True, "v": False, "out": False},
+                         text_tokens="eos")
+    model_dir = family_dirs["lcm"]
+    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    write_schedule(tmp_path / "schedule.json", scheduler_config, "LCM", 4, "builtin:tiny-lcm", str(model_dir), "all")
+    schedule = json.loads((tmp_path / "schedule.json").read_text())
+    with caplog.at_level(logging.INFO, logger="nullcov.features"):
+        run_feature_job(model_spec="builtin:tiny-lcm", model_dir=str(model_dir), prompts=demo_prompts[:3],
+                        first_index=0, shard="0000", schedule=schedule, config=config, step_paths={},
+                        text_path=str(tmp_path / "text.h5"))
+    assert "text-only: 3 prompts through LatentConsistencyModelPipeline's text encoder(s)" in caplog.text
+    moments, attrs = read_moments(tmp_path / "text.h5", "features")
+    assert moments[TEXT_KEY].count == 3 and attrs["provenance"]["run"]["text_only"] is True
+
+
+def test_text_only_workflow_plans_no_step_jobs(tmp_path, demo_prompts):
+    write_config(tmp_path, demo_prompts[:6], model="builtin:tiny-sdxl",
+                 collect_features={"q": False, "k": True, "v": True, "out": False})
+    jobs = planned_jobs(tmp_path)
+    assert sorted(output for rule, output in jobs if rule == "features") == [
+        "results/features/shard_0000", "results/features/shard_0001"]
+    assert sorted(output for rule, output in jobs if rule.startswith(("covariance", "projection"))) == [
+        "results/covariance/text.h5", "results/projections/text.h5"]
+    assert ("tiny_model", "resources/models/tiny-sdxl") in jobs
