@@ -229,9 +229,10 @@ def test_models_without_unet_cross_attention_are_refused_naming_what_is_supporte
 
 
 def test_workflow_runs_sdxl_end_to_end(tmp_path, demo_prompts):
+    """Built-in model, schedule, feature job and merges (projections and report are family-agnostic)."""
     write_config(tmp_path, demo_prompts[:2], model="builtin:tiny-sdxl", sampler_strategy="Euler a",
-                 num_denoising_steps=2)
-    snakemake(tmp_path)
+                 num_denoising_steps=1)
+    snakemake(tmp_path, "--until", "covariance", "covariance_text")
     schedule = json.loads((tmp_path / "results" / "schedule.json").read_text())
     assert len(schedule["layers"]) == 8
     text = read_moments(tmp_path / "results" / "covariance" / "text.h5", "covariance")[0][TEXT_KEY]
