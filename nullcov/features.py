@@ -105,13 +105,15 @@ def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def check_hookable(layers) -> None:
-    """Refuse fused projections: after ``fuse_qkv_projections`` to_k/to_v (or to_q) never run."""
+    """Refuse layers whose processor uses fused projections (``fuse_qkv_projections``): their
+    ``to_k``/``to_v`` never run. After ``unfuse_qkv_projections()`` they are collected as usual (and
+    the hook-fired check of :class:`CrossAttentionCapture` confirms every linear ran)."""
     fused = [name for name, module in layers
-             if getattr(module, "fused_projections", False) or hasattr(module, "to_kv") or hasattr(module, "to_qkv")]
+             if type(getattr(module, "processor", None)).__name__.startswith("Fused")]
     if fused:
         raise ModelError(
-            f"cross-attention layer(s) {fused} have fused projections (to_kv/to_qkv from fuse_qkv_projections): their "
-            "to_k/to_v inputs are not observable; call pipe.unfuse_qkv_projections() (and drop the fused modules) first"
+            f"cross-attention layer(s) {fused} run fused projections (to_kv/to_qkv after fuse_qkv_projections): "
+            "their to_k/to_v inputs are not observable; call pipe.unfuse_qkv_projections() first"
         )
 
 
@@ -173,13 +175,12 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     check_hookable(layers)
     linears = selected_linears(config["collect_features"])
     resolution = config["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if config["collection"] == "noised" and (
-        pipe.unet.config.addition_embed_type is not None or pipe.unet.config.time_cond_proj_dim is not None
-    ):
+    needs = {"added conditioning (SDXL's text_time)": pipe.unet.config.addition_embed_type is not None,
+             "a guidance embedding (time_cond_proj_dim, LCM)": pipe.unet.config.time_cond_proj_dim is not None}
+    if config["collection"] == "noised" and any(needs.values()):
         raise ValueError(
             "collection: noised calls the UNet with text states only; this model's UNet also needs "
-            f"{'added conditioning (' + pipe.unet.config.addition_embed_type + ', SDXL)' if pipe.unet.config.addition_embed_type else 'a guidance embedding (time_cond_proj_dim, LCM)'}"
-            ": use collection: trajectory"
+            f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
         )
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer

@@ -161,11 +161,13 @@ def test_a_linear_that_never_runs_fails_the_job_naming_it(family_dirs, demo_prom
         collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
 
 
-def test_fused_projections_are_refused(family_dirs, demo_prompts):
+def test_fused_projections_are_refused_until_unfused(family_dirs, demo_prompts):
     pipe, schedule, config = _configured(family_dirs["sd2"], "DPM++ 2M Karras", 1)
     pipe.fuse_qkv_projections()
-    with pytest.raises(ModelError, match="fused projections"):
+    with pytest.raises(ModelError, match="run fused projections.*call pipe.unfuse_qkv_projections"):
         collect_shard(pipe, demo_prompts[:1], 0, schedule, config)
+    pipe.unfuse_qkv_projections()  # back to the default processors: every linear runs again
+    assert collect_shard(pipe, demo_prompts[:1], 0, schedule, config)[1].count == 77
 
 
 #: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that shape the layout).
