@@ -126,7 +126,7 @@ def test_sdxl_layout(family_dirs):
 def test_lcm_guidance_scale_feeds_the_embedding(family_dirs, demo_prompts):
     """No CFG batch; the guidance scale still changes what the UNet sees (through timestep_cond)."""
     assert model_family(family_dirs["lcm"]).guidance == "embedding"
-    pipe, schedule, config = _configured(family_dirs["lcm"], "LCM")
+    pipe, schedule, config = _configured(family_dirs["lcm"], "LCM", 1)
     results = [collect_shard(pipe, demo_prompts[:1], 0, schedule, config | {"guidance_scale": scale})[0]
                for scale in (2.0, 8.0)]
     key = next(iter(results[0][-1]))
