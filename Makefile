@@ -55,6 +55,11 @@ bench-feature-memory: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python tools/bench_scale.py
 
+# Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (tools/).
+.PHONY: bench-text-only
+bench-text-only: $(STAMP)
+	$(BIN)/python tools/bench_text_only.py
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

@@ -37,6 +37,7 @@ from nullcov.accumulators import (
     gram,
     plan_device_steps,
 )
+from nullcov.model import LINEARS
 from nullcov.statistics import Moments
 from nullcov.store import TEXT_KEY
 
@@ -63,6 +64,13 @@ class NonFiniteActivationError(RuntimeError):
 
 class TextInputMismatchError(RuntimeError):
     """A ``to_k``/``to_v`` input is not the UNet's ``encoder_hidden_states``."""
+
+
+class HookNotFiredError(RuntimeError):
+    """A selected linear did not run on a UNet call (replaced attention processor, fused projections)."""
+
+
+TEXT_TOKENS = ("all", "prompt", "eos")
 
 
 def _labelled(label: str):
@@ -103,8 +111,8 @@ class CrossAttentionCapture:
 
     def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
                  accumulate: str | None = None, collect_steps=None, call_steps=None, text: bool = True):
-        if text_tokens not in ("all", "prompt"):
-            raise ValueError(f"text_tokens must be 'all' or 'prompt', got {text_tokens!r}")
+        if text_tokens not in TEXT_TOKENS:
+            raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
         accumulate = ACCUMULATE if accumulate is None else accumulate
         if accumulate not in ("auto", "device", "host"):
             raise ValueError(f"accumulate must be 'auto', 'device' or 'host', got {accumulate!r}")
@@ -154,6 +162,10 @@ class CrossAttentionCapture:
                 for linear in ("to_k", "to_v"):
                     target = getattr(module, linear)
                     self._handles.append(target.register_forward_pre_hook(self._text_check_hook(f"{name}/{linear}")))
+        # every hooked linear must run on every UNet call (checked in the UNet's post-hook)
+        self.hooked = [f"{name}/{linear}" for name, _ in layers for linear in LINEARS
+                       if linear in linears or (self.collect_text and linear in ("to_k", "to_v"))]
+        self._fired: set[str] = set()
         self._batch = None
         self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
 
@@ -259,19 +271,32 @@ class CrossAttentionCapture:
         batch["calls"] = call + 1
         batch["step"] = step if step in self._steps else None  # None: a replayed step, not collected
         batch["encoder_hidden_states"] = hidden
+        self._fired = set()
         self._call = None
         if self._host is not None and step in self._steps and not self._steps[step].on_device:
             self._call = {"buffer": self._host.begin_call(), "written": set()}
         if self.accumulate_text and call == 0:
             states = hidden[batch["cond"]]
             batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
-            rows = states[batch["text_mask"]] if batch["text_mask"] is not None else states.reshape(-1, states.shape[-1])
+            rows = text_rows(states, batch["text_mask"])
             if self.text_moments is None:
                 self.text_moments = TorchMoments(rows.shape[-1], rows.device)
             self.text_moments.add(rows)
 
     @_labelled("nullcov:unet post-hook")
     def _after_unet_call(self, module, args, output):
+        not_fired = [key for key in self.hooked if key not in self._fired]
+        if not_fired and self._batch is not None:
+            batch = self._batch
+            step = self.call_steps[batch["calls"] - 1]
+            raise HookNotFiredError(
+                f"{not_fired[0]} did not run on UNet call {step} ({self.step_names[step]}) of the "
+                f"prompt batch starting at prompt {batch['first_index']}"
+                + (f" (nor did {len(not_fired) - 1} other selected linear(s): {not_fired[1:]})" if len(not_fired) > 1 else "")
+                + "; its statistics would be empty or partial. A replaced attention processor or fused projections "
+                "(fuse_qkv_projections) bypass the linear: restore diffusers' default processors "
+                "(unet.set_default_attn_processor()) and unfuse (unfuse_qkv_projections())"
+            )
         call, self._call = self._call, None
         if call is None or self._batch is None:
             return
@@ -322,6 +347,8 @@ class CrossAttentionCapture:
     def _step_hook(self, key: str):
         def hook(module, args):
             batch = self._batch
+            batch = self._batch
+            self._fired.add(key)
             if batch["step"] is not None:
                 self._add_inputs(key, batch["step"], args[0][batch["cond"]])
 
@@ -329,6 +356,7 @@ class CrossAttentionCapture:
 
     def _text_check_hook(self, key: str):
         def hook(module, args):
+            self._fired.add(key)
             inputs, states = args[0], self._batch["encoder_hidden_states"]
             if inputs is states or (inputs.shape == states.shape and torch.equal(inputs, states)):
                 return
@@ -397,12 +425,22 @@ def conditional_rows(unet_batch: int, prompts: int) -> slice:
     raise RuntimeError(f"UNet batch of {unet_batch} for {prompts} prompts: neither plain nor CFG")
 
 
-def text_row_mask(input_ids: np.ndarray | torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """[B, L] mask of positions BOS..EOS (inclusive) of each tokenized prompt."""
+def text_row_mask(input_ids: np.ndarray | torch.Tensor, eos_token_id: int, text_tokens: str = "prompt") -> torch.Tensor:
+    """[B, L] mask of the text rows kept per tokenized prompt: ``prompt`` = positions BOS..EOS
+    (inclusive), ``eos`` = the (first) EOS position only."""
     ids = torch.as_tensor(input_ids)
     is_eos = ids == eos_token_id
     if not bool(is_eos.any(dim=1).all()):
         raise ValueError("a tokenized prompt has no EOS token")
     eos_position = is_eos.int().argmax(dim=1)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    return positions <= eos_position.unsqueeze(1)
+    if text_tokens == "prompt":
+        return positions <= eos_position.unsqueeze(1)
+    if text_tokens == "eos":
+        return positions == eos_position.unsqueeze(1)
+    raise ValueError(f"text_row_mask: text_tokens must be 'prompt' or 'eos', got {text_tokens!r}")
+
+
+def text_rows(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows [N, d] of text states [B, L, d] that are collected: all, or those ``mask`` [B, L] keeps."""
+    return states[mask] if mask is not None else states.reshape(-1, states.shape[-1])

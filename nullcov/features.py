@@ -1,7 +1,10 @@
 """The feature job: run the sampler over one shard of prompts and write per-step moment files.
 
-``trajectory`` (default) runs the real pipeline call once per prompt batch and collects at every
-UNet call, so one pass yields every scheduled timestep. ``noised`` reproduces the legacy tool:
+Every model family (:mod:`nullcov.family`) runs its own diffusers pipeline through the same
+hooks. ``trajectory`` (default) runs the real pipeline call once per prompt batch and collects at every
+UNet call, so one pass yields every scheduled timestep. When only ``k``/``v`` are collected the
+job runs the text encoder(s) alone (:func:`collect_text_shard`): their inputs are the text states,
+which depend on neither timestep nor latents, so no UNet, VAE or sampler is loaded or run. ``noised`` reproduces the legacy tool:
 per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding only.
 Prompt ``i`` (0-based among all prompts) draws its latents and sampler noise from a CPU
 generator seeded ``seed + i``, so results do not depend on shard size, batch size or device.
@@ -20,10 +23,18 @@ from tqdm import tqdm
 
 from nullcov import capture as capture_module
 from nullcov import plan
-from nullcov.accumulators import STAGING_BUFFERS, device_memory, exact_matmul, plan_device_steps
-from nullcov.capture import CrossAttentionCapture, text_row_mask
+from nullcov.accumulators import STAGING_BUFFERS, TorchMoments, device_memory, exact_matmul, plan_device_steps
+from nullcov.capture import CrossAttentionCapture, NonFiniteActivationError, text_row_mask, text_rows
+from nullcov.family import model_family
 from nullcov.gpu_lease import lease_device
-from nullcov.model import cross_attention_modules, image_resolution, load_pipeline, resolve_device, select_layers
+from nullcov.model import (
+    ModelError,
+    cross_attention_modules,
+    image_resolution,
+    load_pipeline,
+    resolve_device,
+    select_layers,
+)
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
 from nullcov.schedule import build_schedule, make_scheduler
@@ -72,6 +83,40 @@ def selected_linears(collect_features: dict) -> set[str]:
 def prompt_generator(seed: int, index: int) -> torch.Generator:
     """Prompt ``index``'s own CPU generator (latents and sampler noise): seeded ``seed + index``."""
     return torch.Generator("cpu").manual_seed(seed + index)
+
+
+def text_only(collect_features: dict) -> bool:
+    """Only ``k``/``v`` collected: the text encoder(s) alone give every statistic."""
+    return not (collect_features["q"] or collect_features["out"])
+
+
+def text_mask(tokenizer, prompts: list[str], text_tokens: str, device) -> torch.Tensor | None:
+    """The [B, L] mask of the text rows ``text_tokens`` keeps (None: all of them)."""
+    if text_tokens == "all":
+        return None
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    return text_row_mask(tokens.input_ids, tokenizer.eos_token_id, text_tokens).to(device)
+
+
+def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+    """The conditional text states [B, L, d] the pipeline passes to the UNet for ``prompts``: its own
+    ``encode_prompt`` (SDXL: both encoders' penultimate states, concatenated)."""
+    device = pipe._execution_device
+    return pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[0]
+
+
+def check_hookable(layers) -> None:
+    """Refuse layers whose processor uses fused projections (``fuse_qkv_projections``): their
+    ``to_k``/``to_v`` never run. After ``unfuse_qkv_projections()`` they are collected as usual (and
+    the hook-fired check of :class:`CrossAttentionCapture` confirms every linear ran)."""
+    fused = [name for name, module in layers
+             if type(getattr(module, "processor", None)).__name__.startswith("Fused")]
+    if fused:
+        raise ModelError(
+            f"cross-attention layer(s) {fused} run fused projections (to_kv/to_qkv after fuse_qkv_projections): "
+            "their to_k/to_v inputs are not observable; call pipe.unfuse_qkv_projections() first"
+        )
 
 
 def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
@@ -186,8 +231,16 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     :class:`CrossAttentionCapture`; the benchmark passes one that also times what the capture does).
     """
     layers = shard_layers(pipe, schedule, config)
+    check_hookable(layers)
     linears = selected_linears(config["collect_features"])
     resolution = image_resolution(pipe, config["resolution"])
+    needs = {"added conditioning (SDXL's text_time)": pipe.unet.config.addition_embed_type is not None,
+             "a guidance embedding (time_cond_proj_dim, LCM)": pipe.unet.config.time_cond_proj_dim is not None}
+    if config["collection"] == "noised" and any(needs.values()):
+        raise ValueError(
+            "collection: noised calls the UNet with text states only; this model's UNet also needs "
+            f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
+        )
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer
     batch_size = config["batch_size"]
@@ -213,10 +266,7 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
         ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
             for offset in range(0, len(prompts), batch_size):
                 batch = prompts[offset : offset + batch_size]
-                tokens = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-                mask = None
-                if config["text_tokens"] == "prompt":
-                    mask = text_row_mask(tokens.input_ids, tokenizer.eos_token_id).to(pipe.unet.device)
+                mask = text_mask(tokenizer, batch, config["text_tokens"], pipe.unet.device)
                 capture.begin_batch(batch, first_index + offset, mask)
                 generators = prompt_generators(config["seed"], first_index + offset, len(batch))
                 run(pipe, batch, generators, schedule, config["guidance_scale"], resolution, chunk)
@@ -232,6 +282,36 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
                 on_step(index, moments)
                 del moments
     return collected, text_moments, [name for name, _ in layers], resolution
+
+
+def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict):
+    """Text moments of a shard from the text encoder(s) alone (the ``to_k``/``to_v`` inputs).
+
+    The same states the UNet's ``to_k``/``to_v`` receive in a full run (the pipeline's own
+    ``encode_prompt`` on the same prompt batch), the same row selection and the same float64
+    accumulation, so ``text.h5`` equals the full run's.
+    """
+    batch_size, moments = config["batch_size"], None
+    start = time.perf_counter()
+    log.info("text-only: %d prompts through %s's text encoder(s), batch %d, text_tokens %s",
+             len(prompts), type(pipe).__name__, batch_size, config["text_tokens"])
+    with exact_matmul(), torch.inference_mode():
+        for offset in range(0, len(prompts), batch_size):
+            batch = prompts[offset : offset + batch_size]
+            states = encode_text(pipe, batch)
+            finite = torch.isfinite(states.reshape(len(batch), -1)).all(dim=1).cpu()
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0])
+                raise NonFiniteActivationError(first_index + offset + bad, batch[bad], "text states", "text")
+            rows = text_rows(states, text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device))
+            if moments is None:
+                moments = TorchMoments(rows.shape[-1], rows.device)
+            moments.add(rows)
+            done = offset + len(batch)
+            if done == len(prompts) or (offset // batch_size) % 50 == 0:
+                rate = done / (time.perf_counter() - start)
+                log.info("prompts %d/%d, %.1f prompts/s", done, len(prompts), rate)
+    return moments.to_moments()
 
 
 def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
@@ -269,14 +349,24 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
                        text_path, mem_mb=None) -> None:
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / "tokenizer", local_files_only=True)
-    truncated = check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"])
-    pipe = load_pipeline(model_dir, config["dtype"], device)
-    configure_scheduler(pipe, schedule)
+    family = model_family(model_dir)
+    truncated = 0
+    for name in family.tokenizers:  # before the model is loaded: strict_prompts fails fast
+        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"]))
+    only_text = text_only(config["collect_features"])
+    pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
     steps = schedule["steps"]
-    if step_paths and sorted(step_paths) != sorted(step["name"] for step in steps):
-        raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
-    layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
+    if only_text:
+        if step_paths:
+            raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} were asked")
+        layer_names, resolution = schedule.get("layers"), None
+    else:
+        configure_scheduler(pipe, schedule)
+        if step_paths and sorted(step_paths) != sorted(step["name"] for step in steps):
+            raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
+        layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
+        resolution = image_resolution(pipe, config["resolution"])
     provenance = {
         "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
         "config": feature_config(config),
@@ -284,8 +374,9 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
                     "truncated": truncated, "prompts": prompts},
         "shard": shard,
         "layers": layer_names,
-        "run": {"device": device, "batch_size": config["batch_size"], "resolution": image_resolution(pipe, config["resolution"]),
-                "scheduler": schedule["scheduler"]["class"]},
+        "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
+                "scheduler": None if only_text else schedule["scheduler"]["class"], "family": family.name,
+                "pipeline": family.pipeline, "text_only": only_text},
         "packages": package_versions(),
     }
     written = []
@@ -297,9 +388,12 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
             write_moments(step_paths[step["name"]], "features", moments, attrs)
             written.append(step_paths[step["name"]])
 
-    weights = plan.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
-    _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
-                                          mem_mb=mem_mb, weights=weights)
+    if only_text:
+        text_moments = collect_text_shard(pipe, prompts, first_index, config)
+    else:
+        weights = plan.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
+        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
+                                              mem_mb=mem_mb, weights=weights)
     if text_path:
         write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
     log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(written), " and text.h5" if text_path else "",

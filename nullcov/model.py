@@ -1,6 +1,7 @@
 """Locating and loading a Stable Diffusion model, and naming its cross-attention layers.
 
-``model`` in the config is ``builtin:tiny`` (built by the workflow into ``resources/``), a local
+``model`` in the config is a built-in tiny model (``builtin:tiny``, ``builtin:tiny-sd2``,
+``builtin:tiny-sdxl``, ``builtin:tiny-lcm``: built by the workflow into ``resources/``), a local
 diffusers folder, or a hub id that must already be in the local Hugging Face cache
 (``HF_HOME`` is honoured). Nothing here ever contacts the hub: every load is
 ``local_files_only`` and weights are read from safetensors only.
@@ -14,6 +15,13 @@ from pathlib import Path
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
+#: Built-in tiny models: spec -> (family of :mod:`nullcov.tiny_model`, folder the workflow builds).
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    BUILTIN_TINY: ("sd1", BUILTIN_TINY_DIR),
+    "builtin:tiny-sd2": ("sd2", "resources/models/tiny-sd2"),
+    "builtin:tiny-sdxl": ("sdxl", "resources/models/tiny-sdxl"),
+    "builtin:tiny-lcm": ("lcm", "resources/models/tiny-lcm"),
+}
 LINEARS = ("to_q", "to_k", "to_v", "to_out")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -23,9 +31,11 @@ class ModelError(ValueError):
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """The folder holding the model (for ``builtin:tiny`` it may not be built yet)."""
-    if spec == BUILTIN_TINY:
-        return Path(BUILTIN_TINY_DIR)
+    """The folder holding the model (a built-in one may not be built yet)."""
+    if spec in BUILTIN_MODELS:
+        return Path(BUILTIN_MODELS[spec][1])
+    if spec.startswith("builtin:"):
+        raise ModelError(f"model {spec!r} is not a built-in model; built-in models: {', '.join(BUILTIN_MODELS)}")
     path = Path(spec).expanduser()
     if path.exists():
         check_model_dir(path)
@@ -48,17 +58,26 @@ def resolve_model_dir(spec: str) -> Path:
 
 
 def check_model_dir(path: Path) -> None:
-    for required in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+    """A diffusers folder of a supported family (SD3/FLUX and unknown pipelines are refused)."""
+    from nullcov.family import UnsupportedModelError, check_supported
+
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"model folder {str(path)!r} lacks model_index.json: not a diffusers Stable Diffusion folder")
+    try:
+        check_supported(path)
+    except UnsupportedModelError as err:
+        raise ModelError(str(err)) from None
+    for required in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / required).is_file():
             raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder")
 
 
 def scheduler_config(spec: str) -> dict:
     """The model's scheduler config, read without importing torch or diffusers."""
-    if spec == BUILTIN_TINY:
-        from nullcov.tiny_model import TINY_SCHEDULER_CONFIG
+    if spec in BUILTIN_MODELS:
+        from nullcov.tiny_model import SCHEDULER_CONFIGS
 
-        return dict(TINY_SCHEDULER_CONFIG)
+        return dict(SCHEDULER_CONFIGS[BUILTIN_MODELS[spec][0]])
     return json.loads((resolve_model_dir(spec) / "scheduler" / "scheduler_config.json").read_text())
 
 
@@ -72,21 +91,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_pipeline(model_dir: str | Path, dtype: str, device: str):
-    """``StableDiffusionPipeline.from_pretrained`` on a local folder, offline, safetensors only."""
+def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: bool = False):
+    """The model's own diffusers pipeline (the class its ``model_index.json`` names), from a local
+    folder, offline, safetensors only. ``text_only``: tokenizers and text encoders only (no UNet,
+    VAE or scheduler is loaded; ``encode_prompt`` works, calling the pipeline does not)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir,
-        dtype=getattr(torch, dtype),
-        local_files_only=True,
-        use_safetensors=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    index = json.loads((model_dir / "model_index.json").read_text())
+    skipped = {}
+    if "safety_checker" in index:
+        skipped |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if "image_encoder" in index:
+        skipped["image_encoder"] = None
+    if text_only:
+        skipped |= {"unet": None, "vae": None, "scheduler": None}
+    pipe = DiffusionPipeline.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **skipped
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -45,13 +45,13 @@ class MemoryBudgetError(RuntimeError):
 
 # -- model dims -------------------------------------------------------------------------------------
 def unet_config(model_spec: str, model_dir: str | Path) -> dict:
-    """The UNet's config: the builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
-    from nullcov.model import BUILTIN_TINY
+    """The UNet's config: a builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
+    from nullcov.model import BUILTIN_MODELS
 
-    if model_spec == BUILTIN_TINY:
-        from nullcov.tiny_model import TINY_UNET_CONFIG
+    if model_spec in BUILTIN_MODELS:
+        from nullcov.tiny_model import tiny_unet_config
 
-        return dict(TINY_UNET_CONFIG)
+        return tiny_unet_config(BUILTIN_MODELS[model_spec][0])
     path = Path(model_dir) / "unet" / "config.json"
     try:
         return json.loads(path.read_text())

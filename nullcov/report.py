@@ -115,8 +115,7 @@ def spectra_figure(path, linear: str, steps: list[dict], spectra: list[dict[str,
     plt = _pyplot()
     layers = sorted({split_key(key)[0] for spectrum in spectra for key in spectrum if split_key(key)[1] == linear},
                     key=layer_order)
-    columns = min(4, len(layers))
-    rows = math.ceil(len(layers) / columns)
+    rows, columns = spectra_grid(len(layers))
     fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.7 * rows), squeeze=False)
     colors = _step_colors(len(steps))
     for ax, layer in zip(axes.flat, layers):
@@ -131,8 +130,14 @@ def spectra_figure(path, linear: str, steps: list[dict], spectra: list[dict[str,
         ax.set_ylabel("eigenvalue (log)")
     fig.suptitle(f"Spectra of the {linear} input statistic per layer; shaded: below the threshold = null space",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     _save(fig, path)
+
+
+def spectra_grid(num_layers: int) -> tuple[int, int]:
+    """(rows, columns) of the spectra panels: 4 columns up to 16 layers, then about square (SDXL's 70: 8 x 9)."""
+    columns = min(num_layers, 4 if num_layers <= 16 else math.ceil(math.sqrt(num_layers)))
+    return math.ceil(num_layers / columns), columns
 
 
 def _spectrum_panel(ax, entries: list[dict], labels: list[str], colors) -> None:
@@ -170,11 +175,21 @@ def text_spectrum_figure(path, entry: dict) -> None:
 
 
 # -- null-space dimension -----------------------------------------------------------------------
+MANY_LAYERS = 24  # above this (SDXL: 70 layers) layer x timestep heatmaps get thinner rows and smaller labels
+
+
+def layers_height(num_layers: int) -> float:
+    """Inches one heatmap spends on ``num_layers`` rows."""
+    return (0.42 if num_layers <= MANY_LAYERS else 0.24) * num_layers
+
+
 def _layer_step_axes(fig, ax, image, title: str, layers: list[str], steps: list[dict], columns: int) -> None:
     """Colour bar, title and labelled axes of a layers x timesteps heatmap."""
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     ax.set_title(title)
     ax.set_yticks(range(len(layers)), [short_layer(layer) for layer in layers])
+    if len(layers) > MANY_LAYERS:
+        ax.tick_params(axis="y", labelsize=6)
     ticks = list(range(columns)) if columns <= 25 else list(range(0, columns, math.ceil(columns / 20)))
     ax.set_xticks(ticks, [f"{steps[i]['timestep']:.0f}" for i in ticks], rotation=90 if columns > 12 else 0)
     ax.set_xlabel("timestep (sampling order: noisy → clean)")
@@ -188,7 +203,7 @@ def null_dim_figure(path, steps: list[dict], spectra: list[dict[str, dict]], tex
     columns = len(steps)
     annotate = columns <= 25
     width = max(4.5, 0.42 * columns + 2.2)
-    fig, axes = plt.subplots(2, len(linears), figsize=(width * len(linears), 0.42 * len(layers) * 2 + 2.4),
+    fig, axes = plt.subplots(2, len(linears), figsize=(width * len(linears), layers_height(len(layers)) * 2 + 2.4),
                              squeeze=False)
     for column, linear in enumerate(linears):
         counts = np.array([[spectrum[f"{layer}/{linear}"]["null_dim"] for spectrum in spectra] for layer in layers])
@@ -203,14 +218,15 @@ def null_dim_figure(path, steps: list[dict], spectra: list[dict[str, dict]], tex
             if annotate:
                 for (y, x), value in np.ndenumerate(values):
                     shade = image.norm(value)
-                    ax.text(x, y, fmt.format(value), ha="center", va="center", fontsize=7,
+                    ax.text(x, y, fmt.format(value), ha="center", va="center",
+                            fontsize=7 if len(layers) <= MANY_LAYERS else 5,
                             color="black" if shade > 0.6 else "white")
     title = "Null-space dimension per layer and timestep"
     if text is not None:
         title += (f"   |   text projection (to_k/to_v, all timesteps): null_dim {text['null_dim']} of "
                   f"d={text['d']} ({text['null_dim'] / text['d']:.0%})")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     _save(fig, path)
 
 
@@ -381,7 +397,7 @@ def leakage_heatmap_figure(path, rows: list[dict], steps: list[dict]) -> None:
     annotate = columns <= 16
     width = max(4.5, 0.5 * columns + 2.2)
     fig, axes = plt.subplots(2, max(len(linears), 1), figsize=(width * max(len(linears), 1),
-                                                                0.42 * len(layers) * 2 + 2.4), squeeze=False)
+                                                                layers_height(len(layers)) * 2 + 2.4), squeeze=False)
     values_all = np.array([row[column] for row in configured if row["layer"] != "text"
                            for column in ("leakage_validation", "leakage_training")] or [1.0])
     positive = values_all[values_all > 0]

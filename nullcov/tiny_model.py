@@ -1,15 +1,27 @@
-"""Build a tiny, randomly initialised, byte-reproducible Stable Diffusion 1.x pipeline.
+"""Build tiny, randomly initialised, byte-reproducible Stable Diffusion pipelines, one per family.
 
-The folder written by :func:`build_tiny_model` has the exact layout of a diffusers
-``StableDiffusionPipeline`` checkpoint (SD 1.x architecture: UNet2DConditionModel with
-cross-attention, AutoencoderKL, CLIP text encoder and tokenizer, PNDM scheduler) but is
-only a few hundred kilobytes, so the whole workflow can be exercised on a CPU without
-network access. Every file is written from code in this module: two builds on the same
-machine with the same package versions are byte-identical.
+The folder written by :func:`build_tiny_model` has the exact layout of a diffusers checkpoint
+of its family, with the family's real classes and config shape and every dimension scaled down,
+so the whole workflow can be exercised on a CPU without network access:
+
+- ``sd1`` (``builtin:tiny``): ``StableDiffusionPipeline``, CLIP text encoder (32-dim states for
+  SD-1.5's 768), conv ``proj_in``/``proj_out``, epsilon prediction, PNDM scheduler.
+- ``sd2`` (``builtin:tiny-sd2``): ``StableDiffusionPipeline`` with an OpenCLIP-style text encoder
+  (gelu, 48-dim states for SD-2's 1024), linear projections, ``upcast_attention``, v-prediction
+  (SD-2.1's DDIM scheduler config).
+- ``sdxl`` (``builtin:tiny-sdxl``): ``StableDiffusionXLPipeline``: two tokenizers and text encoders
+  (the second with a projection), concatenated 64-dim states (SDXL's 2048), ``text_time`` added
+  conditioning, no cross-attention in ``down_blocks.0``, 2 transformer layers per block in the
+  last level, SDXL's Euler scheduler config.
+- ``lcm`` (``builtin:tiny-lcm``): ``LatentConsistencyModelPipeline`` whose UNet has
+  ``time_cond_proj_dim`` (guidance enters as an embedding), LCM scheduler config.
+
+All families share one tokenizer (the same BPE files). Every file is written from code in this
+module: two builds on the same machine with the same package versions are byte-identical.
 
 Usage::
 
-    python -m nullcov.tiny_model OUT_DIR
+    python -m nullcov.tiny_model OUT_DIR [FAMILY]
 """
 
 from __future__ import annotations
@@ -38,26 +50,79 @@ TINY_SCHEDULER_CONFIG: dict = {
     "trained_betas": None,
 }
 
-#: The tiny UNet's constructor arguments (also its dims before it is built: nullcov.plan).
-TINY_UNET_CONFIG: dict = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "cross_attention_dim": 32,  # TEXT_HIDDEN_SIZE
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
+#: Stable Diffusion 2.1's ``scheduler/scheduler_config.json`` (v-prediction), verbatim.
+TINY_SD2_SCHEDULER_CONFIG: dict = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
 }
+
+#: Stable Diffusion XL base 1.0's ``scheduler/scheduler_config.json``, verbatim.
+TINY_SDXL_SCHEDULER_CONFIG: dict = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+#: An LCM-distilled SD-1.5's (LCM_Dreamshaper_v7) ``scheduler/scheduler_config.json``, verbatim.
+TINY_LCM_SCHEDULER_CONFIG: dict = {
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": "0.22.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+#: Scheduler config per family (read at parse time without building the model).
+SCHEDULER_CONFIGS: dict[str, dict] = {
+    "sd1": TINY_SCHEDULER_CONFIG,
+    "sd2": TINY_SD2_SCHEDULER_CONFIG,
+    "sdxl": TINY_SDXL_SCHEDULER_CONFIG,
+    "lcm": TINY_LCM_SCHEDULER_CONFIG,
+}
+FAMILIES = tuple(SCHEDULER_CONFIGS)
 
 SEED = 0
 NUM_MERGES = 256
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-TEXT_HIDDEN_SIZE = TINY_UNET_CONFIG["cross_attention_dim"]
+TEXT_HIDDEN_SIZE = 32
 MAX_LENGTH = 77
 
 #: Fixed lowercase corpus the tokenizer's BPE merges are learned from.
@@ -172,20 +237,25 @@ def _write_tokenizer(folder: Path) -> int:
     return len(tokens)
 
 
-def _write_text_encoder(folder: Path, vocab_size: int) -> None:
-    """Write a tiny CLIPTextModel with SD-1.x-style (``text_model.``-prefixed) weight keys."""
+def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
+                        hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED) -> None:
+    """Write a tiny CLIPTextModel (or CLIPTextModelWithProjection) with ``text_model.``-prefixed keys.
+
+    ``hidden_act``: ``quick_gelu`` (OpenAI CLIP, SD-1.x) or ``gelu`` (OpenCLIP, SD-2.x and SDXL).
+    """
     import torch
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     bos_id, eos_id = vocab_size - 2, vocab_size - 1
+    architecture = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     config = {
-        "architectures": ["CLIPTextModel"],
+        "architectures": [architecture.__name__],
         "attention_dropout": 0.0,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "hidden_act": "quick_gelu",
-        "hidden_size": TEXT_HIDDEN_SIZE,
+        "hidden_act": hidden_act,
+        "hidden_size": hidden_size,
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
         "intermediate_size": 64,
@@ -195,24 +265,72 @@ def _write_text_encoder(folder: Path, vocab_size: int) -> None:
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "pad_token_id": eos_id,
-        "projection_dim": TEXT_HIDDEN_SIZE,
+        "projection_dim": hidden_size,
         "vocab_size": vocab_size,
     }
-    torch.manual_seed(SEED)
-    model = CLIPTextModel(CLIPTextConfig(**config))
-    state = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    torch.manual_seed(seed)
+    model = architecture(CLIPTextConfig(**config))
+    state = {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v.contiguous()
+             for k, v in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _write_json(folder / "config.json", config)
 
 
-def _write_diffusers_models(root: Path) -> None:
+SD2_TEXT_HIDDEN_SIZE = 48  # SD-2.x: 1024
+SDXL_TEXT_HIDDEN_SIZES = (32, 32)  # SDXL: 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG), concatenated: 2048
+SDXL_ADDITION_TIME_EMBED_DIM = 8  # SDXL: 256
+LCM_TIME_COND_PROJ_DIM = 32  # LCM-distilled SD-1.5: 256
+
+
+def tiny_unet_config(family: str) -> dict:
+    """The family's UNet2DConditionModel arguments, dimensions scaled down (also its dims before
+    it is built: :mod:`nullcov.plan`)."""
+    base = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": TEXT_HIDDEN_SIZE,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+    if family == "sd2":
+        return base | {
+            "cross_attention_dim": SD2_TEXT_HIDDEN_SIZE,
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        }
+    if family == "sdxl":
+        return base | {
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "cross_attention_dim": sum(SDXL_TEXT_HIDDEN_SIZES),
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_ADDITION_TIME_EMBED_DIM,
+            # pooled projection of text_encoder_2 + 6 time ids (original size, crop, target size)
+            "projection_class_embeddings_input_dim": SDXL_TEXT_HIDDEN_SIZES[1] + 6 * SDXL_ADDITION_TIME_EMBED_DIM,
+        }
+    if family == "lcm":
+        return base | {"time_cond_proj_dim": LCM_TIME_COND_PROJ_DIM}
+    return base
+
+
+def _write_diffusers_models(root: Path, family: str = "sd1") -> None:
     """Write the tiny UNet2DConditionModel and AutoencoderKL with diffusers' own serializer."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**tiny_unet_config(family))
     unet.save_pretrained(root / "unet", safe_serialization=True)
     torch.manual_seed(SEED)
     vae = AutoencoderKL(
@@ -229,33 +347,57 @@ def _write_diffusers_models(root: Path) -> None:
     vae.save_pretrained(root / "vae", safe_serialization=True)
 
 
-def build_tiny_model(out_dir: str | Path) -> Path:
-    """Build the tiny pipeline into ``out_dir`` (replacing it atomically) and return its path."""
+def _model_index(family: str, diffusers_version: str) -> dict:
+    components = {
+        "scheduler": ["diffusers", SCHEDULER_CONFIGS[family]["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if family == "sdxl":
+        return {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": diffusers_version,
+            "force_zeros_for_empty_prompt": True,
+            **components,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    return {
+        "_class_name": "LatentConsistencyModelPipeline" if family == "lcm" else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        **components,
+    }
+
+
+def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
+    """Build the tiny pipeline of ``family`` (see :data:`FAMILIES`) into ``out_dir`` (replacing it
+    atomically) and return its path."""
+    if family not in FAMILIES:
+        raise ValueError(f"tiny model family {family!r} is not one of {', '.join(FAMILIES)}")
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         from diffusers import __version__ as diffusers_version
 
-        _write_json(
-            tmp / "model_index.json",
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": diffusers_version,
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-                "safety_checker": [None, None],
-                "scheduler": ["diffusers", "PNDMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            },
-        )
-        _write_json(tmp / "scheduler" / "scheduler_config.json", TINY_SCHEDULER_CONFIG)
+        _write_json(tmp / "model_index.json", _model_index(family, diffusers_version))
+        _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
         vocab_size = _write_tokenizer(tmp / "tokenizer")
-        _write_text_encoder(tmp / "text_encoder", vocab_size)
-        _write_diffusers_models(tmp)
+        if family == "sdxl":
+            _write_tokenizer(tmp / "tokenizer_2")
+            first, second = SDXL_TEXT_HIDDEN_SIZES
+            _write_text_encoder(tmp / "text_encoder", vocab_size, first)
+            _write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)
+        elif family == "sd2":
+            _write_text_encoder(tmp / "text_encoder", vocab_size, SD2_TEXT_HIDDEN_SIZE, "gelu")
+        else:
+            _write_text_encoder(tmp / "text_encoder", vocab_size)
+        _write_diffusers_models(tmp, family)
         for path in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600 and mkdtemp makes 0700
             path.chmod(0o755 if path.is_dir() else 0o644)
         if out_dir.exists():
@@ -268,12 +410,12 @@ def build_tiny_model(out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``python -m nullcov.tiny_model OUT_DIR``."""
+    """CLI entry point: ``python -m nullcov.tiny_model OUT_DIR [FAMILY]``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m nullcov.tiny_model OUT_DIR", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print(f"usage: python -m nullcov.tiny_model OUT_DIR [{'|'.join(FAMILIES)}]", file=sys.stderr)
         return 2
-    print(build_tiny_model(args[0]))
+    print(build_tiny_model(*args))
     return 0
 
 

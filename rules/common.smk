@@ -1,5 +1,6 @@
 # Config validation, derived constants, input functions and wildcard constraints.
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -73,6 +74,8 @@ COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["o
 COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
 SHARD_FILE_NAMES = (STEP_NAMES if COLLECT_STEPS else []) + (["text"] if COLLECT_TEXT else [])
+# Built-in tiny models: folder name under resources/models -> family (rule tiny_model builds them).
+BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUILTIN_MODELS.values()}
 
 # Model dims from the UNet config (a meta-device UNet, cached: no weights read) -> every job's memory.
 try:
@@ -98,6 +101,7 @@ wildcard_constraints:
     shard=r"\d{4}",
     group=r"\d{4}",
     name=nc_schedule.NAME_PATTERN,
+    builtin="|".join(BUILTIN_FAMILIES),
 
 
 def final_outputs():
@@ -112,14 +116,12 @@ def final_outputs():
 # A model folder's files (configs, tokenizer, weights) are inputs of the feature jobs: changed
 # weights rerun them (and change the content fingerprint recorded in every shard).
 MODEL_FILES = (
-    [nc_model.BUILTIN_TINY_DIR]
-    if config["model"] == nc_model.BUILTIN_TINY
-    else [str(path) for path in model_files(MODEL_DIR)]
+    [str(MODEL_DIR)] if config["model"] in nc_model.BUILTIN_MODELS else [str(path) for path in model_files(MODEL_DIR)]
 )
 
 
 def model_input(wildcards):
-    """The built model folder (builtin:tiny), else every file of the model folder."""
+    """The built model folder (builtin models), else every file of the model folder."""
     return MODEL_FILES
 
 
@@ -185,8 +187,9 @@ def projection_mem_mb(wildcards, attempt):
 
 
 def feature_job_minutes(wildcards, attempt):
-    """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry."""
-    work = len(shard_prompts(wildcards)) * len(STEP_NAMES)
+    """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry (text-only: one
+    "step" per prompt)."""
+    work = len(shard_prompts(wildcards)) * (len(STEP_NAMES) if COLLECT_STEPS else 1)
     return attempt * (15 + work // 300)
 
 
@@ -303,7 +306,7 @@ def summary_folders(wildcards):
 def run_plan():
     """Jobs per rule, bytes on disk, memory per job type and GPU-hours (nullcov.plan.run_plan)."""
     jobs = {
-        "tiny_model": int(config["model"] == nc_model.BUILTIN_TINY),
+        "tiny_model": int(config["model"] in nc_model.BUILTIN_MODELS),
         "schedule": 1,
         "features (GPU)": len(SHARD_IDS),
         "validation_inputs (GPU)": int(bool(VALIDATION_PROMPTS)),

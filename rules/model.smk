@@ -1,11 +1,13 @@
 rule tiny_model:
-    """The embedded deterministic tiny SD-1.x model (model: builtin:tiny)."""
     output:
-        directory(nc_model.BUILTIN_TINY_DIR),
+        directory("resources/models/{builtin}"),
     log:
-        "logs/tiny_model.log",
+        "logs/tiny_model/{builtin}.log",
+    """An embedded deterministic tiny model (model: builtin:tiny, builtin:tiny-sd2, -sdxl, -lcm)."""
     localrule: True
     conda:
         "../envs/nullcov.yaml"
+    params:
+        family=lambda wildcards: BUILTIN_FAMILIES[wildcards.builtin],
     script:
         "../scripts/build_tiny_model.py"

@@ -1,4 +1,4 @@
-"""Snakemake adapter: build the embedded tiny model (nullcov.tiny_model)."""
+"""Snakemake adapter: build an embedded tiny model of one family (nullcov.tiny_model)."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
@@ -7,4 +7,4 @@ from nullcov.jobs import logging_to
 from nullcov.tiny_model import build_tiny_model
 
 with logging_to(snakemake.log[0]):
-    build_tiny_model(snakemake.output[0])
+    build_tiny_model(snakemake.output[0], snakemake.params.family)
