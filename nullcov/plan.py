@@ -37,6 +37,8 @@ PROJECTION_STEPS = 3
 #: Interpreter with numpy, h5py and torch imported (CPU jobs).
 CPU_JOB_OVERHEAD_BYTES = 512 * MIB
 DIMS_FORMAT = 1
+#: Text encoder(s) and VAE of a builtin tiny model before it is built (each is a few MB).
+UNBUILT_OTHER_WEIGHTS_BYTES = 64 * MIB
 
 
 class MemoryBudgetError(RuntimeError):
@@ -119,14 +121,14 @@ def statistics_bytes(dims: dict[str, int]) -> int:
 
 
 def weights_bytes(model_dir: str | Path, dims: dict) -> int:
-    """Bytes of the model's weight files (UNet, text encoder, VAE); for a model not built yet (the
-    builtin tiny model) its UNet's float32 parameter bytes."""
+    """Bytes of the model's weight files (every component: UNet, text encoder(s), VAE); for a model
+    not built yet (a builtin tiny model) its UNet's float32 parameter bytes plus
+    :data:`UNBUILT_OTHER_WEIGHTS_BYTES` for its text encoder(s) and VAE."""
     folder = Path(model_dir)
-    files = [path for part in ("unet", "text_encoder", "vae") for path in (folder / part).glob("*")
-             if path.suffix in (".safetensors", ".bin")]
+    files = [path for path in folder.glob("*/*") if path.suffix in (".safetensors", ".bin")]
     if files:
         return sum(path.stat().st_size for path in files)
-    return 4 * int(dims["unet_parameters"])
+    return 4 * int(dims["unet_parameters"]) + UNBUILT_OTHER_WEIGHTS_BYTES
 
 
 # -- feature-job memory and chunks -------------------------------------------------------------------

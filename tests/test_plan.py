@@ -7,6 +7,7 @@ from nullcov import plan
 from nullcov.features import collect_shard, configure_scheduler
 from nullcov.model import BUILTIN_TINY, cross_attention_modules
 from nullcov.schedule import build_schedule
+from nullcov.store import TEXT_KEY, moments_file_bytes
 
 from conftest import base_config
 
@@ -126,8 +127,9 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     layers = list(dims["layers"])
     widths = [w for layer in _dims_of(tiny_pipe.unet).values() for w in (layer["to_q"], layer["to_out"])]
     text_width = next(iter(_dims_of(tiny_pipe.unet).values()))["text"]
-    step_file = sum(8 * (d * d + d + 1) for d in widths)
-    text_file = 8 * (text_width**2 + text_width + 1)
+    # on-disk sizes: the store's estimate (tests/test_store_merge.py checks it against written files)
+    step_file = moments_file_bytes(plan.step_dims(dims, layers, {"q": True, "out": True}))
+    text_file = moments_file_bytes({TEXT_KEY: text_width})
     common = dict(model="m", dims=dims, layers=layers, collect_features={"q": True, "k": True, "v": True, "out": True},
                   num_steps=4, shards=[4, 4, 2], validation_prompts=2, weights=0, throughput=2.0,
                   jobs_per_rule={"features (GPU)": 3})

@@ -4,11 +4,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import planned_jobs, snakemake, write_config
 
 from nullcov.merge import merge_shard_files
 from nullcov.provenance import model_fingerprint
 from nullcov.store import read_moments
+
+from conftest import planned_jobs, snakemake, write_config
 
 
 def _change_a_weight(model_dir):
