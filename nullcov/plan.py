@@ -21,8 +21,10 @@ MIB = 2**20
 GIB = 2**30
 #: Host memory of a feature job besides the model weights and the step accumulators: the
 #: interpreter with torch, diffusers, transformers and h5py, the tokenizer, the sampler's
-#: activations. Measured (max_rss of the `benchmark:` file): 0.43 GiB for the whole tiny-model
-#: job (its weights are 2 MB; `make bench`), so 1 GiB leaves room for larger activations.
+#: activations (and on a GPU the CUDA context's host side). Measured on the CPU (SD-1.5
+#: architecture, 64 px, batch 4, `make bench-feature-memory`): peak RSS − weight files − held
+#: steps = 500–509 MiB; 1 GiB leaves room for larger activations and a CUDA context.
+#: ``mem_mb`` is read as MiB, as SLURM reads ``--mem`` (Snakemake passes ``mem_mb`` to it).
 JOB_OVERHEAD_BYTES = 1 * GIB
 #: Steps' worth of host memory a feature job needs beyond the steps it holds: one step's copy
 #: while it is written (a device step comes to the host one at a time) and the float32 staging
