@@ -56,7 +56,7 @@ def _most_at_once(folder: Path) -> int:
     return max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
 
 
-@pytest.mark.parametrize("visible, extra, expected", [("0,1", [], 2), ("", [], 1), ("0", ["--resources", "gpu=3"], 3)])
+@pytest.mark.parametrize("visible, extra, expected", [("0,1", [], 2), ("", ["--resources", "gpu=3"], 3)])
 def test_a_local_run_starts_at_most_one_gpu_job_per_visible_gpu(tmp_path, visible, extra, expected):
     (tmp_path / "Snakefile").write_text(SNAKEFILE.format(root=str(REPO)))
     result = subprocess.run(
@@ -66,6 +66,12 @@ def test_a_local_run_starts_at_most_one_gpu_job_per_visible_gpu(tmp_path, visibl
     assert result.returncode == 0, result.stderr
     assert f"GPU jobs: at most gpu={expected} at once" in result.stdout + result.stderr
     assert _most_at_once(tmp_path) == expected  # 4 cores would run all 4 jobs at once without the limit
+
+
+def test_without_gpus_the_gpu_jobs_run_one_at_a_time(tmp_path):
+    """CPU-only: the GPU jobs still run, one at a time (the limit itself is applied as above)."""
+    limit, reason = gpu_job_limit({"CUDA_VISIBLE_DEVICES": ""}, **NO_DRIVER)
+    assert (limit, reason) == (1, "no GPU visible (CUDA_VISIBLE_DEVICES=''): GPU jobs run on the CPU, one at a time")
 
 
 def test_the_workflow_sets_the_limit_and_passes_mem_mb(tmp_path):
