@@ -12,6 +12,7 @@ run plan (:func:`run_plan`, :func:`format_plan`; rule ``plan``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -163,7 +164,7 @@ def step_chunks(num_steps: int, per_chunk: int) -> list[range]:
         return [range(0)]
     count = math.ceil(num_steps / per_chunk)
     bounds = [round(i * num_steps / count) for i in range(count + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def replayed_calls(collection: str, chunks: list[range]) -> int:
@@ -175,7 +176,7 @@ def replayed_calls(collection: str, chunks: list[range]) -> int:
 
 
 def mem_mb(total_bytes: int) -> int:
-    return int(math.ceil(total_bytes / MIB))
+    return math.ceil(total_bytes / MIB)
 
 
 def feature_job_mem_mb(step_bytes: int, num_steps: int, weights: int, max_mem_mb: int) -> int:
@@ -254,9 +255,11 @@ def format_plan(plan: dict) -> str:
     """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
     chunks = plan["feature_chunks"]
     lines = [
-        f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
-        f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
-        f"{plan['step_keys']} per-step matrices",
+        (
+            f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
+            f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
+            f"{plan['step_keys']} per-step matrices"
+        ),
         "",
         "jobs per rule:",
         *(f"  {rule:<26} {count}" for rule, count in plan["jobs"].items()),
@@ -266,12 +269,16 @@ def format_plan(plan: dict) -> str:
         "",
         "peak host memory per job (mem_mb):",
         *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
-        f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
-        f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
-        f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)",
+        (
+            f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
+            f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
+            f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)"
+        ),
         f"  model weights {_size(plan['weights'])}",
         "",
-        f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
-        "(config gpu_prompt_timesteps_per_second)",
+        (
+            f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
+            "(config gpu_prompt_timesteps_per_second)"
+        ),
     ]
     return "\n".join(lines) + "\n"
