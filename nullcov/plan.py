@@ -12,6 +12,7 @@ run plan (:func:`run_plan`, :func:`format_plan`; rule ``plan``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,8 +22,10 @@ MIB = 2**20
 GIB = 2**30
 #: Host memory of a feature job besides the model weights and the step accumulators: the
 #: interpreter with torch, diffusers, transformers and h5py, the tokenizer, the sampler's
-#: activations. Measured (max_rss of the `benchmark:` file): 0.43 GiB for the whole tiny-model
-#: job (its weights are 2 MB; `make bench`), so 1 GiB leaves room for larger activations.
+#: activations (and on a GPU the CUDA context's host side). Measured on the CPU (SD-1.5
+#: architecture, 64 px, batch 4, `make bench-feature-memory`): peak RSS − weight files − held
+#: steps = 500–509 MiB; 1 GiB leaves room for larger activations and a CUDA context.
+#: ``mem_mb`` is read as MiB, as SLURM reads ``--mem`` (Snakemake passes ``mem_mb`` to it).
 JOB_OVERHEAD_BYTES = 1 * GIB
 #: Steps' worth of host memory a feature job needs beyond the steps it holds: one step's copy
 #: while it is written (a device step comes to the host one at a time) and the float32 staging
@@ -158,7 +161,7 @@ def step_chunks(num_steps: int, per_chunk: int) -> list[range]:
         return [range(0)]
     count = math.ceil(num_steps / per_chunk)
     bounds = [round(i * num_steps / count) for i in range(count + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def replayed_calls(collection: str, chunks: list[range]) -> int:
@@ -170,7 +173,7 @@ def replayed_calls(collection: str, chunks: list[range]) -> int:
 
 
 def mem_mb(total_bytes: int) -> int:
-    return int(math.ceil(total_bytes / MIB))
+    return math.ceil(total_bytes / MIB)
 
 
 def feature_job_mem_mb(step_bytes: int, num_steps: int, weights: int, max_mem_mb: int) -> int:
@@ -253,9 +256,11 @@ def format_plan(plan: dict) -> str:
     """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
     chunks = plan["feature_chunks"]
     lines = [
-        f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
-        f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
-        f"{plan['step_keys']} per-step matrices",
+        (
+            f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
+            f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
+            f"{plan['step_keys']} per-step matrices"
+        ),
         "",
         "jobs per rule:",
         *(f"  {rule:<26} {count}" for rule, count in plan["jobs"].items()),
@@ -265,12 +270,16 @@ def format_plan(plan: dict) -> str:
         "",
         "peak host memory per job (mem_mb):",
         *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
-        f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
-        f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
-        f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)",
+        (
+            f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
+            f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
+            f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)"
+        ),
         f"  model weights {_size(plan['weights'])}",
         "",
-        f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
-        "(config gpu_prompt_timesteps_per_second)",
+        (
+            f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
+            "(config gpu_prompt_timesteps_per_second)"
+        ),
     ]
     return "\n".join(lines) + "\n"

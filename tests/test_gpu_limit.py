@@ -56,16 +56,22 @@ def _most_at_once(folder: Path) -> int:
     return max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
 
 
-@pytest.mark.parametrize("visible, extra, expected", [("0,1", [], 2), ("", [], 1), ("0", ["--resources", "gpu=3"], 3)])
+@pytest.mark.parametrize("visible, extra, expected", [("0,1", [], 2), ("", ["--resources", "gpu=3"], 3)])
 def test_a_local_run_starts_at_most_one_gpu_job_per_visible_gpu(tmp_path, visible, extra, expected):
     (tmp_path / "Snakefile").write_text(SNAKEFILE.format(root=str(REPO)))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "4", *extra], cwd=tmp_path, capture_output=True, text=True,
-        env=os.environ | {"CUDA_VISIBLE_DEVICES": visible}, timeout=300,
+        env=os.environ | {"CUDA_VISIBLE_DEVICES": visible}, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert f"GPU jobs: at most gpu={expected} at once" in result.stdout + result.stderr
     assert _most_at_once(tmp_path) == expected  # 4 cores would run all 4 jobs at once without the limit
+
+
+def test_without_gpus_the_gpu_jobs_run_one_at_a_time(tmp_path):
+    """CPU-only: the GPU jobs still run, one at a time (the limit itself is applied as above)."""
+    limit, reason = gpu_job_limit({"CUDA_VISIBLE_DEVICES": ""}, **NO_DRIVER)
+    assert (limit, reason) == (1, "no GPU visible (CUDA_VISIBLE_DEVICES=''): GPU jobs run on the CPU, one at a time")
 
 
 def test_the_workflow_sets_the_limit_and_passes_mem_mb(tmp_path):
@@ -74,7 +80,7 @@ def test_the_workflow_sets_the_limit_and_passes_mem_mb(tmp_path):
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "0,1"}
     output = subprocess.run(
         snakemake_command(tmp_path, "--dry-run", "--set-resources", "features:mem_mb=1234"),
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert output.returncode == 0, output.stderr
     text = output.stdout + output.stderr

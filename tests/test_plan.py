@@ -130,9 +130,10 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     # on-disk sizes: the store's estimate (tests/test_store_merge.py checks it against written files)
     step_file = moments_file_bytes(plan.step_dims(dims, layers, {"q": True, "out": True}))
     text_file = moments_file_bytes({TEXT_KEY: text_width})
-    common = dict(model="m", dims=dims, layers=layers, collect_features={"q": True, "k": True, "v": True, "out": True},
-                  num_steps=4, shards=[4, 4, 2], validation_prompts=2, weights=0, throughput=2.0,
-                  jobs_per_rule={"features (GPU)": 3})
+    common = {"model": "m", "dims": dims, "layers": layers,
+              "collect_features": {"q": True, "k": True, "v": True, "out": True}, "num_steps": 4,
+              "shards": [4, 4, 2], "validation_prompts": 2, "weights": 0, "throughput": 2.0,
+              "jobs_per_rule": {"features (GPU)": 3}}
     whole = plan.run_plan(collection="trajectory", feature_mem_mb=10**5, **common)
     assert whole["bytes"]["step file"] == step_file and whole["bytes"]["text file"] == text_file
     assert whole["bytes"]["shard scratch"] == 3 * (4 * step_file + text_file)
