@@ -124,8 +124,8 @@ def test_results_do_not_depend_on_batch_size_or_sharding(tiny_pipe, demo_prompts
 )
 def test_noised_and_stochastic_samplers_do_not_depend_on_batch_size(tiny_pipe, demo_prompts, overrides):
     prompts = demo_prompts[:2]
-    together = _collect(tiny_pipe, prompts, 0, batch_size=2, num_denoising_steps=3, **overrides)
-    one_by_one = _collect(tiny_pipe, prompts, 0, batch_size=1, num_denoising_steps=3, **overrides)
+    together = _collect(tiny_pipe, prompts, 0, batch_size=2, num_denoising_steps=2, **overrides)
+    one_by_one = _collect(tiny_pipe, prompts, 0, batch_size=1, num_denoising_steps=2, **overrides)
     _assert_same(together, one_by_one)
 
 
