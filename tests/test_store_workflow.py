@@ -2,11 +2,10 @@
 
 import shutil
 
-import numpy as np
 import pytest
 from conftest import planned_jobs, snakemake, write_config
 
-from nullcov.merge import merge_shard_files
+from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import model_fingerprint
 from nullcov.store import read_moments
 
@@ -54,7 +53,7 @@ def test_grouped_merges_cover_every_shard_and_keep_shards_false_deletes_the_scra
     """Grouped and direct merges agree to 1e-12 (tests/test_store_merge.py); here the workflow's wiring."""
     workdir, targets = grouped_run
     for target in targets:
-        merged, attrs = read_moments(workdir / target, "covariance")
+        _, attrs = read_moments(workdir / target, "covariance")
         assert attrs["provenance"]["shards"] == ["shard_0000", "shard_0001", "shard_0002"]
         assert attrs["provenance"]["prompts"] == {"count": 3, "sha256": prompt_set_sha256(demo_prompts[:3])}
     log = (workdir / "logs" / "covariance" / "alpha_00_0999.log").read_text()
