@@ -138,6 +138,32 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
             "max_rss_bytes": max_rss_kb * 1024, "jobs": jobs}
 
 
+def projection_timings() -> list[dict]:
+    """Seconds of today's full float64 ``eigh`` + ``U0 U0ᵀ`` against ``null_space`` at d = 1280, for
+    a threshold inside the spectrum and outside it (below and above), and the largest |ΔP|."""
+    from nullcov.projection import null_space
+
+    rng = np.random.default_rng(1)
+    d = 1280
+    rows = rng.normal(size=(2 * d, d)) * np.geomspace(1e-3, 10, d)  # a spread spectrum, full rank
+    statistic = rows.T @ rows / rows.shape[0]
+    timings = []
+    for label, threshold in (("inside the spectrum", 0.02), ("under the spectrum", 1e-12), ("over it", 1e6)):
+        start = time.perf_counter()
+        values, vectors = np.linalg.eigh((statistic + statistic.T) / 2)
+        basis = vectors[:, values < threshold]
+        full = (basis @ basis.T).astype(np.float32)
+        full_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        space = null_space(statistic, threshold)
+        seconds = time.perf_counter() - start
+        timings.append({"d": d, "threshold": label, "null_dim": space.null_dim, "full_eigh_seconds": full_seconds,
+                        "null_space_seconds": seconds,
+                        "max_abs_projection_difference": float(np.abs(space.projection - full).max())})
+        print(json.dumps(timings[-1]), flush=True)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scratch", default=str(REPO / "benchmarks" / "bench-scale-tmp"))
