@@ -132,10 +132,8 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
                             check=True)
     seconds = time.perf_counter() - start
     max_rss_kb = next(int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("maxrss_kb"))
-    jobs = sum(int(line.split()[-1]) for line in result.stdout.splitlines()
-               if line.split() and line.split()[0] == "total")
     return {"prompts": prompts, "steps": steps, "prompts_per_shard": per_shard, "seconds": seconds,
-            "max_rss_bytes": max_rss_kb * 1024, "jobs": jobs}
+            "max_rss_bytes": max_rss_kb * 1024}
 
 
 def projection_timings() -> list[dict]:
