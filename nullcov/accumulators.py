@@ -91,8 +91,11 @@ def column_sums(inputs: torch.Tensor, dim: int) -> torch.Tensor:
 
 def centring_shift(rows: torch.Tensor) -> torch.Tensor:
     """The shift that moments are taken about: the float64 column mean of ``rows`` [n, d],
-    rounded to float32 so that :func:`centred` subtracts exactly the value recorded."""
-    return (column_sums(rows, dim=0).double() / rows.shape[0]).float().double()
+    rounded to float32 so that :func:`centred` subtracts exactly the value recorded. Any shift
+    is exact algebra; a non-finite mean column becomes 0, so that a NaN or inf input stays in
+    its own prompt's rows (and the non-finite check names that prompt)."""
+    mean = (column_sums(rows, dim=0).double() / rows.shape[0]).float()
+    return torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean)).double()
 
 
 def centred(inputs: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

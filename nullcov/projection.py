@@ -39,7 +39,11 @@ def symmetric_eigh(statistic: np.ndarray, device: str = "cpu", vectors: bool = T
     matrix = np.asarray(statistic, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"statistic must be a square matrix, got shape {matrix.shape}")
-    matrix = (matrix + matrix.T) / 2
+    return _eigh((matrix + matrix.T) / 2, device, vectors)
+
+
+def _eigh(matrix: np.ndarray, device: str, vectors: bool = True):
+    """:func:`symmetric_eigh` of an already symmetric float64 matrix."""
     if device == "cpu":
         return np.linalg.eigh(matrix) if vectors else np.linalg.eigvalsh(matrix)
     import torch
@@ -91,15 +95,16 @@ def null_space(statistic: np.ndarray, nullspace_threshold: float | None,
     projection = None
     if threshold_percent is None:
         threshold = spectrum_threshold(np.zeros(0), nullspace_threshold, None)
-        shifted = matrix - threshold * np.eye(d)
-        if _positive_definite(shifted):
+        # λ_min ≤ min(diag) and λ_max ≥ max(diag): the diagonal rules a factorisation out for free.
+        diagonal = np.diagonal(matrix)
+        if diagonal.min() > threshold and _positive_definite(matrix - threshold * np.eye(d)):
             projection, null_dim = np.zeros((d, d)), 0
-        elif _positive_definite(-shifted):
+        elif diagonal.max() < threshold and _positive_definite(threshold * np.eye(d) - matrix):
             projection, null_dim = np.eye(d), d
     if projection is not None:
-        eigenvalues = symmetric_eigh(matrix, device, vectors=False)
+        eigenvalues = _eigh(matrix, device, vectors=False)
     else:
-        eigenvalues, eigenvectors = symmetric_eigh(matrix, device)
+        eigenvalues, eigenvectors = _eigh(matrix, device)
         threshold = spectrum_threshold(eigenvalues, nullspace_threshold, threshold_percent)
         projection = projection_from_side(eigenvectors, eigenvalues < threshold)
         null_dim = int((eigenvalues < threshold).sum())

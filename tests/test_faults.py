@@ -197,7 +197,7 @@ def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_pro
 
     def create_until_full(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 50:  # a file holds 14 groups x 3 datasets: this is inside the second file
+        if calls["n"] == 70:  # a file holds 14 groups x 4 datasets: this is inside the second file
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, *args, **kwargs)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -78,15 +77,18 @@ def sequential_read_seconds(paths) -> float:
     return time.perf_counter() - start
 
 
+# Peak RSS is the process's VmHWM (reset by exec; ru_maxrss is not: it would carry this parent's).
 MERGE_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
 from nullcov.jobs import merge_job
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 paths = json.loads(sys.argv[1])
+imported = peak()
 start = time.perf_counter()
 merge_job(paths, sys.argv[2], None)
-print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "max_rss_bytes": peak(), "rss_after_imports_bytes": imported}}))
 """
 
 
@@ -94,13 +96,6 @@ def merge_in_subprocess(paths, output) -> dict:
     child = subprocess.run([sys.executable, "-c", MERGE_CHILD.format(repo=str(REPO)), json.dumps(paths), output],
                            capture_output=True, text=True, check=True)
     return json.loads(child.stdout.strip().splitlines()[-1])
-
-
-def baseline_rss() -> int:
-    """Peak RSS of the merge child's imports alone (the interpreter, numpy, h5py, nullcov)."""
-    code = (f"import resource, sys; sys.path.insert(0, {str(REPO)!r}); import nullcov.jobs; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def write_shards(folder: Path, dims: dict[str, int], count: int) -> list[str]:
@@ -132,15 +127,13 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(workdir / "config.yaml"), "-n", "--quiet", "--cores", "2"]
     subprocess.run(command, capture_output=True, text=True, check=True)  # warms the schedule cache
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb %M", *command], capture_output=True, text=True,
+                            check=True)
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    jobs = sum(int(line.split()[-1]) for line in result.stdout.splitlines()
-               if line.split() and line.split()[0] == "total")
+    max_rss_kb = next(int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("maxrss_kb"))
     return {"prompts": prompts, "steps": steps, "prompts_per_shard": per_shard, "seconds": seconds,
-            "max_rss_bytes": max(before, after) * 1024 if after > before else None, "jobs": jobs}
+            "max_rss_bytes": max_rss_kb * 1024}
 
 
 def projection_timings() -> list[dict]:
@@ -174,12 +167,13 @@ def main() -> None:
     parser.add_argument("--scratch", default=str(REPO / "benchmarks" / "bench-scale-tmp"))
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "bench-scale.json"))
     parser.add_argument("--shards", default="3,12,48")
-    parser.add_argument("--dry-run-prompts", default="100000,600000")
+    parser.add_argument("--dry-run-prompts", default="100000,600000", help="empty: no dry-runs")
+    parser.add_argument("--no-projections", dest="projections", action="store_false")
     args = parser.parse_args()
     scratch = Path(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    results: dict = {"projection": projection_timings()}
+    results: dict = {"projection": projection_timings() if args.projections else []}
     try:
         dims = sd15_dims()
         step_bytes = sum(8 * d * d for d in dims.values())
@@ -197,7 +191,7 @@ def main() -> None:
             "legacy_1000x50_bytes": LEGACY_BYTES_PER_PROMPT_TIMESTEP * 1000 * 50,
             "ratio_legacy_over_scratch": LEGACY_BYTES_PER_PROMPT_TIMESTEP * 1000 * 50 / scratch_1000,
         }
-        results["merge"] = {"baseline_rss_bytes": baseline_rss(), "runs": []}
+        results["merge"] = {"runs": []}
         for count in counts:
             chosen = paths[:count]
             evict(chosen)
@@ -208,7 +202,9 @@ def main() -> None:
             total = sum(os.path.getsize(p) for p in chosen)
             results["merge"]["runs"].append({
                 "shards": count, "bytes_read": total, "max_rss_bytes": merged["max_rss_bytes"],
-                "rss_over_step_bytes": merged["max_rss_bytes"] / step_bytes,
+                "rss_after_imports_bytes": merged["rss_after_imports_bytes"],
+                "rss_above_imports_over_step_bytes": (merged["max_rss_bytes"] - merged["rss_after_imports_bytes"])
+                / step_bytes,
                 "merge_seconds": merged["seconds"], "merge_gb_per_s": total / merged["seconds"] / 1e9,
                 "disk_sequential_read_gb_per_s": total / read_seconds / 1e9,
             })
