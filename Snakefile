@@ -19,6 +19,8 @@ include: "rules/covariance.smk"
 include: "rules/projection.smk"
 include: "rules/validation.smk"
 include: "rules/report.smk"
+include: "rules/export.smk"
+include: "rules/finetune.smk"
 
 
 rule all:

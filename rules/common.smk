@@ -10,9 +10,15 @@ sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workf
 from nullcov import model as nc_model
 from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
+from nullcov.export import parse_exports
 from nullcov.provenance import feature_config
 
 
+if isinstance(config.get("exports"), str):  # --config exports=... arrives as a string
+    try:
+        config["exports"] = parse_exports(config["exports"])
+    except ValueError as err:
+        raise WorkflowError(f"invalid configuration: {err}")
 validate(config, "../config/schema.yaml", set_default=True)
 
 if not any(config["collect_features"].values()):
@@ -58,7 +64,21 @@ def final_outputs():
     """The deliverables: merged moments (interpolating trainers need them) and projections."""
     return ["results/schedule.json"] + [
         f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES
-    ] + report_outputs()
+    ] + report_outputs() + export_outputs()
+
+
+EXPORT_OUTPUTS = {  # export name -> its output (rules/export.smk)
+    "nullbooth": "results/export/nullbooth",
+    "safetensors": "results/export/nullcov_projections.safetensors",
+}
+
+
+def export_outputs():
+    """The configured exports and, with finetune_proof, the fine-tune proof's table and figure."""
+    outputs = [EXPORT_OUTPUTS[name] for name in config["exports"]]
+    if config["finetune_proof"]:
+        outputs += ["results/report/finetune/finetune.tsv", "results/report/finetune/finetune.png"]
+    return outputs
 
 
 def model_input(wildcards):

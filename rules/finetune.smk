@@ -1,0 +1,1 @@
+# The fine-tune proof (config key `finetune_proof`): nullcov/finetune.py.
