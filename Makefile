@@ -37,6 +37,11 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m nullcov.benchmark --device cuda --profile
 
+# Overhead of nullcov.training's projection per training step, SD-1.5 architecture (CPU, random weights).
+.PHONY: bench-training
+bench-training: $(STAMP)
+	$(BIN)/python tools/bench_training.py --resolution 128
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

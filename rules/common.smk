@@ -127,6 +127,11 @@ try:
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
+FINETUNE_HELD_OUT = 4  # validation prompts whose outputs the fine-tune proof compares
+if config["finetune_proof"] and not VALIDATION_PROMPTS:
+    raise WorkflowError(
+        "invalid configuration: finetune_proof needs held-out prompts: set validation_prompts (a prompt file)"
+    )
 LEAKAGE_STEPS_PER_JOB = 25  # steps per leakage job (CPU: one eigh per layer/linear and step)
 LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}

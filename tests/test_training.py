@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import planned_jobs, write_config
+from conftest import DEMO_PROMPTS, planned_jobs, write_config
 
 THRESHOLD = 0.02
 
@@ -286,8 +286,10 @@ def test_exports_config_from_the_command_line(tmp_path, demo_prompts):
     with pytest.raises(ValueError, match="unknown export"):
         parse_exports('["nulbooth"]')
     write_config(tmp_path, demo_prompts[:4])
-    rules = {rule for rule, _ in planned_jobs(tmp_path, "--config", 'exports=["safetensors"]')}
-    assert "export_safetensors" in rules and "export_nullbooth" not in rules
+    validation = DEMO_PROMPTS.parent / "validation.txt"
+    rules = {rule for rule, _ in planned_jobs(tmp_path, "--config", 'exports=["safetensors"]', "finetune_proof=true",
+                                               f"validation_prompts={validation}")}
+    assert {"export_safetensors", "finetune_proof"} <= rules and "export_nullbooth" not in rules
 
 
 def test_constraint_refuses_linears_without_projections(results, tiny_model_dir, tmp_path):
@@ -301,3 +303,34 @@ def test_constraint_refuses_linears_without_projections(results, tiny_model_dir,
     with pytest.raises(ConstraintError, match=r"attn2\.to_k.*freeze them"):
         NullSpaceConstraint(trainable_unet(tiny_model_dir), partial)
 
+
+
+def test_finetune_proof_projected_updates_move_trained_prompts_less(results, tiny_model_dir, demo_prompts, tmp_path):
+    """The proof's code path, short: all variants run, and the projection measurably protects."""
+    import json
+
+    from nullcov.finetune import (
+        TABLE_COLUMNS,
+        VARIANTS,
+        draw_figure,
+        run_finetune_proof,
+        write_table,
+    )
+    from nullcov.validation import read_validation_prompts
+
+    held_out = read_validation_prompts(DEMO_PROMPTS.parent / "validation.txt", demo_prompts, 1000000)[:2]
+    rows, curves = run_finetune_proof(
+        model_dir=tiny_model_dir, results_dir=results, schedule=json.loads((results / "schedule.json").read_text()),
+        preserved={"held_out": (held_out, 1000000), "trained": (demo_prompts[:2], 0)},
+        config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=8,
+    )
+    assert [row["variant"] for row in rows] == list(VARIANTS) and all(len(c) == 8 for c in curves.values())
+    unconstrained, per_timestep, every_step = rows
+    for row in rows:
+        assert row["weight_update_norm"] > 0 and row["concept_loss_after"] != row["concept_loss_before"]
+    for projected in (per_timestep, every_step):
+        assert projected["attn2_output_change_trained"] < 0.5 * unconstrained["attn2_output_change_trained"]
+    write_table(tmp_path / "t.tsv", rows)
+    draw_figure(tmp_path / "f.png", rows, curves)
+    assert (tmp_path / "t.tsv").read_text().splitlines()[0].split("\t") == list(TABLE_COLUMNS)
+    assert (tmp_path / "f.png").stat().st_size > 10000
