@@ -27,7 +27,9 @@ Several timesteps in one batch: the projection is the null space of the **sum** 
 statistics at the run's absolute threshold τ. Each statistic ``S_t`` is positive semi-definite,
 so every unit vector ``v`` of that null space has ``vᵀ S_t v ≤ vᵀ (Σ_u S_u) v < τ`` for every
 ``t`` of the batch: the update is in the null space of each of them (a thinner one than any
-alone). Passing all scheduled timesteps protects the whole trajectory.
+alone). Passing all scheduled timesteps protects the whole trajectory. With
+``threshold_percent`` the threshold of the summed statistic is that percentile of its own
+spectrum, and the bound holds with that value as τ.
 
 Lookups (:class:`ProjectionLookup`) are cached per integer timestep set and computed on the
 training device (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on

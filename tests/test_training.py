@@ -287,7 +287,7 @@ def test_exports_config_from_the_command_line(tmp_path, demo_prompts):
         parse_exports('["nulbooth"]')
     write_config(tmp_path, demo_prompts[:4])
     validation = DEMO_PROMPTS.parent / "validation.txt"
-    rules = {rule for rule, _ in planned_jobs(tmp_path, "--config", 'exports=["safetensors"]', "finetune_proof=true",
+    rules = {rule for rule, _ in planned_jobs(tmp_path, "--config", 'exports=["safetensors"]', "finetune_proof=True",
                                                f"validation_prompts={validation}")}
     assert {"export_safetensors", "finetune_proof"} <= rules and "export_nullbooth" not in rules
 
