@@ -90,8 +90,9 @@ class ProjectionLookup:
 
     ``projections(timesteps)`` returns ``{key: P}`` for every per-timestep key (``<layer>/to_q``,
     ``<layer>/to_out``); ``text`` is the ``to_k``/``to_v`` projection. The cache is keyed by the
-    sorted set of integer timesteps and bounded by ``cache_bytes`` (least recently used first
-    out); ``precompute(range(1000))`` fills it ahead of training.
+    statistic a set of integer timesteps resolves to (``nearest``: one entry per scheduled step,
+    whatever ``t`` maps to it) and bounded by ``cache_bytes`` (least recently used first out);
+    ``precompute(range(1000))`` fills it ahead of training.
     """
 
     def __init__(self, results_dir: str | Path = "results", mode: str = "nearest", device="cpu",
@@ -104,7 +105,8 @@ class ProjectionLookup:
         self.cache_bytes = int(cache_bytes)
         self.bank = ProjectionBank(self.results_dir)
         self.computed = 0  # projection sets built (cache misses), for tests and benchmarks
-        self._cache: OrderedDict[tuple[int, ...], dict[str, torch.Tensor]] = OrderedDict()
+        self._mixtures: dict[tuple[int, ...], tuple] = {}  # integer timesteps -> cache key
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self._cached_bytes = 0
         self._statistics: dict[str, dict[str, np.ndarray]] = {}
         text_file = self.results_dir / "projections" / "text.h5"
@@ -134,15 +136,17 @@ class ProjectionLookup:
         values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
         if not values:
             raise ValueError("no timesteps given")
-        key = tuple(sorted({round(float(t)) for t in values}))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        found = self._compute(key)
+        timesteps = tuple(sorted({round(float(t)) for t in values}))
+        mixture = self._mixtures.get(timesteps)
+        if mixture is None:
+            mixture = self._mixtures[timesteps] = self._mixture(timesteps)
+        if mixture in self._cache:
+            self._cache.move_to_end(mixture)
+            return self._cache[mixture]
+        found = self._compute(mixture)
         self.computed += 1
-        size = sum(p.numel() * p.element_size() for p in found.values())
-        self._cache[key] = found
-        self._cached_bytes += size
+        self._cache[mixture] = found
+        self._cached_bytes += sum(p.numel() * p.element_size() for p in found.values())
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
             _, dropped = self._cache.popitem(last=False)
             self._cached_bytes -= sum(p.numel() * p.element_size() for p in dropped.values())
@@ -153,29 +157,38 @@ class ProjectionLookup:
         timesteps = list(timesteps)
         for t in timesteps:
             self.projections([t])
-        if len(self._cache) < len({round(float(t)) for t in timesteps}):
-            log.warning("precompute: cache_bytes=%d holds only %d of %d timesteps", self.cache_bytes,
-                        len(self._cache), len(timesteps))
+        wanted = {self._mixtures[(round(float(t)),)] for t in timesteps}
+        if not wanted <= set(self._cache):
+            log.warning("precompute: cache_bytes=%d holds only %d of the %d projection sets of these timesteps",
+                        self.cache_bytes, len(wanted & set(self._cache)), len(wanted))
 
     # -- computing one projection set ---------------------------------------------------------
-    def _compute(self, timesteps: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """Mixture weights per scheduled step name, then stored P (one step) or a new null space."""
+    def _mixture(self, timesteps: tuple[int, ...]) -> tuple[tuple[str, float], ...]:
+        """The statistic protecting ``timesteps`` as (step name, weight) pairs: the cache key.
+
+        Integer timesteps sharing one scheduled step (``nearest``) share one entry.
+        """
         weights: dict[str, float] = {}
         for t in timesteps:
             for name, weight in self._step_weights(t):
                 # nearest: each step's statistic once; interpolate: the sum of every t's mixture
                 weights[name] = 1.0 if self.mode == "nearest" else weights.get(name, 0.0) + weight
-        names = [name for name, weight in weights.items() if weight > 0]
-        if len(names) == 1:
-            # every t has this one step's statistic S: its stored projection protects them all
-            spaces, _ = read_projections(self.results_dir / "projections" / f"{names[0]}.h5", keys=self.step_keys)
+        weights = {name: weight for name, weight in weights.items() if weight > 0}
+        if len(weights) == 1:  # every t has this one step's statistic S: its stored projection protects them all
+            return ((next(iter(weights)), 1.0),)
+        return tuple(sorted(weights.items()))
+
+    def _compute(self, mixture: tuple[tuple[str, float], ...]) -> dict[str, torch.Tensor]:
+        """The stored projections of one step, or the null space of the weighted sum of statistics."""
+        if len(mixture) == 1:
+            spaces, _ = read_projections(self.results_dir / "projections" / f"{mixture[0][0]}.h5", keys=self.step_keys)
             return {key: torch.from_numpy(space.projection).to(self.device) for key, space in spaces.items()}
         where = _eigh_device(self.device)
         found = {}
         for key in self.step_keys:
             total = None
-            for name in names:
-                part = torch.from_numpy(self._statistic(name)[key]).to(where) * weights[name]
+            for name, weight in mixture:
+                part = torch.from_numpy(self._statistic(name)[key]).to(where) * weight
                 total = part if total is None else total + part
             projection = null_space_projection(total, self.settings["nullspace_threshold"],
                                                self.settings["threshold_percent"])

@@ -173,6 +173,9 @@ def test_lookups_are_cached_per_integer_timestep_and_match_the_bank(results):
             np.testing.assert_allclose(found[key].numpy(), bank.get(layer, linear, t, mode="interpolate").numpy(),
                                        atol=2e-6)
     assert lookup.computed == computed  # every one came from the cache
+    nearest = ProjectionLookup(results, mode="nearest")
+    nearest.precompute(range(1000))  # 1000 integer t, 3 scheduled steps: 3 entries
+    assert nearest.computed == len(nearest._cache) == len(bank.timesteps)
     small = ProjectionLookup(results, mode="interpolate", cache_bytes=1)
     small.precompute([10, 20, 30])
     assert len(small._cache) == 1 and small.computed == 3
