@@ -60,6 +60,11 @@ bench-scale: $(STAMP)
 bench-text-only: $(STAMP)
 	$(BIN)/python tools/bench_text_only.py
 
+# Overhead of nullcov.training's projection per training step, SD-1.5 architecture (CPU, random weights).
+.PHONY: bench-training
+bench-training: $(STAMP)
+	$(BIN)/python tools/bench_training.py --resolution 128
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

@@ -20,6 +20,8 @@ include: "rules/projection.smk"
 include: "rules/validation.smk"
 include: "rules/report.smk"
 include: "rules/plan.smk"
+include: "rules/export.smk"
+include: "rules/finetune.smk"
 
 
 rule all:

@@ -5,6 +5,10 @@ mixes the statistics of the two neighbouring timesteps linearly in t and recompu
 space with the run's own statistic and threshold, so the result is still an orthogonal
 projection (averaging two ``P`` matrices would not be). ``to_k``/``to_v`` resolve to the
 timestep-independent text projection.
+
+``results_dir`` is a results folder, or the one-file safetensors export
+(``results/export/nullcov_projections.safetensors``, :mod:`nullcov.export`): it holds the
+projections, not the statistics, so it serves ``nearest`` only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 from nullcov.projection import null_space
 from nullcov.store import TEXT_KEY, read_moments, read_projections
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
 _LINEARS = {"q": "to_q", "to_q": "to_q", "out": "to_out", "to_out": "to_out",
             "k": "to_k", "to_k": "to_k", "v": "to_v", "to_v": "to_v"}
 MODES = ("nearest", "interpolate")
@@ -25,10 +31,16 @@ MODES = ("nearest", "interpolate")
 class ProjectionBank:
     def __init__(self, results_dir: str | Path = "results", cache_size: int = 50):
         self.results_dir = Path(results_dir)
-        schedule_path = self.results_dir / "schedule.json"
-        if not schedule_path.is_file():
-            raise FileNotFoundError(f"{schedule_path} not found: is {self.results_dir} a nullcov results folder?")
-        steps = json.loads(schedule_path.read_text())["steps"]
+        self.exported = self.results_dir.suffix == SAFETENSORS_SUFFIX
+        if self.exported:
+            from nullcov.export import read_safetensors_metadata
+
+            steps = read_safetensors_metadata(self.results_dir)["schedule"]["steps"]
+        else:
+            schedule_path = self.results_dir / "schedule.json"
+            if not schedule_path.is_file():
+                raise FileNotFoundError(f"{schedule_path} not found: is {self.results_dir} a nullcov results folder?")
+            steps = json.loads(schedule_path.read_text())["steps"]
         order = sorted(range(len(steps)), key=lambda i: (steps[i]["timestep"], i))
         self._timesteps = [steps[i]["timestep"] for i in order]  # ascending
         self._names = [steps[i]["name"] for i in order]
@@ -37,7 +49,13 @@ class ProjectionBank:
 
     @property
     def timesteps(self) -> list[float]:
+        """The scheduled timesteps, ascending."""
         return list(self._timesteps)
+
+    @property
+    def step_names(self) -> list[str]:
+        """The step names, in the order of :attr:`timesteps`."""
+        return list(self._names)
 
     def get(self, layer: str, linear: str, timestep: float | None = None, mode: str = "nearest"):
         """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``."""
@@ -45,6 +63,9 @@ class ProjectionBank:
             raise ValueError(f"linear must be one of {sorted(_LINEARS)}, got {linear!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "interpolate" and self.exported:
+            raise ValueError(f"{self.results_dir} holds projections, not statistics: mode='interpolate' needs the "
+                             "results folder (its covariance/ files); use mode='nearest'")
         linear = _LINEARS[linear]
         if linear in ("to_k", "to_v"):
             return self._cached(("text",), lambda: self._stored("text", TEXT_KEY))
@@ -52,17 +73,18 @@ class ProjectionBank:
             raise ValueError(f"{linear} projections depend on the timestep; pass one")
         key = f"{layer}/{linear}"
         if mode == "nearest":
-            name = self._names[self._nearest(float(timestep))]
+            name = self._names[self.nearest_index(float(timestep))]
             return self._cached((key, name), lambda: self._stored(name, key))
-        low, high, weight = self._neighbours(float(timestep))
+        low, high, weight = self.neighbours(float(timestep))
         if low == high:
             return self._cached((key, self._names[low]), lambda: self._stored(self._names[low], key))
         return self._cached((key, low, high, weight), lambda: self._interpolated(key, low, high, weight))
 
-    def _nearest(self, timestep: float) -> int:
+    def nearest_index(self, timestep: float) -> int:
+        """Index (into :attr:`timesteps`) of the closest scheduled timestep (the lower one on a tie)."""
         return min(range(len(self._timesteps)), key=lambda i: (abs(self._timesteps[i] - timestep), i))
 
-    def _neighbours(self, timestep: float) -> tuple[int, int, float]:
+    def neighbours(self, timestep: float) -> tuple[int, int, float]:
         """Indices (into the ascending list) around ``timestep`` and the weight of the upper one."""
         high = bisect.bisect_left(self._timesteps, timestep)
         if high == 0:
@@ -88,6 +110,10 @@ class ProjectionBank:
     def _stored(self, name: str, key: str):
         import torch
 
+        if self.exported:
+            from nullcov.export import read_safetensors_projection
+
+            return torch.from_numpy(read_safetensors_projection(self.results_dir, name, key))
         spaces, _ = read_projections(self.results_dir / "projections" / f"{name}.h5", keys=[key])
         return torch.from_numpy(spaces[key].projection)
 

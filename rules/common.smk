@@ -16,11 +16,17 @@ from nullcov import model as nc_model
 from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
+from nullcov.export import parse_exports
 from nullcov.provenance import feature_config, model_files
 
 # `--config key=null` passes the string "null": it means None for every key that admits null.
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
     nc_config.normalise_nulls(config, yaml.safe_load(schema_file))
+if isinstance(config.get("exports"), str):  # --config exports=... arrives as a string
+    try:
+        config["exports"] = parse_exports(config["exports"])
+    except ValueError as err:
+        raise WorkflowError(f"invalid configuration: {err}")
 validate(config, "../config/schema.yaml", set_default=True)
 # One spelling of the uniform strategy (None) from here on: provenance compares it.
 config["sampler_strategy"] = nc_schedule.canonical_strategy(config["sampler_strategy"])
@@ -110,6 +116,7 @@ def final_outputs():
         ["results/schedule.json"]
         + [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
         + report_outputs()
+        + export_outputs()
     )
 
 
@@ -118,6 +125,20 @@ def final_outputs():
 MODEL_FILES = (
     [str(MODEL_DIR)] if config["model"] in nc_model.BUILTIN_MODELS else [str(path) for path in model_files(MODEL_DIR)]
 )
+
+
+EXPORT_OUTPUTS = {  # export name -> its output (rules/export.smk)
+    "nullbooth": "results/export/nullbooth",
+    "safetensors": "results/export/nullcov_projections.safetensors",
+}
+
+
+def export_outputs():
+    """The configured exports and, with finetune_proof, the fine-tune proof's table and figure."""
+    outputs = [EXPORT_OUTPUTS[name] for name in config["exports"]]
+    if config["finetune_proof"]:
+        outputs += ["results/report/finetune/finetune.tsv", "results/report/finetune/finetune.png"]
+    return outputs
 
 
 def model_input(wildcards):
@@ -214,6 +235,11 @@ try:
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
+FINETUNE_HELD_OUT = 4  # validation prompts whose outputs the fine-tune proof compares
+if config["finetune_proof"] and not VALIDATION_PROMPTS:
+    raise WorkflowError(
+        "invalid configuration: finetune_proof needs held-out prompts: set validation_prompts (a prompt file)"
+    )
 LEAKAGE_STEPS_PER_JOB = 25  # steps per leakage job (CPU: one eigh per layer/linear and step)
 LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}

@@ -1,9 +1,9 @@
 rule tiny_model:
+    """An embedded deterministic tiny model (model: builtin:tiny, builtin:tiny-sd2, -sdxl, -lcm)."""
     output:
         directory("resources/models/{builtin}"),
     log:
         "logs/tiny_model/{builtin}.log",
-    """An embedded deterministic tiny model (model: builtin:tiny, builtin:tiny-sd2, -sdxl, -lcm)."""
     localrule: True
     conda:
         "../envs/nullcov.yaml"

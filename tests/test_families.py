@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import base_config, planned_jobs, snakemake, write_config
 from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.capture import HookNotFiredError
@@ -19,6 +18,8 @@ from nullcov.features import collect_shard, collect_text_shard, configure_schedu
 from nullcov.model import ModelError, load_pipeline
 from nullcov.schedule import build_schedule
 from nullcov.store import TEXT_KEY, read_moments
+
+from conftest import base_config, planned_jobs, snakemake, write_config
 
 # family -> (the sampler its users run, number of attn2 layers of the tiny model, text state width)
 FAMILIES = {

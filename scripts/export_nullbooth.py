@@ -1,0 +1,19 @@
+"""Snakemake adapter: NullBooth's covariance_matrices layout (nullcov.export.export_nullbooth)."""
+import json
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov.export import export_nullbooth
+from nullcov.jobs import logging_to
+
+with logging_to(snakemake.log[0]):
+    with open(snakemake.input.schedule) as handle:
+        layers = json.load(handle)["layers"]
+    export_nullbooth(
+        dict(zip(snakemake.params.step_names, snakemake.input.steps)),
+        snakemake.output[0],
+        snakemake.params.statistic,
+        layers,
+        text_file=snakemake.input.text[0] if snakemake.input.text else None,
+    )

@@ -1,0 +1,14 @@
+"""Snakemake adapter: one safetensors file of every projection (nullcov.export.export_safetensors)."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/..")
+
+from nullcov.export import export_safetensors
+from nullcov.jobs import logging_to
+
+with logging_to(snakemake.log[0]):
+    export_safetensors(
+        snakemake.input.schedule,
+        dict(zip(snakemake.params.names, snakemake.input.projections)),
+        snakemake.output[0],
+    )

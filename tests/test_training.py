@@ -1,0 +1,340 @@
+"""nullcov.training (constrained fine-tuning, lookups) and nullcov.export, on the tiny model.
+
+The results folder is made by the project's own job functions (schedule, one feature shard,
+merge, projection), in process; every check compares against an independent computation
+(ProjectionBank's numpy path, brute-force statistics, a re-implementation of NullBooth's loader).
+"""
+
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEMO_PROMPTS, planned_jobs, write_config
+
+THRESHOLD = 0.02
+
+
+def build_results(root, model_dir, prompts, num_steps=3, statistic="second_moment"):
+    """A results folder (schedule.json, covariance/, projections/) from nullcov's job functions."""
+    from nullcov.features import run_feature_job
+    from nullcov.jobs import merge_job, projection_job, write_schedule
+    from nullcov.model import scheduler_config
+    from nullcov.prompts import prompt_set_sha256
+
+    from conftest import base_config
+
+    results = root / "results"
+    schedule = write_schedule(results / "schedule.json", scheduler_config(str(model_dir)), "DPM++ 2M Karras",
+                              num_steps, str(model_dir), str(model_dir), "all")
+    names = [step["name"] for step in schedule["steps"]] + ["text"]
+    shard = results / "features" / "shard_0000"
+    config = base_config(num_denoising_steps=num_steps, batch_size=len(prompts))
+    run_feature_job(model_spec=str(model_dir), model_dir=str(model_dir), prompts=prompts, first_index=0,
+                    shard="0000", schedule=schedule, config=config,
+                    step_paths={name: str(shard / f"{name}.h5") for name in names[:-1]},
+                    text_path=str(shard / "text.h5"))
+    for name in names:
+        merge_job([shard / f"{name}.h5"], results / "covariance" / f"{name}.h5", prompt_set_sha256(prompts))
+        projection_job(results / "covariance" / f"{name}.h5", results / "projections" / f"{name}.h5", statistic,
+                       THRESHOLD, None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_model_dir, demo_prompts):
+    return build_results(tmp_path_factory.mktemp("train"), tiny_model_dir, demo_prompts[:8])
+
+
+def trainable_unet(model_dir, lora=False):
+    """The tiny UNet with only the attn2 linears trainable (full), or peft-LoRA on them."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    unet.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+    else:
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.requires_grad_(True)
+    return unet
+
+
+def train(unet, constraint, timesteps, steps, seed=0):
+    """AdamW with weight decay on a random regression target; project after every step."""
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    for _ in range(steps):
+        latents = torch.randn(len(timesteps), 4, size, size, generator=generator)
+        text = torch.randn(len(timesteps), 77, unet.config.cross_attention_dim, generator=generator)
+        loss = unet(latents, torch.tensor(timesteps), text).sample.square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        constraint.project(timesteps)
+
+
+def relative_leak(delta, projection):
+    delta, projection = delta.double(), projection.double()
+    return float((delta - delta @ projection).norm() / delta.norm())
+
+
+def test_full_finetune_with_adamw_keeps_every_update_in_the_null_space(results, tiny_model_dir):
+    from nullcov.bank import ProjectionBank
+    from nullcov.training import NullSpaceConstraint
+
+    unet = trainable_unet(tiny_model_dir)
+    before = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
+    constraint = NullSpaceConstraint(unet, results, mode="nearest")
+    assert len(constraint.linears) == 4 * 7 and all(item.full for item in constraint.linears)
+    train(unet, constraint, [400, 400], steps=4)
+    bank = ProjectionBank(results)  # independent: numpy, the stored files
+    names = {id(p): name for name, p in unet.named_parameters()}
+    for item in constraint.linears:
+        delta = item.module.weight.detach() - before[names[id(item.module.weight)]]
+        projection = bank.get(item.layer, item.linear, timestep=400)
+        assert torch.trace(projection) < projection.shape[0] - 0.5, f"{item.name}: P = I proves nothing"
+        assert delta.norm() > 1e-3, item.name
+        assert relative_leak(delta, projection) <= 1e-5, item.name
+        if item.module.bias is not None:  # to_out.0: bias updates are undone (bias="freeze")
+            assert torch.equal(item.module.bias.detach(), before[names[id(item.module.bias)]])
+
+
+def test_lora_down_projection_stays_in_the_interpolated_null_space(results, tiny_model_dir):
+    from nullcov.bank import ProjectionBank
+    from nullcov.training import NullSpaceConstraint
+
+    unet = trainable_unet(tiny_model_dir, lora=True)
+    constraint = NullSpaceConstraint(unet, results, mode="interpolate")
+    assert len(constraint.linears) == 28 and all(item.lora_down and not item.full for item in constraint.linears)
+    train(unet, constraint, [700], steps=3)
+    bank = ProjectionBank(results)
+    lora_layers = {id(m.base_layer): m for m in unet.modules() if hasattr(m, "lora_A")}
+    for item in constraint.linears:
+        module = lora_layers[id(item.module)]
+        delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+        projection = bank.get(item.layer, item.linear, timestep=700, mode="interpolate")
+        assert delta.norm() > 1e-4, item.name
+        assert relative_leak(delta.detach(), projection) <= 1e-5, item.name
+
+
+def test_a_batch_of_several_timesteps_is_protected_at_each_of_them(results):
+    """Null space of the summed statistic: vᵀ S_t v ≤ vᵀ (Σ S) v < τ for each t (brute force per t)."""
+    from nullcov.bank import ProjectionBank
+    from nullcov.store import read_moments
+    from nullcov.training import ProjectionLookup
+
+    bank = ProjectionBank(results)
+    timesteps = [990, 600, 120]
+
+    def statistic(key, t):  # independent interpolation of the merged moments (linear in t)
+        low, high, weight = bank.neighbours(t)
+        total = 0
+        for index, share in ((low, 1 - weight), (high, weight)) if low != high else ((low, 1.0),):
+            moments, _ = read_moments(results / "covariance" / f"{bank.step_names[index]}.h5", "covariance", keys=[key])
+            total = total + share * moments[key].second_moment()
+        return total
+
+    lookup = ProjectionLookup(results, mode="interpolate")
+    combined = lookup.projections(torch.tensor(timesteps))
+    unprotected = 0
+    for key, projection in combined.items():
+        p = projection.double().numpy()
+        np.testing.assert_allclose(p @ p, p, atol=1e-5)
+        assert np.trace(p) > 0.5, f"{key}: empty null space proves nothing"
+        for t in timesteps:
+            s = statistic(key, t)
+            assert np.linalg.eigvalsh(p @ s @ p).max() < THRESHOLD, (key, t)
+            # a single timestep's projection does not in general protect the others
+            single = lookup.projections([timesteps[0]])[key].double().numpy()
+            unprotected += np.linalg.eigvalsh(single @ s @ single).max() >= THRESHOLD
+    assert unprotected > 0
+
+
+def test_lookups_are_cached_per_integer_timestep_and_match_the_bank(results):
+    from nullcov.bank import ProjectionBank
+    from nullcov.training import ProjectionLookup
+
+    bank = ProjectionBank(results)
+    lookup = ProjectionLookup(results, mode="interpolate")
+    lookup.precompute(range(0, 1000, 37))
+    computed = lookup.computed
+    assert computed == len(range(0, 1000, 37))
+    for t in (37, 74, 999):
+        found = lookup.projections(torch.tensor([t, t]))
+        for key in lookup.step_keys[:3]:
+            layer, linear = key.rsplit("/", 1)
+            np.testing.assert_allclose(found[key].numpy(), bank.get(layer, linear, t, mode="interpolate").numpy(),
+                                       atol=2e-6)
+    assert lookup.computed == computed  # every one came from the cache
+    nearest = ProjectionLookup(results, mode="nearest")
+    nearest.precompute(range(1000))  # 1000 integer t, 3 scheduled steps: 3 entries
+    assert nearest.computed == len(nearest._cache) == len(bank.timesteps)
+    small = ProjectionLookup(results, mode="interpolate", cache_bytes=1)
+    small.precompute([10, 20, 30])
+    assert len(small._cache) == 1 and small.computed == 3
+
+
+def test_projection_overhead_per_training_step_on_the_tiny_model(results, tiny_model_dir):
+    """Overhead of project() against the training step itself (printed; the README quotes it)."""
+    from nullcov.training import NullSpaceConstraint
+
+    unet = trainable_unet(tiny_model_dir)
+    constraint = NullSpaceConstraint(unet, results, mode="interpolate")
+    drawable = range(0, 1000, 20)  # the timesteps this trainer draws
+    constraint.lookup.precompute(drawable)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    step_time, project_time = [], []
+    for index in range(12):
+        t = drawable[int(torch.randint(0, len(drawable), (1,), generator=generator))]
+        latents = torch.randn(4, 4, 16, 16, generator=generator)
+        text = torch.randn(4, 77, 32, generator=generator)
+        start = time.perf_counter()
+        unet(latents, torch.tensor([t] * 4), text).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        middle = time.perf_counter()
+        constraint.project([t])
+        end = time.perf_counter()
+        if index >= 2:
+            step_time.append(middle - start)
+            project_time.append(end - middle)
+    overhead = np.median(project_time) / np.median(step_time)
+    print(f"tiny model, CPU, batch 4: step {np.median(step_time) * 1e3:.1f} ms, "
+          f"project {np.median(project_time) * 1e3:.2f} ms, overhead {overhead:.1%}")
+    assert constraint.lookup.computed == len(drawable)  # every step hit the precomputed cache
+    assert overhead < 0.25
+
+
+def nullbooth_loader(folder, threshold):
+    """NullBooth's documented loading: scan <dir>/covariance_matrices/<layer>/, parse
+    <step name>_<feature>_cov.npy, SVD of each square matrix, keep singular vectors whose
+    singular value is under the absolute threshold: {(layer folder, step, feature): P}."""
+    pattern = re.compile(r"^(timestep_\d{4}|alpha_\d{2}_\d{4})_(q|k|v|out)_cov\.npy$")
+    found = {}
+    for layer_dir in sorted((folder / "covariance_matrices").iterdir()):
+        layer = layer_dir.name.removeprefix("module_")
+        for path in sorted(layer_dir.iterdir()):
+            match = pattern.match(path.name)
+            assert match, f"unexpected file {path}"
+            matrix = np.load(path, allow_pickle=False)
+            assert matrix.dtype == np.float32 and matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1]
+            u, s, _ = np.linalg.svd(matrix.astype(np.float64))
+            basis = u[:, s < threshold]
+            found[(layer, match.group(1), match.group(2))] = basis @ basis.T
+    return found
+
+
+def test_nullbooth_export_gives_nullbooths_loader_the_same_null_spaces(results, tmp_path):
+    import json
+
+    from nullcov.export import export_nullbooth
+    from nullcov.store import TEXT_KEY, read_projections
+
+    schedule = json.loads((results / "schedule.json").read_text())
+    names = [step["name"] for step in schedule["steps"]]
+    written = export_nullbooth({name: results / "covariance" / f"{name}.h5" for name in names}, tmp_path / "nb",
+                               "second_moment", schedule["layers"], results / "covariance" / "text.h5")
+    loaded = nullbooth_loader(tmp_path / "nb", THRESHOLD)
+    assert written == len(loaded) == len(names) * len(schedule["layers"]) * 4
+    text, _ = read_projections(results / "projections" / "text.h5")
+    for name in names:
+        spaces, _ = read_projections(results / "projections" / f"{name}.h5")
+        for layer in schedule["layers"]:
+            folder = layer.replace(".", "_")
+            for feature, space in (("q", spaces[f"{layer}/to_q"]), ("out", spaces[f"{layer}/to_out"]),
+                                   ("k", text[TEXT_KEY]), ("v", text[TEXT_KEY])):
+                theirs = loaded[(folder, name, feature)]
+                assert round(np.trace(theirs)) == space.null_dim, (layer, name, feature)
+                np.testing.assert_allclose(theirs, space.projection, atol=1e-4)
+
+
+def test_safetensors_export_loads_in_the_projection_bank(results, tmp_path):
+    import json
+
+    from nullcov.bank import ProjectionBank
+    from nullcov.export import export_safetensors, read_safetensors_metadata
+    from nullcov.store import read_projections
+
+    names = [step["name"] for step in json.loads((results / "schedule.json").read_text())["steps"]] + ["text"]
+    path = tmp_path / "run.safetensors"
+    export_safetensors(results / "schedule.json", {n: results / "projections" / f"{n}.h5" for n in names}, path)
+    exported, stored = ProjectionBank(path), ProjectionBank(results)
+    assert exported.timesteps == stored.timesteps
+    _, attrs = read_projections(results / "projections" / "text.h5")
+    assert read_safetensors_metadata(path)["provenance"] == attrs["provenance"]
+    spaces, _ = read_projections(results / "projections" / f"{names[1]}.h5")
+    for key in spaces:
+        layer, linear = key.rsplit("/", 1)
+        for t in (0, 300, 999):
+            assert torch.equal(exported.get(layer, linear, t), stored.get(layer, linear, t))
+    assert torch.equal(exported.get(layer, "to_v"), stored.get(layer, "to_v"))
+    with pytest.raises(ValueError, match="interpolate"):
+        exported.get(layer, "to_q", 10, mode="interpolate")
+
+
+def test_exports_config_from_the_command_line(tmp_path, demo_prompts):
+    from nullcov.export import parse_exports
+
+    assert parse_exports('["nullbooth"]') == ["nullbooth"]
+    assert parse_exports("[nullbooth, safetensors]") == ["nullbooth", "safetensors"]
+    assert parse_exports("safetensors,nullbooth") == ["safetensors", "nullbooth"]
+    with pytest.raises(ValueError, match="unknown export"):
+        parse_exports('["nulbooth"]')
+    write_config(tmp_path, demo_prompts[:4])
+    validation = DEMO_PROMPTS.parent / "validation.txt"
+    rules = {rule for rule, _ in planned_jobs(tmp_path, "--config", 'exports=["safetensors"]', "finetune_proof=True",
+                                               f"validation_prompts={validation}")}
+    assert {"export_safetensors", "finetune_proof"} <= rules and "export_nullbooth" not in rules
+
+
+def test_constraint_refuses_linears_without_projections(results, tiny_model_dir, tmp_path):
+    import shutil
+
+    from nullcov.training import ConstraintError, NullSpaceConstraint
+
+    partial = tmp_path / "results"
+    shutil.copytree(results, partial)
+    (partial / "projections" / "text.h5").unlink()
+    with pytest.raises(ConstraintError, match=r"attn2\.to_k.*freeze them"):
+        NullSpaceConstraint(trainable_unet(tiny_model_dir), partial)
+
+
+
+def test_finetune_proof_projected_updates_move_trained_prompts_less(results, tiny_model_dir, demo_prompts, tmp_path):
+    """The proof's code path, short: all variants run, and the projection measurably protects."""
+    import json
+
+    from nullcov.finetune import (
+        TABLE_COLUMNS,
+        VARIANTS,
+        draw_figure,
+        run_finetune_proof,
+        write_table,
+    )
+    from nullcov.validation import read_validation_prompts
+
+    held_out = read_validation_prompts(DEMO_PROMPTS.parent / "validation.txt", demo_prompts, 1000000)[:2]
+    rows, curves = run_finetune_proof(
+        model_dir=tiny_model_dir, results_dir=results, schedule=json.loads((results / "schedule.json").read_text()),
+        preserved={"held_out": (held_out, 1000000), "trained": (demo_prompts[:2], 0)},
+        config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=8,
+    )
+    assert [row["variant"] for row in rows] == list(VARIANTS) and all(len(c) == 8 for c in curves.values())
+    unconstrained, per_timestep, every_step = rows
+    for row in rows:
+        assert row["weight_update_norm"] > 0 and row["concept_loss_after"] != row["concept_loss_before"]
+    for projected in (per_timestep, every_step):
+        assert projected["attn2_output_change_trained"] < 0.5 * unconstrained["attn2_output_change_trained"]
+    write_table(tmp_path / "t.tsv", rows)
+    draw_figure(tmp_path / "f.png", rows, curves)
+    assert (tmp_path / "t.tsv").read_text().splitlines()[0].split("\t") == list(TABLE_COLUMNS)
+    assert (tmp_path / "f.png").stat().st_size > 10000

@@ -1,0 +1,152 @@
+"""Overhead of nullcov.training per training step on the SD-1.5 architecture (`make bench-training`).
+
+Builds SD-1.5's UNet with seeded random weights (nullcov.sd15; nothing downloaded) and a
+synthetic results folder of its shapes (16 attn2 layers, to_q/to_out widths 320/640/1280 and the
+768-wide text states; statistics of random rank-deficient inputs, written and projected with
+nullcov's own store and projection job), then times, for full fine-tuning of the attn2 weights
+(AdamW) and for peft-LoRA (r=4) on them: the training step (forward, backward, optimizer step)
+and ``NullSpaceConstraint.project`` with the projection cached. It also times a cache miss of
+``mode="interpolate"`` (one float64 eigh per layer/linear) and reports the cache memory per
+timestep. Run it under the heavy lock on a shared machine:
+
+    flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the nullcov package of this checkout
+
+STEPS = [("alpha_00_0999", 999.0), ("alpha_01_0001", 1.0)]  # two steps: enough to interpolate between
+
+
+def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
+    """schedule.json, covariance/ and projections/ of SD-1.5's shapes from random rank-deficient inputs."""
+    from nullcov.jobs import projection_job
+    from nullcov.model import cross_attention_modules
+    from nullcov.statistics import Moments
+    from nullcov.store import TEXT_KEY, write_moments
+
+    rng = np.random.default_rng(seed)
+    results = root / "results"
+    (results / "projections").mkdir(parents=True)
+    steps = [{"index": i, "name": name, "timestep": t} for i, (name, t) in enumerate(STEPS)]
+    (results / "schedule.json").write_text(json.dumps({"steps": steps}))
+
+    def moments(dim):  # inputs spanning ~70 % of the space: a null space of ~30 %
+        rank = int(0.7 * dim)
+        rows = rng.standard_normal((2 * rank, rank)) @ rng.standard_normal((rank, dim)) / np.sqrt(rank)
+        return Moments.of_rows(rows)
+
+    attrs = {"provenance": {"synthetic": "tools/bench_training.py"}}
+    layers = cross_attention_modules(unet)
+    for name, _ in STEPS:
+        found = {f"{layer}/{linear}": moments(module.to_q.in_features) for layer, module in layers
+                 for linear in ("to_q", "to_out")}
+        write_moments(results / "covariance" / f"{name}.h5", "covariance", found, attrs)
+    write_moments(results / "covariance" / "text.h5", "covariance",
+                  {TEXT_KEY: moments(layers[0][1].to_k.in_features)}, attrs)
+    for name in [n for n, _ in STEPS] + ["text"]:
+        projection_job(results / "covariance" / f"{name}.h5", results / "projections" / f"{name}.h5",
+                       "second_moment", 0.02, None)
+    return results
+
+
+def time_training(unet, results, resolution: int, batch: int, repeats: int, lora: bool) -> dict:
+    from nullcov.training import NullSpaceConstraint
+
+    generator = torch.Generator().manual_seed(0)
+    size = resolution // 8
+    constraint = NullSpaceConstraint(unet, results, mode="nearest")
+    constraint.lookup.precompute(range(1000))  # nearest: one cached set per scheduled step
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
+    step_times, project_times = [], []
+    for index in range(repeats + 1):
+        t = int(torch.randint(0, 1000, (1,), generator=generator))
+        latents = torch.randn(batch, 4, size, size, generator=generator)
+        text = torch.randn(batch, 77, 768, generator=generator)
+        start = time.perf_counter()
+        unet(latents, torch.full((batch,), t), text).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        middle = time.perf_counter()
+        constraint.project([t])
+        end = time.perf_counter()
+        if index > 0:  # the first step warms up
+            step_times.append(middle - start)
+            project_times.append(end - middle)
+    step, project = statistics.median(step_times), statistics.median(project_times)
+    return {"mode": "lora r=4" if lora else "full (attn2 weights)", "step_s": step, "project_s": project,
+            "overhead": project / step, "steps": repeats, "linears": len(constraint.linears)}
+
+
+def time_interpolate(results, repeats: int = 1) -> dict:
+    from nullcov.training import ProjectionLookup
+
+    lookup = ProjectionLookup(results, mode="interpolate")
+    lookup.projections([250])  # reads the two neighbours' statistics once
+    times = []
+    for t in range(260, 260 + repeats):
+        start = time.perf_counter()
+        found = lookup.projections([t])
+        times.append(time.perf_counter() - start)
+    size = sum(p.numel() * p.element_size() for p in found.values())
+    return {"cache_miss_s": statistics.median(times), "bytes_per_timestep": size, "matrices": len(found)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/bench-training.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from nullcov.sd15 import SD15_UNET_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        results = synthetic_results(Path(folder), unet)
+        unet.requires_grad_(False)
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                for linear in (module.to_q, module.to_k, module.to_v, module.to_out[0]):
+                    linear.weight.requires_grad_(True)
+        rows.append(time_training(unet, results, args.resolution, args.batch, args.repeats, lora=False))
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+        rows.append(time_training(unet, results, args.resolution, args.batch, args.repeats, lora=True))
+        interpolate = time_interpolate(results)
+    report = {"device": "cpu", "threads": args.threads, "resolution": args.resolution, "batch": args.batch,
+              "torch": torch.__version__, "training": rows, "interpolate": interpolate}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"SD-1.5 architecture, CPU ({args.threads} threads), {args.resolution} px, batch {args.batch}, "
+          f"median of {args.repeats} steps")
+    print(f"{'training':24s} {'step s':>8s} {'project s':>10s} {'overhead':>9s}")
+    for row in rows:
+        print(f"{row['mode']:24s} {row['step_s']:8.2f} {row['project_s']:10.4f} {row['overhead']:9.1%}")
+    print(f"interpolate cache miss: {interpolate['cache_miss_s']:.2f} s for {interpolate['matrices']} matrices; "
+          f"cache {interpolate['bytes_per_timestep'] / 1e6:.0f} MB per timestep")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
