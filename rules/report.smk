@@ -102,6 +102,7 @@ rule run_summary:
         num_prompts=len(PROMPTS),
         prompt_sha256=PROMPT_SHA256,
         num_shards=len(SHARD_IDS),
+        prompts_per_shard=PROMPTS_PER_SHARD,  # resolved (auto -> a number)
         num_validation=len(VALIDATION_PROMPTS),
         validation_file=str(VALIDATION_FILE),
         shard_file_name=f"{SHARD_FILE_NAMES[0]}.h5",

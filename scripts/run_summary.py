@@ -13,7 +13,7 @@ with logging_to(snakemake.log[0]):
     provenance = report.read_provenance(Path(snakemake.input.first_shard) / snakemake.params.shard_file_name)
     spectra = {path: report.read_spectra(path) for path in snakemake.input.projections}
     rows = report.summary_rows(
-        config=dict(snakemake.config),
+        config=dict(snakemake.config) | {"prompts_per_shard": snakemake.params.prompts_per_shard},
         schedule=schedule,
         provenance=provenance,
         num_prompts=snakemake.params.num_prompts,

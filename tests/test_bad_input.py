@@ -94,21 +94,24 @@ def test_unknown_hub_id_is_not_downloaded(tmp_path, demo_prompts, monkeypatch):
     _refused(tmp_path, "someone/not-in-the-cache", "not in the local Hugging Face cache")
 
 
-def test_unknown_cross_attention_layer_fails_before_any_feature_job(tmp_path, demo_prompts):
+def test_unknown_cross_attention_layer_fails_before_any_job(tmp_path, demo_prompts):
     write_config(tmp_path, demo_prompts[:2], cross_attention_layers=["mid_block.attentions.0.transformer_blocks.0.attn2",
                                                                      "down_blocks.9.attn2"])
     result = snakemake(tmp_path, check=False)
     assert result.returncode != 0
-    log = (tmp_path / "logs" / "schedule.log").read_text()
-    assert "no cross-attention layer 'down_blocks.9.attn2'" in log
-    assert "0=down_blocks.0.attentions.0.transformer_blocks.0.attn2" in log  # lists what the model has
-    assert not (tmp_path / "logs" / "features").exists()
+    # refused at parse time: the layer list comes from the UNet config (nullcov.plan), before any job
+    assert "invalid configuration: cross_attention_layers" in result.stderr
+    assert "no cross-attention layer 'down_blocks.9.attn2'" in result.stderr
+    assert "0=down_blocks.0.attentions.0.transformer_blocks.0.attn2" in result.stderr  # lists what the model has
+    assert not (tmp_path / "logs").exists()
 
 
 def test_out_of_range_layer_index(tmp_path, demo_prompts):
     write_config(tmp_path, demo_prompts[:2], cross_attention_layers=[0, 7])
-    assert snakemake(tmp_path, check=False).returncode != 0
-    assert "index 7 is out of range; the model has 7" in (tmp_path / "logs" / "schedule.log").read_text()
+    result = snakemake(tmp_path, check=False)
+    assert result.returncode != 0
+    assert "index 7 is out of range; the model has 7" in result.stderr
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.fixture
