@@ -271,7 +271,6 @@ def test_merge_memory_does_not_grow_with_shard_count(tmp_path):
         merge_shard_files(paths)
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    print(peaks, step_bytes)
     assert peaks[12] <= 1.1 * peaks[3], peaks
     assert peaks[12] <= 3 * step_bytes, (peaks, step_bytes)
 
