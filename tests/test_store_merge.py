@@ -1,5 +1,7 @@
 """HDF5 round trips, atomic writes, validated reads and the shard merge."""
 
+import functools
+
 import h5py
 import numpy as np
 import pytest
@@ -183,13 +185,11 @@ def test_flipped_bytes_in_the_data_region_stop_the_reader_naming_file_and_fix(tm
     if kind == "projection":
         space = null_space(Moments.of_rows(rows).second_moment(), 0.5)
         write_projections(path, {f"{LAYER}/to_q": space}, {"provenance": {"x": 1}})
-        read = lambda: read_projections(path)
-        dataset = "P"
+        read, dataset = functools.partial(read_projections, path), "P"
     else:
         moments = {f"{LAYER}/to_q": Moments.of_rows(rows)}
         write_moments(path, kind, moments, {"provenance": _provenance(0, ["a"]), "step": {"index": 0}})
-        read = lambda: read_moments(path, kind)
-        dataset = "sum_outer"
+        read, dataset = functools.partial(read_moments, path, kind), "sum_outer"
     read()  # intact: reads
     _flip_data_bytes(path, f"{LAYER}/to_q", dataset)
     with pytest.raises(StatisticsFileError, match="checksum") as info:

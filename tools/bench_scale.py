@@ -34,9 +34,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nullcov.prompts import auto_prompts_per_shard
-from nullcov.statistics import Moments
-from nullcov.store import moments_file_bytes, write_moments
+from nullcov.prompts import auto_prompts_per_shard  # noqa: E402
+from nullcov.statistics import Moments  # noqa: E402
+from nullcov.store import moments_file_bytes, write_moments  # noqa: E402
 
 LEGACY_BYTES_PER_PROMPT_TIMESTEP = 92e6  # the legacy tool's scratch (issue 9)
 

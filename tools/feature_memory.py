@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nullcov.store import read_moments
+from nullcov.store import read_moments  # noqa: E402
 
 
 def sd15_folder(workdir: Path) -> Path:
