@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check Snakefile rules/
 
 test: lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # Speed/memory benchmark (not part of `make test`): bare pipeline vs nullcov vs the legacy method,
 # tiny model and SD-1.5 architecture (random weights, no download); table + benchmarks/bench-*.json.

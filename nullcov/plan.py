@@ -202,8 +202,9 @@ def projection_file_bytes(dims: dict[str, int]) -> int:
 # -- the run plan ------------------------------------------------------------------------------------
 def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dict, num_steps: int,
              collection: str, shards: list[int], validation_prompts: int, weights: int, feature_mem_mb: int,
-             throughput: float, jobs_per_rule: dict[str, int]) -> dict:
-    """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard."""
+             throughput: float, jobs_per_rule: dict[str, int], merge_groups: int = 0) -> dict:
+    """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard;
+    ``merge_groups``: partial-sum folders (rule ``merge_group``) when shards are merged in groups."""
     per_step = step_dims(dims, layers, collect_features)
     per_text = text_dims(dims, layers, collect_features)
     from nullcov.store import moments_file_bytes
@@ -229,6 +230,7 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
             "step file": step_file,
             "text file": text_file,
             "shard scratch": len(shards) * (steps_written * step_file + text_file),
+            "partial sums (merge groups)": merge_groups * (steps_written * step_file + text_file),
             "merged moments": steps_written * step_file + text_file,
             "projections": steps_written * projection_file_bytes(per_step) + projection_file_bytes(per_text),
         },

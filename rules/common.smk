@@ -337,6 +337,7 @@ def run_plan():
         "features (GPU)": len(SHARD_IDS),
         "validation_inputs (GPU)": int(bool(VALIDATION_PROMPTS)),
         "attention_maps (GPU)": int(bool(ATTENTION_FIGURES)),
+        "merge_group": len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0,
         "covariance": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
         "projection": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
         "leakage": len(LEAKAGE_PARTS),
@@ -355,4 +356,5 @@ def run_plan():
         feature_mem_mb=FEATURE_MEM_MB,
         throughput=config["gpu_prompt_timesteps_per_second"],
         jobs_per_rule=jobs,
+        merge_groups=len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0,
     )

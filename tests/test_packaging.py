@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO
 
 # requirements.txt entries that only the workflow driver, the tests or the lint need.
-NOT_IN_JOBS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "ruff", "snakefmt"}
+NOT_IN_JOBS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "pytest-xdist", "ruff", "snakefmt"}
 
 
 def _pins(lines) -> dict[str, str]:

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
+from nullcov import plan
+from nullcov.model import BUILTIN_TINY
 from nullcov.store import read_moments, read_projections
 
 from conftest import REPO, SNAKEFILE, planned_jobs, snakemake, write_config
@@ -203,10 +205,22 @@ def test_feature_jobs_ask_for_one_gpu_and_see_distinct_cuda_visible_devices(slur
         assert job["JobState"] == "COMPLETED"
         assert job.get("TresPerJob") == f"gres:gpu:{settings['gpu']}"  # sbatch --gpus=1
         assert int(job["NumCPUs"]) == settings["cpus_per_task"]
+    # merges and projections ask what their statistics need (nullcov.plan, from the model dims); the rest the
+    # profile's default
+    dims = plan.model_dims(plan.unet_config(BUILTIN_TINY, None))
+    every = {"q": True, "k": True, "v": True, "out": True}
+    step = plan.statistics_bytes(plan.step_dims(dims, list(dims["layers"]), every))
+    text = plan.statistics_bytes(plan.text_dims(dims, list(dims["layers"]), every))
+    expected = {"covariance": plan.merge_mem_mb(step), "covariance_text": plan.merge_mem_mb(text),
+                "projection": plan.projection_mem_mb(step), "projection_text": plan.projection_mem_mb(text)}
     for job in others.values():
         assert job["JobState"] == "COMPLETED"
         assert "gpu" not in job.get("TresPerJob", "") and int(job["NumCPUs"]) == 1  # CPU jobs
-        assert job["MinMemoryNode"] == f"{PROFILE_SETTINGS['default-resources']['mem_mb']}M"
+        rule = _rule_of(job)
+        if rule.startswith("statistics"):  # a covariance -> projection pair, run in turn: the larger of the two
+            assert int(job["MinMemoryNode"].rstrip("M")) in set(expected.values()), rule
+        else:
+            assert job["MinMemoryNode"] == f"{expected.get(rule, PROFILE_SETTINGS['default-resources']['mem_mb'])}M", rule
     # What the rule's code saw: the srun step of each job (recorded by the test cluster's srun wrapper).
     seen = {}
     for job_id, devices, _ in steps:

@@ -98,7 +98,8 @@ def test_merged_moments_equal_the_sum_of_the_shards(finished):
               for s in ("0000", "0001", "0002")]
     for key, moment in merged.items():
         assert moment.count == sum(shard[key].count for shard in shards)
-        np.testing.assert_allclose(moment.sum_outer, sum(shard[key].sum_outer for shard in shards), rtol=1e-14)
+        total = sum(shard[key].sum_outer for shard in shards)  # moments about shifts: float64 noise only
+        np.testing.assert_allclose(moment.sum_outer, total, rtol=0, atol=1e-12 * np.abs(total).max())
 
 
 def test_nothing_to_do_after_a_full_run(finished):

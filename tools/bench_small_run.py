@@ -1,0 +1,92 @@
+"""A small run end to end against the legacy method, in one invocation on one machine (issue 9).
+
+The SD-1.5-architecture random model (``nullcov/sd15.py`` saved as a diffusers folder, as
+``tools/feature_memory.py`` does), 64 px, 8 prompts x 8 ``noised`` steps, one shard, CPU:
+
+1. **legacy**: the legacy tool's method (``tools/benchmark.py`` ``run_legacy``: per prompt and
+   timestep a noised latent, one UNet call at batch 1, every cross-attention input dumped with
+   ``np.savez_compressed``, then a second pass streaming the files back into covariances), after
+   loading the same model folder; its wall time includes the model load.
+2. **workflow**: ``snakemake --until covariance covariance_text`` (schedule, the feature job, the
+   merges: the same covariances), then ``snakemake --until projection projection_text`` (the
+   projections on top); wall time of each Snakemake process.
+
+Prints the table and writes ``<workdir>/small_run.json``. Not part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmark import read_benchmark_prompts, run_legacy  # noqa: E402  (tools/ is this script's folder)
+from feature_memory import sd15_folder  # noqa: E402
+
+STEPS, PROMPTS, RESOLUTION, SAMPLER = 8, 8, 64, "DPM++ 2M Karras"
+
+
+def legacy(model: Path, prompts: list[str], workdir: Path) -> dict:
+    from nullcov.model import load_pipeline
+    from nullcov.schedule import build_schedule
+
+    start = time.perf_counter()
+    pipe = load_pipeline(model, "float32", "cpu")
+    schedule = build_schedule(dict(pipe.scheduler.config), SAMPLER, STEPS)
+    config = {"seed": 0, "resolution": RESOLUTION}
+    result = run_legacy(pipe, prompts, schedule, config, workdir / "legacy-scratch", amortise_prompts=len(prompts))
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def workflow(model: Path, prompts: list[str], workdir: Path) -> dict:
+    run = workdir / "workflow"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(run),
+        "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2", "--config", f"model={model}",
+        f"prompts={run / 'prompts.txt'}", f"num_denoising_steps={STEPS}", "collection=noised",
+        f"resolution={RESOLUTION}", f"prompts_per_shard={PROMPTS}", f"batch_size={PROMPTS}",
+        "validation_prompts=null", "attention_prompts=0", "device=cpu", f"sampler_strategy={SAMPLER}",
+    ]
+    times = {}
+    for stage, rules in (("covariances", ["covariance", "covariance_text"]),
+                         ("projections", ["projection", "projection_text"])):
+        start = time.perf_counter()
+        subprocess.run([*command, "--until", *rules], check=True, capture_output=True, text=True)
+        times[stage] = time.perf_counter() - start
+    scratch = sum(path.stat().st_size for path in (run / "results" / "features").rglob("*.h5"))
+    return {"covariances_s": times["covariances"], "projections_s": times["projections"],
+            "total_s": times["covariances"] + times["projections"], "scratch_bytes": scratch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "small-run")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = sd15_folder(args.workdir)
+    prompts = read_benchmark_prompts(PROMPTS)
+    ours = workflow(model, prompts, args.workdir)
+    old = legacy(model, prompts, args.workdir)
+    report = {"legacy": old, "workflow": ours,
+              "speedup_covariances": old["wall_s"] / ours["covariances_s"],
+              "speedup_with_projections": old["wall_s"] / ours["total_s"]}
+    (args.workdir / "small_run.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"SD-1.5 architecture, {RESOLUTION} px, {PROMPTS} prompts x {STEPS} noised steps, CPU, one shard")
+    print(f"legacy method (load + dump + covariances): {old['wall_s']:.1f} s, scratch {old['scratch_bytes'] / 1e6:.0f} MB")
+    print(f"workflow to the merged covariances:         {ours['covariances_s']:.1f} s "
+          f"({report['speedup_covariances']:.2f}x), scratch {ours['scratch_bytes'] / 1e6:.0f} MB")
+    print(f"workflow with projections:                  {ours['total_s']:.1f} s ({report['speedup_with_projections']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
