@@ -368,14 +368,6 @@ class CrossAttentionCapture:
         return hook
 
     # -- results --------------------------------------------------------------------------------
-    def results(self) -> tuple[list[dict[str, Moments]], Moments | None]:
-        """Per collected step ``{key: Moments}`` (in schedule order) and the text moments (or None).
-
-        Holds every step on the host at once; a feature job uses :meth:`release_steps`.
-        """
-        steps = [moments for _, moments in self.release_steps()]
-        return steps, self.text_results()
-
     def text_results(self) -> Moments | None:
         """The text moments (None when this capture does not accumulate them)."""
         return self.text_moments.to_moments() if self.text_moments is not None else None

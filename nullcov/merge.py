@@ -59,8 +59,7 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
             attrs = read_attrs(path, kind)
             provenance = attrs["provenance"]
             shared = _shared(provenance, attrs.get("step"))
-            prompts = provenance["prompts"]
-            prompts["first_index"], prompts["prompts"]
+            prompts = {field: provenance["prompts"][field] for field in ("first_index", "prompts")}
         except StatisticsFileError as err:
             raise _with_hint(err) from None
         except (KeyError, TypeError) as err:
@@ -153,9 +152,3 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
     if first_index is None:  # a partial sum: the next merge checks its coverage like a shard's
         provenance["prompts"].update(first_index=start, prompts=all_prompts)
     return total, {"provenance": provenance, "step": headers[0][1]["step"]}
-
-
-def merge_shard_files(paths: list[str | Path], expected_prompt_sha256: str | None = None
-                      ) -> tuple[dict[str, Moments], dict]:
-    """Sum the ``features`` files of all shards of one step; returns (moments, attrs)."""
-    return merge_files(paths, "features", expected_prompt_sha256)

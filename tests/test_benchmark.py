@@ -48,12 +48,12 @@ def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeyp
     config = benchmark.case_config(case)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     timings = {}
-    results = CrossAttentionCapture.results
+    release_steps = CrossAttentionCapture.release_steps
     steps, text = benchmark.run_ours(tiny_pipe, demo_prompts[:3], schedule, config, timings)[:2]
     assert len(calls) == 1 and calls[0][2] == 0 and calls[0][3] is schedule
     assert len(steps) == 2 and text.count == 3 * 77 and timings["results_s"] >= 0
     assert timings["steps"] == 2 and timings["device_steps"] == 2  # the recording capture's placement (CPU)
-    assert CrossAttentionCapture.results is results  # recorded by a subclass: nothing patched globally
+    assert CrossAttentionCapture.release_steps is release_steps  # recorded by a subclass: nothing patched globally
 
 
 def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):

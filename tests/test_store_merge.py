@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from nullcov.merge import merge_shard_files
+from nullcov.merge import merge_files
 from nullcov.projection import null_space
 from nullcov.prompts import prompt_set_sha256
 from nullcov.statistics import Moments
@@ -114,7 +114,7 @@ def test_corrupted_shard_is_refused_by_the_merge_naming_file_and_fix(tmp_path, h
     _write_shard(tmp_path / "shard_0001.h5", rows[10:], 1, ["b"])
     _corrupt(tmp_path / "shard_0001.h5", how)
     with pytest.raises(StatisticsFileError, match=message) as info:
-        merge_shard_files([tmp_path / "shard_0000.h5", tmp_path / "shard_0001.h5"])
+        merge_files([tmp_path / "shard_0000.h5", tmp_path / "shard_0001.h5"])
     assert "shard_0001.h5" in str(info.value)
     assert "snakemake --cores all --force" in str(info.value)
 
@@ -125,15 +125,15 @@ def test_merge_equals_brute_force_and_checks_prompt_coverage(tmp_path):
     paths = [tmp_path / f"s{i}.h5" for i in range(3)]
     for i, path in enumerate(paths):
         _write_shard(path, rows[10 * i : 10 * (i + 1)], i, [prompts[i]])
-    merged, attrs = merge_shard_files(list(reversed(paths)), prompt_set_sha256(prompts))
+    merged, attrs = merge_files(list(reversed(paths)), expected_prompt_sha256=prompt_set_sha256(prompts))
     whole = Moments.of_rows(rows)
     np.testing.assert_allclose(merged[f"{LAYER}/to_q"].sum_outer, whole.sum_outer, rtol=1e-13)
     assert merged[f"{LAYER}/to_q"].count == 30
     assert attrs["provenance"]["prompts"] == {"count": 3, "sha256": prompt_set_sha256(prompts)}
     with pytest.raises(StatisticsFileError, match="not the configured prompt set"):
-        merge_shard_files(paths, prompt_set_sha256(["a", "b", "x"]))
+        merge_files(paths, expected_prompt_sha256=prompt_set_sha256(["a", "b", "x"]))
     with pytest.raises(StatisticsFileError, match="overlap or one is missing"):
-        merge_shard_files([paths[0], paths[2]])
+        merge_files([paths[0], paths[2]])
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,7 @@ def test_merge_refuses_shards_of_other_runs_showing_both(tmp_path, override, fie
     _write_shard(tmp_path / "a.h5", rows[:10], 0, ["a"])
     _write_shard(tmp_path / "b.h5", rows[10:], 1, ["b"], **override)
     with pytest.raises(StatisticsFileError, match=f"disagrees .* on {field}") as info:
-        merge_shard_files([tmp_path / "a.h5", tmp_path / "b.h5"])
+        merge_files([tmp_path / "a.h5", tmp_path / "b.h5"])
     text = str(info.value)
     assert "a.h5:" in text and "b.h5:" in text
 
@@ -156,7 +156,7 @@ def test_merge_refuses_other_dimensions(tmp_path):
     _write_shard(tmp_path / "a.h5", rng.normal(size=(10, 6)), 0, ["a"])
     _write_shard(tmp_path / "b.h5", rng.normal(size=(10, 5)), 1, ["b"])
     with pytest.raises(StatisticsFileError, match="dimension 5"):
-        merge_shard_files([tmp_path / "a.h5", tmp_path / "b.h5"])
+        merge_files([tmp_path / "a.h5", tmp_path / "b.h5"])
 
 
 def test_wrong_kind_is_refused(tmp_path):
@@ -206,7 +206,7 @@ def test_flipped_bytes_in_a_shard_stop_the_merge(tmp_path):
         _write_shard(path, rows[10 * index : 10 * index + 10], index, [str(index)])
     _flip_data_bytes(paths[1], f"{LAYER}/to_out", "sum")
     with pytest.raises(StatisticsFileError, match="fails its checksum") as info:
-        merge_shard_files(paths)
+        merge_files(paths)
     assert str(paths[1]) in str(info.value) and f"--force {paths[1].parent}" in str(info.value)
 
 
@@ -266,9 +266,9 @@ def test_merge_memory_does_not_grow_with_shard_count(tmp_path):
     peaks = {}
     for count in (3, 12):
         paths, _ = _shards(tmp_path / str(count), count)
-        merge_shard_files(paths[:2])  # warm caches (triangle indices) outside the measurement
+        merge_files(paths[:2])  # warm caches (triangle indices) outside the measurement
         tracemalloc.start()
-        merge_shard_files(paths)
+        merge_files(paths)
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[12] <= 1.1 * peaks[3], peaks
@@ -279,7 +279,7 @@ def test_grouped_merge_equals_the_direct_merge_and_repeats_bit_for_bit(tmp_path)
     from nullcov.merge import merge_files
 
     paths, rows = _shards(tmp_path, 12, dim=40)
-    direct, direct_attrs = merge_shard_files(paths)
+    direct, direct_attrs = merge_files(paths)
     groups = []
     for index, start in enumerate(range(0, 12, 5)):
         partial, attrs = merge_files(paths[start : start + 5], "features", first_index=None)
@@ -294,7 +294,7 @@ def test_grouped_merge_equals_the_direct_merge_and_repeats_bit_for_bit(tmp_path)
             a, b = direct[key].statistic(statistic), grouped[key].statistic(statistic)
             assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
         np.testing.assert_allclose(direct[key].covariance(), whole.covariance() * scale, rtol=1e-9, atol=1e-9)
-    again, _ = merge_shard_files(list(reversed(paths)))
+    again, _ = merge_files(list(reversed(paths)))
     for key in direct:
         assert np.array_equal(again[key].shifted_outer, direct[key].shifted_outer)
         assert np.array_equal(again[key].shift, direct[key].shift)
