@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -347,6 +348,17 @@ def use_device(leased: str) -> str:
 
 def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, shard, schedule, config, step_paths,
                        text_path, mem_mb=None) -> None:
+    # The model's content hash reads every weight byte (seconds per GB the first time on a
+    # machine; then cached): a thread does it while the model loads and the prompts run.
+    with ThreadPoolExecutor(1, thread_name_prefix="model-fingerprint") as hashing:
+        fingerprint = hashing.submit(model_fingerprint, model_dir)
+        _collect_and_write_with(fingerprint, device=device, model_spec=model_spec, model_dir=model_dir,
+                                prompts=prompts, first_index=first_index, shard=shard, schedule=schedule,
+                                config=config, step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
+
+
+def _collect_and_write_with(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard,
+                            schedule, config, step_paths, text_path, mem_mb=None) -> None:
     from transformers import CLIPTokenizer
 
     family = model_family(model_dir)
@@ -368,7 +380,7 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
         layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
         resolution = image_resolution(pipe, config["resolution"])
     provenance = {
-        "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
+        "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": None},  # set at the first write
         "config": feature_config(config),
         "prompts": {"first_index": first_index, "count": len(prompts), "sha256": prompt_set_sha256(prompts),
                     "truncated": truncated, "prompts": prompts},
@@ -381,10 +393,14 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
     }
     written = []
 
+    def hashed():
+        provenance["model"]["fingerprint"] = fingerprint.result()  # waits for the hashing thread
+        return provenance
+
     def write_step(index, moments):
         if step_paths:
             step = steps[index]
-            attrs = {"provenance": provenance, "step": {k: step[k] for k in ("index", "name", "timestep")}}
+            attrs = {"provenance": hashed(), "step": {k: step[k] for k in ("index", "name", "timestep")}}
             write_moments(step_paths[step["name"]], "features", moments, attrs)
             written.append(step_paths[step["name"]])
 
@@ -395,7 +411,7 @@ def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, s
         _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
                                               mem_mb=mem_mb, weights=weights)
     if text_path:
-        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": provenance, "step": "text"})
+        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": hashed(), "step": "text"})
     log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(written), " and text.h5" if text_path else "",
              peak_rss_mb())
 

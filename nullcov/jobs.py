@@ -1,7 +1,7 @@
 """Job-level entry points behind the Snakemake scripts (schedule, merge, projection).
 
 The Snakemake scripts only unpack ``snakemake.input/output/params`` and call these. None of
-them imports torch or diffusers except :func:`write_schedule` (which runs the real scheduler).
+them imports torch or diffusers.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 from nullcov.merge import merge_files
-from nullcov.model import cross_attention_layer_names, select_layers
 from nullcov.projection import null_space
 from nullcov.provenance import package_versions
-from nullcov.schedule import build_schedule
 from nullcov.store import atomic_path, read_moments, write_moments, write_projections
 
 log = logging.getLogger(__name__)
@@ -25,37 +23,43 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def logging_to(path):
-    """Send stderr and ``logging`` (INFO) to a job's log file for the duration of the job."""
+    """Send stderr and ``logging`` (INFO) to a job's log file for the duration of the job.
+
+    The root logger's handlers and level are restored afterwards, so this also serves a
+    ``run:`` block inside the Snakemake process (rule ``schedule``).
+    """
+    root = logging.getLogger()
     with open(path, "w", buffering=1) as handle:
-        saved = sys.stderr
+        saved_stderr, saved_handlers, saved_level = sys.stderr, root.handlers[:], root.level
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         sys.stderr = handle
-        logging.basicConfig(
-            stream=handle, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-        )
+        root.handlers = [handler]
+        root.setLevel(logging.INFO)
         try:
             yield
         except BaseException:
             log.exception("job failed")
             raise
         finally:
-            sys.stderr = saved
+            sys.stderr, root.handlers = saved_stderr, saved_handlers
+            root.setLevel(saved_level)
 
 
-def write_schedule(path, scheduler_config: dict, strategy, num_steps: int, model_spec: str, model_dir,
-                   layer_selection) -> dict:
-    """The schedule, plus the cross-attention layers to collect, checked against the model's UNet.
+def write_schedule(path, schedule: dict, layers: list[str], model_spec: str) -> dict:
+    """``results/schedule.json``: the sampler's steps (:func:`nullcov.schedule.build_schedule`)
+    plus the cross-attention layers to collect (:func:`nullcov.model.select_layers`).
 
-    Runs before any feature job, on the CPU, so a bad ``cross_attention_layers`` fails before
-    any GPU work (the UNet is built on the meta device: no weights are read).
+    The workflow computes both when it parses the Snakefile (the layers from the model's UNet
+    config on the meta device), so a bad ``cross_attention_layers`` or sampler fails before any
+    job runs; the ``schedule`` rule only writes them down, inside the Snakemake process.
     """
-    available = cross_attention_layer_names(model_dir)
-    schedule = build_schedule(scheduler_config, strategy, num_steps)
-    schedule["layers"] = select_layers(available, layer_selection)
-    schedule["provenance"] = {"model": model_spec, "packages": package_versions()}
+    schedule = dict(schedule) | {"layers": list(layers),
+                                 "provenance": {"model": model_spec, "packages": package_versions()}}
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
-    log.info("%s: %d steps of %s (%s); %d of %d cross-attention layers", path, len(schedule["steps"]), strategy,
-             schedule["scheduler"]["class"], len(schedule["layers"]), len(available))
+    log.info("%s: %d steps of %s (%s); %d cross-attention layers", path, len(schedule["steps"]),
+             schedule["strategy"], schedule["scheduler"]["class"], len(layers))
     return schedule
 
 

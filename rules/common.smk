@@ -12,6 +12,7 @@ import yaml
 
 from nullcov import config as nc_config
 from nullcov import gpu_lease as nc_gpu_lease
+from nullcov import jobs as nc_jobs
 from nullcov import model as nc_model
 from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts

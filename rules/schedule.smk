@@ -1,7 +1,9 @@
 rule schedule:
     """The real sampler's timesteps and the layers to collect, checked against the model (CPU).
 
-    Every feature job checks its UNet calls against it.
+    Both are computed when the Snakefile is parsed (SCHEDULE, LAYERS in rules/common.smk); this
+    local rule writes them down inside the Snakemake process (no interpreter to start, no
+    diffusers to import). Every feature job checks its UNet calls against the file.
     """
     input:
         model=model_input,
@@ -10,14 +12,6 @@ rule schedule:
     log:
         "logs/schedule.log",
     localrule: True
-    conda:
-        "../envs/nullcov.yaml"
-    params:
-        scheduler_config=SCHEDULER_CONFIG,
-        strategy=config["sampler_strategy"],
-        num_steps=config["num_denoising_steps"],
-        model=config["model"],
-        model_dir=str(MODEL_DIR),
-        layers=config["cross_attention_layers"],
-    script:
-        "../scripts/schedule.py"
+    run:
+        with nc_jobs.logging_to(log[0]):
+            nc_jobs.write_schedule(output[0], SCHEDULE, LAYERS, config["model"])

@@ -251,12 +251,15 @@ def test_text_only_feature_job_writes_text_h5_only(tmp_path, family_dirs, demo_p
 
     from nullcov.features import run_feature_job
     from nullcov.jobs import write_schedule
+    from nullcov.model import cross_attention_layer_names
+    from nullcov.schedule import build_schedule
 
     config = base_config(sampler_strategy="LCM", collect_features={"q": False, "k": True, "v": False, "out": False},
                          text_tokens="eos")
     model_dir = family_dirs["lcm"]
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    write_schedule(tmp_path / "schedule.json", scheduler_config, "LCM", 4, "builtin:tiny-lcm", str(model_dir), "all")
+    write_schedule(tmp_path / "schedule.json", build_schedule(scheduler_config, "LCM", 4),
+                   cross_attention_layer_names(model_dir), "builtin:tiny-lcm")
     schedule = json.loads((tmp_path / "schedule.json").read_text())
     with caplog.at_level(logging.INFO, logger="nullcov.features"):
         run_feature_job(model_spec="builtin:tiny-lcm", model_dir=str(model_dir), prompts=demo_prompts[:3],

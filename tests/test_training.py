@@ -21,14 +21,16 @@ def build_results(root, model_dir, prompts, num_steps=3, statistic="second_momen
     """A results folder (schedule.json, covariance/, projections/) from nullcov's job functions."""
     from nullcov.features import run_feature_job
     from nullcov.jobs import merge_job, projection_job, write_schedule
-    from nullcov.model import scheduler_config
+    from nullcov.model import cross_attention_layer_names, scheduler_config
     from nullcov.prompts import prompt_set_sha256
+    from nullcov.schedule import build_schedule
 
     from conftest import base_config
 
     results = root / "results"
-    schedule = write_schedule(results / "schedule.json", scheduler_config(str(model_dir)), "DPM++ 2M Karras",
-                              num_steps, str(model_dir), str(model_dir), "all")
+    schedule = write_schedule(results / "schedule.json",
+                              build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
+                              cross_attention_layer_names(model_dir), str(model_dir))
     names = [step["name"] for step in schedule["steps"]] + ["text"]
     shard = results / "features" / "shard_0000"
     config = base_config(num_denoising_steps=num_steps, batch_size=len(prompts))

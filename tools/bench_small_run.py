@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ def legacy(model: Path, prompts: list[str], workdir: Path) -> dict:
 
 def workflow(model: Path, prompts: list[str], workdir: Path) -> dict:
     run = workdir / "workflow"
-    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run, ignore_errors=True)  # a first run: no results, no cached model hash or schedule
+    run.mkdir(parents=True)
     (run / "prompts.txt").write_text("\n".join(prompts) + "\n")
     command = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(run),
