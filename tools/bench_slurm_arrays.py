@@ -236,7 +236,7 @@ def compare_with_local(base: Path, root: Path, workdir: Path, targets: list[str]
 
     local = root / "local"
     shutil.copytree(base, local, symlinks=True)
-    subprocess.run(snakemake_command(local, "--cores", "4", "--set-threads", "features=4", *targets), check=True,
+    subprocess.run(snakemake_command(local, *targets, "--cores", "4", "--set-threads", "features=4"), check=True,
                    capture_output=True, text=True, timeout=1800)
     files = datasets = 0
     differing = []
