@@ -298,11 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("plain", "array"):
             rows = [row for row in results if row["mode"] == mode]
             for row in rows:
+                if row["first_queued_s"] is None:
+                    print(f"{mode:6s} queued no feature job")
+                    continue
                 print(f"{mode:6s} queued {row['queued_feature_jobs']:4d} feature jobs: first after "
                       f"{row['first_queued_s']:.1f} s, last after {row['last_queued_s']:.1f} s "
                       f"(window {row['submit_window_s']:.1f} s), {row['sbatch_calls']} sbatch calls")
-        plain = [row["last_queued_s"] for row in results if row["mode"] == "plain"]
-        array = [row["last_queued_s"] for row in results if row["mode"] == "array"]
+        plain = [row["last_queued_s"] for row in results if row["mode"] == "plain" and row["last_queued_s"]]
+        array = [row["last_queued_s"] for row in results if row["mode"] == "array" and row["last_queued_s"]]
         if plain and array:
             print(f"ratio plain/array (to last queued): {min(plain) / min(array):.2f}")
     print(f"report: {root / 'bench_slurm_arrays.json'}")
