@@ -184,12 +184,15 @@ def hold(cluster, base: Path, root: Path, targets: list[str], args) -> dict:
     text = log_path.read_text()
     submitted = set(re.findall(r"Submitted array job with Snakemake IDs ([\d,]+)", text))
     # Each job (array task or not) and the CUDA_VISIBLE_DEVICES its step saw (the test cluster's srun wrapper).
-    devices = {job: device for job, device, _ in cluster.steps()}
-    tasks = [{"job": job_id, "array": f"{job.get('ArrayJobId', '-')}_{job.get('ArrayTaskId', '-')}",
-              "state": job["JobState"], "gres": job.get("TresPerJob"), "cuda_visible_devices": devices.get(job_id),
-              "start": job.get("StartTime"), "end": job.get("EndTime")}
-             for job_id, job in sorted(cluster.jobs().items(), key=lambda item: int(item[0]))
-             if job.get("Comment", "").startswith("rule_features")]
+    # Array tasks by <array id>_<task id>: SLURM may run the first task under the array's job id.
+    devices = {task or job: device for job, device, _, task in cluster.array_steps()}
+    tasks = []
+    for job_id, job in sorted(cluster.jobs().items(), key=lambda item: int(item[0])):
+        if job.get("Comment", "").startswith("rule_features"):
+            task = f"{job['ArrayJobId']}_{job['ArrayTaskId']}" if "ArrayTaskId" in job else job_id
+            tasks.append({"job": job_id, "array_task": task, "state": job["JobState"], "gres": job.get("TresPerJob"),
+                          "cuda_visible_devices": devices.get(task), "start": job.get("StartTime"),
+                          "end": job.get("EndTime")})
     result = {
         "shards": len(targets), "jobs": args.jobs, "finished": finished, "returncode": process.returncode,
         "elapsed_s": elapsed, "shards_done": len(done), "missing": sorted(set(targets) - set(done)),
