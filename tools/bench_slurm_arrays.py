@@ -14,8 +14,12 @@ counting once) and the plugin's own submission log lines. Then Ctrl-C (the plugi
 submitted), ``scancel`` of anything left, next mode. Everything happens in one invocation on
 one cluster, modes alternating when ``--repeats`` > 1.
 
-``hold``: node not drained, arrays on, ``--jobs J`` smaller than N: the jobs really run; reports
-whether Snakemake finishes within ``--timeout`` seconds, and which feature jobs never reached SLURM.
+``hold``: node not drained, arrays on: the jobs really run; reports whether Snakemake finishes
+within ``--timeout`` seconds and which feature jobs never reached SLURM (``--jobs`` < N/2 drops the
+first round: ``hold --shards 12 --jobs 4`` hangs). When it finishes (``--jobs`` >= N, e.g.
+``hold --shards 6 --jobs 100``): each array task's GPU request and ``CUDA_VISIBLE_DEVICES``, pairs
+of tasks that overlapped on one GPU, and whether every dataset of the shard files equals a local
+run of the same shards.
 
 Writes ``<workdir>/bench_slurm_arrays.json``. Not part of ``make test``.
 """
