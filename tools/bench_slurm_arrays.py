@@ -202,13 +202,25 @@ def hold(cluster, base: Path, root: Path, targets: list[str], args) -> dict:
         "elapsed_s": elapsed, "shards_done": len(done), "missing": sorted(set(targets) - set(done)),
         "slurm_feature_jobs": rows, "array_submissions": sorted(submitted),
         "single_submissions": re.findall(r"Job (\d+) has been submitted with SLURM jobid (\S+)", text),
+        # An array's first task has no srun step to record (plugin 2.8 runs it in the batch step; its
+        # cuda_visible_devices above is null): each shard's log names the GPU its code saw.
         "feature_tasks": tasks, "overlapping_tasks_with_the_same_gpu": same_gpu_overlaps(tasks),
+        "shard_devices": shard_devices(workdir),
         "log": str(log_path),
     }
     if finished and done == sorted(targets):
         result["identical_to_local_run"] = compare_with_local(base, root, workdir, targets)
     print(json.dumps({key: value for key, value in result.items() if key != "log"}), flush=True)
     return result
+
+
+def shard_devices(workdir: Path) -> dict[str, str]:
+    """The CUDA_VISIBLE_DEVICES each feature job's code saw, from its log ("device lease: ...")."""
+    devices = {}
+    for log in sorted((workdir / "logs" / "features").glob("shard_*.log")):
+        match = re.search(r"device lease: CUDA_VISIBLE_DEVICES=(\S+)", log.read_text())
+        devices[log.stem] = match.group(1) if match else None
+    return devices
 
 
 def same_gpu_overlaps(tasks: list[dict]) -> list[tuple[str, str]]:
