@@ -296,9 +296,9 @@ class SlurmCluster:
     def array_steps(self) -> list[tuple[str, str, float, str]]:
         """:meth:`steps` plus the step's array task (``<array job id>_<task id>``, "" outside arrays).
 
-        Key array tasks by that: an array's job ids are renumbered as its tasks start (``scontrol``
-        may show a task under another id than its step saw). Note: plugin 2.8 runs an array's
-        first task in the batch step without srun, so that task has no row here.
+        ``<array>_<task>`` is what the plugin and ``squeue`` name a task by (``scontrol`` lists it
+        with ArrayJobId/ArrayTaskId). Plugin 2.8 runs an array's first task in the batch step
+        without srun, so that task has no row here.
         """
         if not self.step_record.exists():
             return []
