@@ -12,7 +12,7 @@ The snakemake SLURM plugin runs each job's step as ``srun`` with every ``SLURM_*
 removed, ``SLURM_CONF`` included, so :attr:`SlurmCluster.env` also puts an ``srun`` wrapper
 first on ``PATH`` that restores ``SLURM_CONF`` (the alternative, a link at
 ``/etc/slurm/slurm.conf``, would touch the machine). The wrapper also appends one line per job
-step to :attr:`SlurmCluster.step_record`: the job id and the ``CUDA_VISIBLE_DEVICES`` that SLURM
+step to :attr:`SlurmCluster.step_record`: the job id (and array task) and the ``CUDA_VISIBLE_DEVICES`` that SLURM
 gave the step, which is the environment the rule's code runs in.
 
 The node has ``GPUS`` fake GPUs (character devices like /dev/null, made with mknod, and
@@ -198,7 +198,8 @@ class SlurmCluster:
         recorder.write_text(
             "#!/bin/sh\n"
             "# Test cluster only: note the job and the GPUs SLURM gave this step, then run the command.\n"
-            "printf '%s\\t%s\\t%s\\n' \"$SLURM_JOB_ID\" \"${CUDA_VISIBLE_DEVICES-unset}\" \"$(date +%s.%N)\" "
+            "printf '%s\\t%s\\t%s\\t%s\\n' \"$SLURM_JOB_ID\" \"${CUDA_VISIBLE_DEVICES-unset}\" \"$(date +%s.%N)\" "
+            "\"${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}\" "
             f">> '{self.step_record}'\n"
             'exec "$@"\n'
         )
@@ -290,12 +291,21 @@ class SlurmCluster:
 
     def steps(self) -> list[tuple[str, str, float]]:
         """(job id, CUDA_VISIBLE_DEVICES, start time) of every job step started through srun."""
+        return [(job, devices, started) for job, devices, started, _ in self.array_steps()]
+
+    def array_steps(self) -> list[tuple[str, str, float, str]]:
+        """:meth:`steps` plus the step's array task (``<array job id>_<task id>``, "" outside arrays).
+
+        ``<array>_<task>`` is what the plugin and ``squeue`` name a task by (``scontrol`` lists it
+        with ArrayJobId/ArrayTaskId). Plugin 2.8 runs an array's first task in the batch step
+        without srun, so that task has no row here.
+        """
         if not self.step_record.exists():
             return []
         rows = []
         for line in self.step_record.read_text().splitlines():
-            job, devices, started = line.split("\t")
-            rows.append((job, devices, float(started)))
+            job, devices, started, task = line.split("\t")
+            rows.append((job, devices, float(started), task))
         return rows
 
     def cancel_all(self) -> None:

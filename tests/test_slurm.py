@@ -23,7 +23,7 @@ from nullcov import plan
 from nullcov.model import BUILTIN_TINY
 from nullcov.store import read_moments, read_projections
 
-from conftest import REPO, SNAKEFILE, planned_jobs, snakemake, write_config
+from conftest import REPO, SNAKEFILE, planned_jobs, snakemake, snakemake_command, write_config
 from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -345,3 +345,47 @@ def test_feature_jobs_log_the_gpu_slurm_gave_them(slurm_run):
         assert match.group(2) == "cpu"  # fake GPUs: torch sees no CUDA device
         seen[shard] = match.group(1)
     assert sorted(seen.values()) == ["0", "1"]
+
+
+def test_array_mode_of_the_plugin_drops_feature_jobs_of_a_partial_round(slurm_run, slurm_cluster, tmp_path):  # noqa: F811
+    """Why the profile leaves job arrays off (README "Running on SLURM", tools/bench_slurm_arrays.py).
+
+    With ``--slurm-array-jobs features``, plugin 2.8.0's ``run_jobs`` holds back a rule's jobs when
+    one scheduling round hands it fewer than the rule's other ready jobs (and fewer than
+    ``slurm-array-limit``), waiting for "a full chunk", but keeps no reference to them; Snakemake
+    already counts them as running, so they are never submitted and the run waits forever
+    (snakemake/snakemake-executor-plugin-slurm#473). Here 3 shards at ``--jobs 1``: the first round
+    hands over one feature job with two more ready. If this fails after a plugin upgrade, the hold
+    may be fixed: rerun the tool's ``hold`` scenario and reconsider arrays.
+    """
+    finished = slurm_run[0]
+    # The finished run's model and schedule (local rules) with three shards of two prompts.
+    workdir = tmp_path / "run"
+    shutil.copytree(finished, workdir, symlinks=True)
+    shutil.rmtree(workdir / "results" / "features")
+    prompts = (finished / "prompts.txt").read_text().splitlines()[:6]
+    write_config(workdir, prompts, device="auto", prompts_per_shard=2)
+    shards = [f"results/features/shard_{index:04d}" for index in range(3)]
+    log = tmp_path / "snakemake.log"
+    known_jobs = set(slurm_cluster.jobs())
+    with open(log, "w") as sink:
+        run = subprocess.Popen(
+            [*snakemake_command(workdir, "--profile", str(PROFILE), *OVERRIDES, "--jobs", "1",
+                                "--slurm-array-jobs", "features", "--verbose", *shards)],
+            stdout=sink, stderr=subprocess.STDOUT)
+    held = "Array job collection incomplete for rule features: 1/2 arrived."
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and run.poll() is None and held not in log.read_text():
+            time.sleep(0.5)
+        text = log.read_text()
+        assert held in text, text
+        time.sleep(5)  # the plugin submits from a thread: give a submission time to show
+        new = [job for job_id, job in slurm_cluster.jobs().items() if job_id not in known_jobs]
+        assert run.poll() is None  # still waiting ...
+        assert new == []  # ... for a job it never submits
+        assert "submitted with SLURM jobid" not in log.read_text()
+        assert "Submitted array job" not in log.read_text()
+    finally:
+        run.kill()
+        run.wait()
