@@ -22,6 +22,12 @@ What :meth:`NullSpaceConstraint.project` does to each cross-attention linear (``
   rescales the base weight, which no input-side projection constrains).
 - ``to_q``/``to_out`` use the projection of the batch's timestep(s), ``to_k``/``to_v`` the
   text projection (their inputs are the text-encoder states, the same at every timestep).
+- ``P = U0 U0ᵀ = I − U1 U1ᵀ`` (``k0`` null directions of ``d``, ``k1 = d − k0``) is applied in
+  the form with the fewest flops (:class:`FactoredProjection`, :func:`cheapest_form`):
+  ``(X U0) U0ᵀ`` (4·rows·d·k0), ``X − (X U1) U1ᵀ`` (4·rows·d·k1) or ``X P`` (2·rows·d²), i.e.
+  always a factored form unless ``k0 = d/2``; at most half the flops of the dense product. The
+  bases are cached with the lookups (from the ``eigh`` for ``interpolate``; from the stored ``P``
+  by a randomized range finder for ``nearest``), so no step factorises anything.
 
 Several timesteps in one batch: the projection is the null space of the **sum** of their
 statistics at the run's absolute threshold τ. Each statistic ``S_t`` is positive semi-definite,
@@ -31,8 +37,8 @@ alone). Passing all scheduled timesteps protects the whole trajectory. With
 ``threshold_percent`` the threshold of the summed statistic is that percentile of its own
 spectrum, and the bound holds with that value as τ.
 
-Lookups (:class:`ProjectionLookup`) are cached per integer timestep set and computed on the
-training device (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on
+Lookups (:class:`ProjectionLookup`) are cached (in their factored form) per integer timestep set
+and computed on the training device (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on
 the CPU): ``nearest`` uses the stored projection of the closest scheduled step; ``interpolate``
 mixes the two neighbouring steps' statistics linearly in t (as :class:`nullcov.bank.ProjectionBank`
 does) and recomputes the null space. :meth:`ProjectionLookup.precompute` fills the cache for

@@ -122,8 +122,10 @@ def _restore(constraint, saved) -> None:
         tensor.copy_(value)
 
 
-def _trained(constraint) -> list[torch.Tensor]:
-    return [item.module.weight if item.full else down for item in constraint.linears
+def _result(constraint) -> list[torch.Tensor]:
+    """What a projection produces: the float32 sums D = ΣΔW P (full; the weight W_0 + D adds its own
+    rounding) or the LoRA down-projections A P."""
+    return [item.applied if item.full else down for item in constraint.linears
             for down in ([None] if item.full else item.lora_down)]
 
 
@@ -153,7 +155,7 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
         step_time = time.perf_counter() - start
         before = _save(constraint)
         if lora:  # the scale to compare both results against: A itself
-            changes = [w.detach().clone() for w in _trained(constraint)]
+            changes = [w.detach().clone() for w in _result(constraint)]
         else:  # the increment this step projects, W - W_last
             changes = [item.module.weight.detach() - item.last for item in constraint.linears]
         after = {}
@@ -165,10 +167,10 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
             else:
                 constraint.project([t])
             elapsed = time.perf_counter() - begin
-            after[which] = ([w.detach().clone() for w in _trained(constraint)], elapsed,
+            after[which] = ([w.detach().clone() for w in _result(constraint)], elapsed,
                             _save(constraint) if which == "factored" else None)
         _restore(constraint, after["factored"][2])  # training goes on from the factored result
-        # both applications from the same state: largest ‖W_factored − W_dense‖ / ‖ΔW‖ over the linears
+        # both applications from the same state: largest ‖D_factored − D_dense‖ / ‖ΔW‖ (LoRA: ‖ΔA‖ / ‖A‖)
         differences.append(max(float((a - b).norm()) / max(float(c.norm()), 1e-30) for a, b, c in
                                zip(after["factored"][0], after["dense"][0], changes)))
         if index > 0:  # the first step warms up
