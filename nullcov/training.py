@@ -193,9 +193,14 @@ def _range_basis(side: torch.Tensor, rank: int, tolerance: float = 1e-3) -> torc
 
     ``Q = qr(side G)`` for a seeded Gaussian ``G``, then ``Q = qr(side Q)``: the second pass
     removes what the float32 rounding of the stored matrix leaked in through an ill-conditioned
-    ``U0ᵀ G``. ``‖side Q − Q‖`` (zero for an exact projection of that rank) is checked.
+    ``U0ᵀ G``. The rank is checked twice: ``trace(side)`` (a projection's rank) and
+    ``‖side Q − Q‖`` (zero for an exact projection of that rank).
     """
     dim = side.shape[0]
+    trace = float(torch.trace(side))
+    if abs(trace - rank) > 0.5:
+        raise ConstraintError(f"the stored projection is not a projection of rank {rank} (its trace is {trace:.2f}); "
+                              "is the file's null_dim its own?")
     if rank == 0:
         return side.new_zeros((dim, 0))
     generator = torch.Generator(device=side.device).manual_seed(0)

@@ -405,5 +405,8 @@ def test_stored_projection_of_the_wrong_rank_is_refused():
     from nullcov.training import ConstraintError, FactoredProjection
 
     basis, _ = torch.linalg.qr(torch.randn(64, 10, dtype=torch.float64))
-    with pytest.raises(ConstraintError, match="rank 12"):
-        FactoredProjection.from_projection((basis @ basis.T).float(), 12)
+    stored = (basis @ basis.T).float()
+    for declared in (12, 8, 56):  # too many, too few (null form), too few (complement form)
+        with pytest.raises(ConstraintError, match=f"rank {declared if declared < 32 else 64 - declared}"):
+            FactoredProjection.from_projection(stored, declared)
+    assert FactoredProjection.from_projection(stored, 10).matrix.shape == (64, 10)
