@@ -65,6 +65,10 @@ bench-text-only: $(STAMP)
 bench-training: $(STAMP)
 	$(BIN)/python tools/bench_training.py --resolution 128
 
+.PHONY: bench-training-512
+bench-training-512: $(STAMP)
+	$(BIN)/python tools/bench_training.py --resolution 512 --repeats 2 --no-interpolate --out benchmarks/bench-training-512.json
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

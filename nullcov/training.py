@@ -22,6 +22,12 @@ What :meth:`NullSpaceConstraint.project` does to each cross-attention linear (``
   rescales the base weight, which no input-side projection constrains).
 - ``to_q``/``to_out`` use the projection of the batch's timestep(s), ``to_k``/``to_v`` the
   text projection (their inputs are the text-encoder states, the same at every timestep).
+- ``P = U0 U0ᵀ = I − U1 U1ᵀ`` (``k0`` null directions of ``d``, ``k1 = d − k0``) is applied in
+  the form with the fewest flops (:class:`FactoredProjection`, :func:`cheapest_form`):
+  ``(X U0) U0ᵀ`` (4·rows·d·k0), ``X − (X U1) U1ᵀ`` (4·rows·d·k1) or ``X P`` (2·rows·d²), i.e.
+  always a factored form unless ``k0 = d/2``; at most half the flops of the dense product. The
+  bases are cached with the lookups (from the ``eigh`` for ``interpolate``; from the stored ``P``
+  by a randomized range finder for ``nearest``), so no step factorises anything.
 
 Several timesteps in one batch: the projection is the null space of the **sum** of their
 statistics at the run's absolute threshold τ. Each statistic ``S_t`` is positive semi-definite,
@@ -31,8 +37,8 @@ alone). Passing all scheduled timesteps protects the whole trajectory. With
 ``threshold_percent`` the threshold of the summed statistic is that percentile of its own
 spectrum, and the bound holds with that value as τ.
 
-Lookups (:class:`ProjectionLookup`) are cached per integer timestep set and computed on the
-training device (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on
+Lookups (:class:`ProjectionLookup`) are cached (in their factored form) per integer timestep set
+and computed on the training device (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on
 the CPU): ``nearest`` uses the stored projection of the closest scheduled step; ``interpolate``
 mixes the two neighbouring steps' statistics linearly in t (as :class:`nullcov.bank.ProjectionBank`
 does) and recomputes the null space. :meth:`ProjectionLookup.precompute` fills the cache for
@@ -43,7 +49,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,18 +72,167 @@ class ConstraintError(ValueError):
     """The model and the results folder do not fit together, or the model cannot be constrained."""
 
 
-def null_space_projection(statistic: torch.Tensor, nullspace_threshold: float | None,
-                          threshold_percent: float | None = None) -> torch.Tensor:
-    """``P = U0 U0ᵀ`` (float32, on the statistic's device) of a symmetric float64 statistic.
+PROJECTION_FORMS = ("dense", "null", "complement")
+
+
+def application_flops(dim: int, null_dim: int, rows: int = 1) -> dict[str, int]:
+    """Flops of ``X P`` (``X``: ``rows`` × ``dim``) in each form of ``P = U0 U0ᵀ = I − U1 U1ᵀ``.
+
+    ``dense``: ``X P`` (2·rows·d²); ``null``: ``(X U0) U0ᵀ`` (4·rows·d·k0); ``complement``:
+    ``X − (X U1) U1ᵀ`` (4·rows·d·k1, ``k1 = d − k0``). ``rows`` scales them all alike, so the
+    cheapest form depends on ``d`` and ``k0`` only (one choice per projection, for full
+    fine-tuning and LoRA alike).
+    """
+    return {"dense": 2 * rows * dim * dim, "null": 4 * rows * dim * null_dim,
+            "complement": 4 * rows * dim * (dim - null_dim)}
+
+
+def cheapest_form(dim: int, null_dim: int) -> str:
+    """The form of :func:`application_flops` with the fewest flops (ties: ``dense``, then ``null``)."""
+    flops = application_flops(dim, null_dim)
+    return min(PROJECTION_FORMS, key=flops.__getitem__)
+
+
+@dataclass(frozen=True)
+class FactoredProjection:
+    """A null-space projection ``P`` (float32) held in the form that applies it cheapest.
+
+    ``form``: ``dense`` (``matrix`` is ``P``, d × d), ``null`` (``matrix`` is ``U0``, d × k0,
+    ``P = U0 U0ᵀ``) or ``complement`` (``matrix`` is ``U1``, d × k1, ``P = I − U1 U1ᵀ``), chosen
+    by :func:`cheapest_form`. The factored forms hold at most d²/2 numbers, so they also halve
+    the cache at least.
+    """
+
+    form: str
+    matrix: torch.Tensor
+    dim: int
+    null_dim: int
+
+    @classmethod
+    def from_eigenvectors(cls, eigenvectors: torch.Tensor, below: torch.Tensor) -> FactoredProjection:
+        """From an ``eigh`` (float64): the eigenvectors flagged ``below`` the threshold span ``U0``."""
+        dim, null_dim = eigenvectors.shape[0], int(below.sum())
+        form = cheapest_form(dim, null_dim)
+        if form == "dense":  # formed from the smaller side, as nullcov.projection does
+            if null_dim <= dim - null_dim:
+                basis = eigenvectors[:, below]
+                matrix = basis @ basis.T
+            else:
+                basis = eigenvectors[:, ~below]
+                matrix = torch.eye(dim, dtype=basis.dtype, device=basis.device) - basis @ basis.T
+        else:
+            matrix = eigenvectors[:, below if form == "null" else ~below]
+        return cls(form, matrix.to(torch.float32).contiguous(), dim, null_dim)
+
+    @classmethod
+    def from_projection(cls, projection: torch.Tensor, null_dim: int, device=None) -> FactoredProjection:
+        """From a stored ``P`` of rank ``null_dim`` (nullcov's projection files hold ``P``, not ``U0``).
+
+        The basis of the factored form is an orthonormal basis of the range of ``P`` (``null``)
+        or of ``I − P`` (``complement``): a seeded randomized range finder with one refinement
+        pass, float64 on ``device`` (2 products d × d × k and two QR of d × k, no ``eigh``).
+        """
+        dim = projection.shape[0]
+        form = cheapest_form(dim, null_dim)
+        if form == "dense":
+            return cls(form, projection.to(torch.float32).contiguous(), dim, null_dim)
+        side = projection.to(device=device, dtype=torch.float64)
+        side = (side + side.T) / 2
+        rank = null_dim
+        if form == "complement":
+            side = torch.eye(dim, dtype=side.dtype, device=side.device) - side
+            rank = dim - null_dim
+        return cls(form, _range_basis(side, rank).to(torch.float32).contiguous(), dim, null_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.numel() * self.matrix.element_size()
+
+    def to(self, device) -> FactoredProjection:
+        return replace(self, matrix=self.matrix.to(device))
+
+    def dense(self) -> torch.Tensor:
+        """``P`` as a d × d float32 matrix (formed in float64 from a factored form)."""
+        if self.form == "dense":
+            return self.matrix
+        basis = self.matrix.to(torch.float64)
+        product = basis @ basis.T
+        if self.form == "complement":
+            product = torch.eye(self.dim, dtype=product.dtype, device=product.device) - product
+        return product.to(torch.float32)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x P`` (a new float32 tensor; ``x`` float32, ``rows`` × d)."""
+        if self.form == "dense":
+            return x @ self.matrix
+        if self.form == "null":
+            return (x @ self.matrix) @ self.matrix.T
+        return torch.addmm(x, x @ self.matrix, self.matrix.T, alpha=-1)
+
+    def accumulate_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out += x P`` in place (both float32)."""
+        if self.form == "dense":
+            return out.addmm_(x, self.matrix)
+        if self.form == "null":
+            return out.addmm_(x @ self.matrix, self.matrix.T)
+        return out.add_(x).addmm_(x @ self.matrix, self.matrix.T, alpha=-1)
+
+    def project_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x ← x P`` in place (``x`` of any floating dtype; computed in float32)."""
+        if x.dtype != torch.float32:
+            return x.copy_(self.apply(x.to(torch.float32)))
+        if self.form == "dense":
+            return x.copy_(x @ self.matrix)
+        if self.form == "null":
+            return torch.mm(x @ self.matrix, self.matrix.T, out=x)
+        return x.addmm_(x @ self.matrix, self.matrix.T, alpha=-1)
+
+
+def _range_basis(side: torch.Tensor, rank: int, tolerance: float = 1e-3) -> torch.Tensor:
+    """Orthonormal basis (float64, d × rank) of the range of a symmetric projection ``side`` of that rank.
+
+    ``Q = qr(side G)`` for a seeded Gaussian ``G``, then ``Q = qr(side Q)``: the second pass
+    removes what the float32 rounding of the stored matrix leaked in through an ill-conditioned
+    ``U0ᵀ G``. The rank is checked twice: ``trace(side)`` (a projection's rank) and
+    ``‖side Q − Q‖`` (zero for an exact projection of that rank).
+    """
+    dim = side.shape[0]
+    trace = float(torch.trace(side))
+    if abs(trace - rank) > 0.5:
+        raise ConstraintError(f"the stored projection is not a projection of rank {rank} (its trace is {trace:.2f}); "
+                              "is the file's null_dim its own?")
+    if rank == 0:
+        return side.new_zeros((dim, 0))
+    generator = torch.Generator(device=side.device).manual_seed(0)
+    sketch = torch.randn(dim, rank, generator=generator, dtype=side.dtype, device=side.device)
+    basis, _ = torch.linalg.qr(side @ sketch)
+    image = side @ basis
+    residual = float(torch.linalg.matrix_norm(image - basis)) / rank ** 0.5
+    if residual > tolerance:
+        raise ConstraintError(f"the stored projection is not a projection of rank {rank} "
+                              f"(‖P Q − Q‖/√k = {residual:.2g}); is the file's null_dim its own?")
+    basis, _ = torch.linalg.qr(image)
+    return basis
+
+
+def null_space_factor(statistic: torch.Tensor, nullspace_threshold: float | None,
+                      threshold_percent: float | None = None) -> FactoredProjection:
+    """The null space of a symmetric statistic as a :class:`FactoredProjection` (on the statistic's device).
 
     The torch twin of :func:`nullcov.projection.null_space` (same symmetrisation and threshold
-    rule, :func:`nullcov.projection.spectrum_threshold`), so it runs on the training device.
+    rule, :func:`nullcov.projection.spectrum_threshold`), so it runs on the training device; the
+    ``eigh`` (float64) gives the basis of the factored form directly.
     """
     matrix = statistic.to(torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     threshold = spectrum_threshold(eigenvalues.cpu().numpy(), nullspace_threshold, threshold_percent)
-    basis = eigenvectors[:, eigenvalues < threshold]
-    return (basis @ basis.T).to(torch.float32)
+    return FactoredProjection.from_eigenvectors(eigenvectors, eigenvalues < threshold)
+
+
+def null_space_projection(statistic: torch.Tensor, nullspace_threshold: float | None,
+                          threshold_percent: float | None = None) -> torch.Tensor:
+    """``P = U0 U0ᵀ`` (float32, d × d) of :func:`null_space_factor`."""
+    return null_space_factor(statistic, nullspace_threshold, threshold_percent).dense()
 
 
 def _eigh_device(device: torch.device) -> torch.device:
@@ -88,11 +243,13 @@ def _eigh_device(device: torch.device) -> torch.device:
 class ProjectionLookup:
     """Projections for the timesteps of a training batch, cached on the training device.
 
-    ``projections(timesteps)`` returns ``{key: P}`` for every per-timestep key (``<layer>/to_q``,
-    ``<layer>/to_out``); ``text`` is the ``to_k``/``to_v`` projection. The cache is keyed by the
-    statistic a set of integer timesteps resolves to (``nearest``: one entry per scheduled step,
-    whatever ``t`` maps to it) and bounded by ``cache_bytes`` (least recently used first out);
-    ``precompute(range(1000))`` fills it ahead of training.
+    ``factors(timesteps)`` returns ``{key: FactoredProjection}`` for every per-timestep key
+    (``<layer>/to_q``, ``<layer>/to_out``), each in the form that applies cheapest
+    (:func:`cheapest_form`); ``projections(timesteps)`` the same as d × d matrices ``P`` (formed
+    on each call). ``text_factor``/``text`` are the ``to_k``/``to_v`` projection. The cache holds
+    the factored forms, keyed by the statistic a set of integer timesteps resolves to (``nearest``:
+    one entry per scheduled step, whatever ``t`` maps to it) and bounded by ``cache_bytes``
+    (least recently used first out); ``precompute(range(1000))`` fills it ahead of training.
     """
 
     def __init__(self, results_dir: str | Path = "results", mode: str = "nearest", device="cpu",
@@ -106,14 +263,18 @@ class ProjectionLookup:
         self.bank = ProjectionBank(self.results_dir)
         self.computed = 0  # projection sets built (cache misses), for tests and benchmarks
         self._mixtures: dict[tuple[int, ...], tuple] = {}  # integer timesteps -> cache key
-        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple, dict[str, FactoredProjection]] = OrderedDict()
         self._cached_bytes = 0
         self._statistics: dict[str, dict[str, np.ndarray]] = {}
         text_file = self.results_dir / "projections" / "text.h5"
-        self.text = None
+        self.text = None  # P of to_k/to_v (d × d)
+        self.text_factor = None  # the same, in the form project() applies
         if text_file.is_file():
             spaces, _ = read_projections(text_file, keys=[TEXT_KEY])
-            self.text = torch.from_numpy(spaces[TEXT_KEY].projection).to(self.device)
+            stored = torch.from_numpy(spaces[TEXT_KEY].projection)
+            self.text_factor = FactoredProjection.from_projection(
+                stored, spaces[TEXT_KEY].null_dim, _eigh_device(self.device)).to(self.device)
+            self.text = stored.to(self.device)
         first = self.results_dir / "projections" / f"{self.bank.step_names[0]}.h5"
         self.step_keys: list[str] = []
         self.settings = None
@@ -130,7 +291,16 @@ class ProjectionLookup:
         return self.bank.timesteps
 
     def projections(self, timesteps) -> dict[str, torch.Tensor]:
-        """``{<layer>/<to_q|to_out>: P}`` protecting every timestep in ``timesteps`` (a tensor, list or number)."""
+        """``{<layer>/<to_q|to_out>: P}`` (d × d float32) protecting every timestep in ``timesteps``.
+
+        Formed from the cached :meth:`factors` on each call: for inspection and tests; training
+        applies the factors.
+        """
+        return {key: factor.dense() for key, factor in self.factors(timesteps).items()}
+
+    def factors(self, timesteps) -> dict[str, FactoredProjection]:
+        """``{<layer>/<to_q|to_out>: FactoredProjection}`` protecting every timestep in ``timesteps``
+        (a tensor, list or number); cached."""
         if not self.step_keys:
             raise ConstraintError(f"{self.results_dir} holds no per-timestep projections (collect_features q/out off)")
         values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
@@ -146,17 +316,17 @@ class ProjectionLookup:
         found = self._compute(mixture)
         self.computed += 1
         self._cache[mixture] = found
-        self._cached_bytes += sum(p.numel() * p.element_size() for p in found.values())
+        self._cached_bytes += sum(factor.nbytes for factor in found.values())
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
             _, dropped = self._cache.popitem(last=False)
-            self._cached_bytes -= sum(p.numel() * p.element_size() for p in dropped.values())
+            self._cached_bytes -= sum(factor.nbytes for factor in dropped.values())
         return found
 
     def precompute(self, timesteps=range(1000)) -> None:
         """Fill the cache for each integer timestep the trainer can draw (one batch = one timestep)."""
         timesteps = list(timesteps)
         for t in timesteps:
-            self.projections([t])
+            self.factors([t])
         wanted = {self._mixtures[(round(float(t)),)] for t in timesteps}
         if not wanted <= set(self._cache):
             log.warning("precompute: cache_bytes=%d holds only %d of the %d projection sets of these timesteps",
@@ -178,21 +348,22 @@ class ProjectionLookup:
             return ((next(iter(weights)), 1.0),)
         return tuple(sorted(weights.items()))
 
-    def _compute(self, mixture: tuple[tuple[str, float], ...]) -> dict[str, torch.Tensor]:
+    def _compute(self, mixture: tuple[tuple[str, float], ...]) -> dict[str, FactoredProjection]:
         """The stored projections of one step, or the null space of the weighted sum of statistics."""
+        where = _eigh_device(self.device)
         if len(mixture) == 1:
             spaces, _ = read_projections(self.results_dir / "projections" / f"{mixture[0][0]}.h5", keys=self.step_keys)
-            return {key: torch.from_numpy(space.projection).to(self.device) for key, space in spaces.items()}
-        where = _eigh_device(self.device)
+            return {key: FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
+                                                            where).to(self.device)
+                    for key, space in spaces.items()}
         found = {}
         for key in self.step_keys:
             total = None
             for name, weight in mixture:
                 part = torch.from_numpy(self._statistic(name)[key]).to(where) * weight
                 total = part if total is None else total + part
-            projection = null_space_projection(total, self.settings["nullspace_threshold"],
-                                               self.settings["threshold_percent"])
-            found[key] = projection.to(self.device)
+            found[key] = null_space_factor(total, self.settings["nullspace_threshold"],
+                                           self.settings["threshold_percent"]).to(self.device)
         return found
 
     def _step_weights(self, timestep: int) -> list[tuple[str, float]]:
@@ -222,9 +393,9 @@ class ConstrainedLinear:
     module: torch.nn.Module  # the nn.Linear (the base layer under a LoRA wrapper)
     lora_down: list[torch.nn.Parameter] = field(default_factory=list)  # peft lora_A weights
     full: bool = False  # the base weight itself is trained
-    initial: torch.Tensor | None = None  # W_0 (full fine-tuning)
+    initial: torch.Tensor | None = None  # W_0 (full fine-tuning; float32)
     applied: torch.Tensor | None = None  # D = W - W_0, every projected increment summed (float32)
-    last: torch.Tensor | None = None  # W after the last projection
+    last: torch.Tensor | None = None  # W after the last projection (float32)
     bias: torch.Tensor | None = None  # the bias to restore (bias="freeze")
 
     @property
@@ -304,29 +475,41 @@ class NullSpaceConstraint:
         for item in self.linears:
             weight = item.module.weight
             if item.full:
-                item.initial = weight.detach().clone()
+                item.initial = weight.detach().to(torch.float32, copy=True)
                 item.applied = torch.zeros_like(weight, dtype=torch.float32)
-                item.last = weight.detach().clone()
+                item.last = item.initial.clone()
             if self.bias == "freeze" and item.module.bias is not None and item.module.bias.requires_grad:
                 item.bias = item.module.bias.detach().clone()
 
     @torch.no_grad()
     def project(self, timesteps) -> None:
-        """Project what the optimiser applied since the last call; ``timesteps`` of the batch just trained."""
-        step = self.lookup.projections(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
+        """Project what the optimiser applied since the last call; ``timesteps`` of the batch just trained.
+
+        Each ``P`` is applied in its cheapest form (:class:`FactoredProjection`); the only
+        full-size temporary per linear is the increment ``W − W_last`` (float32 weights).
+        """
+        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
         for item in self.linears:
-            projection = self.lookup.text if item.key == TEXT_KEY else step[item.key]
+            factor = self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]
             if item.full:
                 weight = item.module.weight
-                increment = weight.to(torch.float32) - item.last.to(torch.float32)
-                item.applied.addmm_(increment, projection)
-                weight.copy_(item.initial.to(torch.float32) + item.applied)
+                increment = torch.sub(weight, item.last) if weight.dtype == torch.float32 \
+                    else weight.to(torch.float32).sub_(item.last)
+                factor.accumulate_(item.applied, increment)  # D += ΔW P
+                if weight.dtype == torch.float32:
+                    torch.add(item.initial, item.applied, out=weight)  # W = W_0 + D
+                else:
+                    weight.copy_(item.initial + item.applied)
                 item.last.copy_(weight)
             for down in item.lora_down:
-                down.copy_((down.to(torch.float32) @ projection).to(down.dtype))
+                factor.project_(down)  # A ← A P
             if item.bias is not None:
                 item.module.bias.copy_(item.bias)
 
+    def factor_for(self, item: ConstrainedLinear, timesteps) -> FactoredProjection:
+        """The projection ``project(timesteps)`` applies to ``item``, in the form it applies it."""
+        return self.lookup.text_factor if item.key == TEXT_KEY else self.lookup.factors(timesteps)[item.key]
+
     def projection_for(self, item: ConstrainedLinear, timesteps) -> torch.Tensor:
-        """The projection ``project(timesteps)`` applies to ``item``."""
-        return self.lookup.text if item.key == TEXT_KEY else self.lookup.projections(timesteps)[item.key]
+        """The projection ``project(timesteps)`` applies to ``item`` (d × d)."""
+        return self.factor_for(item, timesteps).dense()

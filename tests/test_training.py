@@ -179,6 +179,15 @@ def test_lookups_are_cached_per_integer_timestep_and_match_the_bank(results):
     nearest = ProjectionLookup(results, mode="nearest")
     nearest.precompute(range(1000))  # 1000 integer t, 3 scheduled steps: 3 entries
     assert nearest.computed == len(nearest._cache) == len(bank.timesteps)
+    from nullcov.store import read_projections
+    from nullcov.training import cheapest_form
+
+    spaces, _ = read_projections(results / "projections" / f"{bank.step_names[0]}.h5")
+    factors = nearest.factors([bank.timesteps[0]])
+    for key, factor in factors.items():  # the cached form is the cheapest one and P is the stored one
+        assert factor.form == cheapest_form(factor.dim, spaces[key].null_dim)
+        assert factor.nbytes <= spaces[key].projection.nbytes
+        np.testing.assert_allclose(factor.dense().numpy(), spaces[key].projection, atol=2e-6)
     small = ProjectionLookup(results, mode="interpolate", cache_bytes=1)
     small.precompute([10, 20, 30])
     assert len(small._cache) == 1 and small.computed == 3
@@ -340,3 +349,66 @@ def test_finetune_proof_projected_updates_move_trained_prompts_less(results, tin
     draw_figure(tmp_path / "f.png", rows, curves)
     assert (tmp_path / "t.tsv").read_text().splitlines()[0].split("\t") == list(TABLE_COLUMNS)
     assert (tmp_path / "f.png").stat().st_size > 10000
+
+
+@pytest.mark.parametrize("null_dim", [0, 7, 40, 48, 56, 89, 96])
+def test_factored_projection_equals_the_dense_product_and_takes_the_cheapest_form(null_dim):
+    """(ΔW U0) U0ᵀ and ΔW − (ΔW U1) U1ᵀ equal ΔW P within float32 noise, from an eigh (interpolate)
+    and from a stored float32 P (nearest), for full-size ΔW and LoRA's A; the form chosen has the fewest flops."""
+    from nullcov.training import FactoredProjection, application_flops, cheapest_form, null_space_factor
+
+    dim = 96
+    generator = torch.Generator().manual_seed(null_dim)
+    vectors, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    spectrum = torch.cat([torch.rand(null_dim, generator=generator, dtype=torch.float64) * 0.01,
+                          1 + torch.rand(dim - null_dim, generator=generator, dtype=torch.float64)])
+    statistic = vectors @ torch.diag(spectrum) @ vectors.T
+    null = vectors[:, :null_dim]
+    exact = null @ null.T  # float64 reference P
+    stored = exact.to(torch.float32)  # what a projection file holds
+
+    flops = application_flops(dim, null_dim)
+    expected = {0: "null", 7: "null", 40: "null", 48: "dense", 56: "complement", 89: "complement",
+                96: "complement"}[null_dim]
+    assert cheapest_form(dim, null_dim) == expected
+    assert flops[expected] == min(flops.values()) and flops[expected] <= flops["dense"]
+    if expected != "dense":
+        assert flops[expected] < flops["dense"]
+
+    for factor in (null_space_factor(statistic, 0.05), FactoredProjection.from_projection(stored, null_dim)):
+        assert factor.form == expected and factor.null_dim == null_dim
+        assert factor.matrix.dtype == torch.float32
+        if expected != "dense":  # d × k with k = min(k0, k1): never more than half of P's numbers
+            assert factor.matrix.shape == (dim, min(null_dim, dim - null_dim))
+        torch.testing.assert_close(factor.dense().double(), exact, atol=2e-6, rtol=0)
+        for rows in (80, 4):  # a full weight update ΔW (d_out × d) and a LoRA down-projection A (r × d)
+            x = torch.randn(rows, dim, generator=generator)
+            reference = x.double() @ exact
+            scale = float(x.double().norm())
+            dense = x @ stored  # the previous path, float32
+            assert float((dense.double() - reference).norm()) <= 1e-6 * scale
+            applied = factor.apply(x)
+            assert float((applied.double() - reference).norm()) <= 1e-6 * scale
+            assert float((applied - dense).norm()) <= 1e-6 * scale  # equal to the dense ΔW P within float32 noise
+            out = torch.randn(rows, dim, generator=generator)
+            before = out.clone()
+            factor.accumulate_(out, x)
+            assert float(((out - before).double() - reference).norm()) <= 2e-6 * scale + 1e-6 * float(before.norm())
+            in_place = x.clone()
+            factor.project_(in_place)
+            assert float((in_place.double() - reference).norm()) <= 1e-6 * scale
+            half = x.to(torch.bfloat16)
+            factor.project_(half)
+            assert half.dtype == torch.bfloat16
+            assert float((half.double() - reference).norm()) <= 1e-2 * scale
+
+
+def test_stored_projection_of_the_wrong_rank_is_refused():
+    from nullcov.training import ConstraintError, FactoredProjection
+
+    basis, _ = torch.linalg.qr(torch.randn(64, 10, dtype=torch.float64))
+    stored = (basis @ basis.T).float()
+    for declared in (12, 8, 56):  # too many, too few (null form), too few (complement form)
+        with pytest.raises(ConstraintError, match=f"rank {declared if declared < 32 else 64 - declared}"):
+            FactoredProjection.from_projection(stored, declared)
+    assert FactoredProjection.from_projection(stored, 10).matrix.shape == (64, 10)

@@ -5,17 +5,24 @@ synthetic results folder of its shapes (16 attn2 layers, to_q/to_out widths 320/
 768-wide text states; statistics of random rank-deficient inputs, written and projected with
 nullcov's own store and projection job), then times, for full fine-tuning of the attn2 weights
 (AdamW) and for peft-LoRA (r=4) on them: the training step (forward, backward, optimizer step)
-and ``NullSpaceConstraint.project`` with the projection cached. It also times a cache miss of
-``mode="interpolate"`` (one float64 eigh per layer/linear) and reports the cache memory per
-timestep. Run it under the heavy lock on a shared machine:
+and ``NullSpaceConstraint.project`` with the projection cached. On the same weights, every step,
+it also times the previous dense application (``ΔW P`` / ``A P`` with the stored d × d ``P``,
+:func:`dense_project`, the code ``project()`` ran before the factored forms) and checks that both
+give the same weights; the two run in alternating order from the same state. It also times a
+cache miss of ``mode="interpolate"`` (one float64 eigh per layer/linear) and reports the cache
+memory per timestep. Run it under the heavy lock on a shared machine:
 
     flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 128
+    flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 512 --repeats 2 \
+        --no-interpolate --out benchmarks/bench-training-512.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -62,6 +69,66 @@ def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
     return results
 
 
+def stored_projections(results: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{step name or "text": {key: P}}``: the d × d float32 matrices of the projection files."""
+    from nullcov.store import read_projections
+
+    found = {}
+    for name in [n for n, _ in STEPS] + ["text"]:
+        spaces, _ = read_projections(results / "projections" / f"{name}.h5")
+        found[name] = {key: torch.from_numpy(space.projection) for key, space in spaces.items()}
+    return found
+
+
+@torch.no_grad()
+def dense_project(constraint, projections: dict[str, torch.Tensor]) -> None:
+    """The previous ``NullSpaceConstraint.project`` body: every linear multiplied by the dense ``P``."""
+    from nullcov.store import TEXT_KEY
+
+    for item in constraint.linears:
+        projection = projections[TEXT_KEY if item.key == TEXT_KEY else item.key]
+        if item.full:
+            weight = item.module.weight
+            increment = weight.to(torch.float32) - item.last.to(torch.float32)
+            item.applied.addmm_(increment, projection)
+            weight.copy_(item.initial.to(torch.float32) + item.applied)
+            item.last.copy_(weight)
+        for down in item.lora_down:
+            down.copy_((down.to(torch.float32) @ projection).to(down.dtype))
+        if item.bias is not None:
+            item.module.bias.copy_(item.bias)
+
+
+def _state(constraint) -> list[torch.Tensor]:
+    """Every tensor ``project()`` reads or writes (weights, W_last, D, LoRA down-projections, biases)."""
+    found = []
+    for item in constraint.linears:
+        if item.full:
+            found += [item.module.weight, item.last, item.applied]
+        found += list(item.lora_down)
+        if item.module.bias is not None:
+            found.append(item.module.bias)
+    return found
+
+
+@torch.no_grad()
+def _save(constraint) -> list[torch.Tensor]:
+    return [tensor.detach().clone() for tensor in _state(constraint)]
+
+
+@torch.no_grad()
+def _restore(constraint, saved) -> None:
+    for tensor, value in zip(_state(constraint), saved):
+        tensor.copy_(value)
+
+
+def _result(constraint) -> list[torch.Tensor]:
+    """What a projection produces: the float32 sums D = ΣΔW P (full; the weight W_0 + D adds its own
+    rounding) or the LoRA down-projections A P."""
+    return [item.applied if item.full else down for item in constraint.linears
+            for down in ([None] if item.full else item.lora_down)]
+
+
 def time_training(unet, results, resolution: int, batch: int, repeats: int, lora: bool) -> dict:
     from nullcov.training import NullSpaceConstraint
 
@@ -69,8 +136,14 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
     size = resolution // 8
     constraint = NullSpaceConstraint(unet, results, mode="nearest")
     constraint.lookup.precompute(range(1000))  # nearest: one cached set per scheduled step
+    stored = stored_projections(results)
+    dense = {}  # step name -> {key: P}, the text P under TEXT_KEY
+    for name in stored:
+        if name != "text":
+            dense[name] = {**stored[name], **stored["text"]}
+    bank = constraint.lookup.bank
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
-    step_times, project_times = [], []
+    step_times, project_times, dense_times, differences = [], [], [], []
     for index in range(repeats + 1):
         t = int(torch.randint(0, 1000, (1,), generator=generator))
         latents = torch.randn(batch, 4, size, size, generator=generator)
@@ -79,28 +152,55 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
         unet(latents, torch.full((batch,), t), text).sample.square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        middle = time.perf_counter()
-        constraint.project([t])
-        end = time.perf_counter()
+        step_time = time.perf_counter() - start
+        before = _save(constraint)
+        if lora:  # the scale to compare both results against: A itself
+            changes = [w.detach().clone() for w in _result(constraint)]
+        else:  # the increment this step projects, W - W_last
+            changes = [item.module.weight.detach() - item.last for item in constraint.linears]
+        after = {}
+        for which in (("dense", "factored") if index % 2 else ("factored", "dense")):
+            _restore(constraint, before)
+            begin = time.perf_counter()
+            if which == "dense":
+                dense_project(constraint, dense[bank.step_names[bank.nearest_index(t)]])
+            else:
+                constraint.project([t])
+            elapsed = time.perf_counter() - begin
+            after[which] = ([w.detach().clone() for w in _result(constraint)], elapsed,
+                            _save(constraint) if which == "factored" else None)
+        _restore(constraint, after["factored"][2])  # training goes on from the factored result
+        # both applications from the same state: largest ‖D_factored − D_dense‖ / ‖ΔW‖ (LoRA: ‖ΔA‖ / ‖A‖)
+        differences.append(max(float((a - b).norm()) / max(float(c.norm()), 1e-30) for a, b, c in
+                               zip(after["factored"][0], after["dense"][0], changes)))
         if index > 0:  # the first step warms up
-            step_times.append(middle - start)
-            project_times.append(end - middle)
-    step, project = statistics.median(step_times), statistics.median(project_times)
+            step_times.append(step_time)
+            project_times.append(after["factored"][1])
+            dense_times.append(after["dense"][1])
+        del before, after, changes
+    step, project, old = (statistics.median(x) for x in (step_times, project_times, dense_times))
+    forms = {}
+    for item in constraint.linears:
+        form = constraint.factor_for(item, [0]).form
+        forms[form] = forms.get(form, 0) + 1
     return {"mode": "lora r=4" if lora else "full (attn2 weights)", "step_s": step, "project_s": project,
-            "overhead": project / step, "steps": repeats, "linears": len(constraint.linears)}
+            "overhead": project / step, "dense_project_s": old, "dense_overhead": old / step,
+            "speedup": old / project, "max_relative_difference": max(differences), "forms": forms,
+            "steps": repeats, "step_times": step_times, "project_times": project_times,
+            "dense_times": dense_times, "linears": len(constraint.linears)}
 
 
 def time_interpolate(results, repeats: int = 1) -> dict:
     from nullcov.training import ProjectionLookup
 
     lookup = ProjectionLookup(results, mode="interpolate")
-    lookup.projections([250])  # reads the two neighbours' statistics once
+    lookup.factors([250])  # reads the two neighbours' statistics once
     times = []
     for t in range(260, 260 + repeats):
         start = time.perf_counter()
-        found = lookup.projections([t])
+        found = lookup.factors([t])
         times.append(time.perf_counter() - start)
-    size = sum(p.numel() * p.element_size() for p in found.values())
+    size = sum(factor.nbytes for factor in found.values())
     return {"cache_miss_s": statistics.median(times), "bytes_per_timestep": size, "matrices": len(found)}
 
 
@@ -110,6 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-interpolate", action="store_true", help="skip the interpolate cache-miss timing")
     parser.add_argument("--out", default="benchmarks/bench-training.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -118,6 +219,8 @@ def main(argv=None) -> int:
 
     from nullcov.sd15 import SD15_UNET_CONFIG
 
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     rows = []
@@ -133,18 +236,25 @@ def main(argv=None) -> int:
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                     target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
         rows.append(time_training(unet, results, args.resolution, args.batch, args.repeats, lora=True))
-        interpolate = time_interpolate(results)
+        interpolate = None if args.no_interpolate else time_interpolate(results)
     report = {"device": "cpu", "threads": args.threads, "resolution": args.resolution, "batch": args.batch,
-              "torch": torch.__version__, "training": rows, "interpolate": interpolate}
+              "torch": torch.__version__, "started_utc": started, "command": " ".join(sys.argv),
+              "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+              "training": rows, "interpolate": interpolate}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"SD-1.5 architecture, CPU ({args.threads} threads), {args.resolution} px, batch {args.batch}, "
           f"median of {args.repeats} steps")
-    print(f"{'training':24s} {'step s':>8s} {'project s':>10s} {'overhead':>9s}")
+    print(f"started {started} UTC, load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"{'training':22s} {'step s':>8s} {'project s':>10s} {'overhead':>9s} {'dense s':>9s} {'dense ovh':>9s} "
+          f"{'speedup':>8s} {'max rel diff':>12s}  forms")
     for row in rows:
-        print(f"{row['mode']:24s} {row['step_s']:8.2f} {row['project_s']:10.4f} {row['overhead']:9.1%}")
-    print(f"interpolate cache miss: {interpolate['cache_miss_s']:.2f} s for {interpolate['matrices']} matrices; "
-          f"cache {interpolate['bytes_per_timestep'] / 1e6:.0f} MB per timestep")
+        print(f"{row['mode']:22s} {row['step_s']:8.2f} {row['project_s']:10.4f} {row['overhead']:9.1%} "
+              f"{row['dense_project_s']:9.4f} {row['dense_overhead']:9.1%} {row['speedup']:7.2f}x "
+              f"{row['max_relative_difference']:12.1e}  {row['forms']}")
+    if interpolate:
+        print(f"interpolate cache miss: {interpolate['cache_miss_s']:.2f} s for {interpolate['matrices']} matrices; "
+              f"cache {interpolate['bytes_per_timestep'] / 1e6:.0f} MB per timestep")
     return 0
 
 
