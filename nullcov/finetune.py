@@ -325,8 +325,11 @@ def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
     bar_axis.bar(positions, [row["loss_drop_vs_unconstrained"] for row in rows],
                  color=[colours[name] for name in names])
     for position, row in zip(positions, rows, strict=True):
-        bar_axis.annotate(f"{row['steps']} st.\nlr {row['learning_rate']:g}", (position, 0.02), ha="center",
-                          va="bottom", fontsize=7, rotation=90, color="white")
+        bar_axis.annotate(f"{row['steps']} steps, lr {row['learning_rate']:g}",
+                          (position, max(row["loss_drop_vs_unconstrained"], 0) + 0.02), ha="center", va="bottom",
+                          fontsize=7, rotation=90)
+    drops = [row["loss_drop_vs_unconstrained"] for row in rows]
+    bar_axis.set_ylim(min(0.0, *drops) - 0.05, max(1.0, *drops) * 1.6)  # room for the labels
     bar_axis.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
     bar_axis.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
     bar_axis.set(ylabel="concept loss drop / unconstrained drop", title=f"learning {CONCEPT_PROMPT!r}")

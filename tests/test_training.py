@@ -334,6 +334,7 @@ def test_finetune_proof_matches_the_concept_loss_and_moves_preserved_prompts_les
         config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=10, max_steps=60,
         eval_every=2, threshold_percents=(50,), drift_levels=(0.5, 1.0),
     )
+    print("\nMEASURED", *rows, *curves, sep="\n")  # TEMP
     names = [row["variant"] for row in rows]
     assert names == ["unconstrained", "per-timestep 0.02", "all-timesteps 0.02", "per-timestep p50", "all-timesteps p50"]
     by_name = dict(zip(names, rows, strict=True))
