@@ -344,7 +344,7 @@ def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
         axis.set_yscale("log")
         axis.set(xlabel="concept loss drop / unconstrained drop",
                  ylabel="relative change ‖o − o₀‖/‖o₀‖",
-                 title=f"preserved prompts' {label} (held-out —, trained ⋯)")
+                 title=f"{label} moved (held-out —, trained ⋯)")
     attn_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
