@@ -15,7 +15,6 @@ import torch
 from conftest import DEMO_PROMPTS, planned_jobs, write_config
 
 THRESHOLD = 0.02
-RATIO_ATTN2 = 5  # the fine-tune proof: projected (p50) moves held-out attn2 outputs at least this much less
 
 
 def build_results(root, model_dir, prompts, num_steps=3, statistic="second_moment"):
@@ -310,11 +309,14 @@ def test_constraint_refuses_linears_without_projections(results, tiny_model_dir,
 
 
 
-def test_finetune_proof_matches_the_concept_loss_and_moves_preserved_prompts_less(results, tiny_model_dir,
-                                                                                   demo_prompts, tmp_path):
-    """The proof's claim, short: projected fine-tunes with a real null space (threshold_percent 50,
-    projections from the run's own statistics by the projection job) reach the unconstrained run's
-    concept loss and move held-out prompts' attn2 outputs far less."""
+def test_finetune_proof_at_matched_concept_loss_as_measured_on_the_tiny_model(results, tiny_model_dir, demo_prompts,
+                                                                               tmp_path):
+    """The proof's table, short: every projected fine-tune reaches the unconstrained run's concept
+    loss, but on the tiny model only with several times larger weight updates, and then it moves
+    held-out prompts' attn2 outputs about as much (README "The proof in the loop": the claim is
+    not shown there). Measured on this fixture: ‖ΔW‖ 7-10x the unconstrained one, held-out attn2
+    change 1.5-1.6x, 8-12 steps to the target. If the last assertion fails, the projections now
+    protect at matched loss on the tiny model: rerun the rule and update the README."""
     import json
 
     from nullcov.finetune import (
@@ -334,29 +336,28 @@ def test_finetune_proof_matches_the_concept_loss_and_moves_preserved_prompts_les
         config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=10, max_steps=60,
         eval_every=2, threshold_percents=(50,), drift_levels=(0.5, 1.0),
     )
-    print("\nMEASURED", *rows, *curves, sep="\n")  # TEMP
     names = [row["variant"] for row in rows]
     assert names == ["unconstrained", "per-timestep 0.02", "all-timesteps 0.02", "per-timestep p50", "all-timesteps p50"]
-    by_name = dict(zip(names, rows, strict=True))
-    unconstrained = by_name["unconstrained"]
+    unconstrained = rows[0]
     assert unconstrained["concept_loss_after"] < unconstrained["concept_loss_before"] - 0.02
     assert unconstrained["loss_drop_vs_unconstrained"] == pytest.approx(1.0)
     for row in rows[1:]:
-        assert row["weight_update_norm"] > 0 and 0 < row["steps"] <= 60
-    for name in ("per-timestep p50", "all-timesteps p50"):
-        row = by_name[name]
-        # the projection job at the 50th percentile: half of every spectrum is null space
-        for kind in ("to_q", "to_kv", "to_out"):
-            assert 0.4 <= row[f"null_fraction_{kind}"] <= 0.6, (name, kind)
-        # comparable concept loss: it trained until the unconstrained run's loss was reached ...
+        name = row["variant"]
+        if name.endswith("p50"):  # the projection job at the 50th percentile: half of every spectrum is null
+            for kind in ("to_q", "to_kv", "to_out"):
+                assert 0.4 <= row[f"null_fraction_{kind}"] <= 0.6, (name, kind)
+        else:
+            assert 0 < row["null_fraction_to_q"] < 0.5, name
+        # comparable concept loss: it trained until the unconstrained run's loss was reached
         assert row["reached_target"] == "yes" and row["loss_drop_vs_unconstrained"] >= 1.0, name
-        # ... and moved held-out (and trained) prompts' attn2 outputs far less
-        for prompts in ("held_out", "trained"):
-            column = f"attn2_output_change_{prompts}"
-            assert row[column] * RATIO_ATTN2 <= unconstrained[column], (name, prompts)
+        assert row["steps"] <= 30, name
+        # ... with a far larger update inside the (soft) null space ...
+        assert row["weight_update_norm"] >= 3 * unconstrained["weight_update_norm"], name
+        # ... which moves held-out prompts about as much: not even 2x less (the claim fails here)
+        assert row["attn2_output_change_held_out"] >= 0.5 * unconstrained["attn2_output_change_held_out"], name
     for row in rows:
         points = [point for point in curves if point["variant"] == row["variant"]]
-        assert points and points[-1]["step"] == row["steps"], row["variant"]
+        assert len(points) >= 1 and points[-1]["step"] == row["steps"], row["variant"]
     write_table(tmp_path / "t.tsv", rows)
     write_curves(tmp_path / "c.tsv", curves)
     draw_figure(tmp_path / "f.png", rows, curves)
