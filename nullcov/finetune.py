@@ -3,25 +3,43 @@
 A short DreamBooth-style fine-tune of the cross-attention linears (``to_q``, ``to_k``, ``to_v``,
 ``to_out.0`` weights of every ``attn2``; biases frozen) on one new concept — a prompt with a
 made-up token and a few fixed "instance" latents — with the standard denoising loss (noise
-added by the model's training schedule at a uniform integer ``t``), run three times from the
-same weights, data and seeds:
+added by the model's training schedule at a uniform integer ``t``), from the same weights, data
+and seeds every time:
 
-- ``unconstrained``: plain AdamW;
-- ``per-timestep``: :class:`nullcov.training.NullSpaceConstraint`, each update projected with
-  the projection of its batch's timestep (``nearest``);
-- ``all-timesteps``: each update projected with the null space of the sum of every scheduled
-  step's statistic (protects the whole sampling trajectory; see :mod:`nullcov.training`).
+- ``unconstrained``: plain AdamW for ``steps`` steps. Its concept loss at the end is the
+  **target**.
+- projected, for each threshold setting (the run's own projections, then each of
+  ``threshold_percents``: the same statistics, :func:`nullcov.jobs.projection_job` at that
+  percentile) and each scope — ``per-timestep`` (each update projected with its batch's
+  timestep's projection, ``nearest``) and ``all-timesteps`` (the null space of the sum of every
+  scheduled step's statistic: protects the whole sampling trajectory) — AdamW with
+  :class:`nullcov.training.NullSpaceConstraint`, trained **until its concept loss reaches the
+  target** (checked every ``eval_every`` steps), at most ``max_steps`` steps. The comparison is
+  made at matched concept loss, not at matched steps: a projected update is smaller and slower.
+  With ``project_gradients`` the gradient is projected too before the optimiser step (same
+  ``P``, :meth:`NullSpaceConstraint.projection_for`), so Adam's moments only see the null-space
+  part of the gradient and its step stays a descent direction; ``project()`` after the step
+  still removes whatever Adam's per-element scaling and weight decay put outside the null space.
 
-Reported per variant: the concept's denoising loss on a fixed evaluation set (fixed ``t`` and
-noise) before and after, and how far preserved prompts move under the sampler the statistics
-were collected with, same seeds: ``‖o − o₀‖ / ‖o₀‖`` of every attn2 output over the whole
-trajectory, and of the final latents, for held-out prompts (validation prompts, not in the
-statistics) and for trained prompts (in the statistics, where the projection's bound holds).
+Reported per variant (:data:`TABLE_COLUMNS`): threshold, learning rate, steps taken, whether the
+target was reached, the concept's denoising loss on a fixed evaluation set (fixed ``t`` and
+noise) before and after and its drop as a fraction of the unconstrained drop, the null space's
+share ``null_dim / d`` of each linear (mean over layers and the timesteps used), ``‖ΔW‖``, and
+how far preserved prompts move under the sampler the statistics were collected with, same
+seeds: ``‖o − o₀‖ / ‖o₀‖`` of every attn2 output over the whole trajectory, and of the final
+latents, for held-out prompts (validation prompts, not in the statistics) and for trained
+prompts (in the statistics, where the projection's bound holds). The same movements are also
+measured along each run (:data:`CURVE_COLUMNS`): the unconstrained run at ``drift_levels`` of
+its steps, the projected runs when their loss first crosses those fractions of the target drop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,11 +47,24 @@ import torch
 log = logging.getLogger(__name__)
 
 CONCEPT_PROMPT = "a photo of sks toy"
-VARIANTS = ("unconstrained", "per-timestep", "all-timesteps")
+SCOPES = ("per-timestep", "all-timesteps")
 PROMPT_SETS = ("held_out", "trained")  # validation prompts; prompts in the statistics
-TABLE_COLUMNS = ("variant", "steps", "concept_loss_before", "concept_loss_after", "weight_update_norm",
-                 *(f"{kind}_{prompts}" for prompts in PROMPT_SETS for kind in ("attn2_output_change",
-                                                                               "final_latent_change")))
+CHANGE_COLUMNS = tuple(f"{kind}_{prompts}" for prompts in PROMPT_SETS
+                       for kind in ("attn2_output_change", "final_latent_change"))
+TABLE_COLUMNS = ("variant", "threshold", "learning_rate", "steps", "reached_target", "concept_loss_before",
+                 "concept_loss_after", "loss_drop_vs_unconstrained", "null_fraction_to_q", "null_fraction_to_kv",
+                 "null_fraction_to_out", "weight_update_norm", *CHANGE_COLUMNS)
+CURVE_COLUMNS = ("variant", "step", "concept_loss", "loss_drop_vs_unconstrained", *CHANGE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tune: ``scope`` None = unconstrained; else projected with the projections in ``results_dir``."""
+
+    name: str
+    threshold: str  # as reported: "-", the absolute threshold, or "p<percent>"
+    scope: str | None = None
+    results_dir: Path | None = None
 
 
 def _attn2_weights(unet) -> list[torch.nn.Parameter]:
@@ -83,10 +114,48 @@ def _relative_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
     return float(np.mean(changes))
 
 
+def threshold_results(results_dir, folder, threshold_percent: float) -> Path:
+    """A results folder in ``folder`` whose projections are the run's statistics at ``threshold_percent``.
+
+    ``schedule.json`` and ``covariance/`` are linked; ``projections/`` is written by
+    :func:`nullcov.jobs.projection_job` (the projection job itself) with the run's statistic.
+    """
+    from nullcov.jobs import projection_job
+    from nullcov.store import TEXT_KEY, read_projections
+
+    results_dir, folder = Path(results_dir).resolve(), Path(folder)
+    _, attrs = read_projections(results_dir / "projections" / "text.h5", keys=[TEXT_KEY])
+    statistic = attrs["provenance"]["projection"]["statistic"]
+    (folder / "projections").mkdir(parents=True, exist_ok=True)
+    for name in ("schedule.json", "covariance"):
+        (folder / name).symlink_to(results_dir / name)
+    for covariance in sorted((results_dir / "covariance").glob("*.h5")):
+        projection_job(covariance, folder / "projections" / covariance.name, statistic, 0.0, threshold_percent)
+    return folder
+
+
+def _null_fractions(constraint, timesteps_sets: list[list[int]]) -> dict[str, float]:
+    """Mean ``null_dim / d`` (trace of ``P`` over its size) per linear kind over layers and ``timesteps_sets``."""
+    found: dict[str, list[float]] = {"to_q": [], "to_kv": [], "to_out": []}
+    for timesteps in timesteps_sets:
+        for item in constraint.linears:
+            if item.linear in ("to_k", "to_v"):
+                if item.linear == "to_v":
+                    continue  # the same text projection as to_k
+                kind = "to_kv"
+            else:
+                kind = item.linear
+            projection = constraint.projection_for(item, timesteps)
+            found[kind].append(float(torch.trace(projection.double())) / projection.shape[0])
+    return {f"null_fraction_{kind}": float(np.mean(values)) for kind, values in found.items()}
+
+
 def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dict[str, tuple[list[str], int]],
-                       config: dict, steps: int = 40, batch_size: int = 2, learning_rate: float = 5e-4,
-                       num_instances: int = 4) -> tuple[list[dict], dict]:
-    """Run the three variants; returns the table rows and each variant's per-step training loss.
+                       config: dict, steps: int = 40, max_steps: int = 200, batch_size: int = 2,
+                       learning_rate: float = 5e-4, projected_learning_rate: float = 5e-3,
+                       threshold_percents=(50.0,), eval_every: int = 5, drift_levels=(0.25, 0.5, 0.75, 1.0),
+                       project_gradients: bool = True, num_instances: int = 4) -> tuple[list[dict], list[dict]]:
+    """Run every variant; returns the table rows (:data:`TABLE_COLUMNS`) and the curve points (:data:`CURVE_COLUMNS`).
 
     ``preserved``: ``held_out`` and ``trained`` -> (prompts, index of the first one: seeds are
     ``seed + index``, as in the feature job).
@@ -97,6 +166,8 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
     from nullcov.model import load_pipeline, resolve_device
     from nullcov.training import NullSpaceConstraint
 
+    if steps < 1 or max_steps < 1 or eval_every < 1:
+        raise ValueError(f"steps, max_steps and eval_every must be >= 1, got {steps}, {max_steps}, {eval_every}")
     device = resolve_device(config["device"])
     pipe = load_pipeline(model_dir, "float32", device)
     configure_scheduler(pipe, schedule)
@@ -125,81 +196,156 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
             found[kind] = _preserved_outputs(pipe, prompts, generators, schedule, config["guidance_scale"], resolution)
         return found
 
+    def changes() -> dict[str, float]:
+        after = preserved_outputs()
+        found = {}
+        for kind in PROMPT_SETS:
+            found[f"attn2_output_change_{kind}"] = _relative_change(after[kind][0], base[kind][0])
+            found[f"final_latent_change_{kind}"] = _relative_change([after[kind][1]], [base[kind][1]])
+        return found
+
     base = preserved_outputs()
     base_loss = concept_loss()
     every_step = [step["timestep"] for step in schedule["steps"]]
-    rows, curves = [], {}
-    for variant in VARIANTS:
-        with torch.no_grad():
-            for weight, start in zip(weights, initial):
-                weight.copy_(start)
-        for weight in weights:
-            weight.requires_grad_(True)
-        constraint = None if variant == "unconstrained" else NullSpaceConstraint(unet, results_dir, mode="nearest")
-        optimizer = torch.optim.AdamW(weights, lr=learning_rate, weight_decay=1e-2)
-        generator = torch.Generator("cpu").manual_seed(config["seed"] + 2)  # same data for every variant
-        curves[variant] = []
-        for _ in range(steps):
-            t = int(torch.randint(0, num_train, (1,), generator=generator))
-            chosen = torch.randint(0, num_instances, (batch_size,), generator=generator)
-            noise = torch.randn((batch_size, *instances.shape[1:]), generator=generator).to(device)
-            timesteps = torch.full((batch_size,), t, device=device)
-            loss = _denoising_loss(unet, noise_scheduler, instances[chosen], embedding, timesteps, noise)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if variant == "per-timestep":
-                constraint.project([t])
-            elif variant == "all-timesteps":
-                constraint.project(every_step)
-            curves[variant].append(loss.item())
-        for weight in weights:
-            weight.requires_grad_(False)
-        after = preserved_outputs()
-        update = float(torch.sqrt(sum(((w - s).double() ** 2).sum() for w, s in zip(weights, initial))))
-        row = {"variant": variant, "steps": steps, "concept_loss_before": base_loss,
-               "concept_loss_after": concept_loss(), "weight_update_norm": update}
-        for kind in PROMPT_SETS:
-            row[f"attn2_output_change_{kind}"] = _relative_change(after[kind][0], base[kind][0])
-            row[f"final_latent_change_{kind}"] = _relative_change([after[kind][1]], [base[kind][1]])
-        rows.append(row)
-        log.info("%s", rows[-1])
+    with tempfile.TemporaryDirectory(prefix="nullcov-finetune-") as scratch:
+        variants = [Variant("unconstrained", "-")]
+        settings = [(_configured_threshold(results_dir), Path(results_dir))]
+        settings += [(f"p{percent:g}", threshold_results(results_dir, Path(scratch) / f"p{percent:g}", percent))
+                     for percent in threshold_percents]
+        variants += [Variant(f"{scope} {label}", label, scope, folder) for label, folder in settings for scope in SCOPES]
+        rows, curves = [], []
+        target = None  # the unconstrained run's final concept loss
+        for variant in variants:
+            with torch.no_grad():
+                for weight, start in zip(weights, initial, strict=True):
+                    weight.copy_(start)
+            for weight in weights:
+                weight.requires_grad_(True)
+            constraint, lr, cap = None, learning_rate, steps
+            if variant.scope is not None:
+                constraint = NullSpaceConstraint(unet, variant.results_dir, mode="nearest")
+                lr, cap = projected_learning_rate, max_steps
+            optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=1e-2)
+            generator = torch.Generator("cpu").manual_seed(config["seed"] + 2)  # same data for every variant
+            # drift checkpoints: unconstrained at fractions of its steps; projected at fractions of the target drop
+            pending = sorted(drift_levels)
+            loss, step = base_loss, 0
+            for step in range(1, cap + 1):
+                t = int(torch.randint(0, num_train, (1,), generator=generator))
+                chosen = torch.randint(0, num_instances, (batch_size,), generator=generator)
+                noise = torch.randn((batch_size, *instances.shape[1:]), generator=generator).to(device)
+                timesteps = torch.full((batch_size,), t, device=device)
+                batch_loss = _denoising_loss(unet, noise_scheduler, instances[chosen], embedding, timesteps, noise)
+                batch_loss.backward()
+                protected = [t] if variant.scope == "per-timestep" else every_step
+                if constraint is not None and project_gradients:
+                    with torch.no_grad():
+                        for item in constraint.linears:
+                            item.module.weight.grad.copy_(item.module.weight.grad @ constraint.projection_for(item, protected))
+                optimizer.step()
+                optimizer.zero_grad()
+                if constraint is not None:
+                    constraint.project(protected)
+                due = []
+                if variant.scope is None:
+                    due = [level for level in pending if step == max(1, round(level * steps))]
+                if step % eval_every == 0 or step == cap or due:
+                    loss = concept_loss()
+                    if variant.scope is not None:
+                        drop = (base_loss - loss) / (base_loss - target) if base_loss != target else math.nan
+                        due = [level for level in pending if drop >= level - 1e-12]
+                        if loss <= target:
+                            due = due or pending[-1:]
+                    if due or step == cap:
+                        pending = [level for level in pending if level not in due]
+                        curves.append({"variant": variant.name, "step": step, "concept_loss": loss, **changes()})
+                    if variant.scope is not None and loss <= target:
+                        break
+            for weight in weights:
+                weight.requires_grad_(False)
+            if variant.scope is None:
+                target = loss
+            update = float(torch.sqrt(sum(((w - s).double() ** 2).sum() for w, s in zip(weights, initial, strict=True))))
+            row = {"variant": variant.name, "threshold": variant.threshold, "learning_rate": lr, "steps": step,
+                   "reached_target": "yes" if loss <= target else "no", "concept_loss_before": base_loss,
+                   "concept_loss_after": loss, "weight_update_norm": update}
+            if constraint is None:
+                row |= {f"null_fraction_{kind}": 0.0 for kind in ("to_q", "to_kv", "to_out")}
+            else:
+                sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
+                row |= _null_fractions(constraint, sets)
+            row |= {column: value for column, value in curves[-1].items() if column in CHANGE_COLUMNS}
+            rows.append(row)
+            log.info("%s", row)
+    unconstrained_drop = base_loss - target
+    for item in [*rows, *curves]:
+        loss = item.get("concept_loss_after", item.get("concept_loss"))
+        item["loss_drop_vs_unconstrained"] = (base_loss - loss) / unconstrained_drop if unconstrained_drop else math.nan
     return rows, curves
 
 
-def write_table(path, rows: list[dict]) -> None:
-    lines = ["\t".join(TABLE_COLUMNS)]
+def _configured_threshold(results_dir) -> str:
+    """The run's own threshold setting, as reported: the absolute threshold or ``p<percent>``."""
+    from nullcov.store import TEXT_KEY, read_projections
+
+    _, attrs = read_projections(Path(results_dir) / "projections" / "text.h5", keys=[TEXT_KEY])
+    settings = attrs["provenance"]["projection"]
+    if settings["threshold_percent"] is not None:
+        return f"p{settings['threshold_percent']:g}"
+    return f"{settings['nullspace_threshold']:g}"
+
+
+def _format(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_table(path, rows: list[dict], columns=TABLE_COLUMNS) -> None:
+    lines = ["\t".join(columns)]
     for row in rows:
-        lines.append("\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in TABLE_COLUMNS))
+        lines.append("\t".join(_format(row[c]) for c in columns))
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
 
-def draw_figure(path, rows: list[dict], curves: dict[str, list[float]]) -> None:
+def write_curves(path, curves: list[dict]) -> None:
+    write_table(path, curves, CURVE_COLUMNS)
+
+
+def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
+    """Concept loss per variant, and how far held-out prompts moved against how much of the concept was learned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, change_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, losses in curves.items():
-        window = max(1, len(losses) // 8)
-        smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
-        loss_axis.plot(np.arange(len(smoothed)) + window, smoothed, label=variant)
-    loss_axis.set(xlabel="training step", ylabel=f"concept loss (moving mean of {window})",
-                  title=f"learning {CONCEPT_PROMPT!r}")
-    loss_axis.legend()
+    figure, (bar_axis, attn_axis, latent_axis) = plt.subplots(1, 3, figsize=(16, 4.6))
+    names = [row["variant"] for row in rows]
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
     positions = np.arange(len(rows))
-    bars = [(f"{kind}_{prompts}", f"{label}, {prompts.replace('_', '-')}") for prompts in PROMPT_SETS
-            for kind, label in (("attn2_output_change", "attn2 outputs"), ("final_latent_change", "final latents"))]
-    width = 0.8 / len(bars)
-    for offset, (column, label) in enumerate(bars):
-        change_axis.bar(positions + (offset - (len(bars) - 1) / 2) * width, [r[column] for r in rows], width,
-                        label=label)
-    change_axis.set_xticks(positions, [r["variant"] for r in rows])
-    change_axis.set_yscale("log")
-    change_axis.set(ylabel="relative change ‖o − o₀‖/‖o₀‖", title="how far preserved prompts moved")
-    change_axis.legend()
+    bar_axis.bar(positions, [row["loss_drop_vs_unconstrained"] for row in rows],
+                 color=[colours[name] for name in names])
+    for position, row in zip(positions, rows, strict=True):
+        bar_axis.annotate(f"{row['steps']} steps, lr {row['learning_rate']:g}",
+                          (position, max(row["loss_drop_vs_unconstrained"], 0) + 0.02), ha="center", va="bottom",
+                          fontsize=7, rotation=90)
+    drops = [row["loss_drop_vs_unconstrained"] for row in rows]
+    bar_axis.set_ylim(min(0.0, *drops) - 0.05, max(1.0, *drops) * 1.6)  # room for the labels
+    bar_axis.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    bar_axis.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    bar_axis.set(ylabel="concept loss drop / unconstrained drop", title=f"learning {CONCEPT_PROMPT!r}")
+    for axis, kind, label in ((attn_axis, "attn2_output_change", "attn2 outputs"),
+                              (latent_axis, "final_latent_change", "final latents")):
+        for name in names:
+            points = [point for point in curves if point["variant"] == name]
+            for prompts, style in (("held_out", "-o"), ("trained", ":x")):
+                axis.plot([point["loss_drop_vs_unconstrained"] for point in points],
+                          [point[f"{kind}_{prompts}"] for point in points], style, color=colours[name],
+                          label=name if prompts == "held_out" else None, markersize=4)
+        axis.set_yscale("log")
+        axis.set(xlabel="concept loss drop / unconstrained drop",
+                 ylabel="relative change ‖o − o₀‖/‖o₀‖",
+                 title=f"{label} moved (held-out —, trained ⋯)")
+    attn_axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

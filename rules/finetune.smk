@@ -3,7 +3,7 @@
 
 
 rule finetune_proof:
-    """Concept loss and how far held-out prompts move: unconstrained, per-timestep and all-timestep projections."""
+    """Concept loss and how far preserved prompts move: unconstrained, then projected (per timestep, all timesteps) to the same loss."""
     input:
         schedule="results/schedule.json",
         model=model_input,
@@ -22,6 +22,7 @@ rule finetune_proof:
             category="6. Fine-tune proof",
             labels={"figure": "fine-tune proof"},
         ),
+        curves="results/report/finetune/finetune_curves.tsv",
     log:
         "logs/report/finetune.log",
     benchmark:
@@ -38,5 +39,10 @@ rule finetune_proof:
         held_out_first_index=config["validation_seed_offset"],
         trained_prompts=PROMPTS[:FINETUNE_HELD_OUT],
         config=feature_config(config) | {"device": config["device"]},
+        steps=config["finetune_steps"],
+        max_steps=config["finetune_max_steps"],
+        learning_rate=config["finetune_learning_rate"],
+        projected_learning_rate=config["finetune_projected_learning_rate"],
+        threshold_percents=config["finetune_threshold_percents"],
     script:
         "../scripts/finetune_proof.py"

@@ -320,15 +320,22 @@ def test_constraint_refuses_linears_without_projections(results, tiny_model_dir,
 
 
 
-def test_finetune_proof_projected_updates_move_trained_prompts_less(results, tiny_model_dir, demo_prompts, tmp_path):
-    """The proof's code path, short: all variants run, and the projection measurably protects."""
+def test_finetune_proof_at_matched_concept_loss_as_measured_on_the_tiny_model(results, tiny_model_dir, demo_prompts,
+                                                                               tmp_path):
+    """The proof's table, short: every projected fine-tune reaches the unconstrained run's concept
+    loss, but on the tiny model only with several times larger weight updates, and then it moves
+    held-out prompts' attn2 outputs about as much (README "The proof in the loop": the claim is
+    not shown there). Measured on this fixture: ‖ΔW‖ 7-10x the unconstrained one, held-out attn2
+    change 1.5-1.6x, 8-12 steps to the target. If the last assertion fails, the projections now
+    protect at matched loss on the tiny model: rerun the rule and update the README."""
     import json
 
     from nullcov.finetune import (
+        CURVE_COLUMNS,
         TABLE_COLUMNS,
-        VARIANTS,
         draw_figure,
         run_finetune_proof,
+        write_curves,
         write_table,
     )
     from nullcov.validation import read_validation_prompts
@@ -337,17 +344,36 @@ def test_finetune_proof_projected_updates_move_trained_prompts_less(results, tin
     rows, curves = run_finetune_proof(
         model_dir=tiny_model_dir, results_dir=results, schedule=json.loads((results / "schedule.json").read_text()),
         preserved={"held_out": (held_out, 1000000), "trained": (demo_prompts[:2], 0)},
-        config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=8,
+        config={"device": "cpu", "resolution": None, "seed": 0, "guidance_scale": 7.5}, steps=10, max_steps=60,
+        eval_every=2, threshold_percents=(50,), drift_levels=(0.5, 1.0),
     )
-    assert [row["variant"] for row in rows] == list(VARIANTS) and all(len(c) == 8 for c in curves.values())
-    unconstrained, per_timestep, every_step = rows
+    names = [row["variant"] for row in rows]
+    assert names == ["unconstrained", "per-timestep 0.02", "all-timesteps 0.02", "per-timestep p50", "all-timesteps p50"]
+    unconstrained = rows[0]
+    assert unconstrained["concept_loss_after"] < unconstrained["concept_loss_before"] - 0.02
+    assert unconstrained["loss_drop_vs_unconstrained"] == pytest.approx(1.0)
+    for row in rows[1:]:
+        name = row["variant"]
+        if name.endswith("p50"):  # the projection job at the 50th percentile: half of every spectrum is null
+            for kind in ("to_q", "to_kv", "to_out"):
+                assert 0.4 <= row[f"null_fraction_{kind}"] <= 0.6, (name, kind)
+        else:
+            assert 0 < row["null_fraction_to_q"] < 0.5, name
+        # comparable concept loss: it trained until the unconstrained run's loss was reached
+        assert row["reached_target"] == "yes" and row["loss_drop_vs_unconstrained"] >= 1.0, name
+        assert row["steps"] <= 30, name
+        # ... with a far larger update inside the (soft) null space ...
+        assert row["weight_update_norm"] >= 3 * unconstrained["weight_update_norm"], name
+        # ... which moves held-out prompts about as much: not even 2x less (the claim fails here)
+        assert row["attn2_output_change_held_out"] >= 0.5 * unconstrained["attn2_output_change_held_out"], name
     for row in rows:
-        assert row["weight_update_norm"] > 0 and row["concept_loss_after"] != row["concept_loss_before"]
-    for projected in (per_timestep, every_step):
-        assert projected["attn2_output_change_trained"] < 0.5 * unconstrained["attn2_output_change_trained"]
+        points = [point for point in curves if point["variant"] == row["variant"]]
+        assert len(points) >= 1 and points[-1]["step"] == row["steps"], row["variant"]
     write_table(tmp_path / "t.tsv", rows)
+    write_curves(tmp_path / "c.tsv", curves)
     draw_figure(tmp_path / "f.png", rows, curves)
     assert (tmp_path / "t.tsv").read_text().splitlines()[0].split("\t") == list(TABLE_COLUMNS)
+    assert (tmp_path / "c.tsv").read_text().splitlines()[0].split("\t") == list(CURVE_COLUMNS)
     assert (tmp_path / "f.png").stat().st_size > 10000
 
 
