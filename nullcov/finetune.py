@@ -17,7 +17,7 @@ and seeds every time:
   target** (checked every ``eval_every`` steps), at most ``max_steps`` steps. The comparison is
   made at matched concept loss, not at matched steps: a projected update is smaller and slower.
   With ``project_gradients`` the gradient is projected too before the optimiser step (same
-  ``P``, :meth:`NullSpaceConstraint.projection_for`), so Adam's moments only see the null-space
+  ``P``, :meth:`NullSpaceConstraint.project_gradients`), so Adam's moments only see the null-space
   part of the gradient and its step stays a descent direction; ``project()`` after the step
   still removes whatever Adam's per-element scaling and weight decay put outside the null space.
 
@@ -239,9 +239,7 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
                 batch_loss.backward()
                 protected = [t] if variant.scope == "per-timestep" else every_step
                 if constraint is not None and project_gradients:
-                    with torch.no_grad():
-                        for item in constraint.linears:
-                            item.module.weight.grad.copy_(item.module.weight.grad @ constraint.projection_for(item, protected))
+                    constraint.project_gradients(protected)
                 optimizer.step()
                 optimizer.zero_grad()
                 if constraint is not None:

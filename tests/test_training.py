@@ -127,6 +127,34 @@ def test_lora_down_projection_stays_in_the_interpolated_null_space(results, tiny
         assert relative_leak(delta.detach(), projection) <= 1e-5, item.name
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_project_gradients_leaves_only_the_null_space_gradient(results, tiny_model_dir, lora):
+    """grad ← grad P for every trained weight (full) or LoRA A, against the bank's projections."""
+    from nullcov.bank import ProjectionBank
+    from nullcov.training import NullSpaceConstraint
+
+    unet = trainable_unet(tiny_model_dir, lora=lora)
+    constraint = NullSpaceConstraint(unet, results, mode="nearest")
+    train(unet, constraint, [250], steps=1)  # LoRA's B starts at zero, and with it A's gradient
+    generator = torch.Generator().manual_seed(3)
+    size = unet.config.sample_size
+    latents = torch.randn(2, 4, size, size, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    unet(latents, torch.tensor([250, 250]), text).sample.square().mean().backward()
+    parameters = {item.name: [item.module.weight] if item.full else item.lora_down for item in constraint.linears}
+    before = {name: [p.grad.clone() for p in found] for name, found in parameters.items()}
+    constraint.project_gradients([250])
+    bank = ProjectionBank(results)
+    for item in constraint.linears:
+        projection = bank.get(item.layer, item.linear, timestep=250).double()
+        for parameter, original in zip(parameters[item.name], before[item.name], strict=True):
+            grad = parameter.grad.double()
+            assert original.norm() > 0 and torch.trace(projection) < projection.shape[0] - 0.5, item.name
+            assert relative_leak(grad, projection) <= 1e-5, item.name  # nothing outside the null space left
+            torch.testing.assert_close(grad, original.double() @ projection, atol=1e-6 * float(original.norm()),
+                                       rtol=0)  # and the null-space part kept as it was
+
+
 def test_a_batch_of_several_timesteps_is_protected_at_each_of_them(results):
     """Null space of the summed statistic: vᵀ S_t v ≤ vᵀ (Σ S) v < τ for each t (brute force per t)."""
     from nullcov.bank import ProjectionBank
