@@ -329,11 +329,15 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
     it until the shard is written.
     """
     torch.set_num_threads(threads)
-    with lease_device(config["device"], label=f"shard {shard}") as lease:
+    # The model's content hash reads every weight byte (seconds per GB the first time on a
+    # machine; then cached): a thread does it while the model loads and the prompts run.
+    with lease_device(config["device"], label=f"shard {shard}") as lease, \
+            ThreadPoolExecutor(1, thread_name_prefix="model-fingerprint") as hashing:
+        fingerprint = hashing.submit(model_fingerprint, model_dir)
         device = use_device(lease.device)
         log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
                  device, config["device"])
-        _collect_and_write(device=device, model_spec=model_spec, model_dir=model_dir, prompts=prompts,
+        _collect_and_write(fingerprint, device=device, model_spec=model_spec, model_dir=model_dir, prompts=prompts,
                            first_index=first_index, shard=shard, schedule=schedule, config=config,
                            step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
 
@@ -346,19 +350,8 @@ def use_device(leased: str) -> str:
     return device
 
 
-def _collect_and_write(*, device, model_spec, model_dir, prompts, first_index, shard, schedule, config, step_paths,
-                       text_path, mem_mb=None) -> None:
-    # The model's content hash reads every weight byte (seconds per GB the first time on a
-    # machine; then cached): a thread does it while the model loads and the prompts run.
-    with ThreadPoolExecutor(1, thread_name_prefix="model-fingerprint") as hashing:
-        fingerprint = hashing.submit(model_fingerprint, model_dir)
-        _collect_and_write_with(fingerprint, device=device, model_spec=model_spec, model_dir=model_dir,
-                                prompts=prompts, first_index=first_index, shard=shard, schedule=schedule,
-                                config=config, step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
-
-
-def _collect_and_write_with(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard,
-                            schedule, config, step_paths, text_path, mem_mb=None) -> None:
+def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
+                       config, step_paths, text_path, mem_mb=None) -> None:
     from transformers import CLIPTokenizer
 
     family = model_family(model_dir)

@@ -121,11 +121,9 @@ def threshold_results(results_dir, folder, threshold_percent: float) -> Path:
     :func:`nullcov.jobs.projection_job` (the projection job itself) with the run's statistic.
     """
     from nullcov.jobs import projection_job
-    from nullcov.store import TEXT_KEY, read_projections
 
     results_dir, folder = Path(results_dir).resolve(), Path(folder)
-    _, attrs = read_projections(results_dir / "projections" / "text.h5", keys=[TEXT_KEY])
-    statistic = attrs["provenance"]["projection"]["statistic"]
+    statistic = _projection_settings(results_dir)["statistic"]
     (folder / "projections").mkdir(parents=True, exist_ok=True)
     for name in ("schedule.json", "covariance"):
         (folder / name).symlink_to(results_dir / name)
@@ -135,7 +133,7 @@ def threshold_results(results_dir, folder, threshold_percent: float) -> Path:
 
 
 def _null_fractions(constraint, timesteps_sets: list[list[int]]) -> dict[str, float]:
-    """Mean ``null_dim / d`` (trace of ``P`` over its size) per linear kind over layers and ``timesteps_sets``."""
+    """Mean ``null_dim / d`` per linear kind over layers and ``timesteps_sets``."""
     found: dict[str, list[float]] = {"to_q": [], "to_kv": [], "to_out": []}
     for timesteps in timesteps_sets:
         for item in constraint.linears:
@@ -145,8 +143,8 @@ def _null_fractions(constraint, timesteps_sets: list[list[int]]) -> dict[str, fl
                 kind = "to_kv"
             else:
                 kind = item.linear
-            projection = constraint.projection_for(item, timesteps)
-            found[kind].append(float(torch.trace(projection.double())) / projection.shape[0])
+            factor = constraint.factor_for(item, timesteps)
+            found[kind].append(factor.null_dim / factor.dim)
     return {f"null_fraction_{kind}": float(np.mean(values)) for kind, values in found.items()}
 
 
@@ -282,12 +280,17 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
     return rows, curves
 
 
-def _configured_threshold(results_dir) -> str:
-    """The run's own threshold setting, as reported: the absolute threshold or ``p<percent>``."""
+def _projection_settings(results_dir) -> dict:
+    """The projection job's settings (statistic, thresholds) recorded in the run's ``text.h5``."""
     from nullcov.store import TEXT_KEY, read_projections
 
     _, attrs = read_projections(Path(results_dir) / "projections" / "text.h5", keys=[TEXT_KEY])
-    settings = attrs["provenance"]["projection"]
+    return attrs["provenance"]["projection"]
+
+
+def _configured_threshold(results_dir) -> str:
+    """The run's own threshold setting, as reported: the absolute threshold or ``p<percent>``."""
+    settings = _projection_settings(results_dir)
     if settings["threshold_percent"] is not None:
         return f"p{settings['threshold_percent']:g}"
     return f"{settings['nullspace_threshold']:g}"

@@ -246,7 +246,7 @@ class ProjectionLookup:
     ``factors(timesteps)`` returns ``{key: FactoredProjection}`` for every per-timestep key
     (``<layer>/to_q``, ``<layer>/to_out``), each in the form that applies cheapest
     (:func:`cheapest_form`); ``projections(timesteps)`` the same as d × d matrices ``P`` (formed
-    on each call). ``text_factor``/``text`` are the ``to_k``/``to_v`` projection. The cache holds
+    on each call). ``text_factor`` is the ``to_k``/``to_v`` projection. The cache holds
     the factored forms, keyed by the statistic a set of integer timesteps resolves to (``nearest``:
     one entry per scheduled step, whatever ``t`` maps to it) and bounded by ``cache_bytes``
     (least recently used first out); ``precompute(range(1000))`` fills it ahead of training.
@@ -267,14 +267,12 @@ class ProjectionLookup:
         self._cached_bytes = 0
         self._statistics: dict[str, dict[str, np.ndarray]] = {}
         text_file = self.results_dir / "projections" / "text.h5"
-        self.text = None  # P of to_k/to_v (d × d)
-        self.text_factor = None  # the same, in the form project() applies
+        self.text_factor = None  # P of to_k/to_v, in the form project() applies
         if text_file.is_file():
             spaces, _ = read_projections(text_file, keys=[TEXT_KEY])
-            stored = torch.from_numpy(spaces[TEXT_KEY].projection)
             self.text_factor = FactoredProjection.from_projection(
-                stored, spaces[TEXT_KEY].null_dim, _eigh_device(self.device)).to(self.device)
-            self.text = stored.to(self.device)
+                torch.from_numpy(spaces[TEXT_KEY].projection), spaces[TEXT_KEY].null_dim,
+                _eigh_device(self.device)).to(self.device)
         first = self.results_dir / "projections" / f"{self.bank.step_names[0]}.h5"
         self.step_keys: list[str] = []
         self.settings = None
@@ -282,7 +280,7 @@ class ProjectionLookup:
             spaces, attrs = read_projections(first)
             self.step_keys = sorted(spaces)
             self.settings = attrs["provenance"]["projection"]
-        elif self.text is None:
+        elif self.text_factor is None:
             raise FileNotFoundError(f"{self.results_dir}/projections holds neither {first.name} nor text.h5")
 
     @property
@@ -459,7 +457,7 @@ class NullSpaceConstraint:
         if not self.linears:
             raise ConstraintError("no cross-attention linear has a trainable weight or LoRA adapter")
         missing = [item.name for item in self.linears
-                   if (item.key == TEXT_KEY and self.lookup.text is None)
+                   if (item.key == TEXT_KEY and self.lookup.text_factor is None)
                    or (item.key != TEXT_KEY and item.key not in self.lookup.step_keys)]
         if missing:
             raise ConstraintError(
@@ -488,9 +486,7 @@ class NullSpaceConstraint:
         Each ``P`` is applied in its cheapest form (:class:`FactoredProjection`); the only
         full-size temporary per linear is the increment ``W − W_last`` (float32 weights).
         """
-        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
-        for item in self.linears:
-            factor = self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]
+        for item, factor in self._factors(timesteps):
             if item.full:
                 weight = item.module.weight
                 increment = torch.sub(weight, item.last) if weight.dtype == torch.float32 \
@@ -518,13 +514,16 @@ class NullSpaceConstraint:
         (README, "The proof in the loop"). Linears without a gradient (frozen, or not reached by
         the loss) are skipped.
         """
-        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
-        for item in self.linears:
-            factor = self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]
+        for item, factor in self._factors(timesteps):
             parameters = ([item.module.weight] if item.full else []) + item.lora_down
             for parameter in parameters:
                 if parameter.grad is not None:
                     factor.project_(parameter.grad)
+
+    def _factors(self, timesteps) -> list[tuple[ConstrainedLinear, FactoredProjection]]:
+        """Each constrained linear with the projection of ``timesteps`` it gets (text: ``to_k``/``to_v``)."""
+        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
+        return [(item, self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]) for item in self.linears]
 
     def factor_for(self, item: ConstrainedLinear, timesteps) -> FactoredProjection:
         """The projection ``project(timesteps)`` applies to ``item``, in the form it applies it."""

@@ -332,13 +332,14 @@ def summary_folders(wildcards):
 # -- The run plan (rules/plan.smk) ----------------------------------------------------------------
 def run_plan():
     """Jobs per rule, bytes on disk, memory per job type and GPU-hours (nullcov.plan.run_plan)."""
+    merge_groups = len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0
     jobs = {
         "tiny_model": int(config["model"] in nc_model.BUILTIN_MODELS),
         "schedule": 1,
         "features (GPU)": len(SHARD_IDS),
         "validation_inputs (GPU)": int(bool(VALIDATION_PROMPTS)),
         "attention_maps (GPU)": int(bool(ATTENTION_FIGURES)),
-        "merge_group": len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0,
+        "merge_group": merge_groups,
         "covariance": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
         "projection": len(STEP_NAMES) * COLLECT_STEPS + COLLECT_TEXT,
         "leakage": len(LEAKAGE_PARTS),
@@ -357,5 +358,5 @@ def run_plan():
         feature_mem_mb=FEATURE_MEM_MB,
         throughput=config["gpu_prompt_timesteps_per_second"],
         jobs_per_rule=jobs,
-        merge_groups=len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0,
+        merge_groups=merge_groups,
     )
