@@ -31,6 +31,13 @@ latents, for held-out prompts (validation prompts, not in the statistics) and fo
 prompts (in the statistics, where the projection's bound holds). The same movements are also
 measured along each run (:data:`CURVE_COLUMNS`): the unconstrained run at ``drift_levels`` of
 its steps, the projected runs when their loss first crosses those fractions of the target drop.
+
+Why a projected run protects or not is measured too (:data:`ENERGY_COLUMNS`, :func:`null_energy`,
+on the model before training): the share of each input set's energy that lies in the null space
+``Σ‖x P‖² / Σ‖x‖²`` per linear kind, for the concept's evaluation inputs, the held-out and the
+trained prompts under the sampler (conditional half, as collected) and the unconditional CFG
+branch of both. A projected update reaches an input only through ``x P``: it can learn the
+concept without moving the other prompts only where the concept's share exceeds theirs.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +62,10 @@ CHANGE_COLUMNS = tuple(f"{kind}_{prompts}" for prompts in PROMPT_SETS
 TABLE_COLUMNS = ("variant", "threshold", "learning_rate", "steps", "reached_target", "concept_loss_before",
                  "concept_loss_after", "loss_drop_vs_unconstrained", "null_fraction_to_q", "null_fraction_to_kv",
                  "null_fraction_to_out", "weight_update_norm", *CHANGE_COLUMNS)
+ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # to_kv: to_k and to_v share the text projection
+ENERGY_INPUTS = ("concept", *PROMPT_SETS, "unconditional")  # the last: the CFG branch of both prompt sets
+ENERGY_COLUMNS = tuple(f"null_energy_{inputs}_{kind}" for inputs in ENERGY_INPUTS for kind in ENERGY_KINDS)
+TABLE_COLUMNS += ENERGY_COLUMNS
 CURVE_COLUMNS = ("variant", "step", "concept_loss", "loss_drop_vs_unconstrained", *CHANGE_COLUMNS)
 
 
@@ -132,6 +144,69 @@ def threshold_results(results_dir, folder, threshold_percent: float) -> Path:
     return folder
 
 
+def _protected(scope: str, timestep: int, every_step: list[int]) -> list[int]:
+    """The timesteps whose projection constrains an update at ``timestep``: its own, or every scheduled one."""
+    return [timestep] if scope == "per-timestep" else every_step
+
+
+def _energy_kind(item) -> str:
+    return "to_kv" if item.linear in ("to_k", "to_v") else item.linear
+
+
+@contextmanager
+def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: int | None = None):
+    """While active: ``Σ ‖x P‖²`` and ``Σ ‖x‖²`` of the inputs ``x`` of every constrained linear, per
+    kind (:data:`ENERGY_KINDS`), with ``P`` the projection ``constraint.project`` applies at each
+    sample's timestep under ``scope``; yields ``{part: {kind: [null energy, energy]}}``.
+
+    ``part``: ``conditional`` and ``unconditional``. With ``prompts`` (a pipeline call on that many
+    prompts) the rows are split as the feature capture splits them
+    (:func:`nullcov.capture.conditional_rows`): a CFG batch ``[uncond, cond]`` puts its first half
+    under ``unconditional``, which the statistics do not hold, so nothing protects it. Without
+    ``prompts`` every row is ``conditional``.
+
+    The share ``null / energy`` is how much of an input set the projected updates can reach: an
+    update ``ΔW = ΔW P`` changes ``W x`` by ``ΔW (x P)`` only. For the prompts of the statistics
+    it is the share of the statistic's trace under the threshold; learning a concept without
+    moving other prompts needs the concept's share to be larger than theirs.
+    """
+    from nullcov.capture import conditional_rows
+
+    sums = {part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in ("conditional", "unconditional")}
+    call = {}
+
+    def before_unet(module, args, kwargs):
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        call["timesteps"] = torch.as_tensor(timestep).reshape(-1).round().long().cpu().expand(len(sample))
+        call["parts"] = {"conditional": slice(None)}
+        if prompts is not None:
+            call["parts"] = {"conditional": conditional_rows(len(sample), prompts)}
+            if len(sample) == 2 * prompts:
+                call["parts"]["unconditional"] = slice(0, prompts)
+
+    def before_linear(args, item):
+        x = args[0].detach()
+        if x.ndim != 3 or len(x) != len(call["timesteps"]):
+            raise ValueError(f"{item.name}: input of shape {tuple(x.shape)} is not (batch, tokens, dim) of this call")
+        for part, rows in call["parts"].items():
+            inputs, steps = x[rows], call["timesteps"][rows]
+            for timestep in steps.unique().tolist():
+                selected = inputs[(steps == timestep).to(x.device)].reshape(-1, x.shape[-1])
+                found = sums[part][_energy_kind(item)]
+                found[0] += constraint.factor_for(item, _protected(scope, timestep, every_step)).null_energy(selected)
+                found[1] += float(selected.to(torch.float64).square().sum())
+
+    handles = [unet.register_forward_pre_hook(before_unet, with_kwargs=True)]
+    handles += [item.module.register_forward_pre_hook(lambda module, args, item=item: before_linear(args, item))
+                for item in constraint.linears]
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _null_fractions(constraint, timesteps_sets: list[list[int]]) -> dict[str, float]:
     """Mean ``null_dim / d`` per linear kind over layers and ``timesteps_sets``."""
     found: dict[str, list[float]] = {"to_q": [], "to_kv": [], "to_out": []}
@@ -202,6 +277,26 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
             found[f"final_latent_change_{kind}"] = _relative_change([after[kind][1]], [base[kind][1]])
         return found
 
+    def energy_shares(constraint, scope) -> dict[str, float]:
+        """The null space's share of the inputs' energy (before training): the concept's evaluation
+        set, each preserved prompt set under the sampler (conditional half), and the unconditional
+        branch of both (NaN without a CFG batch)."""
+        totals = {inputs: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for inputs in ENERGY_INPUTS}
+        with null_energy(unet, constraint, scope, every_step) as sums:
+            concept_loss()
+        totals["concept"] = sums["conditional"]
+        for inputs in PROMPT_SETS:
+            prompts, first_index = preserved[inputs]
+            with null_energy(unet, constraint, scope, every_step, len(prompts)) as sums:
+                _preserved_outputs(pipe, prompts, prompt_generators(config["seed"], first_index, len(prompts)),
+                                   schedule, config["guidance_scale"], resolution)
+            totals[inputs] = sums["conditional"]
+            for kind, (null, total) in sums["unconditional"].items():
+                totals["unconditional"][kind][0] += null
+                totals["unconditional"][kind][1] += total
+        return {f"null_energy_{inputs}_{kind}": null / total if total else math.nan
+                for inputs, kinds in totals.items() for kind, (null, total) in kinds.items()}
+
     base = preserved_outputs()
     base_loss = concept_loss()
     every_step = [step["timestep"] for step in schedule["steps"]]
@@ -220,9 +315,11 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
             for weight in weights:
                 weight.requires_grad_(True)
             constraint, lr, cap = None, learning_rate, steps
+            shares = dict.fromkeys(ENERGY_COLUMNS, math.nan)
             if variant.scope is not None:
                 constraint = NullSpaceConstraint(unet, variant.results_dir, mode="nearest")
                 lr, cap = projected_learning_rate, max_steps
+                shares = energy_shares(constraint, variant.scope)
             optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=1e-2)
             generator = torch.Generator("cpu").manual_seed(config["seed"] + 2)  # same data for every variant
             # drift checkpoints: unconstrained at fractions of its steps; projected at fractions of the target drop
@@ -235,7 +332,7 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
                 timesteps = torch.full((batch_size,), t, device=device)
                 batch_loss = _denoising_loss(unet, noise_scheduler, instances[chosen], embedding, timesteps, noise)
                 batch_loss.backward()
-                protected = [t] if variant.scope == "per-timestep" else every_step
+                protected = _protected(variant.scope, t, every_step)
                 if constraint is not None and project_gradients:
                     constraint.project_gradients(protected)
                 optimizer.step()
@@ -270,7 +367,7 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
             else:
                 sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
                 row |= _null_fractions(constraint, sets)
-            row |= {column: value for column, value in curves[-1].items() if column in CHANGE_COLUMNS}
+            row |= {column: value for column, value in curves[-1].items() if column in CHANGE_COLUMNS} | shares
             rows.append(row)
             log.info("%s", row)
     unconstrained_drop = base_loss - target
@@ -319,7 +416,7 @@ def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (bar_axis, attn_axis, latent_axis) = plt.subplots(1, 3, figsize=(16, 4.6))
+    figure, (bar_axis, attn_axis, latent_axis, energy_axis) = plt.subplots(1, 4, figsize=(21, 4.6))
     names = [row["variant"] for row in rows]
     colours = {name: f"C{i}" for i, name in enumerate(names)}
     positions = np.arange(len(rows))
@@ -347,6 +444,17 @@ def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
                  ylabel="relative change ‖o − o₀‖/‖o₀‖",
                  title=f"{label} moved (held-out —, trained ⋯)")
     attn_axis.legend(fontsize=7)
+    projected = [row for row in rows if not math.isnan(row[f"null_energy_concept_{ENERGY_KINDS[0]}"])]
+    width = 0.8 / max(len(projected), 1)
+    for index, row in enumerate(projected):
+        ratios = [row[f"null_energy_concept_{kind}"] / row[f"null_energy_held_out_{kind}"] for kind in ENERGY_KINDS]
+        energy_axis.bar(np.arange(len(ENERGY_KINDS)) + index * width, ratios, width, color=colours[row["variant"]],
+                        label=row["variant"])
+    energy_axis.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    energy_axis.set_yscale("log")
+    energy_axis.set_xticks(np.arange(len(ENERGY_KINDS)) + 0.4 - width / 2, ENERGY_KINDS)
+    energy_axis.set(ylabel="concept's null-space energy share / held-out's",
+                    title="null-space energy share, concept ÷ held-out")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -177,6 +177,14 @@ class FactoredProjection:
             return out.addmm_(x @ self.matrix, self.matrix.T)
         return out.add_(x).addmm_(x @ self.matrix, self.matrix.T, alpha=-1)
 
+    def null_energy(self, x: torch.Tensor) -> float:
+        """``Σ ‖x P‖²`` over the rows of ``x`` (rows × d), in float64: the inputs' energy in the null space."""
+        x = x.to(torch.float64)
+        matrix = self.matrix.to(device=x.device, dtype=torch.float64)
+        if self.form == "complement":  # ‖x (I − U1 U1ᵀ)‖² = ‖x‖² − ‖x U1‖²
+            return float(x.square().sum() - (x @ matrix).square().sum())
+        return float((x @ matrix).square().sum())  # ‖x U0‖², or ‖x P‖² with P itself
+
     def project_(self, x: torch.Tensor) -> torch.Tensor:
         """``x ← x P`` in place (``x`` of any floating dtype; computed in float32)."""
         if x.dtype != torch.float32:
