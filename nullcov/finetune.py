@@ -62,7 +62,7 @@ CHANGE_COLUMNS = tuple(f"{kind}_{prompts}" for prompts in PROMPT_SETS
 TABLE_COLUMNS = ("variant", "threshold", "learning_rate", "steps", "reached_target", "concept_loss_before",
                  "concept_loss_after", "loss_drop_vs_unconstrained", "null_fraction_to_q", "null_fraction_to_kv",
                  "null_fraction_to_out", "weight_update_norm", *CHANGE_COLUMNS)
-ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # to_kv: to_k and to_v share the text projection
+ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # linear kinds as reported; to_kv: to_k and to_v share the text projection
 ENERGY_INPUTS = ("concept", *PROMPT_SETS, "unconditional")  # the last: the CFG branch of both prompt sets
 ENERGY_COLUMNS = tuple(f"null_energy_{inputs}_{kind}" for inputs in ENERGY_INPUTS for kind in ENERGY_KINDS)
 TABLE_COLUMNS += ENERGY_COLUMNS
@@ -149,7 +149,8 @@ def _protected(scope: str, timestep: int, every_step: list[int]) -> list[int]:
     return [timestep] if scope == "per-timestep" else every_step
 
 
-def _energy_kind(item) -> str:
+def _kind(item) -> str:
+    """The linear's kind as reported (:data:`ENERGY_KINDS`)."""
     return "to_kv" if item.linear in ("to_k", "to_v") else item.linear
 
 
@@ -193,7 +194,7 @@ def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: in
             inputs, steps = x[rows], call["timesteps"][rows]
             for timestep in steps.unique().tolist():
                 selected = inputs[(steps == timestep).to(x.device)].reshape(-1, x.shape[-1])
-                found = sums[part][_energy_kind(item)]
+                found = sums[part][_kind(item)]
                 found[0] += constraint.factor_for(item, _protected(scope, timestep, every_step)).null_energy(selected)
                 found[1] += float(selected.to(torch.float64).square().sum())
 
@@ -208,18 +209,13 @@ def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: in
 
 
 def _null_fractions(constraint, timesteps_sets: list[list[int]]) -> dict[str, float]:
-    """Mean ``null_dim / d`` per linear kind over layers and ``timesteps_sets``."""
-    found: dict[str, list[float]] = {"to_q": [], "to_kv": [], "to_out": []}
+    """Mean ``null_dim / d`` per linear kind (:data:`ENERGY_KINDS`) over layers and ``timesteps_sets``."""
+    found: dict[str, list[float]] = {kind: [] for kind in ENERGY_KINDS}
     for timesteps in timesteps_sets:
         for item in constraint.linears:
-            if item.linear in ("to_k", "to_v"):
-                if item.linear == "to_v":
-                    continue  # the same text projection as to_k
-                kind = "to_kv"
-            else:
-                kind = item.linear
-            factor = constraint.factor_for(item, timesteps)
-            found[kind].append(factor.null_dim / factor.dim)
+            if item.linear != "to_v":  # to_v: the same text projection as to_k
+                factor = constraint.factor_for(item, timesteps)
+                found[_kind(item)].append(factor.null_dim / factor.dim)
     return {f"null_fraction_{kind}": float(np.mean(values)) for kind, values in found.items()}
 
 
@@ -344,6 +340,8 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
                     due = [level for level in pending if step == max(1, round(level * steps))]
                 if step % eval_every == 0 or step == cap or due:
                     loss = concept_loss()
+                    log.info("%s, step %d: concept loss %.5g (from %.5g; target %s)", variant.name, step, loss,
+                             base_loss, "set by this run" if target is None else f"{target:.5g}")
                     if variant.scope is not None:
                         drop = (base_loss - loss) / (base_loss - target) if base_loss != target else math.nan
                         due = [level for level in pending if drop >= level - 1e-12]
