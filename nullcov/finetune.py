@@ -277,10 +277,10 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
         """The null space's share of the inputs' energy (before training): the concept's evaluation
         set, each preserved prompt set under the sampler (conditional half), and the unconditional
         branch of both (NaN without a CFG batch)."""
-        totals = {inputs: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for inputs in ENERGY_INPUTS}
         with null_energy(unet, constraint, scope, every_step) as sums:
             concept_loss()
-        totals["concept"] = sums["conditional"]
+        totals = {"concept": sums["conditional"]}
+        unconditional = {kind: [0.0, 0.0] for kind in ENERGY_KINDS}  # summed over both prompt sets
         for inputs in PROMPT_SETS:
             prompts, first_index = preserved[inputs]
             with null_energy(unet, constraint, scope, every_step, len(prompts)) as sums:
@@ -288,8 +288,9 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
                                    schedule, config["guidance_scale"], resolution)
             totals[inputs] = sums["conditional"]
             for kind, (null, total) in sums["unconditional"].items():
-                totals["unconditional"][kind][0] += null
-                totals["unconditional"][kind][1] += total
+                unconditional[kind][0] += null
+                unconditional[kind][1] += total
+        totals["unconditional"] = unconditional
         return {f"null_energy_{inputs}_{kind}": null / total if total else math.nan
                 for inputs, kinds in totals.items() for kind, (null, total) in kinds.items()}
 
