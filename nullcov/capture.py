@@ -2,9 +2,9 @@
 
 Hooks capture, accumulators sum (:mod:`nullcov.accumulators`), nobody else knows about either:
 a UNet pre-hook tracks which scheduled step is running (and checks its timestep), layer
-pre-hooks on ``to_q``/``to_out[0]`` add their inputs' conditional half to that step's
-accumulator, and the text-encoder states that every ``to_k``/``to_v`` receives are accumulated
-once per prompt batch.
+pre-hooks on ``to_q``/``to_out[0]`` add their inputs' conditional half (with ``unconditional``,
+the whole CFG batch) to that step's accumulator, and the text-encoder states that every
+``to_k``/``to_v`` receives (the same rows) are accumulated once per prompt batch.
 The hooked inputs are first centred about a shift per step and key
 (:func:`nullcov.accumulators.centring_shift`, the first batch's mean, recorded in the moments;
 :func:`nullcov.accumulators.centred` subtracts it in float32, so fp16/bf16 inputs reach the GEMM
@@ -54,10 +54,10 @@ class ScheduleMismatchError(RuntimeError):
 class NonFiniteActivationError(RuntimeError):
     """A captured input holds NaN or inf."""
 
-    def __init__(self, prompt_index: int, prompt: str, key: str, step_name: str):
+    def __init__(self, prompt_index: int, prompt: str, key: str, step_name: str, branch: str = ""):
         self.prompt_index, self.key, self.step_name = prompt_index, key, step_name
         super().__init__(
-            f"non-finite activations for prompt {prompt_index} ({prompt!r}) in {key} at step {step_name}; "
+            f"non-finite activations for prompt {prompt_index} ({prompt!r}{branch}) in {key} at step {step_name}; "
             "nothing was written for this shard (fp16 overflow? try dtype: float32 or bfloat16)"
         )
 
@@ -104,13 +104,16 @@ class CrossAttentionCapture:
     (default all), ``call_steps`` the indices the UNet is called at, in order (default every
     step: a trajectory replayed from the start; a replay may stop after its last collected
     step), and ``text`` says whether this capture accumulates the text states (one chunk does).
+    ``unconditional``: collect both halves of every CFG batch (the config's ``unconditional_branch``);
+    a UNet call without an unconditional half is then an error.
     """
 
     #: Compare CPU timesteps in end_batch too (device timesteps always are: reading one syncs).
     _defer_timestep_check = False
 
     def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
-                 accumulate: str | None = None, collect_steps=None, call_steps=None, text: bool = True):
+                 accumulate: str | None = None, collect_steps=None, call_steps=None, text: bool = True,
+                 unconditional: bool = False):
         if text_tokens not in TEXT_TOKENS:
             raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
         accumulate = ACCUMULATE if accumulate is None else accumulate
@@ -119,6 +122,7 @@ class CrossAttentionCapture:
         self.timesteps = list(timesteps)
         self.step_names = list(step_names)
         self.text_tokens = text_tokens
+        self.unconditional = unconditional
         self.keys = [f"{name}/{linear}" for name, _ in layers for linear in ("to_q", "to_out") if linear in linears]
         self.collect_text = bool({"to_k", "to_v"} & set(linears))
         self.accumulate_text = self.collect_text and text
@@ -205,14 +209,15 @@ class CrossAttentionCapture:
 
     # -- per batch ------------------------------------------------------------------------------
     def begin_batch(self, prompts: list[str], first_prompt_index: int, text_mask: torch.Tensor | None) -> None:
-        """Start a prompt batch; ``text_mask`` [B, L] marks the text rows kept (``prompt`` mode)."""
+        """Start a prompt batch; ``text_mask`` marks the text rows kept (``prompt``/``eos`` modes), one
+        row per collected text (B; with ``unconditional`` 2B: the negative prompts', then the prompts')."""
         self._batch = {
             "prompts": prompts,
             "first_index": first_prompt_index,
             "size": len(prompts),
             "text_mask": text_mask,
             "calls": 0,
-            "cond": None,
+            "rows": None,  # the rows of the UNet call that are collected
             "encoder_hidden_states": None,
             "timesteps": [],  # (step, device timestep tensor) checked in end_batch
             "nonfinite": [],  # (step, key, per-prompt float64 tensor: non-finite iff an input is)
@@ -238,8 +243,9 @@ class CrossAttentionCapture:
             if flags.any():
                 row, prompt = (int(v) for v in torch.nonzero(flags)[0])
                 step, key, _ = batch["nonfinite"][row]
+                prompt, branch = prompt_of_row(prompt, batch["size"], checks.shape[1])
                 raise NonFiniteActivationError(
-                    batch["first_index"] + prompt, batch["prompts"][prompt], key, self.step_names[step]
+                    batch["first_index"] + prompt, batch["prompts"][prompt], key, self.step_names[step], branch
                 )
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -267,7 +273,7 @@ class CrossAttentionCapture:
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
         else:
             self._check_timestep(step, float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep))
-        batch["cond"] = conditional_rows(sample.shape[0], batch["size"])
+        batch["rows"] = collected_rows(sample.shape[0], batch["size"], self.unconditional, self.step_names[step])
         batch["calls"] = call + 1
         batch["step"] = step if step in self._steps else None  # None: a replayed step, not collected
         batch["encoder_hidden_states"] = hidden
@@ -276,7 +282,7 @@ class CrossAttentionCapture:
         if self._host is not None and step in self._steps and not self._steps[step].on_device:
             self._call = {"buffer": self._host.begin_call(), "written": set()}
         if self.accumulate_text and call == 0:
-            states = hidden[batch["cond"]]
+            states = hidden[batch["rows"]]
             batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
             rows = text_rows(states, batch["text_mask"])
             if self.text_moments is None:
@@ -350,7 +356,7 @@ class CrossAttentionCapture:
             batch = self._batch
             self._fired.add(key)
             if batch["step"] is not None:
-                self._add_inputs(key, batch["step"], args[0][batch["cond"]])
+                self._add_inputs(key, batch["step"], args[0][batch["rows"]])
 
         return hook
 
@@ -415,6 +421,29 @@ def conditional_rows(unet_batch: int, prompts: int) -> slice:
     if unet_batch == prompts:
         return slice(0, prompts)
     raise RuntimeError(f"UNet batch of {unet_batch} for {prompts} prompts: neither plain nor CFG")
+
+
+def collected_rows(unet_batch: int, prompts: int, unconditional: bool, step_name: str = "?") -> slice:
+    """The rows of a UNet call that are collected: the conditional half (:func:`conditional_rows`),
+    or with ``unconditional`` the whole ``[uncond, cond]`` CFG batch, which it must then be."""
+    rows = conditional_rows(unet_batch, prompts)
+    if not unconditional:
+        return rows
+    if unet_batch != 2 * prompts:
+        raise ScheduleMismatchError(
+            f"unconditional_branch: true, but the UNet call at step {step_name} has {unet_batch} rows for {prompts} "
+            "prompts: no unconditional half (guidance_scale <= 1, or a UNet that takes guidance as an embedding); "
+            "set unconditional_branch: false"
+        )
+    return slice(None)
+
+
+def prompt_of_row(row: int, prompts: int, rows: int) -> tuple[int, str]:
+    """Which prompt (index in its batch) a collected row belongs to, and the branch as error
+    messages name it: ``rows`` = ``prompts`` (one row each) or ``2 * prompts`` (``[uncond, cond]``)."""
+    if rows == 2 * prompts:
+        return row % prompts, ", unconditional branch" if row < prompts else ""
+    return row, ""
 
 
 def text_row_mask(input_ids: np.ndarray | torch.Tensor, eos_token_id: int, text_tokens: str = "prompt") -> torch.Tensor:

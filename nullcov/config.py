@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nullcov.family import guidance_input
+
 # What `--config key=null` gives: Snakemake passes the text after '=' as a string (an empty
 # value, `key=`, is already None). YAML's null spellings and Python's None all mean null.
 NULL_WORDS = frozenset({"null", "Null", "NULL", "~", "None", "none"})
@@ -64,3 +66,21 @@ def select_prompts(num_prompts: int, selection) -> list[int]:
 def schema_defaults(schema: dict) -> dict:
     """Every top-level key's ``default`` from the config schema: the config of an empty config file."""
     return {key: spec["default"] for key, spec in schema.get("properties", {}).items() if "default" in spec}
+
+
+def check_unconditional_branch(config: dict, unet_config: dict) -> None:
+    """``unconditional_branch: true`` needs UNet calls with an unconditional half: a CFG batch
+    (``guidance_scale`` > 1) of the real sampler (``collection: trajectory``) on a UNet that takes
+    guidance as a batch, not as an embedding (``time_cond_proj_dim``, LCM). Raise otherwise."""
+    if not config["unconditional_branch"]:
+        return
+    why = []
+    if config["guidance_scale"] <= 1:
+        why.append(f"guidance_scale is {config['guidance_scale']} (CFG runs only above 1)")
+    if config["collection"] != "trajectory":
+        why.append(f"collection {config['collection']!r} calls the UNet with the conditional embedding only")
+    if guidance_input(unet_config) == "embedding":
+        why.append("the model's UNet takes guidance as an embedding (time_cond_proj_dim, LCM): no unconditional pass")
+    if why:
+        raise ValueError(f"unconditional_branch: true, but the UNet calls have no unconditional half: {'; '.join(why)}. "
+                         "Set unconditional_branch: false")

@@ -84,6 +84,12 @@ def check_supported(model_dir: str | Path) -> dict:
     return index
 
 
+def guidance_input(unet_config) -> str:
+    """How guidance enters a UNet, from its config: ``embedding`` (``time_cond_proj_dim``, LCM-distilled:
+    no CFG batch) or ``cfg`` (a ``[uncond, cond]`` batch when ``guidance_scale`` > 1)."""
+    return "embedding" if unet_config.get("time_cond_proj_dim") is not None else "cfg"
+
+
 def model_family(model_dir: str | Path) -> Family:
     """The :class:`Family` of a diffusers model folder, from its JSON files."""
     model_dir = Path(model_dir)
@@ -95,10 +101,10 @@ def model_family(model_dir: str | Path) -> Family:
     missing = [name for name in tokenizers + encoders if not index.get(name) or index[name][0] is None]
     if missing:
         raise UnsupportedModelError(f"model {str(model_dir)!r}: {pipeline} without {missing} in model_index.json")
-    time_cond = unet.get("time_cond_proj_dim")
+    guidance = guidance_input(unet)
     if pipeline == "StableDiffusionXLPipeline":
         name = "sdxl"
-    elif time_cond is not None:
+    elif guidance == "embedding":
         name = "lcm"
     elif unet.get("use_linear_projection"):
         name = "sd2"
@@ -110,7 +116,7 @@ def model_family(model_dir: str | Path) -> Family:
         tokenizers=tokenizers,
         text_encoders=encoders,
         text_dim=int(unet["cross_attention_dim"]),
-        guidance="embedding" if time_cond is not None else "cfg",
+        guidance=guidance,
         added_conditioning=unet.get("addition_embed_type"),
         prediction_type=scheduler.get("prediction_type", "epsilon"),
     )

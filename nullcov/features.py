@@ -8,6 +8,8 @@ which depend on neither timestep nor latents, so no UNet, VAE or sampler is load
 per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding only.
 Prompt ``i`` (0-based among all prompts) draws its latents and sampler noise from a CPU
 generator seeded ``seed + i``, so results do not depend on shard size, batch size or device.
+With CFG only the conditional half of each UNet call is collected, unless ``unconditional_branch``
+(then both halves, and the negative embedding's text states once per prompt).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from tqdm import tqdm
 from nullcov import capture as capture_module
 from nullcov import plan
 from nullcov.accumulators import STAGING_BUFFERS, TorchMoments, device_memory, exact_matmul, plan_device_steps
-from nullcov.capture import CrossAttentionCapture, NonFiniteActivationError, text_row_mask, text_rows
-from nullcov.family import model_family
+from nullcov.capture import CrossAttentionCapture, NonFiniteActivationError, prompt_of_row, text_row_mask, text_rows
+from nullcov.family import guidance_input, model_family
 from nullcov.gpu_lease import lease_device
 from nullcov.model import (
     ModelError,
@@ -91,20 +93,25 @@ def text_only(collect_features: dict) -> bool:
     return not (collect_features["q"] or collect_features["out"])
 
 
-def text_mask(tokenizer, prompts: list[str], text_tokens: str, device) -> torch.Tensor | None:
-    """The [B, L] mask of the text rows ``text_tokens`` keeps (None: all of them)."""
+def text_mask(tokenizer, prompts: list[str], text_tokens: str, device, unconditional: bool = False) -> torch.Tensor | None:
+    """The mask of the text rows ``text_tokens`` keeps (None: all of them): [B, L], or with
+    ``unconditional`` [2B, L], the negative prompts' ("", as the pipelines encode them) then the prompts'."""
     if text_tokens == "all":
         return None
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    texts = [""] * len(prompts) + prompts if unconditional else prompts
+    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
     return text_row_mask(tokens.input_ids, tokenizer.eos_token_id, text_tokens).to(device)
 
 
-def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+def encode_text(pipe, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
     """The conditional text states [B, L, d] the pipeline passes to the UNet for ``prompts``: its own
-    ``encode_prompt`` (SDXL: both encoders' penultimate states, concatenated)."""
+    ``encode_prompt`` (SDXL: both encoders' penultimate states, concatenated). With ``unconditional``
+    [2B, L, d]: its negative embedding first (SDXL: zeros, ``force_zeros_for_empty_prompt``), as in
+    the ``[uncond, cond]`` CFG batch."""
     device = pipe._execution_device
-    return pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                              do_classifier_free_guidance=False)[0]
+    encoded = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=unconditional)
+    return torch.cat([encoded[1], encoded[0]]) if unconditional else encoded[0]
 
 
 def check_hookable(layers) -> None:
@@ -236,7 +243,7 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     linears = selected_linears(config["collect_features"])
     resolution = image_resolution(pipe, config["resolution"])
     needs = {"added conditioning (SDXL's text_time)": pipe.unet.config.addition_embed_type is not None,
-             "a guidance embedding (time_cond_proj_dim, LCM)": pipe.unet.config.time_cond_proj_dim is not None}
+             "a guidance embedding (time_cond_proj_dim, LCM)": guidance_input(pipe.unet.config) == "embedding"}
     if config["collection"] == "noised" and any(needs.values()):
         raise ValueError(
             "collection: noised calls the UNet with text states only; this model's UNet also needs "
@@ -264,10 +271,11 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
         with exact_matmul(), torch.inference_mode(), capture_class(
             pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
             config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
+            unconditional=config["unconditional_branch"],
         ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
             for offset in range(0, len(prompts), batch_size):
                 batch = prompts[offset : offset + batch_size]
-                mask = text_mask(tokenizer, batch, config["text_tokens"], pipe.unet.device)
+                mask = text_mask(tokenizer, batch, config["text_tokens"], pipe.unet.device, config["unconditional_branch"])
                 capture.begin_batch(batch, first_index + offset, mask)
                 generators = prompt_generators(config["seed"], first_index + offset, len(batch))
                 run(pipe, batch, generators, schedule, config["guidance_scale"], resolution, chunk)
@@ -292,19 +300,20 @@ def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict)
     ``encode_prompt`` on the same prompt batch), the same row selection and the same float64
     accumulation, so ``text.h5`` equals the full run's.
     """
-    batch_size, moments = config["batch_size"], None
+    batch_size, moments, unconditional = config["batch_size"], None, config["unconditional_branch"]
     start = time.perf_counter()
-    log.info("text-only: %d prompts through %s's text encoder(s), batch %d, text_tokens %s",
-             len(prompts), type(pipe).__name__, batch_size, config["text_tokens"])
+    log.info("text-only: %d prompts through %s's text encoder(s), batch %d, text_tokens %s%s",
+             len(prompts), type(pipe).__name__, batch_size, config["text_tokens"],
+             ", with the negative embedding (unconditional_branch)" if unconditional else "")
     with exact_matmul(), torch.inference_mode():
         for offset in range(0, len(prompts), batch_size):
             batch = prompts[offset : offset + batch_size]
-            states = encode_text(pipe, batch)
-            finite = torch.isfinite(states.reshape(len(batch), -1)).all(dim=1).cpu()
+            states = encode_text(pipe, batch, unconditional)
+            finite = torch.isfinite(states.reshape(len(states), -1)).all(dim=1).cpu()
             if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0])
-                raise NonFiniteActivationError(first_index + offset + bad, batch[bad], "text states", "text")
-            rows = text_rows(states, text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device))
+                bad, branch = prompt_of_row(int((~finite).nonzero()[0]), len(batch), len(states))
+                raise NonFiniteActivationError(first_index + offset + bad, batch[bad], "text states", "text", branch)
+            rows = text_rows(states, text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device, unconditional))
             if moments is None:
                 moments = TorchMoments(rows.shape[-1], rows.device)
             moments.add(rows)

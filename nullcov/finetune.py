@@ -35,9 +35,10 @@ its steps, the projected runs when their loss first crosses those fractions of t
 Why a projected run protects or not is measured too (:data:`ENERGY_COLUMNS`, :func:`null_energy`,
 on the model before training): the share of each input set's energy that lies in the null space
 ``Σ‖x P‖² / Σ‖x‖²`` per linear kind, for the concept's evaluation inputs, the held-out and the
-trained prompts under the sampler (conditional half, as collected) and the unconditional CFG
-branch of both. A projected update reaches an input only through ``x P``: it can learn the
-concept without moving the other prompts only where the concept's share exceeds theirs.
+trained prompts under the sampler (conditional half) and the unconditional CFG branch of both
+(in the statistics only with ``unconditional_branch: true``). A projected update reaches an
+input only through ``x P``: it can learn the concept without moving the other prompts only where
+the concept's share exceeds theirs.
 """
 
 from __future__ import annotations
@@ -163,8 +164,9 @@ def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: in
     ``part``: ``conditional`` and ``unconditional``. With ``prompts`` (a pipeline call on that many
     prompts) the rows are split as the feature capture splits them
     (:func:`nullcov.capture.conditional_rows`): a CFG batch ``[uncond, cond]`` puts its first half
-    under ``unconditional``, which the statistics do not hold, so nothing protects it. Without
-    ``prompts`` every row is ``conditional``.
+    under ``unconditional``, which the statistics hold only when collected with
+    ``unconditional_branch: true`` (else nothing protects it). Without ``prompts`` every row is
+    ``conditional``.
 
     The share ``null / energy`` is how much of an input set the projected updates can reach: an
     update ``ΔW = ΔW P`` changes ``W x`` by ``ΔW (x P)`` only. For the prompts of the statistics
@@ -237,6 +239,11 @@ def run_finetune_proof(*, model_dir, results_dir, schedule: dict, preserved: dic
 
     if steps < 1 or max_steps < 1 or eval_every < 1:
         raise ValueError(f"steps, max_steps and eval_every must be >= 1, got {steps}, {max_steps}, {eval_every}")
+    if config["guidance_scale"] > 1 and not config["unconditional_branch"]:
+        log.warning("the statistics hold the conditional CFG half only (unconditional_branch: false): nothing "
+                    "protects the unconditional branch every guided sample runs, so the projected fine-tunes may "
+                    "move preserved prompts as much as the unconstrained one; collect with unconditional_branch: "
+                    "true (README, 'The unconditional branch')")
     device = resolve_device(config["device"])
     pipe = load_pipeline(model_dir, "float32", device)
     configure_scheduler(pipe, schedule)
@@ -444,16 +451,18 @@ def draw_figure(path, rows: list[dict], curves: list[dict]) -> None:
                  title=f"{label} moved (held-out —, trained ⋯)")
     attn_axis.legend(fontsize=7)
     projected = [row for row in rows if not math.isnan(row[f"null_energy_concept_{ENERGY_KINDS[0]}"])]
-    width = 0.8 / max(len(projected), 1)
+    width = 0.8 / max(2 * len(projected), 1)
     for index, row in enumerate(projected):
-        ratios = [row[f"null_energy_concept_{kind}"] / row[f"null_energy_held_out_{kind}"] for kind in ENERGY_KINDS]
-        energy_axis.bar(np.arange(len(ENERGY_KINDS)) + index * width, ratios, width, color=colours[row["variant"]],
-                        label=row["variant"])
+        for offset, (prompts, hatch) in enumerate((("held_out", None), ("trained", "//"))):
+            ratios = [row[f"null_energy_concept_{kind}"] / row[f"null_energy_{prompts}_{kind}"] for kind in ENERGY_KINDS]
+            energy_axis.bar(np.arange(len(ENERGY_KINDS)) + (2 * index + offset) * width, ratios, width,
+                            color=colours[row["variant"]], hatch=hatch, edgecolor="k", linewidth=0.3,
+                            label=row["variant"] if offset == 0 else None)
     energy_axis.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
     energy_axis.set_yscale("log")
     energy_axis.set_xticks(np.arange(len(ENERGY_KINDS)) + 0.4 - width / 2, ENERGY_KINDS)
-    energy_axis.set(ylabel="concept's null-space energy share / held-out's",
-                    title="null-space energy share, concept ÷ held-out")
+    energy_axis.set(ylabel="concept's null-space energy share / the prompts'",
+                    title="energy share, concept ÷ held-out (plain), ÷ trained (//)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

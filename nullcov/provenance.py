@@ -19,6 +19,7 @@ FEATURE_CONFIG_KEYS = (
     "num_denoising_steps",
     "collection",
     "guidance_scale",
+    "unconditional_branch",
     "resolution",
     "dtype",
     "collect_features",

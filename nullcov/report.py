@@ -482,7 +482,8 @@ def summary_rows(*, config: dict, schedule: dict, provenance: dict, num_prompts:
          f"{config.get('validation_seed_offset')})" if num_validation else "none"),
         ("schedule", "sampler", f"{config['sampler_strategy']} ({schedule['scheduler']['class']}), "
                                 f"{len(steps)} UNet calls, collection {config['collection']}, "
-                                f"guidance {config['guidance_scale']}"),
+                                f"guidance {config['guidance_scale']}"
+                                + (" (both CFG branches collected)" if config["unconditional_branch"] else "")),
         ("schedule", "timesteps", ", ".join(f"{step['timestep']:.0f}" for step in steps[:30])
          + (" …" if len(steps) > 30 else "")),
         ("statistic", "statistic", config["statistic"]),

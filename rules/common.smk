@@ -86,10 +86,9 @@ BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUI
 
 # Model dims from the UNet config (a meta-device UNet, cached: no weights read) -> every job's memory.
 try:
-    UNET_DIMS = nc_plan.model_dims(
-        nc_plan.unet_config(config["model"], MODEL_DIR),
-        cache_dir="resources/cache/dims",
-    )
+    UNET_CONFIG = nc_plan.unet_config(config["model"], MODEL_DIR)
+    nc_config.check_unconditional_branch(config, UNET_CONFIG)
+    UNET_DIMS = nc_plan.model_dims(UNET_CONFIG, cache_dir="resources/cache/dims")
     LAYERS = nc_model.select_layers(list(UNET_DIMS["layers"]), config["cross_attention_layers"])
 except (ValueError, nc_model.ModelError) as err:
     raise WorkflowError(f"invalid configuration: {err}")

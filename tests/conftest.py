@@ -16,6 +16,7 @@ def base_config(**overrides) -> dict:
         "num_denoising_steps": 4,
         "collection": "trajectory",
         "guidance_scale": 7.5,
+        "unconditional_branch": False,
         "resolution": None,
         "batch_size": 2,
         "dtype": "float32",

@@ -69,6 +69,19 @@ def test_invalid_config_value_names_the_key(tmp_path, demo_prompts, key, value, 
     _refused(tmp_path, *expected)
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"guidance_scale": 1.0}, "guidance_scale is 1.0"),
+        ({"collection": "noised"}, "collection 'noised'"),
+    ],
+    ids=["no-cfg", "noised"],
+)
+def test_unconditional_branch_without_an_unconditional_pass_is_refused(tmp_path, demo_prompts, overrides, expected):
+    write_config(tmp_path, demo_prompts[:2], unconditional_branch=True, **overrides)
+    _refused(tmp_path, "invalid configuration: unconditional_branch: true", expected)
+
+
 def test_all_features_off(tmp_path, demo_prompts):
     write_config(tmp_path, demo_prompts[:2], collect_features={"q": False, "k": False, "v": False, "out": False})
     _refused(tmp_path, "collect_features", "all false")

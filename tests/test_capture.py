@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, text_row_mask
+from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, prompt_of_row, text_row_mask
 from nullcov.features import collect_shard, configure_scheduler
 from nullcov.model import cross_attention_modules
 from nullcov.schedule import build_schedule
@@ -47,8 +47,11 @@ def assert_close_to_float64(actual, expected, rtol=2e-6):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * np.abs(expected).max())
 
 
-def test_collection_equals_brute_force_xtx(tiny_pipe, demo_prompts):
-    config = base_config(batch_size=2)
+@pytest.mark.parametrize("unconditional", [False, True], ids=["conditional", "both-branches"])
+def test_collection_equals_brute_force_xtx(tiny_pipe, demo_prompts, unconditional):
+    config = base_config(batch_size=2, unconditional_branch=unconditional)
+    # the rows of each CFG call [uncond, cond] that the statistics hold: the second half, or all
+    kept = (lambda x: x) if unconditional else (lambda x: x[x.shape[0] // 2 :])
     schedule = _schedule(tiny_pipe, config)
     prompts = demo_prompts[:5]
     raw = RawInputs(tiny_pipe.unet)
@@ -64,19 +67,19 @@ def test_collection_equals_brute_force_xtx(tiny_pipe, demo_prompts):
         calls = [raw.calls[b * num_steps + step_index] for b in range(len(batches))]
         assert all(call["timestep"] == step["timestep"] for call in calls)
         for key, moments in steps[step_index].items():
-            rows = torch.cat([c[key][c[key].shape[0] // 2 :].reshape(-1, c[key].shape[-1]) for c in calls]).numpy()
-            assert moments.count == rows.shape[0] == 5 * calls[0][key].shape[1]
+            rows = torch.cat([kept(c[key]).reshape(-1, c[key].shape[-1]) for c in calls]).numpy()
+            assert moments.count == rows.shape[0] == (1 + unconditional) * 5 * calls[0][key].shape[1]
             assert_close_to_float64(moments.sum_outer, rows.T @ rows)
             assert_close_to_float64(moments.sum, rows.sum(0))
         assert set(steps[step_index]) == {f"{layer}/{linear}" for layer in layers for linear in ("to_q", "to_out")}
-    # to_k receives the UNet's encoder_hidden_states; text.h5 holds its conditional half once per prompt.
+    # to_k receives the UNet's encoder_hidden_states; text.h5 holds the kept rows once per prompt.
     first_calls = [raw.calls[b * num_steps] for b in range(len(batches))]
     for call in first_calls:
         key = f"{layers[0]}/to_k"
         np.testing.assert_array_equal(call[key].numpy(), call["states"].numpy())
-    rows = torch.cat([c["states"][c["states"].shape[0] // 2 :].reshape(-1, c["states"].shape[-1]) for c in first_calls])
+    rows = torch.cat([kept(c["states"]).reshape(-1, c["states"].shape[-1]) for c in first_calls])
     rows = rows.numpy()
-    assert text.count == 5 * 77
+    assert text.count == (1 + unconditional) * 5 * 77
     assert_close_to_float64(text.sum_outer, rows.T @ rows)
 
 
@@ -146,6 +149,16 @@ def test_prompt_text_tokens_keep_bos_to_eos(tiny_pipe, demo_prompts):
     assert text_prompt.count == sum(lengths) < text_all.count
     mask = text_row_mask(torch.tensor(ids), tiny_pipe.tokenizer.eos_token_id)
     assert mask.sum(1).tolist() == lengths and mask[:, 0].all()
+    # with the unconditional branch: also the negative prompt "" (BOS, EOS) once per prompt
+    _, text_both = _collect(tiny_pipe, prompts, 0, text_tokens="prompt", unconditional_branch=True)
+    assert text_both.count == sum(lengths) + 2 * len(prompts)
+
+
+def test_unconditional_branch_needs_a_cfg_batch(tiny_pipe, demo_prompts):
+    """Asked for the unconditional half of calls that have none: an error naming the key, not a
+    silently conditional-only result (the workflow refuses this config before any job)."""
+    with pytest.raises(ScheduleMismatchError, match="unconditional_branch: true, but the UNet call at step"):
+        _collect(tiny_pipe, demo_prompts[:2], 0, guidance_scale=1.0, unconditional_branch=True)
 
 
 def test_noised_collection_is_one_conditional_call_per_step(tiny_pipe, demo_prompts):
@@ -202,17 +215,19 @@ def test_timestep_mismatch_is_an_error(tiny_pipe, demo_prompts):
         collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)
 
 
-def test_non_finite_activation_names_prompt_layer_and_step(tiny_pipe, demo_prompts):
-    config = base_config(batch_size=2)
+@pytest.mark.parametrize(("unconditional", "row", "branch"), [(False, 3, ""), (True, 3, ""),
+                                                                (True, 1, ", unconditional branch")])
+def test_non_finite_activation_names_prompt_layer_and_step(tiny_pipe, demo_prompts, unconditional, row, branch):
+    config = base_config(batch_size=2, unconditional_branch=unconditional)
     schedule = _schedule(tiny_pipe, config)
     name, module = cross_attention_modules(tiny_pipe.unet)[2]
     calls = {"n": 0}
 
     def inject(mod, args):
         calls["n"] += 1
-        if calls["n"] == 3:  # third step of the first batch; the second prompt's conditional row
+        if calls["n"] == 3:  # third step of the first batch; the second prompt's row [uncond 0, 1, cond 0, 1]
             x = args[0].clone()
-            x[3, 0, 0] = float("inf")
+            x[row, 0, 0] = float("inf")
             return (x,)
 
     handle = module.to_q.register_forward_pre_hook(inject)
@@ -223,7 +238,15 @@ def test_non_finite_activation_names_prompt_layer_and_step(tiny_pipe, demo_promp
         handle.remove()
     error = info.value
     assert error.prompt_index == 11 and error.key == f"{name}/to_q"
+    assert f"({demo_prompts[1]!r}{branch}) in" in str(error)
     assert error.step_name == schedule["steps"][2]["name"]
+
+
+def test_rows_map_to_prompts_and_branches():
+    """Error messages name the prompt and branch of a collected row: [uncond, cond] or plain."""
+    assert [prompt_of_row(row, 2, 4) for row in range(4)] == [
+        (0, ", unconditional branch"), (1, ", unconditional branch"), (0, ""), (1, "")]
+    assert [prompt_of_row(row, 2, 2) for row in range(2)] == [(0, ""), (1, "")]
 
 
 # -- performance paths (issue 4): host accumulators, the product, the non-finite check ---------------

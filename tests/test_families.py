@@ -89,11 +89,15 @@ def test_family_equals_brute_force_through_its_own_pipeline(family, family_dirs,
     assert_close_to_float64(text.sum_outer, rows.T @ rows)
 
 
-@pytest.mark.parametrize(("family", "text_tokens"), [("sd2", "eos"), ("sdxl", "all"), ("lcm", "prompt")])
-def test_text_only_path_equals_full_run(family, text_tokens, family_dirs, demo_prompts):
-    """Text encoders alone (no UNet, VAE or scheduler loaded) give the full run's text.h5 moments."""
+@pytest.mark.parametrize(("family", "text_tokens", "unconditional"),
+                         [("sd2", "eos", False), ("sdxl", "all", False), ("lcm", "prompt", False),
+                          ("sd2", "prompt", True), ("sdxl", "prompt", True)])
+def test_text_only_path_equals_full_run(family, text_tokens, unconditional, family_dirs, demo_prompts):
+    """Text encoders alone (no UNet, VAE or scheduler loaded) give the full run's text.h5 moments;
+    with the unconditional branch too (SDXL: its negative embedding is zeros, counted all the same)."""
     strategy = FAMILIES[family][0]
-    pipe, schedule, config = _configured(family_dirs[family], strategy, 1, text_tokens=text_tokens, batch_size=2)
+    pipe, schedule, config = _configured(family_dirs[family], strategy, 1, text_tokens=text_tokens, batch_size=2,
+                                         unconditional_branch=unconditional)
     prompts = demo_prompts[:3]
     _, full, _, _ = collect_shard(pipe, prompts, 0, schedule, config)
     text_pipe = load_pipeline(family_dirs[family], "float32", "cpu", text_only=True)
@@ -101,6 +105,7 @@ def test_text_only_path_equals_full_run(family, text_tokens, family_dirs, demo_p
     only = collect_text_shard(text_pipe, prompts, 0, config)
     ids = pipe.tokenizer(prompts).input_ids  # BOS .. EOS, unpadded
     expected = {"all": 3 * 77, "prompt": sum(len(row) for row in ids), "eos": 3}[text_tokens]
+    expected += 3 * len(pipe.tokenizer("").input_ids) if unconditional else 0  # "": BOS, EOS per prompt
     assert only.count == full.count == expected
     np.testing.assert_allclose(only.sum_outer, full.sum_outer, rtol=1e-9, atol=0)
     np.testing.assert_allclose(only.sum, full.sum, rtol=1e-9, atol=1e-12)
@@ -279,3 +284,19 @@ def test_text_only_workflow_plans_no_step_jobs(tmp_path, demo_prompts):
     assert sorted(output for rule, output in jobs if rule.startswith(("covariance", "projection"))) == [
         "results/covariance/text.h5", "results/projections/text.h5"]
     assert ("tiny_model", "resources/models/tiny-sdxl") in jobs
+
+
+def test_unconditional_branch_is_refused_for_a_guidance_embedding_unet(family_dirs, demo_prompts):
+    """LCM UNets take guidance as an embedding: no unconditional half to collect. The workflow
+    refuses the config at parse time; collecting anyway fails on the first UNet call."""
+    from nullcov.capture import ScheduleMismatchError
+    from nullcov.config import check_unconditional_branch
+    from nullcov.plan import unet_config
+
+    config = base_config(unconditional_branch=True, sampler_strategy="LCM")
+    with pytest.raises(ValueError, match=r"unconditional_branch: true.*guidance as an embedding \(time_cond_proj_dim"):
+        check_unconditional_branch(config, unet_config(str(family_dirs["lcm"]), family_dirs["lcm"]))
+    check_unconditional_branch(config, unet_config(str(family_dirs["sd2"]), family_dirs["sd2"]))  # CFG: accepted
+    pipe, schedule, config = _configured(family_dirs["lcm"], "LCM", 1, unconditional_branch=True)
+    with pytest.raises(ScheduleMismatchError, match="no unconditional half"):
+        collect_shard(pipe, demo_prompts[:1], 0, schedule, config)

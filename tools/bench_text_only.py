@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         pipe = build_sd15_pipeline(tokenizer_dir)
     config = {
         "seed": 0, "sampler_strategy": "DPM++ 2M Karras", "num_denoising_steps": args.steps,
-        "collection": "trajectory", "guidance_scale": 7.5, "resolution": args.resolution,
+        "collection": "trajectory", "guidance_scale": 7.5, "unconditional_branch": False, "resolution": args.resolution,
         "batch_size": args.batch_size, "dtype": "float32", "device": "cpu",
         "collect_features": {"q": False, "k": True, "v": True, "out": False},
         "cross_attention_layers": "all", "text_tokens": "all",
