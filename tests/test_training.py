@@ -52,6 +52,13 @@ def results(tmp_path_factory, tiny_model_dir, demo_prompts):
     return build_results(tmp_path_factory.mktemp("train"), tiny_model_dir, demo_prompts[:8])
 
 
+@pytest.fixture(scope="module")
+def results_both_branches(tmp_path_factory, tiny_model_dir, demo_prompts):
+    """The same prompts' statistics with both CFG halves (``unconditional_branch: true``)."""
+    return build_results(tmp_path_factory.mktemp("train-both"), tiny_model_dir, demo_prompts[:8],
+                         unconditional_branch=True)
+
+
 def trainable_unet(model_dir, lora=False):
     """The tiny UNet with only the attn2 linears trainable (full), or peft-LoRA on them."""
     from diffusers import UNet2DConditionModel
@@ -380,8 +387,7 @@ def test_finetune_proof_at_matched_concept_loss_as_measured_on_the_tiny_model(re
     )
     from nullcov.validation import read_validation_prompts
 
-    results = (build_results(tmp_path / "both", tiny_model_dir, demo_prompts[:8], unconditional_branch=True)
-               if unconditional else request.getfixturevalue("results"))
+    results = request.getfixturevalue("results_both_branches" if unconditional else "results")
     held_out = read_validation_prompts(DEMO_PROMPTS.parent / "validation.txt", demo_prompts, 1000000)[:2]
     with caplog.at_level(logging.WARNING, logger="nullcov.finetune"):
         rows, curves = run_finetune_proof(
@@ -503,8 +509,8 @@ def test_stored_projection_of_the_wrong_rank_is_refused():
 
 
 @pytest.mark.parametrize("unconditional", [False, True], ids=["conditional", "both-branches"])
-def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(request, tmp_path, tiny_model_dir,
-                                                                            demo_prompts, unconditional):
+def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(request, tiny_model_dir, demo_prompts,
+                                                                            unconditional):
     """The fine-tune proof's null-energy shares, summed from the linears' raw inputs while the
     sampler runs the statistics' own prompts and seeds, equal what the statistics say:
     ``Σ_t tr(P_t Σxxᵀ_t) / Σ_t tr(Σxxᵀ_t)`` per kind (per-timestep scope: each step's own ``P``).
@@ -518,8 +524,7 @@ def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(req
     from nullcov.store import TEXT_KEY, read_moments
     from nullcov.training import NullSpaceConstraint
 
-    results = (build_results(tmp_path, tiny_model_dir, demo_prompts[:8], unconditional_branch=True) if unconditional
-               else request.getfixturevalue("results"))
+    results = request.getfixturevalue("results_both_branches" if unconditional else "results")
     schedule = json.loads((results / "schedule.json").read_text())
     pipe = load_pipeline(tiny_model_dir, "float32", torch.device("cpu"))
     configure_scheduler(pipe, schedule)
