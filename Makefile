@@ -69,6 +69,22 @@ bench-training: $(STAMP)
 bench-training-512: $(STAMP)
 	$(BIN)/python tools/bench_training.py --resolution 512 --repeats 2 --no-interpolate --out benchmarks/bench-training-512.json
 
+# builtin:shapes, the shipped trained toy model: retrain it from scratch into nullcov/builtin/shapes
+# (~25 min on 2 CPU cores; progress and ETA on stdout), and measure what it learned (evaluator
+# accuracy per attribute, attention on the object; docs/measurements/bench-shapes.json).
+.PHONY: train-shapes bench-shapes
+train-shapes: $(STAMP)
+	$(BIN)/python -m nullcov.train_shapes
+
+bench-shapes: $(STAMP)
+	$(BIN)/python tools/bench_shapes.py
+
+# The fine-tune proof on builtin:shapes (docs/finetune-proof.md): statistics of the demo prompts, then
+# every variant; writes docs/measurements/proof-shapes.json and the figures in docs/images/.
+.PHONY: proof
+proof: $(STAMP)
+	$(BIN)/python tools/bench_proof.py
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

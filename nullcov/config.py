@@ -84,3 +84,34 @@ def check_unconditional_branch(config: dict, unet_config: dict) -> None:
     if why:
         raise ValueError(f"unconditional_branch: true, but the UNet calls have no unconditional half: {'; '.join(why)}. "
                          "Set unconditional_branch: false")
+
+
+def check_finetune_proof(config: dict, unet_config: dict) -> None:
+    """The fine-tune proof constrains every attn2 linear, so it needs all of them collected, and each
+    ``finetune_branches`` setting must be one the model can collect. Raise naming the key otherwise."""
+    if not config["finetune_proof"]:
+        return
+    missing = [name for name, on in config["collect_features"].items() if not on]
+    if missing or config["cross_attention_layers"] != "all":
+        raise ValueError("finetune_proof constrains every attn2 linear of every layer: set collect_features "
+                         f"q, k, v and out to true (now false: {missing}) and cross_attention_layers: all "
+                         f"(now {config['cross_attention_layers']!r})")
+    if True in config["finetune_branches"]:
+        try:
+            check_unconditional_branch(config | {"unconditional_branch": True}, unet_config)
+        except ValueError as err:
+            raise ValueError(f"finetune_branches includes true: {err}; or set finetune_branches: [false]") from None
+
+
+def finetune_variant_names(config: dict) -> list[str]:
+    """The fine-tune proof's variants (:func:`nullcov.proof.plan_variants`) from the config alone."""
+    from nullcov.proof_plan import BRANCH_LABELS, plan_variants, threshold_label
+
+    thresholds = [threshold_label(config["nullspace_threshold"], config["threshold_percent"])]
+    thresholds += [threshold_label(0.0, p) for p in config["finetune_threshold_percents"]
+                   if p != config["threshold_percent"]]
+    keys = [(BRANCH_LABELS[both], statistic, threshold) for both in config["finetune_branches"]
+            for statistic in config["finetune_statistics"] for threshold in thresholds]
+    variants = plan_variants(keys, config["finetune_scopes"], config["finetune_prior_preservation"],
+                             config["finetune_lora_rank"] > 0)
+    return [variant.name for variant in variants]

@@ -1,14 +1,17 @@
 """Locating and loading a Stable Diffusion model, and naming its cross-attention layers.
 
-``model`` in the config is a built-in tiny model (``builtin:tiny``, ``builtin:tiny-sd2``,
-``builtin:tiny-sdxl``, ``builtin:tiny-lcm``: built by the workflow into ``resources/``), a local
-diffusers folder, or a hub id that must already be in the local Hugging Face cache
-(``HF_HOME`` is honoured). Nothing here ever contacts the hub: every load is
-``local_files_only`` and weights are read from safetensors only.
+``model`` in the config is ``builtin:shapes`` (the trained toy model shipped in
+``nullcov/builtin/shapes``, see :mod:`nullcov.train_shapes`), a built-in random tiny model
+(``builtin:tiny``, ``builtin:tiny-sd2``, ``builtin:tiny-sdxl``, ``builtin:tiny-lcm``: built by the
+workflow into ``resources/``), a local diffusers folder, or a hub id that must already be in the
+local Hugging Face cache (``HF_HOME`` is honoured). Nothing here ever contacts the hub: every load
+is ``local_files_only`` and weights are read from safetensors only. A folder with a ``SHA256SUMS``
+manifest (the shipped model has one) is checked against it before use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,6 +25,11 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "builtin:tiny-sdxl": ("sdxl", "resources/models/tiny-sdxl"),
     "builtin:tiny-lcm": ("lcm", "resources/models/tiny-lcm"),
 }
+#: The trained toy model, shipped with the package (loaded like any local folder).
+BUILTIN_SHAPES = "builtin:shapes"
+BUILTIN_SHAPES_DIR = Path(__file__).resolve().parent / "builtin" / "shapes"
+#: ``sha256sum -c`` manifest a model folder may carry; nullcov checks it before using the folder.
+MANIFEST = "SHA256SUMS"
 LINEARS = ("to_q", "to_k", "to_v", "to_out")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -34,8 +42,12 @@ def resolve_model_dir(spec: str) -> Path:
     """The folder holding the model (a built-in one may not be built yet)."""
     if spec in BUILTIN_MODELS:
         return Path(BUILTIN_MODELS[spec][1])
+    if spec == BUILTIN_SHAPES:
+        check_model_dir(BUILTIN_SHAPES_DIR)
+        return BUILTIN_SHAPES_DIR
     if spec.startswith("builtin:"):
-        raise ModelError(f"model {spec!r} is not a built-in model; built-in models: {', '.join(BUILTIN_MODELS)}")
+        names = ", ".join([BUILTIN_SHAPES, *BUILTIN_MODELS])
+        raise ModelError(f"model {spec!r} is not a built-in model; built-in models: {names}")
     path = Path(spec).expanduser()
     if path.exists():
         check_model_dir(path)
@@ -70,7 +82,31 @@ def check_model_dir(path: Path) -> None:
     for required in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / required).is_file():
             raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder")
+    if (path / MANIFEST).is_file():
+        check_manifest(path)
 
+
+def check_manifest(path: Path) -> None:
+    """Every file the folder's ``SHA256SUMS`` lists exists with that hash; else refuse, naming the file
+    (and, for the shipped model, the command that retrains it)."""
+    path = Path(path)
+    fix = (
+        "retrain it with `make train-shapes` (or restore it: `git checkout -- nullcov/builtin/shapes`)"
+        if path.resolve() == BUILTIN_SHAPES_DIR
+        else f"restore the folder's files, or delete {MANIFEST} if the change is intended"
+    )
+    for number, line in enumerate((path / MANIFEST).read_text().splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if not name or len(digest) != 64:
+            raise ModelError(f"{path / MANIFEST}: line {number} is not '<sha256>  <file>': {line!r}")
+        member = path / name
+        if not member.is_file():
+            raise ModelError(f"model folder {str(path)!r}: {name} is listed in {MANIFEST} but missing; {fix}")
+        if hashlib.sha256(member.read_bytes()).hexdigest() != digest:
+            raise ModelError(
+                f"model folder {str(path)!r}: {name} does not match its sha256 in {MANIFEST} (changed or "
+                f"truncated); {fix}"
+            )
 
 def scheduler_config(spec: str) -> dict:
     """The model's scheduler config, read without importing torch or diffusers."""

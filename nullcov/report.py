@@ -107,6 +107,26 @@ def _positive_floor(values: np.ndarray) -> float:
 
 
 # -- spectra ----------------------------------------------------------------------------------
+def training_curve_figure(path, record: dict) -> None:
+    """The shipped model's training losses (``training.json`` of :mod:`nullcov.train_shapes`): the
+    VAE's reconstruction loss and the UNet's noise-prediction loss, per logged window."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
+    titles = {"vae": "VAE (reconstruction MSE + KL)", "unet_text": "UNet + text encoder (noise MSE)"}
+    for ax, (stage, title) in zip(axes, titles.items()):
+        steps, losses = zip(*record["loss"][stage])
+        ax.plot(steps, losses, color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean loss per logged window")
+        ax.set_title(f"{title}, {record['seconds'][stage]:.0f} s")
+        ax.grid(alpha=0.3)
+    settings = record["settings"]
+    fig.suptitle(f"builtin:shapes training: seed {settings['seed']}, batch {settings['batch_size']}, "
+                 f"{record['seconds']['total'] / 60:.1f} min on {record['machine']['torch_threads']} CPU threads")
+    _save(fig, path)
+
+
 def spectra_figure(path, linear: str, steps: list[dict], spectra: list[dict[str, dict]]) -> None:
     """Eigenvalue spectra of every layer's ``linear`` statistic, one curve per selected step.
 
@@ -436,14 +456,16 @@ def leakage_heatmap_figure(path, rows: list[dict], steps: list[dict]) -> None:
 
 
 # -- run summary --------------------------------------------------------------------------------
-def read_benchmark(path) -> float | None:
-    """Wall seconds (column ``s``) of a Snakemake benchmark file; None when absent."""
+def read_benchmark(path, column: str = "s") -> float | None:
+    """The mean of ``column`` (``s``: wall seconds; ``max_rss``: MB) over a Snakemake benchmark
+    file's rows; None when the file is absent or the column empty (``NA``, ``-``)."""
     path = Path(path)
     if not path.is_file():
         return None
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return sum(float(row["s"]) for row in rows) / len(rows) if rows else None
+        values = [row[column] for row in csv.DictReader(handle, delimiter="\t")]
+    numbers = [float(value) for value in values if value not in ("", "-", "NA")]
+    return sum(numbers) / len(numbers) if numbers else None
 
 
 def folder_bytes(path) -> int:

@@ -81,6 +81,19 @@ def atomic_path(path: str | Path):
             temporary.unlink()
 
 
+def write_tsv(path: str | Path, rows: list[dict], columns) -> None:
+    """A tab-separated table of ``rows`` under ``columns`` (floats as ``repr``), written atomically."""
+    import csv
+
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(columns), delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({column: repr(row[column]) if isinstance(row[column], float) else str(row[column])
+                                 for column in columns})
+
+
 @functools.lru_cache(maxsize=8)
 def _triangle(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(dim)

@@ -207,24 +207,25 @@ def learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]
     return merges
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as UTF-8 JSON with sorted keys, fixed indent and a final newline."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8")
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """Write the CLIP tokenizer files by hand; return the vocabulary size."""
-    merges = learn_bpe_merges(_CORPUS.split(), NUM_MERGES)
+def write_tokenizer(folder: Path, words: list[str] | None = None, num_merges: int = NUM_MERGES) -> int:
+    """Write the CLIP tokenizer files by hand, BPE merges learned from ``words`` (default: the tiny
+    models' fixed corpus); return the vocabulary size."""
+    merges = learn_bpe_merges(_CORPUS.split() if words is None else words, num_merges)
     symbols = bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    _write_json(folder / "vocab.json", {tok: i for i, tok in enumerate(tokens)})
+    write_json(folder / "vocab.json", {tok: i for i, tok in enumerate(tokens)})
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
-    _write_json(folder / "special_tokens_map.json", specials)
+    write_json(folder / "special_tokens_map.json", specials)
     config = {
         **specials,
         "add_prefix_space": False,
@@ -233,24 +234,19 @@ def _write_tokenizer(folder: Path) -> int:
         "model_max_length": MAX_LENGTH,
         "tokenizer_class": "CLIPTokenizer",
     }
-    _write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "tokenizer_config.json", config)
     return len(tokens)
 
 
-def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
-                        hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED) -> None:
-    """Write a tiny CLIPTextModel (or CLIPTextModelWithProjection) with ``text_model.``-prefixed keys.
+def text_encoder_config(vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE, hidden_act: str = "quick_gelu",
+                        with_projection: bool = False, intermediate_size: int = 64) -> dict:
+    """A tiny CLIP text tower's ``config.json`` (2 layers, 4 heads; bos/eos are the vocabulary's last two ids).
 
     ``hidden_act``: ``quick_gelu`` (OpenAI CLIP, SD-1.x) or ``gelu`` (OpenCLIP, SD-2.x and SDXL).
     """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     bos_id, eos_id = vocab_size - 2, vocab_size - 1
-    architecture = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    config = {
-        "architectures": [architecture.__name__],
+    return {
+        "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
         "attention_dropout": 0.0,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -258,7 +254,7 @@ def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_H
         "hidden_size": hidden_size,
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
-        "intermediate_size": 64,
+        "intermediate_size": intermediate_size,
         "layer_norm_eps": 1e-05,
         "max_position_embeddings": MAX_LENGTH,
         "model_type": "clip_text_model",
@@ -268,13 +264,24 @@ def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_H
         "projection_dim": hidden_size,
         "vocab_size": vocab_size,
     }
+
+
+def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
+                        hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED) -> None:
+    """Write a tiny CLIPTextModel (or CLIPTextModelWithProjection) with ``text_model.``-prefixed keys."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = text_encoder_config(vocab_size, hidden_size, hidden_act, with_projection)
+    architecture = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     torch.manual_seed(seed)
     model = architecture(CLIPTextConfig(**config))
     state = {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v.contiguous()
              for k, v in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
 
 
 SD2_TEXT_HIDDEN_SIZE = 48  # SD-2.x: 1024
@@ -347,7 +354,7 @@ def _write_diffusers_models(root: Path, family: str = "sd1") -> None:
     vae.save_pretrained(root / "vae", safe_serialization=True)
 
 
-def _model_index(family: str, diffusers_version: str) -> dict:
+def model_index(family: str, diffusers_version: str) -> dict:
     components = {
         "scheduler": ["diffusers", SCHEDULER_CONFIGS[family]["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -385,11 +392,11 @@ def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
     try:
         from diffusers import __version__ as diffusers_version
 
-        _write_json(tmp / "model_index.json", _model_index(family, diffusers_version))
-        _write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
-        vocab_size = _write_tokenizer(tmp / "tokenizer")
+        write_json(tmp / "model_index.json", model_index(family, diffusers_version))
+        write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
+        vocab_size = write_tokenizer(tmp / "tokenizer")
         if family == "sdxl":
-            _write_tokenizer(tmp / "tokenizer_2")
+            write_tokenizer(tmp / "tokenizer_2")
             first, second = SDXL_TEXT_HIDDEN_SIZES
             _write_text_encoder(tmp / "text_encoder", vocab_size, first)
             _write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)

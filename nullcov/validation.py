@@ -40,7 +40,7 @@ import numpy as np
 from nullcov.projection import NullSpace, symmetric_eigh
 from nullcov.prompts import read_prompts
 from nullcov.statistics import Moments
-from nullcov.store import TEXT_KEY, atomic_path, read_moments, read_projections
+from nullcov.store import TEXT_KEY, read_moments, read_projections, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -216,18 +216,7 @@ def leakage_job(names: list[str], covariance_paths: list, projection_paths: list
 
 
 def write_table(path, rows: list[dict]) -> None:
-    with atomic_path(path) as temporary:
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, COLUMNS, delimiter="\t", lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({column: _format(row[column]) for column in COLUMNS})
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    write_tsv(path, rows, COLUMNS)
 
 
 _INTEGER_COLUMNS = {"d", "configured", "null_dim", "draw", "n_training", "n_validation"}

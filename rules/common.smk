@@ -88,6 +88,7 @@ BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUI
 try:
     UNET_CONFIG = nc_plan.unet_config(config["model"], MODEL_DIR)
     nc_config.check_unconditional_branch(config, UNET_CONFIG)
+    nc_config.check_finetune_proof(config, UNET_CONFIG)
     UNET_DIMS = nc_plan.model_dims(UNET_CONFIG, cache_dir="resources/cache/dims")
     LAYERS = nc_model.select_layers(list(UNET_DIMS["layers"]), config["cross_attention_layers"])
 except (ValueError, nc_model.ModelError) as err:
@@ -137,7 +138,7 @@ def export_outputs():
     """The configured exports and, with finetune_proof, the fine-tune proof's table and figure."""
     outputs = [EXPORT_OUTPUTS[name] for name in config["exports"]]
     if config["finetune_proof"]:
-        outputs += ["results/report/finetune/finetune.tsv", "results/report/finetune/finetune.png"]
+        outputs += ["results/report/finetune/variants.tsv", "results/report/finetune/grid.png"]
     return outputs
 
 
@@ -235,11 +236,24 @@ try:
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
-FINETUNE_HELD_OUT = 4  # validation prompts whose outputs the fine-tune proof compares
-if config["finetune_proof"] and not VALIDATION_PROMPTS:
-    raise WorkflowError(
-        "invalid configuration: finetune_proof needs held-out prompts: set validation_prompts (a prompt file)"
-    )
+# The fine-tune proof's variants (rules/finetune.smk) and its settings (nullcov.proof.ProofSettings).
+FINETUNE_VARIANTS = nc_config.finetune_variant_names(config) if config["finetune_proof"] else []
+FINETUNE_SETTINGS = {
+    "learning_rate": config["finetune_learning_rate"],
+    "lora_learning_rate": config["finetune_lora_learning_rate"],
+    "lora_rank": config["finetune_lora_rank"],
+    "max_steps": config["finetune_max_steps"],
+    "fixed_steps": config["finetune_steps"],
+    "target_fidelity": config["finetune_target_fidelity"],
+    "eval_every": config["finetune_eval_every"],
+    "seed": config["seed"],
+    "guidance_scale": config["guidance_scale"],
+    "scopes": config["finetune_scopes"],
+    "statistics": config["finetune_statistics"],
+    "branches": config["finetune_branches"],
+    "threshold_percents": config["finetune_threshold_percents"],
+    "prior": config["finetune_prior_preservation"],
+}
 LEAKAGE_STEPS_PER_JOB = 25  # steps per leakage job (CPU: one eigh per layer/linear and step)
 LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}
@@ -252,6 +266,9 @@ REPORT_FIGURES = {  # figure kind -> path (rule report_figures)
     **({"spectra_text": "results/report/spectra/text.png"} if COLLECT_TEXT else {}),
     **({"null_dim": "results/report/null_dim.png"} if COLLECT_STEPS else {}),
 }
+# A model folder that records how it was trained (builtin:shapes) gets its training curve in the report.
+TRAINING_RECORD = MODEL_DIR / "training.json"
+TRAINING_CURVE = "results/report/model/training_curve.png" if TRAINING_RECORD.is_file() else None
 ATTENTION_FIGURES = {  # (prompt index, step name) -> path (rule attention_maps)
     (index, STEP_NAMES[step]): f"results/report/attention/prompt_{index:04d}_{STEP_NAMES[step]}.png"
     for index in ATTENTION_PROMPTS
@@ -262,6 +279,8 @@ ATTENTION_FIGURES = {  # (prompt index, step name) -> path (rule attention_maps)
 def report_outputs():
     """Every figure and table of the report (all of them are outputs of rules in `all`)."""
     outputs = list(REPORT_FIGURES.values()) + ["results/report/summary.html"]
+    if TRAINING_CURVE:
+        outputs.append(TRAINING_CURVE)
     if ATTENTION_FIGURES:
         outputs += ["results/report/attention/attention_maps.h5", *ATTENTION_FIGURES.values()]
     if VALIDATION_PROMPTS:

@@ -1,9 +1,9 @@
-# The fine-tune proof (config key `finetune_proof`, nullcov/finetune.py): a short DreamBooth-style
-# fine-tune of the cross-attention linears with and without the projections, on held-out prompts.
+# The fine-tune proof (config key `finetune_proof`, nullcov/proof_job.py; docs/finetune-proof.md): teach the
+# model a shape it never saw, unconstrained, with prior preservation and projected, and measure what else moved.
 
 
 rule finetune_proof:
-    """Concept loss and how far preserved prompts move: unconstrained, then projected (per timestep, all timesteps) to the same loss."""
+    """Every variant to the same concept fidelity; preserved prompts' accuracy, pixel and attn2 change; weights and grid."""
     input:
         schedule="results/schedule.json",
         model=model_input,
@@ -11,18 +11,25 @@ rule finetune_proof:
         covariance=expand("results/covariance/{name}.h5", name=SHARD_FILE_NAMES),
     output:
         table=report(
-            "results/report/finetune/finetune.tsv",
+            "results/report/finetune/variants.tsv",
             caption="../report/finetune.rst",
             category="6. Fine-tune proof",
-            labels={"table": "fine-tune proof"},
+            labels={"table": "variants"},
         ),
         figure=report(
-            "results/report/finetune/finetune.png",
+            "results/report/finetune/variants.png",
             caption="../report/finetune.rst",
             category="6. Fine-tune proof",
-            labels={"figure": "fine-tune proof"},
+            labels={"figure": "fidelity and preservation"},
         ),
-        curves="results/report/finetune/finetune_curves.tsv",
+        grid=report(
+            "results/report/finetune/grid.png",
+            caption="../report/finetune_grid.rst",
+            category="6. Fine-tune proof",
+            labels={"figure": "image grid"},
+        ),
+        grid_images="results/report/finetune/grid.npz",
+        weights=expand("results/report/finetune/{variant}/unet_attn2.safetensors", variant=FINETUNE_VARIANTS),
     log:
         "logs/report/finetune.log",
     benchmark:
@@ -32,17 +39,13 @@ rule finetune_proof:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=feature_job_mem_mb,
     params:
+        model_spec=config["model"],
         model_dir=str(MODEL_DIR),
-        held_out_prompts=VALIDATION_PROMPTS[:FINETUNE_HELD_OUT],
-        held_out_first_index=config["validation_seed_offset"],
-        trained_prompts=PROMPTS[:FINETUNE_HELD_OUT],
-        config=feature_config(config) | {"device": config["device"]},
-        steps=config["finetune_steps"],
-        max_steps=config["finetune_max_steps"],
-        learning_rate=config["finetune_learning_rate"],
-        projected_learning_rate=config["finetune_projected_learning_rate"],
-        threshold_percents=config["finetune_threshold_percents"],
+        statistics_prompts=PROMPTS,
+        config=feature_config(config)
+        | {key: config[key] for key in ("device", "batch_size", "strict_prompts", "nullspace_threshold", "threshold_percent")},
+        settings=FINETUNE_SETTINGS,
     script:
         "../scripts/finetune_proof.py"

@@ -38,6 +38,26 @@ rule report_figures:
         "../scripts/report_figures.py"
 
 
+rule training_curve:
+    """The model's training losses, from the training.json its folder carries (builtin:shapes)."""
+    input:
+        record=str(TRAINING_RECORD),
+    output:
+        report(
+            "results/report/model/training_curve.png",
+            caption="../report/training_curve.rst",
+            category="0. Model",
+            labels={"figure": "training curve"},
+        ),
+    log:
+        "logs/report/training_curve.log",
+    localrule: True
+    conda:
+        "../envs/nullcov.yaml"
+    script:
+        "../scripts/training_curve.py"
+
+
 rule attention_maps:
     """Cross-attention maps of a few prompts at a few steps: the feature job's pipeline call and seeds."""
     input:

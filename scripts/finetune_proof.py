@@ -1,4 +1,4 @@
-"""Snakemake adapter: the fine-tune proof (nullcov.finetune.run_finetune_proof)."""
+"""Snakemake adapter: the fine-tune proof (nullcov.proof_job.finetune_proof_job)."""
 import json
 import sys
 from pathlib import Path
@@ -7,26 +7,25 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 import torch
 
-from nullcov.finetune import draw_figure, run_finetune_proof, write_curves, write_table
 from nullcov.jobs import logging_to
+from nullcov.proof import ProofSettings
+from nullcov.proof_job import finetune_proof_job
 
 with logging_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    rows, curves = run_finetune_proof(
+    settings = dict(snakemake.params.settings)
+    plan = {key: settings.pop(key) for key in ("scopes", "statistics", "branches", "threshold_percents", "prior")}
+    finetune_proof_job(
+        model_spec=snakemake.params.model_spec,
         model_dir=snakemake.params.model_dir,
         results_dir=Path(snakemake.input.schedule).parent,
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),
-        preserved={
-            "held_out": (list(snakemake.params.held_out_prompts), snakemake.params.held_out_first_index),
-            "trained": (list(snakemake.params.trained_prompts), 0),
-        },
+        statistics_prompts=list(snakemake.params.statistics_prompts),
         config=dict(snakemake.params.config),
-        steps=snakemake.params.steps,
-        max_steps=snakemake.params.max_steps,
-        learning_rate=snakemake.params.learning_rate,
-        projected_learning_rate=snakemake.params.projected_learning_rate,
-        threshold_percents=list(snakemake.params.threshold_percents),
+        settings=ProofSettings(**settings),
+        outputs={"table": snakemake.output.table, "figure": snakemake.output.figure, "grid": snakemake.output.grid,
+                 "grid_images": snakemake.output.grid_images,
+                 "weights": Path(snakemake.output.table).parent},
+        lora=settings["lora_rank"] > 0,
+        **plan,
     )
-    write_table(snakemake.output.table, rows)
-    write_curves(snakemake.output.curves, curves)
-    draw_figure(snakemake.output.figure, rows, curves)

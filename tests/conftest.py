@@ -62,6 +62,7 @@ def write_config(workdir, prompt_lines, **overrides):
     (workdir / "prompts.txt").write_text("\n".join(prompt_lines) + "\n")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(
+        model="builtin:tiny",
         prompts=str(workdir / "prompts.txt"),
         prompts_per_shard=4,
         num_denoising_steps=3,

@@ -1,0 +1,107 @@
+"""The fine-tune proof as one job (rule ``finetune_proof``): projections to compare, the variants, the outputs.
+
+:func:`finetune_proof_job` loads the model once, builds a results folder per projection setting
+(:mod:`nullcov.proof_statistics`), runs every variant (:func:`nullcov.proof.run_proof`) and writes
+what :mod:`nullcov.proof_report` describes. With ``model: builtin:shapes`` the evaluator decides
+when a variant has learned the concept; any other model trains every variant ``fixed_steps`` and
+reports losses, drift and the image grid only (the table's evaluator columns are NaN and the log
+says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nullcov import proof, proof_data, proof_report, proof_statistics
+from nullcov.proof_plan import BRANCH_LABELS
+
+log = logging.getLogger(__name__)
+
+#: Columns of the image grid: this many preserved prompts, then this many concept prompts.
+GRID_PROMPTS = 6
+
+
+def grid_captions() -> list[str]:
+    """The grid's prompts: preserved prompts of the concept's frame and of other frames, then concept prompts."""
+    preserved = proof_data.preserved_scenes([])
+    picks = [preserved[i].caption for i in np.linspace(0, len(preserved) - 1, GRID_PROMPTS).round().astype(int)]
+    concept = proof_data.concept_scenes()
+    picks += [proof_data.concept_caption(concept[i]) for i in range(0, len(concept), len(concept) // GRID_PROMPTS)]
+    return picks[: 2 * GRID_PROMPTS]
+
+
+def sample_grid(pipe, schedule: dict, settings: proof.ProofSettings) -> np.ndarray:
+    """The grid's images under the pipeline's current UNet (caption ``i`` seeded ``i``, one batch)."""
+    return proof.sample(pipe, grid_captions(), 0, schedule, settings)
+
+
+@dataclass
+class VariantOutputs:
+    """After each variant: its weights file and its row of the image grid."""
+
+    out_dir: Path
+    pipe: object
+    schedule: dict
+    settings: proof.ProofSettings
+    images: dict
+
+    def __call__(self, variant: proof.Variant, row: dict, unet) -> None:
+        proof_report.save_weights(self.out_dir / variant.name, proof.attn2_state(unet))
+        base, self.pipe.unet = self.pipe.unet, unet
+        self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings)
+        self.pipe.unet = base
+
+
+def statistics_folders(scratch: Path, results_dir: Path, branches: list[bool], *, model_spec: str,
+                       model_dir: str, statistics_prompts: list[str], schedule: dict, config: dict) -> dict:
+    """``{branch label: folder with schedule.json and covariance/}``: the run's own, and the other
+    CFG-branch setting collected here when ``branches`` asks for it."""
+    own = bool(config["unconditional_branch"])
+    folders = {}
+    for both in branches:
+        label = BRANCH_LABELS[both]
+        if both == own:
+            folders[label] = Path(results_dir)
+        else:
+            folders[label] = proof_statistics.collect_statistics(
+                Path(scratch) / f"statistics-{label}", model_spec=model_spec, model_dir=model_dir,
+                prompts=statistics_prompts, schedule=schedule, config=config | {"unconditional_branch": both})
+    return folders
+
+
+def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir, schedule: dict,
+                       statistics_prompts: list[str], config: dict, settings: proof.ProofSettings,
+                       outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
+                       threshold_percents: list[float], prior: bool, lora: bool) -> list[dict]:
+    """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``: a folder)."""
+    from nullcov.features import configure_scheduler, use_device
+    from nullcov.gpu_lease import lease_device
+    from nullcov.model import BUILTIN_SHAPES, load_pipeline
+
+    settings.evaluate = model_spec == BUILTIN_SHAPES
+    if not settings.evaluate:
+        log.warning("model %s is not builtin:shapes: no evaluator reads its images, so every variant trains "
+                    "%d steps and the table reports losses, drift and the image grid only", model_spec,
+                    settings.fixed_steps)
+    with lease_device(config["device"], label="fine-tune proof") as lease, \
+            tempfile.TemporaryDirectory(prefix="nullcov-proof-") as scratch:
+        pipe = load_pipeline(model_dir, "float32", use_device(lease.device))
+        configure_scheduler(pipe, schedule)
+        sources = statistics_folders(scratch, results_dir, branches, model_spec=model_spec, model_dir=model_dir,
+                                     statistics_prompts=statistics_prompts, schedule=schedule, config=config)
+        thresholds = [(config["nullspace_threshold"], config["threshold_percent"])]
+        thresholds += [(0.0, percent) for percent in threshold_percents if percent != config["threshold_percent"]]
+        folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, statistics, thresholds)
+        recorder = VariantOutputs(Path(outputs["weights"]), pipe, schedule, settings,
+                                  {"base": sample_grid(pipe, schedule, settings)})
+        rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
+                                              lora, on_variant=recorder)
+    proof_report.write_table(outputs["table"], rows)
+    proof_report.write_figure(outputs["figure"], rows, base_fidelity, settings.target_fidelity)
+    proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())
+    return rows

@@ -1,0 +1,48 @@
+"""The fine-tune proof's variants, planned from the config alone (no torch: the Snakefile reads it at parse time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("unconstrained", "prior-preservation", "projected", "projected-lora")
+SCOPES = ("per-timestep", "all-timesteps")
+#: ``unconditional_branch`` of the statistics -> how the table names it.
+BRANCH_LABELS = {False: "conditional", True: "both"}
+
+
+def threshold_label(nullspace_threshold: float, threshold_percent: float | None) -> str:
+    """As the table reports it: the absolute threshold, or ``p<percent>``."""
+    return f"p{threshold_percent:g}" if threshold_percent is not None else f"{nullspace_threshold:g}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tune. ``results_dir``: the projections of a projected variant."""
+
+    name: str
+    kind: str
+    scope: str = "-"
+    threshold: str = "-"
+    statistic: str = "-"
+    branches: str = "-"
+    results_dir: Path | None = None
+
+    @property
+    def projected(self) -> bool:
+        return self.results_dir is not None
+
+
+def plan_variants(settings_keys: list[tuple[str, str, str]], scopes=SCOPES, prior: bool = True,
+                  lora: bool = True) -> list[Variant]:
+    """Every variant in the order they run. ``settings_keys``: the projection settings (branches,
+    statistic, threshold) that have a results folder; the LoRA variant's setting is chosen after the
+    projected runs (:func:`best_projected`), so it is planned without one."""
+    variants = [Variant("unconstrained", "unconstrained")]
+    if prior:
+        variants.append(Variant("prior-preservation", "prior-preservation"))
+    variants += [Variant(f"projected-{scope}-{threshold}-{statistic}-{branches}", "projected", scope, threshold,
+                         statistic, branches) for branches, statistic, threshold in settings_keys for scope in scopes]
+    if lora:
+        variants.append(Variant("projected-lora", "projected-lora"))
+    return variants

@@ -1,0 +1,138 @@
+"""The fine-tune proof, short: what must hold by construction (the measured outcome is in docs/finetune-proof.md)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nullcov import proof_data, shapes
+from nullcov.model import BUILTIN_SHAPES_DIR, load_pipeline
+from nullcov.prompts import read_prompts
+
+from conftest import REPO, base_config, planned_jobs, write_config
+
+STATISTICS_PROMPTS = read_prompts(REPO / "config/prompts/shapes-demo.txt")[:8]
+
+
+def build_results(root, model_dir, prompts, num_steps=3):
+    """A results folder of the shipped model's statistics (schedule, covariance, projections), in process."""
+    from nullcov.jobs import projection_job, write_schedule
+    from nullcov.model import cross_attention_layer_names, scheduler_config
+    from nullcov.proof_statistics import collect_statistics
+    from nullcov.schedule import build_schedule
+
+    results = root / "results"
+    schedule = write_schedule(results / "schedule.json",
+                              build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
+                              cross_attention_layer_names(model_dir), "builtin:shapes")
+    collect_statistics(results, model_spec="builtin:shapes", model_dir=str(model_dir), prompts=prompts,
+                       schedule=schedule, config=base_config(num_denoising_steps=num_steps, batch_size=len(prompts)))
+    for covariance in sorted((results / "covariance").glob("*.h5")):
+        projection_job(covariance, results / "projections" / covariance.name, "second_moment", 0.02, None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def proof_run(tmp_path_factory):
+    """One projected variant (all timesteps, the run's own projections) and its LoRA twin, small caps."""
+    from nullcov.proof import ProofSettings
+    from nullcov.proof_job import finetune_proof_job
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("proof")
+    results = build_results(root, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS)
+    schedule = json.loads((results / "schedule.json").read_text())
+    out = root / "finetune"
+    settings = ProofSettings(max_steps=12, eval_every=6, concept_seeds=1, instances=4, learning_rate=1e-3)
+    config = base_config(num_denoising_steps=3) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
+               "grid_images": out / "grid.npz", "weights": out}
+    rows = finetune_proof_job(model_spec="builtin:shapes", model_dir=str(BUILTIN_SHAPES_DIR), results_dir=results,
+                              schedule=schedule, statistics_prompts=STATISTICS_PROMPTS, config=config,
+                              settings=settings, outputs=outputs, scopes=["all-timesteps"],
+                              statistics=["second_moment"], branches=[False], threshold_percents=[], prior=False,
+                              lora=True)
+    return {"rows": rows, "out": out, "schedule": schedule, "settings": settings}
+
+
+def test_projected_updates_stay_in_their_null_space(proof_run):
+    rows = {row["variant"]: row for row in proof_run["rows"]}
+    assert list(rows) == ["unconstrained", "projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"]
+    assert np.isnan(rows["unconstrained"]["update_outside_null_space"])
+    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"):
+        row = rows[name]
+        assert row["weight_update_norm"] > 0, name
+        assert row["update_outside_null_space"] <= 1e-5, name
+    lora = rows["projected-lora"]
+    assert (lora["scope"], lora["threshold"], lora["statistic"], lora["branches"]) == \
+        ("all-timesteps", "0.02", "second_moment", "conditional")  # the only projected setting was the best
+
+
+def test_rows_report_every_column_and_the_table_reads_back(proof_run):
+    import csv
+
+    from nullcov.proof_report import COLUMNS
+
+    with open(proof_run["out"] / "variants.tsv", newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t"))
+    assert [row["variant"] for row in table] == [row["variant"] for row in proof_run["rows"]]
+    assert list(table[0]) == list(COLUMNS)
+    for row in proof_run["rows"]:
+        assert 0 <= row["concept_fidelity"] <= 1 and row["reached_target"] in ("yes", "no")
+        assert row["steps"] <= 12 and row["seconds"] > 0
+        for group in ("all", *proof_data.GROUPS):
+            assert row[f"pixel_change_{group}"] >= 0 and row[f"attn2_change_{group}"] >= 0, group
+        for attribute in ("colour", "shape", "position"):
+            assert 0 <= row[f"accuracy_before_{attribute}"] <= 1
+    assert (proof_run["out"] / "variants.png").stat().st_size > 10_000
+    assert (proof_run["out"] / "grid.png").stat().st_size > 10_000
+
+
+def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
+    from nullcov.features import configure_scheduler
+    from nullcov.proof_job import grid_captions, sample_grid
+    from nullcov.proof_report import WEIGHTS_FILE, load_weights
+
+    grid = np.load(proof_run["out"] / "grid.npz")
+    assert list(grid["captions"]) == grid_captions()
+    pipe = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+    configure_scheduler(pipe, proof_run["schedule"])
+    base = sample_grid(pipe, proof_run["schedule"], proof_run["settings"])
+    assert np.array_equal(base, grid["base"])
+    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"):
+        weights = load_weights(proof_run["out"] / name / WEIGHTS_FILE)
+        assert all(".attn2.to_" in key for key in weights) and len(weights) == 4 * 7
+        fresh = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+        configure_scheduler(fresh, proof_run["schedule"])
+        fresh.unet.load_state_dict(weights, strict=False)
+        assert np.array_equal(sample_grid(fresh, proof_run["schedule"], proof_run["settings"]), grid[name]), name
+        assert not np.array_equal(grid[name], grid["base"]), name
+
+
+def test_concept_and_preserved_prompts():
+    instances = proof_data.instance_scenes(8)
+    assert {s.colour for s in instances} == set(shapes.COLOURS) and {s.position for s in instances} == set(shapes.POSITIONS)
+    assert all(s.shape == "star" for s in instances)
+    assert proof_data.concept_caption(instances[0]) == "a red sks on the left"
+    preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
+    assert len(preserved) == 144 and all(p.scene.shape in shapes.SHAPES for p in preserved)
+    assert sum(p.in_statistics for p in preserved) == sum(
+        caption in {p.caption for p in preserved} for caption in STATISTICS_PROMPTS)
+    assert {p.caption for p in preserved}.isdisjoint(proof_data.concept_caption(s) for s in instances)
+
+
+def test_the_rule_plans_every_variant_and_refuses_what_it_cannot_constrain(tmp_path):
+    from conftest import snakemake
+
+    prompts = STATISTICS_PROMPTS[:4]
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True)
+    jobs = planned_jobs(tmp_path)
+    assert ("finetune_proof", "results/report/finetune/variants.tsv") in jobs
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True,
+                 collect_features={"q": True, "k": True, "v": True, "out": False})
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    assert refused.returncode != 0 and "finetune_proof constrains every attn2 linear" in refused.stderr + refused.stdout
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True, guidance_scale=1.0)
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    assert "finetune_branches includes true" in refused.stderr + refused.stdout

@@ -1,0 +1,86 @@
+"""The fine-tune proof on ``builtin:shapes``, end to end, and its measurement file (``make proof``).
+
+Runs the workflow with ``finetune_proof=True`` in ``--workdir`` (default ``results-proof/``,
+ignored by git): the statistics of the demo prompts, then the proof rule (every variant of
+``config/config.yaml``'s ``finetune_*`` keys). Then writes ``docs/measurements/proof-shapes.json``
+(every row of ``variants.tsv``, the wall time, the proof job's max RSS, command, date, machine,
+versions) and copies the figure and the image grid to ``docs/images/`` for the docs page.
+
+Usage::
+
+    python tools/bench_proof.py [--workdir results-proof] [--config key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    parsed[key] = float(value) if key != "threshold" else value
+                except ValueError:
+                    parsed[key] = value
+            rows.append(parsed)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "results-proof")
+    parser.add_argument("--config", nargs="*", default=[], help="extra --config key=value for the workflow")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
+    args = parser.parse_args(argv)
+
+    from nullcov.provenance import package_versions
+    from nullcov.report import read_benchmark
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(args.workdir), "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2",
+               "--config", "finetune_proof=True", f"prompts={REPO / 'config/prompts/shapes-demo.txt'}",
+               f"validation_prompts={REPO / 'config/prompts/shapes-validation.txt'}", *args.config,
+               "--until", "finetune_proof"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    wall = time.perf_counter() - started
+    finetune = args.workdir / "results" / "report" / "finetune"
+    record = {
+        "command": " ".join(["python", "tools/bench_proof.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": 2},
+        "versions": package_versions(),
+        "config": args.config,
+        "seconds": {"workflow": round(wall, 1),
+                    "proof_job": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv")},
+        "max_rss_mb": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv", "max_rss"),
+        "rows": read_rows(finetune / "variants.tsv"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    images = REPO / "docs" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(finetune / "variants.png", images / "proof-variants.png")
+    shutil.copyfile(finetune / "grid.png", images / "proof-grid.png")
+    print(f"wrote {args.out} ({len(record['rows'])} variants, {wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
