@@ -217,16 +217,18 @@ def denoising_loss(unet, noise_scheduler, latents, embeddings, timestep: int, ge
 
 
 def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, settings: ProofSettings,
-                  generator) -> tuple[torch.Tensor, int]:
+                  generators: tuple) -> tuple[torch.Tensor, int]:
     """One batch: instances (and, for prior preservation, class images) at one uniform timestep;
-    returns (loss, timestep)."""
-    timestep = int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=generator))
-    chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=generator)
-    loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], data.embeddings[chosen], timestep, generator)
+    returns (loss, timestep). ``generators``: (instances, class images), so the instance batches are
+    the same in every variant."""
+    instances, classes = generators
+    timestep = int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=instances))
+    chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=instances)
+    loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], data.embeddings[chosen], timestep, instances)
     if variant.kind == "prior-preservation":
-        chosen = torch.randint(0, len(data.class_latents), (settings.batch_size,), generator=generator)
+        chosen = torch.randint(0, len(data.class_latents), (settings.batch_size,), generator=classes)
         loss = loss + settings.prior_weight * denoising_loss(
-            unet, noise_scheduler, data.class_latents[chosen], data.class_embeddings[chosen], timestep, generator)
+            unet, noise_scheduler, data.class_latents[chosen], data.class_embeddings[chosen], timestep, classes)
     return loss, timestep
 
 
@@ -287,12 +289,12 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
     lr = settings.lora_learning_rate if variant.kind == "projected-lora" else settings.learning_rate
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(settings.seed + 2)  # the same batches for every variant
+    generators = (torch.Generator().manual_seed(settings.seed + 2), torch.Generator().manual_seed(settings.seed + 3))
     every_step = [step["timestep"] for step in schedule["steps"]]
     cap = settings.max_steps if settings.evaluate else settings.fixed_steps
     outcome = Outcome(unet=None, steps=0, seconds=0.0, fidelity=math.nan)
     for step in range(1, cap + 1):
-        loss, timestep = training_loss(unet, noise_scheduler, data, variant, settings, generator)
+        loss, timestep = training_loss(unet, noise_scheduler, data, variant, settings, generators)
         loss.backward()
         protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
         if constraint is not None:

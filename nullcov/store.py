@@ -81,6 +81,29 @@ def atomic_path(path: str | Path):
             temporary.unlink()
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside ``path``; on success make its files world-readable (0644, folders
+    0755: safetensors writes 0600, mkdtemp makes 0700) and replace ``path`` with it. An error leaves
+    ``path`` as it was and removes the temporary folder."""
+    import shutil
+    import tempfile
+
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield temporary
+        for member in [temporary, *temporary.rglob("*")]:
+            member.chmod(0o755 if member.is_dir() else 0o644)
+        if path.exists():
+            shutil.rmtree(path)
+        temporary.rename(path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def write_tsv(path: str | Path, rows: list[dict], columns) -> None:
     """A tab-separated table of ``rows`` under ``columns`` (floats as ``repr``), written atomically."""
     import csv

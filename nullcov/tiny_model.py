@@ -27,9 +27,7 @@ Usage::
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -386,10 +384,10 @@ def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
     atomically) and return its path."""
     if family not in FAMILIES:
         raise ValueError(f"tiny model family {family!r} is not one of {', '.join(FAMILIES)}")
+    from nullcov.store import atomic_folder
+
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         from diffusers import __version__ as diffusers_version
 
         write_json(tmp / "model_index.json", model_index(family, diffusers_version))
@@ -405,14 +403,6 @@ def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
         else:
             _write_text_encoder(tmp / "text_encoder", vocab_size)
         _write_diffusers_models(tmp, family)
-        for path in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600 and mkdtemp makes 0700
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -26,11 +26,10 @@ import argparse
 import hashlib
 import math
 import platform
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nullcov import shapes
@@ -50,7 +49,7 @@ class ShapesTraining:
     vae_steps: int = 600
     vae_learning_rate: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 4500
+    unet_steps: int = 6000
     unet_learning_rate: float = 1e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
@@ -58,9 +57,11 @@ class ShapesTraining:
     scaling_samples: int = 512
     log_every: int = 50
     vae_blocks: tuple[int, ...] = (32, 64, 64)
-    unet_blocks: tuple[int, ...] = (48, 96)
+    #: Three levels (8 x 8 latents -> 4 x 4 -> a 2 x 2 middle block): at 2 x 2 every token is a
+    #: quadrant, which is what lets "on the left" bind to a place (two levels learned colour and
+    #: shape but not position: docs/shapes-model.md).
+    unet_blocks: tuple[int, ...] = (32, 48, 64)
     text_hidden_size: int = TEXT_HIDDEN_SIZE
-    extra: dict = field(default_factory=dict)
 
 
 def vae_config(settings: ShapesTraining) -> dict:
@@ -101,6 +102,7 @@ class Progress:
     def __init__(self, stage: str, total: int, every: int, log):
         self.stage, self.total, self.every, self.log = stage, total, every, log
         self.start = time.perf_counter()
+        self.end: float | None = None
         self.window: list[float] = []
         self.curve: list[tuple[int, float]] = []
 
@@ -111,6 +113,8 @@ class Progress:
             return
         mean = sum(self.window) / len(self.window)
         self.window = []
+        if done == self.total:
+            self.end = time.perf_counter()
         self.curve.append((done, mean))
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - done)
@@ -118,7 +122,8 @@ class Progress:
 
     @property
     def seconds(self) -> float:
-        return time.perf_counter() - self.start
+        """Wall time of the stage (up to now while it runs)."""
+        return (self.end or time.perf_counter()) - self.start
 
 
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
@@ -236,10 +241,10 @@ def save_model(out_dir: Path, settings: ShapesTraining, vae, text_encoder, unet,
     import torch
     from diffusers import __version__ as diffusers_version
 
+    from nullcov.store import atomic_folder
+
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         write_json(tmp / "model_index.json", model_index("sd1", diffusers_version))
         write_json(tmp / "scheduler" / "scheduler_config.json", TINY_SCHEDULER_CONFIG)
         write_tokenizer(tmp / "tokenizer", shapes.vocabulary(), num_merges=10_000)
@@ -251,14 +256,6 @@ def save_model(out_dir: Path, settings: ShapesTraining, vae, text_encoder, unet,
             module.to(torch.float32)
         write_json(tmp / TRAINING_RECORD, record)
         write_manifest(tmp)
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

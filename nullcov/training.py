@@ -519,7 +519,7 @@ class NullSpaceConstraint:
         still hold the gradient's components outside it, and the projected step need not descend:
         on the tiny model's fine-tune proof, AdamW with ``project()`` alone did not reach the
         unconstrained run's concept loss in 200 steps, with this too it did in 40
-        (README, "The proof in the loop"). Linears without a gradient (frozen, or not reached by
+        (the earlier random-model proof). Linears without a gradient (frozen, or not reached by
         the loss) are skipped.
         """
         for item, factor in self._factors(timesteps):

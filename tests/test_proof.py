@@ -91,6 +91,7 @@ def test_rows_report_every_column_and_the_table_reads_back(proof_run):
 
 def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
     from nullcov.features import configure_scheduler
+    from nullcov.model import cross_attention_layer_names
     from nullcov.proof_job import grid_captions, sample_grid
     from nullcov.proof_report import WEIGHTS_FILE, load_weights
 
@@ -102,7 +103,8 @@ def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
     assert np.array_equal(base, grid["base"])
     for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"):
         weights = load_weights(proof_run["out"] / name / WEIGHTS_FILE)
-        assert all(".attn2.to_" in key for key in weights) and len(weights) == 4 * 7
+        layers = len(cross_attention_layer_names(BUILTIN_SHAPES_DIR))
+        assert all(".attn2.to_" in key for key in weights) and len(weights) == 4 * layers
         fresh = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
         configure_scheduler(fresh, proof_run["schedule"])
         fresh.unet.load_state_dict(weights, strict=False)

@@ -198,6 +198,8 @@ def test_training_a_few_steps_writes_a_loadable_checked_reproducible_folder(tmp_
     record = json.loads((first / "training.json").read_text())
     assert [step for step, _ in record["loss"]["unet_text"]] == [1, 2, 3]
     assert record["settings"]["unet_steps"] == 3 and record["vae_scaling_factor"] > 0
+    seconds = record["seconds"]
+    assert 0 < seconds["vae"] and 0 < seconds["unet_text"] and seconds["vae"] + seconds["unet_text"] <= seconds["total"]
     pipe = load_pipeline(first, "float32", "cpu")
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == shapes.RESOLUTION
     assert pipe.tokenizer.tokenize("a red sks") == ["a</w>", "red</w>", "s", "k", "s</w>"]

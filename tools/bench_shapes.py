@@ -43,6 +43,15 @@ def sample_grid(path: Path, images, prompts: list[str], columns: int = 8, count:
     _save(fig, path)
 
 
+def _training_settings(model_dir: Path) -> dict | None:
+    """What the model folder says of its training (``training.json``), without the loss curve."""
+    record = Path(model_dir) / "training.json"
+    if not record.is_file():
+        return None
+    training = json.loads(record.read_text())
+    return {"settings": training["settings"], "seconds": training["seconds"], "date": training["date"]}
+
+
 def main(argv=None) -> int:
     import yaml
 
@@ -84,6 +93,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": args.threads},
         "versions": package_versions(),
         "model": args.model,
+        "model_training": _training_settings(model_dir),
         "sampler": {"strategy": "DPM++ 2M Karras", "steps": args.steps, "guidance_scale": args.guidance_scale,
                     "seed": args.seed},
         "prompts": len(scenes),

@@ -71,18 +71,27 @@ def shapes_evaluator() -> str:
     return "\n".join(rows) + "\n" + _provenance(record, "docs/measurements/bench-shapes.json")
 
 
+#: Accuracy measurements of shapes models: the shipped one, then earlier trainings kept for comparison.
+SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-two-levels.json")
+
+
 def shapes_accuracy() -> str:
-    record = _load("bench-shapes.json")
-    sampler = record["sampler"]
-    accuracy = record["accuracy"]
-    rows = ["| attribute | colour | shape | position | size (prompts that name it) | all correct |",
-            "|---|---|---|---|---|---|",
-            "| read correctly | " + " | ".join(_percent(accuracy[k]) for k in
-                                                ("colour", "shape", "position", "size", "all")) + " |"]
-    head = (f"{record['prompts']} prompts, {sampler['strategy']}, {sampler['steps']} steps, CFG "
-            f"{sampler['guidance_scale']:g}, seeds {sampler['seed']}..{sampler['seed'] + record['prompts'] - 1}; "
-            f"sampling took {record['seconds']['sampling']:.0f} s.\n\n")
-    return head + "\n".join(rows) + "\n" + _provenance(record, "docs/measurements/bench-shapes.json")
+    records = [(name, _load(name)) for name in SHAPES_ACCURACY_FILES if (MEASUREMENTS / name).is_file()]
+    first = records[0][1]
+    sampler = first["sampler"]
+    rows = ["| model (UNet levels: channels, training steps) | colour | shape | position | size (prompts that name it) | "
+            "all correct |", "|---|---|---|---|---|---|"]
+    for name, record in records:
+        settings = record["model_training"]["settings"]
+        label = ("shipped" if name == SHAPES_ACCURACY_FILES[0] else "earlier") + (
+            f": {len(settings['unet_blocks'])} levels {tuple(settings['unet_blocks'])}, {settings['unet_steps']} steps")
+        rows.append(f"| {label} | " + " | ".join(_percent(record["accuracy"][k]) for k in
+                                                 ("colour", "shape", "position", "size", "all")) + " |")
+    head = (f"{first['prompts']} prompts, {sampler['strategy']}, {sampler['steps']} steps, CFG "
+            f"{sampler['guidance_scale']:g}, seeds {sampler['seed']}..{sampler['seed'] + first['prompts'] - 1}; "
+            f"sampling took {first['seconds']['sampling']:.0f} s.\n\n")
+    sources = ", ".join(f"docs/measurements/{name}" for name, _ in records)
+    return head + "\n".join(rows) + "\n" + _provenance(first, sources)
 
 
 def shapes_attention() -> str:
