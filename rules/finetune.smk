@@ -45,7 +45,10 @@ rule finetune_proof:
         model_dir=str(MODEL_DIR),
         statistics_prompts=PROMPTS,
         config=feature_config(config)
-        | {key: config[key] for key in ("device", "batch_size", "strict_prompts", "nullspace_threshold", "threshold_percent")},
+        | {
+            key: config[key]
+            for key in ("device", "batch_size", "strict_prompts", "nullspace_threshold", "threshold_percent")
+        },
         settings=FINETUNE_SETTINGS,
     script:
         "../scripts/finetune_proof.py"

@@ -15,7 +15,7 @@ from conftest import REPO, base_config, planned_jobs, write_config
 STATISTICS_PROMPTS = read_prompts(REPO / "config/prompts/shapes-demo.txt")[:8]
 
 
-def build_results(root, model_dir, prompts, num_steps=3):
+def build_results(root, model_dir, prompts, num_steps=3, model_spec="builtin:shapes"):
     """A results folder of the shipped model's statistics (schedule, covariance, projections), in process."""
     from nullcov.jobs import projection_job, write_schedule
     from nullcov.model import cross_attention_layer_names, scheduler_config
@@ -25,8 +25,8 @@ def build_results(root, model_dir, prompts, num_steps=3):
     results = root / "results"
     schedule = write_schedule(results / "schedule.json",
                               build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
-                              cross_attention_layer_names(model_dir), "builtin:shapes")
-    collect_statistics(results, model_spec="builtin:shapes", model_dir=str(model_dir), prompts=prompts,
+                              cross_attention_layer_names(model_dir), model_spec)
+    collect_statistics(results, model_spec=model_spec, model_dir=str(model_dir), prompts=prompts,
                        schedule=schedule, config=base_config(num_denoising_steps=num_steps, batch_size=len(prompts)))
     for covariance in sorted((results / "covariance").glob("*.h5")):
         projection_job(covariance, results / "projections" / covariance.name, "second_moment", 0.02, None)
@@ -138,3 +138,35 @@ def test_the_rule_plans_every_variant_and_refuses_what_it_cannot_constrain(tmp_p
     write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True, guidance_scale=1.0)
     refused = snakemake(tmp_path, "--dry-run", check=False)
     assert "finetune_branches includes true" in refused.stderr + refused.stdout
+
+
+def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_path, tiny_model_dir, caplog):
+    """Any other model (here the random tiny one): no evaluator, so fixed steps, NaN fidelity and
+    accuracy, the drift and the grid still measured; prior preservation draws its class images."""
+    import logging
+
+    from nullcov.proof import ProofSettings
+    from nullcov.proof_job import finetune_proof_job
+
+    results = build_results(tmp_path, tiny_model_dir, STATISTICS_PROMPTS[:4], num_steps=2, model_spec="builtin:tiny")
+    schedule = json.loads((results / "schedule.json").read_text())
+    out = tmp_path / "finetune"
+    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
+               "grid_images": out / "grid.npz", "weights": out}
+    config = base_config(num_denoising_steps=2) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    with caplog.at_level(logging.WARNING, logger="nullcov.proof_job"):
+        rows = finetune_proof_job(
+            model_spec="builtin:tiny", model_dir=str(tiny_model_dir), results_dir=results, schedule=schedule,
+            statistics_prompts=STATISTICS_PROMPTS[:4], config=config,
+            settings=ProofSettings(fixed_steps=3, class_images=4, concept_seeds=1, instances=2), outputs=outputs,
+            scopes=["per-timestep"], statistics=["covariance"], branches=[False], threshold_percents=[50.0],
+            prior=True, lora=False)
+    assert "no evaluator reads its images" in caplog.text
+    assert [row["variant"] for row in rows] == ["unconstrained", "prior-preservation",
+                                                "projected-per-timestep-0.02-covariance-conditional",
+                                                "projected-per-timestep-p50-covariance-conditional"]
+    for row in rows:
+        assert row["steps"] == 3 and np.isnan(row["concept_fidelity"]) and row["reached_target"] == "-"
+        assert np.isnan(row["accuracy_drop_points_all"]) and row["pixel_change_all"] > 0
+    assert rows[1]["seconds"] > 0 and all(row["update_outside_null_space"] <= 1e-5 for row in rows[2:])
+    assert (out / "prior-preservation" / "unet_attn2.safetensors").is_file()

@@ -49,7 +49,9 @@ def _training_settings(model_dir: Path) -> dict | None:
     if not record.is_file():
         return None
     training = json.loads(record.read_text())
-    return {"settings": training["settings"], "seconds": training["seconds"], "date": training["date"]}
+    scheduler = json.loads((Path(model_dir) / "scheduler" / "scheduler_config.json").read_text())
+    return {"settings": training["settings"], "seconds": training["seconds"], "date": training["date"],
+            "beta_schedule": scheduler["beta_schedule"]}
 
 
 def main(argv=None) -> int:

@@ -72,19 +72,22 @@ def shapes_evaluator() -> str:
 
 
 #: Accuracy measurements of shapes models: the shipped one, then earlier trainings kept for comparison.
-SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-two-levels.json")
+SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-earlier-3-levels.json", "bench-shapes-earlier-2-levels.json")
 
 
 def shapes_accuracy() -> str:
     records = [(name, _load(name)) for name in SHAPES_ACCURACY_FILES if (MEASUREMENTS / name).is_file()]
     first = records[0][1]
     sampler = first["sampler"]
-    rows = ["| model (UNet levels: channels, training steps) | colour | shape | position | size (prompts that name it) | "
-            "all correct |", "|---|---|---|---|---|---|"]
+    rows = ["| model (UNet channels per level, betas, loss weighting, training steps) | colour | shape | position | "
+            "size (prompts that name it) | all correct |", "|---|---|---|---|---|---|"]
     for name, record in records:
-        settings = record["model_training"]["settings"]
+        training = record["model_training"]
+        settings = training["settings"]
         label = ("shipped" if name == SHAPES_ACCURACY_FILES[0] else "earlier") + (
-            f": {len(settings['unet_blocks'])} levels {tuple(settings['unet_blocks'])}, {settings['unet_steps']} steps")
+            f": {tuple(settings['unet_blocks'])}, {training['beta_schedule']}, "
+            f"{'Min-SNR-%g' % settings['snr_gamma'] if settings.get('snr_gamma') else 'plain MSE'}, "
+            f"{settings['unet_steps']} steps")
         rows.append(f"| {label} | " + " | ".join(_percent(record["accuracy"][k]) for k in
                                                  ("colour", "shape", "position", "size", "all")) + " |")
     head = (f"{first['prompts']} prompts, {sampler['strategy']}, {sampler['steps']} steps, CFG "
