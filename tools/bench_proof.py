@@ -8,7 +8,7 @@ versions) and copies the figure and the image grid to ``docs/images/`` for the d
 
 Usage::
 
-    python tools/bench_proof.py [--workdir results-proof] [--config key=value ...]
+    python tools/bench_proof.py [--workdir results-proof] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+#: The proof's statistics with the bench's sampler: 20 steps (at 10 the base model draws the colour
+#: asked in 74 % of the preserved prompts' samples, at 20 in 100 %).
+DEFAULT_SETTINGS = ("num_denoising_steps=20",)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -44,19 +47,26 @@ def read_rows(path: Path) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "results-proof")
-    parser.add_argument("--config", nargs="*", default=[], help="extra --config key=value for the workflow")
+    parser.add_argument("--set", nargs="*", default=list(DEFAULT_SETTINGS), metavar="KEY=YAML",
+                        help="config keys over config/config.yaml (values in YAML: lists allowed); default: "
+                             + " ".join(DEFAULT_SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
     args = parser.parse_args(argv)
+
+    import yaml
 
     from nullcov.provenance import package_versions
     from nullcov.report import read_benchmark
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    settings = {"finetune_proof": True, "prompts": str(REPO / "config/prompts/shapes-demo.txt"),
+                "validation_prompts": str(REPO / "config/prompts/shapes-validation.txt")}
+    settings |= {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = args.workdir / "proof-config.yaml"
+    overrides.write_text(yaml.safe_dump(settings))
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(args.workdir), "--configfile", str(REPO / "config" / "config.yaml"), "--cores", "2",
-               "--config", "finetune_proof=True", f"prompts={REPO / 'config/prompts/shapes-demo.txt'}",
-               f"validation_prompts={REPO / 'config/prompts/shapes-validation.txt'}", *args.config,
-               "--until", "finetune_proof"]
+               str(args.workdir), "--configfile", str(REPO / "config" / "config.yaml"), str(overrides),
+               "--cores", "2", "--until", "finetune_proof"]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
@@ -66,7 +76,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": 2},
         "versions": package_versions(),
-        "config": args.config,
+        "config": settings,
         "seconds": {"workflow": round(wall, 1),
                     "proof_job": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv")},
         "max_rss_mb": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv", "max_rss"),
