@@ -127,8 +127,8 @@ def proof_table() -> str:
             f"{row['reached_target']} | {row['accuracy_drop_points_all']:+.1f} | {row['pixel_change_all']:.4f} "
             f"({ratio:.2f}x) | {row['attn2_change_all']:.3f} / {row['attn2_change_same_frame']:.3f} / "
             f"{row['attn2_change_not_in_statistics']:.3f} |")
-    head = (f"{len(rows)} variants in {record['seconds']['workflow'] / 60:.1f} min (statistics and proof; the "
-            f"proof job {record['seconds']['proof_job'] / 60:.1f} min, max RSS {record['max_rss_mb']:.0f} MB).\n\n")
+    head = (f"{len(rows)} variants; the proof job took {record['seconds']['proof_job'] / 60:.1f} min, max RSS "
+            f"{record['max_rss_mb']:.0f} MB (its `benchmark:` file).\n\n")
     return head + "\n".join(lines) + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
