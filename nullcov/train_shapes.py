@@ -292,7 +292,7 @@ def train(out_dir: Path, settings: ShapesTraining, log=print) -> Path:
     log(f"vae scaling_factor {factor:.5f}")
     text_encoder, unet, unet_progress = train_denoiser(settings, vae, tokenizer, log)
     record = {
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m nullcov.train_shapes", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "torch_threads": torch.get_num_threads()},

@@ -58,7 +58,26 @@ def shapes_training() -> str:
         f"{settings['unet_learning_rate']:g} | {loss['unet_text'][-1][1]:.4f} | {seconds['unet_text'] / 60:.1f} min |",
         f"| **total** | | | | | **{seconds['total'] / 60:.1f} min** |",
     ]
-    return "\n".join(rows) + "\n" + _provenance(record, "nullcov/builtin/shapes/training.json")
+    return "\n".join(rows) + "\n" + _provenance(record | {"command": _training_command(record["command"])},
+                                                "nullcov/builtin/shapes/training.json")
+
+
+def _training_command(command: str) -> str:
+    """The recorded training command as a user would type it; an ``--out`` elsewhere than the shipped
+    folder (a scratch folder it was copied from) is named as such, not by its temporary path."""
+    words = command.split()
+    arguments = words[1:] if words and words[0].endswith(("train_shapes.py", "nullcov.train_shapes")) else words
+    shown, skip = [], False
+    for index, word in enumerate(arguments):
+        if skip:
+            skip = False
+            continue
+        if word == "--out" and index + 1 < len(arguments) and "nullcov/builtin/shapes" not in arguments[index + 1]:
+            shown.append("--out <scratch folder>, then copied to nullcov/builtin/shapes")
+            skip = True
+        else:
+            shown.append(word)
+    return " ".join(["python -m nullcov.train_shapes", *shown])
 
 
 def shapes_evaluator() -> str:
