@@ -190,6 +190,12 @@ def model_job_mem_mb(wildcards, attempt):
     return attempt * nc_plan.feature_job_mem_mb(0, 0, WEIGHTS_BYTES, config["feature_job_max_mem_mb"])
 
 
+def finetune_mem_mb(wildcards, attempt):
+    """The fine-tune proof: a feature job's need (it may collect the other CFG-branch statistics) plus
+    three more copies of the model's weights (the base UNet kept, the one trained, the merged one), x attempt."""
+    return attempt * (FEATURE_MEM_MB + -(-3 * WEIGHTS_BYTES // nc_plan.MIB))
+
+
 def merge_mem_mb(wildcards, attempt):
     """Merge jobs (covariance, merge_group): a few steps' statistics (constant in the number of
     shards), x attempt. merge_group holds every kind of file, one at a time."""

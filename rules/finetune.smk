@@ -39,7 +39,7 @@ rule finetune_proof:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=feature_job_mem_mb,
+        mem_mb=finetune_mem_mb,
     params:
         model_spec=config["model"],
         model_dir=str(MODEL_DIR),
