@@ -76,30 +76,39 @@ def write_grid(png_path, npz_path, images: dict[str, np.ndarray], captions: list
 
 
 def write_figure(path, rows: list[dict], base_fidelity: float, target: float) -> None:
-    """Left: concept fidelity per variant (target dashed). Right: preserved prompts' pixel change
-    against the all-correct accuracy drop, one point per variant."""
+    """Left: concept fidelity per variant (target dashed; without an evaluator, the final training
+    loss). Right: the preserved prompts' pixel change against their all-correct accuracy drop (without
+    an evaluator, against their attn2 change), one point per variant."""
     from nullcov.report import _pyplot, _save
 
+    evaluated = any(math.isfinite(row["concept_fidelity"]) for row in rows)
+    left_key, left_label = ("concept_fidelity", "concept fidelity (evaluator)") if evaluated else \
+        ("final_loss", "final training loss (no evaluator for this model)")
+    right_key, right_label = ("accuracy_drop_points_all", "preserved accuracy drop (points, all attributes)") \
+        if evaluated else ("attn2_change_all", "preserved prompts' attn2 change")
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
     kinds = {kind: f"C{index}" for index, kind in enumerate(dict.fromkeys(row["kind"] for row in rows))}
     positions = np.arange(len(rows))
-    left.bar(positions, [row["concept_fidelity"] for row in rows], color=[kinds[row["kind"]] for row in rows])
-    left.axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
-    left.axhline(base_fidelity, color="grey", linestyle=":", linewidth=0.8, label=f"base model {base_fidelity:.0%}")
+    left.bar(positions, [row[left_key] for row in rows], color=[kinds[row["kind"]] for row in rows])
+    if evaluated:
+        left.axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+        left.axhline(base_fidelity, color="grey", linestyle=":", linewidth=0.8, label=f"base model {base_fidelity:.0%}")
+        left.set_ylim(0, 1.05)
+        left.legend(fontsize=7)
     for position, row in zip(positions, rows):
-        left.annotate(f"{row['steps']} st", (position, 0.02), ha="center", fontsize=6, rotation=90)
+        left.annotate(f"{row['steps']} st", (position, 0), ha="center", va="bottom", fontsize=6, rotation=90)
     left.set_xticks(positions, [row["variant"] for row in rows], rotation=60, ha="right", fontsize=6)
-    left.set(ylabel="concept fidelity (evaluator)", ylim=(0, 1.05), title="learning the new shape")
-    left.legend(fontsize=7)
+    left.set(ylabel=left_label, title="learning the new shape")
     for row in rows:
-        right.scatter(row["pixel_change_all"], row["accuracy_drop_points_all"], color=kinds[row["kind"]], s=18)
-        right.annotate(row["variant"].removeprefix("projected-"), (row["pixel_change_all"],
-                       row["accuracy_drop_points_all"]), fontsize=5)
+        right.scatter(row["pixel_change_all"], row[right_key], color=kinds[row["kind"]], s=18)
+        right.annotate(row["variant"].removeprefix("projected-"), (row["pixel_change_all"], row[right_key]), fontsize=5)
     for kind, colour in kinds.items():
         right.scatter([], [], color=colour, label=kind)
-    right.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    right.set(xlabel="mean pixel change of the preserved prompts' images", xscale="log",
-              ylabel="preserved accuracy drop (points, all attributes)", title="what else moved")
+    if evaluated:
+        right.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
+    right.set(xlabel="mean pixel change of the preserved prompts' images", ylabel=right_label, title="what else moved")
+    if all(row["pixel_change_all"] > 0 for row in rows):
+        right.set_xscale("log")
     right.legend(fontsize=7)
     _save(fig, path)

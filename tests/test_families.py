@@ -232,7 +232,7 @@ def test_models_without_unet_cross_attention_are_refused_naming_what_is_supporte
     (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "x"]}))
     with pytest.raises(ModelError, match="pipeline 'KandinskyPipeline'.*is not supported"):
         resolve_model_dir(str(model))
-    with pytest.raises(ModelError, match="not a built-in model; built-in models: builtin:tiny, builtin:tiny-sd2"):
+    with pytest.raises(ModelError, match="not a built-in model; built-in models: builtin:shapes, builtin:tiny, builtin:tiny-sd2"):
         resolve_model_dir("builtin:tiny-sd3")
 
 
