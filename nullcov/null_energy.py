@@ -13,8 +13,9 @@ from contextlib import contextmanager
 
 import torch
 
+from nullcov.proof_plan import SCOPES
+
 ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # linear kinds as reported; to_kv: to_k and to_v share the text projection
-SCOPES = ("per-timestep", "all-timesteps")
 
 
 def protected_timesteps(scope: str, timestep: int, every_step: list[float]) -> list:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from nullcov import evaluator, proof_data, shapes
+from nullcov.capture import conditional_rows
 from nullcov.null_energy import protected_timesteps
 from nullcov.proof_plan import SCOPES, Variant, plan_variants
 
@@ -111,8 +112,6 @@ class Attn2Drift:
         return [module.register_forward_hook(self._on_output) for _, module in cross_attention_modules(unet)]
 
     def _on_output(self, module, args, output) -> None:
-        from nullcov.capture import conditional_rows
-
         rows = output[conditional_rows(len(output), self._prompts)].detach().float().cpu()
         if self._recording:
             self.base.append(rows)

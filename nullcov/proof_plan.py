@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("unconstrained", "prior-preservation", "projected", "projected-lora")
 SCOPES = ("per-timestep", "all-timesteps")
 #: ``unconditional_branch`` of the statistics -> how the table names it.
 BRANCH_LABELS = {False: "conditional", True: "both"}

@@ -21,7 +21,7 @@ same pixels on every machine (PIL's polygon fill plus a numpy ``default_rng`` no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -190,8 +190,3 @@ def parse_caption(text: str) -> Scene:
             if scene.caption == text.strip():
                 return scene
     raise ValueError(f"caption {text!r} is not in the shapes grammar (nullcov.shapes.TEMPLATES)")
-
-
-def with_shape(scene: Scene, shape: str) -> Scene:
-    """The same scene with another shape."""
-    return replace(scene, shape=shape)
