@@ -16,4 +16,5 @@ with logging_to(snakemake.log[0]):
         snakemake.params.statistic,
         layers,
         text_file=snakemake.input.text[0] if snakemake.input.text else None,
+        step_names=snakemake.params.step_names,
     )

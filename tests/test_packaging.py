@@ -6,8 +6,8 @@ import yaml
 
 from conftest import REPO
 
-# requirements.txt entries that only the workflow driver, the tests or the lint need.
-NOT_IN_JOBS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "pytest-xdist", "ruff", "snakefmt"}
+# requirements.txt entries that only the workflow driver, the tests, the lint or the docs site need.
+NOT_IN_JOBS = {"snakemake", "snakemake-executor-plugin-slurm", "pytest", "pytest-xdist", "ruff", "snakefmt", "mkdocs"}
 
 
 def _pins(lines) -> dict[str, str]:

@@ -348,7 +348,7 @@ def test_feature_jobs_log_the_gpu_slurm_gave_them(slurm_run):
 
 
 def test_array_mode_of_the_plugin_drops_feature_jobs_of_a_partial_round(slurm_run, slurm_cluster, tmp_path):  # noqa: F811
-    """Why the profile leaves job arrays off (README "Running on SLURM", tools/bench_slurm_arrays.py).
+    """Why the profile leaves job arrays off (docs/slurm.md, tools/bench_slurm_arrays.py).
 
     With ``--slurm-array-jobs features``, plugin 2.8.0's ``run_jobs`` holds back a rule's jobs when
     one scheduling round hands it fewer than the rule's other ready jobs (and fewer than

@@ -303,6 +303,26 @@ def test_nullbooth_export_gives_nullbooths_loader_the_same_null_spaces(results, 
                 np.testing.assert_allclose(theirs, space.projection, atol=1e-4)
 
 
+def test_nullbooth_export_of_a_text_only_run_has_k_and_v_for_every_scheduled_step(results, tmp_path):
+    """A text-only run has no step files, but NullBooth's trainer looks k/v up per step."""
+    import json
+
+    from nullcov.export import export_nullbooth
+    from nullcov.store import TEXT_KEY, read_projections
+
+    schedule = json.loads((results / "schedule.json").read_text())
+    names = [step["name"] for step in schedule["steps"]]
+    written = export_nullbooth({}, tmp_path / "nb", "second_moment", schedule["layers"],
+                               results / "covariance" / "text.h5", step_names=names)
+    loaded = nullbooth_loader(tmp_path / "nb", THRESHOLD)
+    assert written == len(loaded) == len(names) * len(schedule["layers"]) * 2
+    text, _ = read_projections(results / "projections" / "text.h5")
+    assert {feature for _, _, feature in loaded} == {"k", "v"}
+    assert {name for _, name, _ in loaded} == set(names)
+    for matrix in loaded.values():
+        np.testing.assert_allclose(matrix, text[TEXT_KEY].projection, atol=1e-4)
+
+
 def test_safetensors_export_loads_in_the_projection_bank(results, tmp_path):
     import json
 
