@@ -33,8 +33,21 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
-# Speed/memory benchmark (not part of `make test`): bare pipeline vs nullcov vs the legacy method,
-# tiny model and SD-1.5 architecture (random weights, no download); table + benchmarks/bench-*.json.
+# The docs site (docs/ + mkdocs.yml): render the measured figures and the generated tables
+# (tools/render_docs.py), then build site/ with warnings as errors.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python tools/render_docs.py
+	$(BIN)/mkdocs build --strict
+
+# Benchmarks (none is part of `make test`). Each bench-* target writes one measurement file,
+# docs/measurements/<name>.json: its figures plus command, date (UTC), machine and package versions
+# (nullcov/measurement.py); tools/render_docs.py renders docs/performance.md's tables from them.
+# Side files (tables, profiles, scratch, model folders) go to benchmarks/ (ignored by git) or /tmp.
+
+# Speed/memory: bare pipeline vs nullcov vs the legacy method in one invocation, tiny model and
+# SD-1.5 architecture (random weights, no download); docs/measurements/bench-cpu.json (-gpu.json),
+# table and profile in benchmarks/. CPU: ~5 min.
 .PHONY: bench bench-gpu
 bench: $(STAMP)
 	$(BIN)/python tools/benchmark.py --device cpu --profile
@@ -43,31 +56,47 @@ bench-gpu: $(STAMP)
 	$(BIN)/python tools/benchmark.py --device cuda --profile
 
 # A feature job held to mem_mb below its unchunked need (SD-1.5 architecture, CPU, ~5 min, ~8 GB
-# RAM and disk under /tmp): peak RSS and bit-equality with the unchunked run. Not in `make test`.
+# RAM and disk under /tmp): peak RSS and bit-equality with the unchunked run;
+# docs/measurements/feature-memory.json.
 .PHONY: bench-feature-memory
 bench-feature-memory: $(STAMP)
 	$(BIN)/python tools/feature_memory.py --mem-mb 5600 6000
 
-# Storage side at SD-1.5 scale (not part of `make test`): merge peak RSS at 3/12/48 shards,
-# merge GB/s vs the disk's sequential read, shard scratch, 100k/600k-prompt dry-runs.
-# Writes ~5 GB under benchmarks/bench-scale-tmp (deleted after); results in benchmarks/bench-scale.json.
+# Storage side at SD-1.5 scale: merge peak RSS at 3/12/48 shards, merge GB/s vs the disk's
+# sequential read, shard scratch, 100k/600k-prompt dry-runs. Writes ~5 GB under
+# benchmarks/bench-scale-tmp (deleted after); docs/measurements/bench-scale.json.
 .PHONY: bench-scale
 bench-scale: $(STAMP)
 	$(BIN)/python tools/bench_scale.py
 
-# Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (tools/).
+# Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (~4 min);
+# docs/measurements/bench-text-only.json.
 .PHONY: bench-text-only
 bench-text-only: $(STAMP)
 	$(BIN)/python tools/bench_text_only.py
 
-# Overhead of nullcov.training's projection per training step, SD-1.5 architecture (CPU, random weights).
-.PHONY: bench-training
+# Overhead of nullcov.training's projection per training step, SD-1.5 architecture (CPU, random
+# weights); docs/measurements/bench-training-128.json (~3 min), -512.json (~10 min, 7 GB RAM).
+.PHONY: bench-training bench-training-512
 bench-training: $(STAMP)
 	$(BIN)/python tools/bench_training.py --resolution 128
 
-.PHONY: bench-training-512
 bench-training-512: $(STAMP)
-	$(BIN)/python tools/bench_training.py --resolution 512 --repeats 2 --no-interpolate --out benchmarks/bench-training-512.json
+	$(BIN)/python tools/bench_training.py --resolution 512 --repeats 2 --no-interpolate
+
+# A small run end to end (snakemake, SD-1.5 architecture, 64 px, 8 prompts x 8 steps, CPU) against
+# the legacy method, each timed from start to exit; the model folder (3.9 GB) goes to
+# benchmarks/small-run; docs/measurements/small-run.json. ~5 min per repeat, 3 repeats.
+.PHONY: bench-small-run
+bench-small-run: $(STAMP)
+	$(BIN)/python tools/bench_small_run.py --repeats 3
+
+# SLURM job arrays for the feature jobs: submit time with and without (200 one-prompt shards, node
+# drained). Needs root: starts the one-node test cluster of tests/slurm_cluster.py (installs
+# slurm-wlm + munge when missing); docs/measurements/slurm-arrays.json.
+.PHONY: bench-slurm-arrays
+bench-slurm-arrays: $(STAMP)
+	$(BIN)/python tools/bench_slurm_arrays.py submit --shards 200 --jobs 200 --repeats 2
 
 # builtin:shapes, the shipped trained toy model: retrain it from scratch into nullcov/builtin/shapes
 # (~25 min on 2 CPU cores; progress and ETA on stdout), and measure what it learned (evaluator

@@ -97,17 +97,51 @@ def test_legacy_baseline_dumps_raw_inputs_and_streams_them_back(tiny_pipe, demo_
     assert legacy["prompt_timesteps_per_s"] > 0 and not (tmp_path / "legacy").exists()
 
 
-def test_quick_benchmark_writes_table_and_json(tmp_path):
-    assert benchmark.main(["--quick", "--models", "tiny", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench-cpu.json").read_text())
+def test_default_outputs_are_the_measurement_file_and_side_files_in_benchmarks():
+    from nullcov.measurement import MEASUREMENTS
+
+    args = benchmark.parse_args(["--device", "cpu", "--profile"])
+    assert args.out == MEASUREMENTS / "bench-cpu.json" and args.side_dir == REPO / "benchmarks"
+    assert benchmark.parse_args(["--device", "cuda"]).out == MEASUREMENTS / "bench-gpu.json"
+    assert benchmark.parse_args(["--quick"]).out == REPO / "benchmarks" / "bench-cpu-quick.json"  # not a measurement
+
+
+def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "tools"))
+    import render_docs
+
+    from nullcov.measurement import HEADER_KEYS
+
+    out = tmp_path / "bench-cpu.json"
+    assert benchmark.main(["--quick", "--models", "tiny", "--profile", "--out", str(out), "--side-dir",
+                           str(tmp_path / "side")]) == 0
+    report = json.loads(out.read_text())
+    assert set(HEADER_KEYS) <= set(report) and report["machine"]["torch_threads"] == 1
+    assert report["command"] == f"python tools/benchmark.py --quick --models tiny --profile --out {out} " \
+                                f"--side-dir {tmp_path / 'side'}"
+    assert report["machine"]["load_average_end"] is not None
+    assert (tmp_path / "side" / "profile-cpu.txt").is_file() and report["profile"]["top"]
     (result,) = report["cases"]
     assert {"bare", "ours", "legacy"} <= set(result)
     assert result["ratio_ours_bare"] > 0 and result["ratio_ours_legacy"] > 0
     assert result["ours"]["scratch"]["step_file_bytes"] > 0 and result["ours"]["peak_rss_bytes"] > 0
     assert report["precision"]["float16_products_exact_in_float32"] is True
     assert max(report["precision"]["errors"]["float16/gram"]) < 2e-6
-    table = (tmp_path / "bench-cpu.txt").read_text()
+    table = (tmp_path / "side" / "bench-cpu.txt").read_text()
     assert "ours/bare" in table and "legacy" in table
+    # docs/performance.md's blocks render from it (and from the same record taken as a GPU run)
+    monkeypatch.setattr(render_docs, "MEASUREMENTS", tmp_path)
+    rendered = {name: render_docs.RENDERERS[name]()
+                for name in ("bench-cpu", "bench-cpu-profile", "bench-cpu-precision")}
+    assert f"| {result['ratio_ours_bare']:.3f}" not in rendered["bench-cpu"]  # bold: **ratio**
+    assert f"**{result['ratio_ours_bare']:.3f}**" in rendered["bench-cpu"]
+    assert "Measured " in rendered["bench-cpu"] and "Same run as above" in rendered["bench-cpu-profile"]
+    assert "`gram`" in rendered["bench-cpu-precision"]
+    gpu = report | {"device": "cuda", "best_batch": 8,
+                    "memory_check": {"batch_size": 8, "steps": 50, "peak_gpu_bytes": 9e9, "pass": True}, "projection": benchmark.projection_1000x50(result)}
+    (tmp_path / "bench-gpu.json").write_text(json.dumps(gpu))
+    assert "peak GPU memory" in render_docs.RENDERERS["bench-gpu"]()
+    assert "**pass**" in render_docs.RENDERERS["bench-gpu-checks"]()
 
 
 def test_projection_counts_per_shard_costs():

@@ -3,8 +3,9 @@
 Runs the workflow with ``finetune_proof=True`` in ``--workdir`` (default ``results-proof/``,
 ignored by git): the statistics of the demo prompts, then the proof rule (every variant of
 ``config/config.yaml``'s ``finetune_*`` keys). Then writes ``docs/measurements/proof-shapes.json``
-(every row of ``variants.tsv``, the wall time, the proof job's max RSS, command, date, machine,
-versions) and copies the figure and the image grid to ``docs/images/`` for the docs page.
+(every row of ``variants.tsv``, the wall time, the proof job's max RSS, and
+:func:`nullcov.measurement.header`) and copies the figure and the image grid to ``docs/images/``
+for the docs page.
 
 Usage::
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -44,18 +43,22 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "results-proof")
     parser.add_argument("--set", nargs="*", default=list(DEFAULT_SETTINGS), metavar="KEY=YAML",
                         help="config keys over config/config.yaml (values in YAML: lists allowed); default: "
                              + " ".join(DEFAULT_SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     import yaml
 
-    from nullcov.provenance import package_versions
+    from nullcov.measurement import header, write_record
     from nullcov.report import read_benchmark
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -67,23 +70,19 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
                str(args.workdir), "--configfile", str(REPO / "config" / "config.yaml"), str(overrides),
                "--cores", "2", "--until", "finetune_proof"]
+    record = header("tools/bench_proof.py", argv, torch_threads=2)  # the proof rule's threads
     started = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
     finetune = args.workdir / "results" / "report" / "finetune"
-    record = {
-        "command": " ".join(["python", "tools/bench_proof.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": 2},
-        "versions": package_versions(),
+    record |= {
         "config": settings,
         "seconds": {"workflow": round(wall, 1),
                     "proof_job": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv")},
         "max_rss_mb": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv", "max_rss"),
         "rows": read_rows(finetune / "variants.tsv"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     images = REPO / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(finetune / "variants.png", images / "proof-variants.png")

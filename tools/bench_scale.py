@@ -15,7 +15,8 @@ API, then measures:
   per shard (the builtin tiny model's schedule; the DAG does not depend on the model).
 
 Files go to a temporary folder under --scratch (default: ./benchmarks/bench-scale-tmp, about
-5 GB) and are deleted afterwards; results to benchmarks/bench-scale.json.
+5 GB) and are deleted afterwards; results to ``docs/measurements/bench-scale.json`` (with
+:func:`nullcov.measurement.header`, rendered into ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
 from nullcov.prompts import auto_prompts_per_shard  # noqa: E402
 from nullcov.statistics import Moments  # noqa: E402
 from nullcov.store import moments_file_bytes, write_moments  # noqa: E402
@@ -162,18 +164,23 @@ def projection_timings() -> list[dict]:
     return timings
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scratch", default=str(REPO / "benchmarks" / "bench-scale-tmp"))
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "bench-scale.json"))
+    parser.add_argument("--out", "--output", dest="out", type=Path, default=measurement_path("bench-scale.json"))
     parser.add_argument("--shards", default="3,12,48")
     parser.add_argument("--dry-run-prompts", default="100000,600000", help="empty: no dry-runs")
     parser.add_argument("--no-projections", dest="projections", action="store_false")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     scratch = Path(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    results: dict = {"projection": projection_timings() if args.projections else []}
+    results: dict = header("tools/bench_scale.py", argv)
+    results["projection"] = projection_timings() if args.projections else []
     try:
         dims = sd15_dims()
         step_bytes = sum(8 * d * d for d in dims.values())
@@ -220,9 +227,10 @@ def main() -> None:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps(results["dry_run"][-1]), flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=1))
+    results["machine"]["load_average_end"] = os.getloadavg()[0]
+    write_record(args.out, results)
     print(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ reports accuracy per attribute and, per cross-attention layer, how much of the c
 words' attention lands on the object (ratio to the object's share of the image). The evaluator's
 own accuracy on held-out renders (clean, noisy, blurred) is measured first, in the same run.
 
-Writes ``docs/measurements/bench-shapes.json`` (figures, command, date, machine, versions) and a
+Writes ``docs/measurements/bench-shapes.json`` (figures and :func:`nullcov.measurement.header`) and a
 grid of the first samples beside it (``bench-shapes.png``).
 
 Usage::
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ def _training_settings(model_dir: Path) -> dict | None:
             "beta_schedule": scheduler["beta_schedule"]}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     import yaml
 
     defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -66,17 +65,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "bench-shapes.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     import torch
 
     from nullcov import evaluator, shapes_eval
     from nullcov.features import configure_scheduler
+    from nullcov.measurement import header, write_record
     from nullcov.model import load_pipeline, resolve_model_dir
-    from nullcov.provenance import package_versions
     from nullcov.schedule import build_schedule
 
     torch.set_num_threads(args.threads)
+    record = header("tools/bench_shapes.py", argv, torch_threads=args.threads)
     started = time.perf_counter()
     renders = evaluator.render_accuracy()
     model_dir = resolve_model_dir(args.model)
@@ -89,11 +93,7 @@ def main(argv=None) -> int:
     sampling_started = time.perf_counter()
     result = shapes_eval.evaluate(pipe, scenes, schedule, config)
     sampling_seconds = time.perf_counter() - sampling_started
-    record = {
-        "command": " ".join(["python", "tools/bench_shapes.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch_threads": args.threads},
-        "versions": package_versions(),
+    record |= {
         "model": args.model,
         "model_training": _training_settings(model_dir),
         "sampler": {"strategy": "DPM++ 2M Karras", "steps": args.steps, "guidance_scale": args.guidance_scale,
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
         "seconds": {"sampling": round(sampling_seconds, 1), "total": round(time.perf_counter() - started, 1)},
         "failures": [row for row in result["rows"] if not all(v for k, v in row.items() if k.startswith("correct_"))],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     sample_grid(args.out.with_suffix(".png"), result["images"], [scene.caption for scene in scenes])
     print(f"evaluator on held-out renders: {json.dumps(renders)}")
     print(f"{len(scenes)} prompts, {sampling_seconds:.0f} s sampling; accuracy: "

@@ -21,7 +21,9 @@ first round: ``hold --shards 12 --jobs 4`` hangs). When it finishes (``--jobs`` 
 of tasks that overlapped on one GPU, and whether every dataset of the shard files equals a local
 run of the same shards.
 
-Writes ``<workdir>/bench_slurm_arrays.json``. Not part of ``make test``.
+Writes ``docs/measurements/slurm-arrays.json`` (``submit``) or ``slurm-arrays-hold.json`` (``hold``),
+with :func:`nullcov.measurement.header`; the logs stay in ``--workdir``. ``make bench-slurm-arrays``
+(root, a machine that may install slurm-wlm); not part of ``make test``.
 """
 
 from __future__ import annotations
@@ -36,13 +38,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 PROFILE = REPO / "profiles" / "slurm"
+
+from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
+
+
+def slurm_version() -> str | None:
+    """``sbatch --version`` of the test cluster's SLURM (None when it cannot be run)."""
+    try:
+        return subprocess.run(["sbatch", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def plugin_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("snakemake-executor-plugin-slurm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def load_cluster_module():
@@ -270,7 +291,7 @@ def compare_with_local(base: Path, root: Path, workdir: Path, targets: list[str]
     return {"files": files, "datasets": datasets, "differing": differing}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", nargs="?", choices=("submit", "hold"), default="submit")
     parser.add_argument("--shards", type=int, default=200, help="feature jobs (one prompt each)")
@@ -281,8 +302,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="submit: stop waiting once the queued count has not changed for this many seconds")
     parser.add_argument("--timeout", type=float, default=600.0, help="hold: seconds before giving up on Snakemake")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new folder under /tmp")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: docs/measurements/slurm-arrays.json (submit), slurm-arrays-hold.json (hold)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = measurement_path("slurm-arrays.json" if args.scenario == "submit" else "slurm-arrays-hold.json")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record = header("tools/bench_slurm_arrays.py", argv)
     module = load_cluster_module()
     module.ensure_installed()
     cluster_root = Path(tempfile.mkdtemp(prefix="nc-bench-", dir="/tmp"))  # munge's socket path must be short
@@ -310,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
         shutil.rmtree(cluster_root, ignore_errors=True)
-    report = {"date": date.today().isoformat(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "scenario": args.scenario, "shards": args.shards, "jobs": args.jobs, "results": results}
-    (root / "bench_slurm_arrays.json").write_text(json.dumps(report, indent=1))
+    report = record | {"scenario": args.scenario, "shards": args.shards, "jobs": args.jobs, "steps": args.steps,
+                       "repeats": args.repeats, "slurm": slurm_version(), "executor_plugin": plugin_version(),
+                       "results": results}
+    write_record(args.out, report)
     if args.scenario == "submit":
         for mode in ("plain", "array"):
             rows = [row for row in results if row["mode"] == mode]
@@ -327,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         array = [row["last_queued_s"] for row in results if row["mode"] == "array" and row["last_queued_s"]]
         if plain and array:
             print(f"ratio plain/array (to last queued): {min(plain) / min(array):.2f}")
-    print(f"report: {root / 'bench_slurm_arrays.json'}")
+    print(f"report: {args.out} (logs under {root})")
     return 0
 
 

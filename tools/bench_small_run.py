@@ -14,7 +14,9 @@ The SD-1.5-architecture random model (``nullcov/sd15.py`` saved as a diffusers f
 
 ``--repeats N`` runs both N times (workflow first, then legacy, each time) and reports every run
 and the median ratios: on a shared machine single runs vary by ±10 %.
-Prints the table and writes ``<workdir>/small_run.json``. Not part of ``make test``.
+Prints the table and writes ``docs/measurements/small-run.json`` (with
+:func:`nullcov.measurement.header`); the model folder (3.9 GB) and the runs stay in ``--workdir``
+(default ``benchmarks/small-run``). ``make bench-small-run``; not part of ``make test``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmark import read_benchmark_prompts, run_legacy  # noqa: E402  (tools/ is this script's folder)
 from feature_memory import sd15_folder  # noqa: E402
+
+from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
 
 STEPS, PROMPTS, RESOLUTION, SAMPLER = 8, 8, 64, "DPM++ 2M Karras"
 
@@ -84,12 +88,17 @@ def legacy_process(workdir: Path) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "small-run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=measurement_path("small-run.json"))
     parser.add_argument("--legacy-only", action="store_true", help=argparse.SUPPRESS)  # the child process
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = sd15_folder(args.workdir)
     prompts = read_benchmark_prompts(PROMPTS)
@@ -97,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.workdir / "legacy-scratch", ignore_errors=True)
         (args.workdir / "legacy.json").write_text(json.dumps(legacy(model, prompts, args.workdir), default=str))
         return 0
+    record = header("tools/bench_small_run.py", argv, torch_threads=2)  # the workflow's jobs' threads
+    record |= {"model": "SD-1.5 architecture, random weights (nullcov/sd15.py), saved as a diffusers folder",
+               "resolution": RESOLUTION, "prompts": PROMPTS, "steps": STEPS, "collection": "noised",
+               "sampler": SAMPLER, "device": "cpu", "cores": 2}
     runs = []
     print(f"SD-1.5 architecture, {RESOLUTION} px, {PROMPTS} prompts x {STEPS} noised steps, CPU, one shard")
     for number in range(args.repeats):
@@ -111,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{ours['covariances_s']:.1f} s ({run['speedup_covariances']:.2f}x), scratch "
               f"{ours['scratch_bytes'] / 1e6:.0f} MB; with projections {ours['total_s']:.1f} s "
               f"({run['speedup_with_projections']:.2f}x)")
-    report = {"runs": runs, "median_speedup_covariances": statistics.median(r["speedup_covariances"] for r in runs),
-              "median_speedup_with_projections": statistics.median(r["speedup_with_projections"] for r in runs)}
-    (args.workdir / "small_run.json").write_text(json.dumps(report, indent=1, default=str))
+    report = record | {
+        "runs": runs, "median_speedup_covariances": statistics.median(r["speedup_covariances"] for r in runs),
+        "median_speedup_with_projections": statistics.median(r["speedup_with_projections"] for r in runs)}
+    write_record(args.out, report)
+    print(f"wrote {args.out}")
     print(f"median over {len(runs)} run(s): {report['median_speedup_covariances']:.2f}x to the covariances, "
           f"{report['median_speedup_with_projections']:.2f}x with projections")
     return 0

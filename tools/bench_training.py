@@ -10,19 +10,19 @@ it also times the previous dense application (``ΔW P`` / ``A P`` with the store
 :func:`dense_project`, the code ``project()`` ran before the factored forms) and checks that both
 give the same weights; the two run in alternating order from the same state. It also times a
 cache miss of ``mode="interpolate"`` (one float64 eigh per layer/linear) and reports the cache
-memory per timestep. Run it under the heavy lock on a shared machine:
+memory per timestep. Writes ``docs/measurements/bench-training-<resolution>.json`` (the figures and
+:func:`nullcov.measurement.header`). Run it under the heavy lock on a shared machine:
 
     flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 128
-    flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 512 --repeats 2 \
-        --no-interpolate --out benchmarks/bench-training-512.json
+    flock /tmp/nullcov-heavy.lock .venv/bin/python tools/bench_training.py --resolution 512 --repeats 2 --no-interpolate
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -204,22 +204,34 @@ def time_interpolate(results, repeats: int = 1) -> dict:
     return {"cache_miss_s": statistics.median(times), "bytes_per_timestep": size, "matrices": len(found)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-interpolate", action="store_true", help="skip the interpolate cache-miss timing")
-    parser.add_argument("--out", default="benchmarks/bench-training.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: docs/measurements/bench-training-<resolution>.json")
     args = parser.parse_args(argv)
+    if args.out is None:
+        from nullcov.measurement import measurement_path
+
+        args.out = measurement_path(f"bench-training-{args.resolution}.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    from nullcov.measurement import header, write_record
     from nullcov.sd15 import SD15_UNET_CONFIG
 
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record = header("tools/bench_training.py", argv)
+    started = record["date"]
     load_before = os.getloadavg()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -237,15 +249,14 @@ def main(argv=None) -> int:
                                     target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
         rows.append(time_training(unet, results, args.resolution, args.batch, args.repeats, lora=True))
         interpolate = None if args.no_interpolate else time_interpolate(results)
-    report = {"device": "cpu", "threads": args.threads, "resolution": args.resolution, "batch": args.batch,
-              "torch": torch.__version__, "started_utc": started, "command": " ".join(sys.argv),
-              "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "training": rows, "interpolate": interpolate}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    report = record | {"device": "cpu", "threads": args.threads, "resolution": args.resolution, "batch": args.batch,
+                       "repeats": args.repeats, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       "training": rows, "interpolate": interpolate}
+    write_record(args.out, report)
     print(f"SD-1.5 architecture, CPU ({args.threads} threads), {args.resolution} px, batch {args.batch}, "
           f"median of {args.repeats} steps")
-    print(f"started {started} UTC, load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"started {started}, load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'training':22s} {'step s':>8s} {'project s':>10s} {'overhead':>9s} {'dense s':>9s} {'dense ovh':>9s} "
           f"{'speedup':>8s} {'max rel diff':>12s}  forms")
     for row in rows:
@@ -255,6 +266,7 @@ def main(argv=None) -> int:
     if interpolate:
         print(f"interpolate cache miss: {interpolate['cache_miss_s']:.2f} s for {interpolate['matrices']} matrices; "
               f"cache {interpolate['bytes_per_timestep'] / 1e6:.0f} MB per timestep")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -17,7 +17,9 @@ dtype, steps and CFG:
 
 It prints prompt-timesteps per second, the ratios ours/bare and ours/legacy, peak RSS, peak GPU
 memory and scratch bytes per prompt-timestep, and writes everything to
-``benchmarks/bench-<device>.json`` (plus the table as ``.txt``). Models: the tiny demo model and
+``docs/measurements/bench-<device>.json`` (``cpu`` or ``gpu``; with :func:`nullcov.measurement.header`,
+rendered into ``docs/performance.md``), the table as ``benchmarks/bench-<device>.txt`` and the
+profile as ``benchmarks/profile-<device>.txt``. Models: the tiny demo model and
 an SD-1.5-architecture pipeline with seeded random weights (:mod:`nullcov.sd15`); nothing is
 downloaded. On a shared CPU, bare and ours alternate ``--repeats`` times and the fastest run of
 each counts; CPU seconds are reported too (less sensitive to other processes).
@@ -33,12 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
 import math
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO))  # this checkout's nullcov, whatever is installed
 
 from nullcov.capture import CrossAttentionCapture  # noqa: E402
 from nullcov.config import schema_defaults  # noqa: E402
+from nullcov.measurement import header, load_average, measurement_path, write_record  # noqa: E402
 from nullcov.model import image_resolution  # noqa: E402
 from nullcov.report import folder_bytes  # noqa: E402
 
@@ -550,6 +550,12 @@ def projection_1000x50(best: dict, steps: int = 50, prompts: int = 1000) -> dict
 
 
 # -- output ------------------------------------------------------------------------------------------
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no home folders in a committed file)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def _gib(value) -> str:
     return "-" if value is None else f"{value / 2**30:.2f} GiB"
 
@@ -559,7 +565,8 @@ def _mb(value) -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"nullcov benchmark, {report['date']}", f"machine: {report['machine']}",
+    lines = [f"nullcov benchmark, {report['date']}",
+             f"machine: {describe_machine(report['machine'], report['versions'])}",
              f"command: {report['command']}", ""]
     header = f"{'case':<48} {'variant':<7} {'wall s':>8} {'pt/s':>9} {'cpu-s/pt':>9} {'ours/this':>9} " \
              f"{'peak RSS':>10} {'peak GPU':>10} {'scratch/pt':>11}"
@@ -642,25 +649,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def machine_description(device: str) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    text = f"{cpu}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {memory:.0f} GiB RAM"
-    if device.startswith("cuda"):
-        properties = torch.cuda.get_device_properties(0)
-        text += f", {properties.name} ({properties.total_memory / 2**30:.0f} GiB)"
-    with contextlib.suppress(OSError):
-        text += f", load average {os.getloadavg()[0]:.1f} at start"
-    import diffusers
-
-    return text + f"; torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}"
+def describe_machine(machine: dict, versions: dict | None = None) -> str:
+    """One line of a measurement header's ``machine`` (and ``versions``), for the table."""
+    text = f"{machine['processor']}, {machine['cpu_count']} CPUs ({machine['torch_threads']} torch threads)"
+    if machine.get("memory_gib") is not None:
+        text += f", {machine['memory_gib']:.0f} GiB RAM"
+    if machine.get("gpu"):
+        text += f", {machine['gpu']['name']} ({machine['gpu']['memory_gib']:.0f} GiB)"
+    if machine.get("load_average") is not None:
+        text += f", load average {machine['load_average']:.1f} at start"
+    if machine.get("load_average_end") is not None:
+        text += f", {machine['load_average_end']:.1f} at the end"
+    if versions:
+        text += f"; torch {versions['torch']}, diffusers {versions['diffusers']}"
+    return text + f", python {machine['python']}"
 
 
 def default_cases(device: str, quick: bool) -> list[Case]:
@@ -680,7 +682,7 @@ def default_cases(device: str, quick: bool) -> list[Case]:
                  legacy_prompts=2, legacy_steps=2, repeats=3)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python tools/benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--models", default=None, help="comma-separated: tiny,sd15 (default: both on CPU, sd15 on CUDA)")
@@ -689,11 +691,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 with --device cpu, so that ratios stay stable on a shared "
                              "machine; torch's default with cuda)")
-    parser.add_argument("--out", default="benchmarks", help="folder for bench-<device>.json/.txt")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the measurement file (default: docs/measurements/bench-<cpu|gpu>.json; with --quick "
+                             "benchmarks/bench-<cpu|gpu>-quick.json)")
+    parser.add_argument("--side-dir", type=Path, default=REPO / "benchmarks",
+                        help="folder for the table (bench-<cpu|gpu>.txt) and the profile (default: benchmarks/)")
     parser.add_argument("--profile", action="store_true", help="also profile one feature run (torch.profiler)")
     parser.add_argument("--no-legacy", action="store_true")
     parser.add_argument("--no-1000", action="store_true", help="(cuda) skip the 1000-timestep check")
     args = parser.parse_args(argv)
+    args.name = "gpu" if args.device.startswith("cuda") else "cpu"
+    if args.out is None:  # a --quick smoke test is no measurement: it stays out of docs/
+        args.out = (args.side_dir / f"bench-{args.name}-quick.json" if args.quick
+                    else measurement_path(f"bench-{args.name}.json"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("nullcov.features", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -704,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+        print(f"--device {device}: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
+        return 2
     cases = default_cases(device, args.quick)
     if args.models:
         wanted = args.models.split(",")
@@ -715,20 +731,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_legacy:
         for case in cases:
             case.legacy_prompts = 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "gpu" if device.startswith("cuda") else "cpu"
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_description(device),
-        "command": "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": device,
-        "cases": [],
-    }
+    name, side = args.name, args.side_dir
+    side.mkdir(parents=True, exist_ok=True)
+    table = side / f"bench-{name}.txt"
+    report = header("tools/benchmark.py", argv) | {"device": device, "table": _shown(table), "cases": []}
 
     def save():
-        (out / f"bench-{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        (out / f"bench-{name}.txt").write_text(format_table(report) + "\n")
+        write_record(args.out, report)
+        table.write_text(format_table(report) + "\n")
 
     workdir = Path(tempfile.mkdtemp(prefix="nullcov-bench-"))
     try:
@@ -772,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             stages.append(("timesteps_1000", lambda: timestep_1000_check(pipes[("sd15", "float16")], workdir)))
         if args.profile and cases:
             stages.append(("profile", lambda: profile_feature_job(
-                cases[-1], pipes.get((cases[-1].model, cases[-1].dtype)), workdir, out / f"profile-{name}.txt")))
+                cases[-1], pipes.get((cases[-1].model, cases[-1].dtype)), workdir, side / f"profile-{name}.txt")))
         for stage, run in stages:  # one failing study must not cost the others (device time is scarce)
             try:
                 report[stage] = run()
@@ -782,11 +792,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        report["machine"] += f"; load average {os.getloadavg()[0]:.1f} at the end"
-        save()
+    report["machine"]["load_average_end"] = load_average()
+    save()
     print(format_table(report))
-    print(f"\nwritten: {out / f'bench-{name}.json'}, {out / f'bench-{name}.txt'}")
+    print(f"\nwritten: {args.out}, {table}")
     for stage, error in report.get("errors", {}).items():
         print(f"FAILED {stage}: {error}", file=sys.stderr)
     return 1 if report.get("errors") else 0
@@ -813,7 +822,7 @@ def profile_feature_job(case: Case, pipe, workdir: Path, path: Path, steps: int 
                 for event in averages if event.key.startswith("nullcov:")}
     total = sum(getattr(event, sort) for event in averages)
     top = sorted(averages, key=lambda event: getattr(event, sort), reverse=True)[:12]
-    return {"table": str(path), "sort": sort, "case": case.label, "steps": config["num_denoising_steps"],
+    return {"table": _shown(path), "sort": sort, "case": case.label, "steps": config["num_denoising_steps"],
             "self_total_us": total, "nullcov_labels": labelled,
             "top": [{"op": event.key, "self_us": getattr(event, sort), "share": getattr(event, sort) / total if total else None,
                      "calls": event.count} for event in top]}

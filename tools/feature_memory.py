@@ -5,15 +5,16 @@ under --workdir), one shard through the real workflow (`snakemake ... results/fe
 first with the rule's own mem_mb (every step held at once), then with
 `--set-resources features:mem_mb=N` for each N given: Snakemake's `benchmark:` max_rss of each
 job (sampled: every 0.5 s for 15 s, then every 30 s) and its exact peak RSS (VmHWM, from its log), its chunks (from its log), and whether every step file equals the unchunked run's bit for
-bit. Not part of `make test` (minutes, ~8 GB of RAM and disk). Usage:
+bit. Writes ``docs/measurements/feature-memory.json`` (with :func:`nullcov.measurement.header`);
+the model folder and the runs stay in --workdir. Not part of `make test` (minutes, ~8 GB of RAM
+and disk). Usage (`make bench-feature-memory`):
 
-    python tools/feature_memory.py --workdir /tmp/nullcov-feature-memory --mem-mb 5000 5600
+    python tools/feature_memory.py --workdir /tmp/nullcov-feature-memory --mem-mb 5600 6000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
 from nullcov.store import read_moments  # noqa: E402
 
 
@@ -93,7 +95,7 @@ def same_files(a: str, b: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/nullcov-feature-memory"))
     parser.add_argument("--mem-mb", type=int, nargs="*", default=[], help="budgets below the unchunked need")
@@ -101,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--collection", default="noised", choices=["noised", "trajectory"])
     parser.add_argument("--resolution", type=int, default=64)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=measurement_path("feature-memory.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    record = header("tools/feature_memory.py", argv, torch_threads=2)  # the feature rule's threads
     model = sd15_folder(args.workdir)
     runs = [run_job(args.workdir, model, "unchunked", args, None)]
     for mem_mb in args.mem_mb:
@@ -115,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run['name']} | {run['mem_mb'] or 'rule'} | {run['max_rss_mb']:.0f} | {run['peak_rss_mb']} | "
               f"{run['job_s']:.1f} | "
               f"{run.get('equals_unchunked', '-')} | {run['memory_log']}")
-    (args.workdir / "feature_memory.json").write_text(json.dumps(runs, indent=1))
+    weights = sum(path.stat().st_size for path in model.rglob("*.safetensors"))
+    write_record(args.out, record | {
+        "model": "SD-1.5 architecture, random weights (nullcov/sd15.py), saved as a diffusers folder",
+        "weight_file_bytes": weights, "resolution": args.resolution, "prompts": args.prompts, "steps": args.steps,
+        "collection": args.collection, "device": "cpu", "runs": runs})
+    print(f"wrote {args.out}")
     return 0 if all(run.get("equals_unchunked", True) and run.get("under_budget", True) for run in runs) else 1
 
 

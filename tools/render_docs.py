@@ -14,13 +14,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+import workflow_docs  # noqa: E402  (tools/: the rule graph and the config reference)
+
 DOCS = REPO / "docs"
 MEASUREMENTS = DOCS / "measurements"
 BLOCK = re.compile(r"(<!-- render: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
@@ -33,11 +38,78 @@ def _load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _machine_words(machine: dict) -> str:
+    """What the provenance line says of the machine: the torch threads, and for a record with the full
+    header of :func:`nullcov.measurement.machine` also the CPU, the GPU and the load at the start."""
+    if "cpu_count" not in machine:  # the files written before nullcov.measurement
+        return f"{machine['torch_threads']} torch threads"
+    words = [f"{machine['processor']}, {machine['cpu_count']} CPUs"]
+    if machine.get("torch_threads") is not None:
+        words.append(f"{machine['torch_threads']} torch thread{'s' if machine['torch_threads'] != 1 else ''}")
+    if machine.get("gpu"):
+        words.append(f"{machine['gpu']['name']} ({machine['gpu']['memory_gib']:g} GiB)")
+    if machine.get("load_average") is not None:
+        words.append(f"load average {machine['load_average']:.1f} at the start")
+    return ", ".join(words)
+
+
 def _provenance(record: dict, source: str) -> str:
     versions = record["versions"]
     return (f"\n<sub>Measured {record['date'][:10]} on {record['machine']['platform']} "
-            f"({record['machine']['torch_threads']} torch threads), torch {versions['torch']}, diffusers "
+            f"({_machine_words(record['machine'])}), torch {versions['torch']}, diffusers "
             f"{versions['diffusers']}; `{record['command']}`; data: `{source}`.</sub>\n")
+
+
+def _same_run(record: dict, source: str) -> str:
+    """The source line of a second block from one measurement file (the first carries the provenance)."""
+    return f"\n<sub>Same run as above ({record['date'][:10]}, `{record['command']}`); data: `{source}`.</sub>\n"
+
+
+def measured(name: str, command: str, full: bool = True):
+    """A renderer of ``docs/measurements/<name>``: the decorated function's text, then the provenance
+    line (``full``) or the same-run line; where the file does not exist yet, a line that says so
+    and which command writes it (the page still builds)."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def render() -> str:
+            source = f"docs/measurements/{name}"
+            if not (MEASUREMENTS / name).is_file():
+                return f"Not measured yet: run `{command}` (it writes `{source}`).\n"
+            record = _load(name)
+            return function(record).rstrip("\n") + "\n" + (_provenance if full else _same_run)(record, source)
+
+        return render
+
+    return wrap
+
+
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.3g} MB"
+
+
+def _size(value: float | None) -> str:
+    """Bytes in MB, GB or TB (decimal, 3 significant digits)."""
+    if value is None:
+        return "–"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e6:.3g} MB"
+
+
+def _gib(value: float | None) -> str:
+    return "–" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else (f"{value:.2f} s" if value < 10 else f"{value:.1f} s")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _percent(value: float) -> str:
@@ -182,13 +254,318 @@ def proof_goal() -> str:
     return text + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
+# -- make bench / make bench-gpu (tools/benchmark.py) ----------------------------------------------------
+_MODELS = {"tiny": "tiny", "sd15": "SD-1.5 architecture"}
+
+
+def _case_label(case: dict) -> str:
+    return (f"{_MODELS.get(case['model'], case['model'])}, {case['resolution']} px, {case['dtype']}, "
+            f"{case['prompts']} prompts × {case['steps']} steps, batch {case['batch_size']}")
+
+
+def _bench_table(record: dict) -> str:
+    gpu = record["device"].startswith("cuda")
+    header = ["model, work", "bare pt/s", "ours pt/s", "ours / bare: wall (CPU s)", "legacy pt/s", "ours / legacy",
+              "peak RSS bare / ours"] + (["peak GPU memory ours"] if gpu else []) + ["scratch per pt: ours / legacy"]
+    rows = []
+    for result in record["cases"]:
+        bare, ours, legacy = result["bare"], result["ours"], result.get("legacy")
+        cpu_ratio = f" ({result['ratio_ours_bare_cpu']:.3f})" if result.get("ratio_ours_bare_cpu") else ""
+        row = [_case_label(result["case"]), f"{bare['prompt_timesteps_per_s']:.3g}",
+               f"{ours['prompt_timesteps_per_s']:.3g}", f"**{result['ratio_ours_bare']:.3f}**{cpu_ratio}",
+               f"{legacy['prompt_timesteps_per_s']:.3g}" if legacy else "–",
+               f"{result['ratio_ours_legacy']:.3g}×" if legacy else "–",
+               f"{bare['peak_rss_bytes'] / 2**30:.2f} / {_gib(ours['peak_rss_bytes'])}"]
+        if gpu:
+            row.append(_gib(ours.get("peak_gpu_bytes")))
+        row.append(f"{_mb(ours.get('scratch_bytes_per_prompt_timestep'))} / "
+                   f"{_mb(legacy['scratch_bytes_per_prompt_timestep']) if legacy else '–'}")
+        rows.append(row)
+    repeats = {result["case"]["repeats"] for result in record["cases"]}
+    text = _table(header, rows)
+    text += (f"\nA prompt-timestep (pt) is one prompt at one scheduled UNet call, CFG included; bare and ours "
+             f"alternate {'/'.join(map(str, sorted(repeats)))} times and the fastest run of each counts.")
+    notes = []
+    for result in record["cases"]:
+        ours, legacy = result["ours"], result.get("legacy")
+        parts = []
+        if "scratch" in ours:
+            scratch = ours["scratch"]
+            parts.append(f"ours writes {_mb(scratch['step_file_bytes'])} per step file and "
+                         f"{_mb(scratch['text_file_bytes'])} of `text.h5` per shard, whatever its prompt count "
+                         f"(per pt: divided by the shard's {result['case']['prompts']} prompts and the steps)")
+        if legacy:
+            parts.append(f"legacy measured on {legacy['prompts']} prompts × {legacy['timesteps']} timesteps "
+                         f"({_mb(legacy['scratch_bytes_per_prompt_timestep'])} of compressed dumps per pt)")
+        if parts:
+            model = _MODELS.get(result["case"]["model"], result["case"]["model"])
+            notes.append(f"- {model}: " + "; ".join(parts) + ".")
+    if notes:
+        text += "\n\n" + "\n".join(notes)
+    if record.get("errors"):
+        text += "\n\nFailed studies in this run: " + "; ".join(f"{k}: {v}" for k, v in record["errors"].items())
+    return text + "\n"
+
+
+def _bench_profile(record: dict) -> str:
+    profile = record.get("profile")
+    if not profile:
+        return "This run has no profile (`--profile` was not given, or the profile failed).\n"
+    rows = [[f"`{entry['op']}`", f"{entry['self_us'] / 1e3:.1f} ms",
+             _percent(entry["share"]) if entry["share"] else "–", entry["calls"]] for entry in profile["top"]]
+    text = (f"`torch.profiler` over one feature collection ({profile['case']}, {profile['steps']} steps), "
+            f"sorted by {profile['sort']}; the whole table is `{profile['table']}` (not kept in the repository).\n\n")
+    text += _table(["op", "self time", "share", "calls"], rows)
+    if profile.get("nullcov_labels"):
+        text += "\n" + _table(["nullcov's own code (with children)", "CPU time", "calls"], [
+            [f"`{label}`", f"{entry['cpu_time_total_us'] / 1e3:.1f} ms", entry["calls"]]
+            for label, entry in profile["nullcov_labels"].items()])
+    return text
+
+
+def _bench_precision(record: dict) -> str:
+    precision = record.get("precision")
+    if not precision:
+        return "This run has no precision check.\n"
+    sizes = [f"{n}×{d}" for n, d in precision["sizes"]]
+    rows = [[f"`{label}`"] + [f"{error:.2g}" for error in errors] for label, errors in precision["errors"].items()]
+    text = (f"Max \\|error\\| / max \\|entry\\| of XᵀX against float64, on `{precision['device']}`; `gram` is "
+            "nullcov's product (float32 accumulation), `upcast` converts to float32 first, `*_output` keeps the "
+            "input dtype for the result.\n\n")
+    text += _table(["inputs / product"] + [f"X of {size}" for size in sizes], rows)
+    text += (f"\nProducts of two float16 numbers exact in float32: {precision['float16_products_exact_in_float32']}; "
+             f"bfloat16: {precision['bfloat16_products_exact_in_float32']}.\n")
+    return text
+
+
+def _bench_gpu_checks(record: dict) -> str:
+    lines = []
+    check = record.get("memory_check")
+    if check:
+        lines.append(f"- Peak GPU memory at batch {check['batch_size']}, {check['steps']} steps, every layer and "
+                     f"q/k/v/out: {_gib(check['peak_gpu_bytes'])}: **{'pass' if check['pass'] else 'fail'}** "
+                     "(target: under 20 GB).")
+    check = record.get("timesteps_1000")
+    if check:
+        lines.append(f"- 1000-timestep schedule on an emulated {check['emulated_card_gib']:g} GiB card "
+                     f"({check['layers']} layers): {'ran' if check.get('ok') else 'FAILED: ' + check.get('error', '')}"
+                     f", {check.get('device_steps')} steps' accumulators on the GPU, "
+                     f"{check.get('steps', 0) - (check.get('device_steps') or 0)} on the host, peak "
+                     f"{_gib(check.get('peak_gpu_bytes'))}, {_seconds(check.get('wall_s'))}.")
+    projection = record.get("projection")
+    if projection:
+        shards = [f"{key.removeprefix('prompts_per_shard_')} prompts per shard: {value['seconds'] / 60:.1f} min, "
+                  f"scratch {_size(value['scratch_bytes'])}" for key, value in projection.items()
+                  if key.startswith("prompts_per_shard_")]
+        lines.append(f"- Projected {projection['prompts']} prompts × {projection['steps']} steps on this GPU at the "
+                     f"best batch ({record.get('best_batch')}): compute {projection['compute_s'] / 60:.1f} min; "
+                     + "; ".join(shards) + f" ({projection['note']}).")
+    return "\n".join(lines) + "\n" if lines else "This run has none of the GPU-only studies.\n"
+
+
+# -- make bench-scale (tools/bench_scale.py) ------------------------------------------------------------
+def _bench_scale(record: dict) -> str:
+    rows = []
+    store = record.get("store")
+    if store:
+        rows.append(["one SD-1.5 step file (packed, checksummed)",
+                     f"{_size(store['step_file_bytes'])} (`moments_file_bytes` predicts "
+                     f"{_size(store['moments_file_bytes_estimate'])}; full float64 matrices: "
+                     f"{_size(store['step_bytes_full_float64'])})"])
+        rows.append([f"shard scratch, 1000 prompts × 50 steps, `prompts_per_shard: auto` "
+                     f"({store['auto_prompts_per_shard_at_50_steps']} prompts per shard)",
+                     f"{_size(store['scratch_1000x50_bytes'])}: {store['ratio_legacy_over_scratch']:.0f}× below the "
+                     f"legacy tool's {_size(store['legacy_1000x50_bytes'])} (92 MB per prompt-timestep, its users' "
+                     "figure)"])
+    runs = record.get("merge", {}).get("runs", [])
+    if runs:
+        counts = " / ".join(str(run["shards"]) for run in runs)
+        rows.append([f"merge job's peak RSS (VmHWM) at {counts} shards of one step",
+                     " / ".join(f"{run['max_rss_bytes'] / 1e6:.1f}" for run in runs) + " MB ("
+                     + " / ".join(f"{run['rss_above_imports_over_step_bytes']:.2f}" for run in runs)
+                     + " × one step's statistics above the imports)"])
+        rows.append([f"merge throughput at {counts} shards vs the disk's sequential read of the same files "
+                     "(page cache evicted before each)",
+                     " / ".join(f"{run['merge_gb_per_s']:.2f}" for run in runs) + " GB/s vs "
+                     + " / ".join(f"{run['disk_sequential_read_gb_per_s']:.2f}" for run in runs) + " GB/s"])
+    for run in record.get("dry_run", []):
+        rows.append([f"`snakemake -n`, {run['prompts']:,} prompts × {run['steps']} steps, "
+                     f"{run['prompts_per_shard']} per shard", f"{_seconds(run['seconds'])}, "
+                     f"max RSS {_size(run['max_rss_bytes'])}"])
+    for timing in record.get("projection", []):
+        rows.append([f"projection of one {timing['d']}² matrix, threshold {timing['threshold']} "
+                     f"({timing['null_dim']} null): full `eigh` + `U0U0ᵀ` vs `null_space`",
+                     f"{timing['full_eigh_seconds']:.2f} s vs {timing['null_space_seconds']:.2f} s "
+                     f"(max \\|ΔP\\| {timing['max_abs_projection_difference']:.1e})"])
+    return _table(["what", "measured"], rows)
+
+
+# -- make bench-text-only (tools/bench_text_only.py) ----------------------------------------------------
+def _bench_text_only(record: dict) -> str:
+    rows = [[f"k/v-only feature job (whole pipeline: text encoder, DPM++ 2M Karras {record['steps']} steps at "
+             f"{record['resolution']} px with CFG)", record["prompts"], _seconds(record["full_kv_only_s"]),
+             f"{record['prompts'] / record['full_kv_only_s']:.3g}"],
+            ["text-only (the text encoder alone), same prompts", record["prompts"], _seconds(record["text_only_s"]),
+             f"{record['prompts'] / record['text_only_s']:.3g}"],
+            ["text-only, throughput", record["text_only_prompts"], _seconds(record["text_only_prompts_s"]),
+             f"{record['text_only_prompts_per_s']:.3g}"]]
+    return _table(["path (SD-1.5 architecture, random weights, CPU)", "prompts", "wall", "prompts/s"], rows) + (
+        f"\nText-only is **{record['speedup']:g}× faster** on the same prompts; the two `text.h5` statistics "
+        + (f"differ by at most {record['max_relative_difference']:.1e} (relative, `sum_outer`)"
+           if record["max_relative_difference"] else "are equal (`sum_outer`: largest relative difference 0)")
+        + ". Fewer steps and a "
+        "smaller image make the whole-pipeline job cheaper than at 50 steps and 512 px, so this understates the "
+        "gain.\n")
+
+
+# -- make bench-training / bench-training-512 (tools/bench_training.py) --------------------------------
+def _bench_training(record: dict) -> str:
+    rows = []
+    for row in record["training"]:
+        forms = ", ".join(f"`{form}` × {count}" for form, count in row["forms"].items())
+        rows.append([f"{row['mode']}, {record['resolution']} px, batch {record['batch']}", _seconds(row["step_s"]),
+                     f"{row['project_s']:.3f} s", f"**{_percent(row['overhead'])}**",
+                     f"{row['dense_project_s']:.3f} s, {_percent(row['dense_overhead'])}", f"{row['speedup']:.2f}×",
+                     f"{row['max_relative_difference']:.1e}", forms])
+    text = _table(["SD-1.5 architecture, CPU", "training step", "`project()`", "overhead",
+                   "dense `ΔW P` (before)", "dense / `project()`", "max relative difference", "factored forms"], rows)
+    steps = record["training"][0]["steps"]
+    text += (f"\nMedian of {steps} steps after a warm-up, {record['threads']} threads; load average "
+             f"{record['loadavg_before'][0]:.2f} before, {record['loadavg_after'][0]:.2f} after")
+    if record.get("peak_rss_bytes"):
+        text += f"; peak RSS {_size(record['peak_rss_bytes'])}"
+    text += "."
+    interpolate = record.get("interpolate")
+    if interpolate:
+        text += (f" A cache miss of `mode=\"interpolate\"` took {interpolate['cache_miss_s']:.2f} s "
+                 f"({interpolate['matrices']} matrices); the cache holds {_mb(interpolate['bytes_per_timestep'])} "
+                 "per timestep.")
+    return text + "\n"
+
+
+# -- make bench-feature-memory (tools/feature_memory.py) -------------------------------------------------
+def _feature_memory(record: dict) -> str:
+    rows = []
+    for run in record["runs"]:
+        equal = run.get("equals_unchunked")
+        rows.append([f"`features:mem_mb={run['mem_mb']}`" if run["mem_mb"] else "the rule's own `mem_mb`",
+                     run["memory_log"].removeprefix("memory: ") or "–", f"{run['max_rss_mb']:.0f} MB",
+                     f"{run['peak_rss_mb']:.0f} MiB" if run.get("peak_rss_mb") else "–", _seconds(run["job_s"]),
+                     "–" if equal is None else ("bit for bit" if equal else "**differ**"),
+                     "–" if "under_budget" not in run else ("yes" if run["under_budget"] else "**no**")])
+    head = (f"{record['prompts']} prompts × {record['steps']} `{record['collection']}` steps, "
+            f"{record['resolution']} px, one shard, CPU, through `snakemake results/features/shard_0000`; model weights "
+            f"{record['weight_file_bytes'] / 2**20:.0f} MiB.\n\n")
+    return head + _table(["run", "job log", "benchmark `max_rss`", "peak RSS (VmHWM)", "job", "step files equal the "
+                          "unchunked run's", "within `mem_mb`"], rows)
+
+
+# -- make bench-small-run (tools/bench_small_run.py) -----------------------------------------------------
+def _small_run(record: dict) -> str:
+    runs = record["runs"]
+    numbers = [f"run {index + 1}" for index in range(len(runs))]
+
+    def median(values):
+        return statistics.median(values)
+
+    legacy = [run["legacy"]["process_wall_s"] for run in runs]
+    covariances = [run["workflow"]["covariances_s"] for run in runs]
+    total = [run["workflow"]["total_s"] for run in runs]
+    speedups = [run["speedup_covariances"] for run in runs]
+    with_projections = [run["speedup_with_projections"] for run in runs]
+
+    def spread(values):
+        return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+
+    rows = [["legacy method (model load, per prompt-timestep dumps, covariances)", *map(_seconds, legacy), "1",
+             _mb(median([run["legacy"]["scratch_bytes"] for run in runs]))],
+            ["workflow to the merged covariances (`snakemake --until covariance covariance_text`)",
+             *map(_seconds, covariances), f"**{median(speedups):.2f}×**{spread(speedups)}",
+             _mb(median([run["workflow"]["scratch_bytes"] for run in runs])) + " of step files"],
+            ["workflow with the projections (then `--until projection projection_text`)", *map(_seconds, total),
+             f"**{median(with_projections):.2f}×**{spread(with_projections)}", ""]]
+    head = (f"{record['model']}, {record['resolution']} px, {record['prompts']} prompts × {record['steps']} "
+            f"`{record['collection']}` {record['sampler']} steps, one shard, {record['device'].upper()}, "
+            f"{record['cores']} cores; each side timed from start to exit, the workflow from an empty working "
+            "directory.\n\n")
+    return head + _table(["what", *numbers, "vs legacy (median)", "scratch"], rows)
+
+
+# -- make bench-slurm-arrays (tools/bench_slurm_arrays.py) -----------------------------------------------
+def _slurm_arrays(record: dict) -> str:
+    modes = {"plain": "as shipped (one job per shard)", "array": "`--slurm-array-jobs features`"}
+    repeats = max(sum(1 for row in record["results"] if row["mode"] == mode) for mode in modes)
+    rows = []
+    for mode, label in modes.items():
+        runs = [row for row in record["results"] if row["mode"] == mode]
+        if not runs:
+            continue
+        cells = [_seconds(row["last_queued_s"]) if row["first_queued_s"] is not None else "none queued" for row in runs]
+        cells += [""] * (repeats - len(runs))
+        rows.append([label, *cells, " / ".join(str(row["queued_feature_jobs"]) for row in runs),
+                     " / ".join(str(row["sbatch_calls"]) for row in runs),
+                     " / ".join(_seconds(row["submit_window_s"]) for row in runs)])
+    head = (f"{record['shards']} one-prompt feature jobs (tiny model; model and schedule built first), node drained "
+            f"so none starts, `--profile profiles/slurm --jobs {record['jobs']}`; seconds from Snakemake's start until "
+            f"the last feature job is in `squeue -r`. SLURM: {record.get('slurm') or 'unknown'}, executor plugin "
+            f"{record.get('executor_plugin') or 'unknown'}.\n\n")
+    text = head + _table(["mode", *[f"run {index + 1}" for index in range(repeats)], "feature jobs queued",
+                          "sbatch calls", "first → last queued"], rows)
+    plain = [row["last_queued_s"] for row in record["results"] if row["mode"] == "plain" and row["last_queued_s"]]
+    array = [row["last_queued_s"] for row in record["results"] if row["mode"] == "array" and row["last_queued_s"]]
+    if plain and array:
+        text += f"\nRatio plain / array (best of each, to the last job queued): {min(plain) / min(array):.2f}.\n"
+    return text
+
+
+def _slurm_arrays_hold(record: dict) -> str:
+    (result,) = record["results"]
+    text = (f"{result['shards']} shards, `--jobs {result['jobs']}`, arrays on, node not drained: Snakemake "
+            f"{'finished' if result['finished'] else '**did not finish**'} in {_seconds(result['elapsed_s'])} "
+            f"(exit status {result['returncode']}), {result['shards_done']} of {result['shards']} shards done")
+    if result["missing"]:
+        text += f"; never reached SLURM or never finished: {len(result['missing'])} shards"
+    text += f"; array submissions: {len(result['array_submissions'])}, single: {len(result['single_submissions'])}."
+    overlaps = result.get("overlapping_tasks_with_the_same_gpu")
+    if overlaps is not None and result["finished"]:
+        text += f" Tasks that overlapped on one GPU: {len(overlaps)}."
+    identical = result.get("identical_to_local_run")
+    if identical:
+        text += (f" Against a local run of the same shards: {identical['files']} files, {identical['datasets']} "
+                 f"datasets, {len(identical['differing'])} differing.")
+    return text + "\n"
+
+
+_BENCH_RENDERERS = {
+    "bench-cpu": measured("bench-cpu.json", "make bench")(_bench_table),
+    "bench-cpu-profile": measured("bench-cpu.json", "make bench", full=False)(_bench_profile),
+    "bench-cpu-precision": measured("bench-cpu.json", "make bench", full=False)(_bench_precision),
+    "bench-gpu": measured("bench-gpu.json", "make bench-gpu")(_bench_table),
+    "bench-gpu-checks": measured("bench-gpu.json", "make bench-gpu", full=False)(_bench_gpu_checks),
+    "bench-gpu-profile": measured("bench-gpu.json", "make bench-gpu", full=False)(_bench_profile),
+    "bench-gpu-precision": measured("bench-gpu.json", "make bench-gpu", full=False)(_bench_precision),
+    "bench-scale": measured("bench-scale.json", "make bench-scale")(_bench_scale),
+    "bench-text-only": measured("bench-text-only.json", "make bench-text-only")(_bench_text_only),
+    "bench-training-128": measured("bench-training-128.json", "make bench-training")(_bench_training),
+    "bench-training-512": measured("bench-training-512.json", "make bench-training-512")(_bench_training),
+    "feature-memory": measured("feature-memory.json", "make bench-feature-memory")(_feature_memory),
+    "small-run": measured("small-run.json", "make bench-small-run")(_small_run),
+    "slurm-arrays": measured("slurm-arrays.json", "make bench-slurm-arrays")(_slurm_arrays),
+    "slurm-arrays-hold": measured("slurm-arrays-hold.json",
+                                  "python tools/bench_slurm_arrays.py hold --shards 6 --jobs 100")(_slurm_arrays_hold),
+}
+
+
 RENDERERS = {
+    "rulegraph": workflow_docs.rulegraph,
+    "config-reference": workflow_docs.config_reference,
     "proof-table": proof_table,
     "proof-goal": proof_goal,
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
     "shapes-accuracy": shapes_accuracy,
     "shapes-attention": shapes_attention,
+    **_BENCH_RENDERERS,
 }
 
 
