@@ -18,6 +18,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+from nullcov.docs import see
 from nullcov.projection import null_space
 from nullcov.store import TEXT_KEY, read_moments, read_projections
 
@@ -39,7 +40,8 @@ class ProjectionBank:
         else:
             schedule_path = self.results_dir / "schedule.json"
             if not schedule_path.is_file():
-                raise FileNotFoundError(f"{schedule_path} not found: is {self.results_dir} a nullcov results folder?")
+                raise FileNotFoundError(f"{schedule_path} not found: is {self.results_dir} a nullcov results folder?"
+                                        f"{see('not-a-nullcov-results-folder')}")
             steps = json.loads(schedule_path.read_text())["steps"]
         order = sorted(range(len(steps)), key=lambda i: (steps[i]["timestep"], i))
         self._timesteps = [steps[i]["timestep"] for i in order]  # ascending
@@ -60,17 +62,20 @@ class ProjectionBank:
     def get(self, layer: str, linear: str, timestep: float | None = None, mode: str = "nearest"):
         """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``."""
         if linear not in _LINEARS:
-            raise ValueError(f"linear must be one of {sorted(_LINEARS)}, got {linear!r}")
+            raise ValueError(f"linear must be one of {sorted(_LINEARS)}, got {linear!r}"
+                             f"{see('argument-not-among-the-allowed-values')}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{see('argument-not-among-the-allowed-values')}")
         if mode == "interpolate" and self.exported:
             raise ValueError(f"{self.results_dir} holds projections, not statistics: mode='interpolate' needs the "
-                             "results folder (its covariance/ files); use mode='nearest'")
+                             "results folder (its covariance/ files); use mode='nearest'"
+                             f"{see('interpolation-needs-the-results-folder')}")
         linear = _LINEARS[linear]
         if linear in ("to_k", "to_v"):
             return self._cached(("text",), lambda: self._stored("text", TEXT_KEY))
         if timestep is None:
-            raise ValueError(f"{linear} projections depend on the timestep; pass one")
+            raise ValueError(f"{linear} projections depend on the timestep; pass one"
+                             f"{see('argument-not-among-the-allowed-values')}")
         key = f"{layer}/{linear}"
         if mode == "nearest":
             name = self._names[self.nearest_index(float(timestep))]

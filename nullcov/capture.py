@@ -37,6 +37,7 @@ from nullcov.accumulators import (
     gram,
     plan_device_steps,
 )
+from nullcov.docs import see
 from nullcov.model import LINEARS
 from nullcov.statistics import Moments
 from nullcov.store import TEXT_KEY
@@ -59,6 +60,7 @@ class NonFiniteActivationError(RuntimeError):
         super().__init__(
             f"non-finite activations for prompt {prompt_index} ({prompt!r}{branch}) in {key} at step {step_name}; "
             "nothing was written for this shard (fp16 overflow? try dtype: float32 or bfloat16)"
+            f"{see('non-finite-activations')}"
         )
 
 
@@ -236,6 +238,7 @@ class CrossAttentionCapture:
             raise ScheduleMismatchError(
                 f"the UNet was called {batch['calls']} times for this prompt batch, but the schedule has "
                 f"{len(self.call_steps)} steps" + ("" if len(self.call_steps) == len(self.timesteps) else " in this chunk")
+                + see("schedule-and-sampler-disagree")
             )
         if batch["nonfinite"]:
             checks = torch.stack([check for _, _, check in batch["nonfinite"]]).cpu()
@@ -254,7 +257,7 @@ class CrossAttentionCapture:
         if abs(found - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ScheduleMismatchError(
                 f"UNet call {step} ran at timestep {found}, but results/schedule.json says {expected} "
-                f"({self.step_names[step]}); the schedule and the sampler disagree"
+                f"({self.step_names[step]}); the schedule and the sampler disagree{see('schedule-and-sampler-disagree')}"
             )
 
     @_labelled("nullcov:unet pre-hook")
@@ -267,7 +270,8 @@ class CrossAttentionCapture:
         hidden = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         call = batch["calls"]
         if call >= len(self.call_steps):
-            raise ScheduleMismatchError(f"the UNet was called more than the {len(self.call_steps)} scheduled times")
+            raise ScheduleMismatchError(f"the UNet was called more than the {len(self.call_steps)} scheduled times"
+                                        f"{see('schedule-and-sampler-disagree')}")
         step = self.call_steps[call]
         if torch.is_tensor(timestep) and (timestep.device.type != "cpu" or self._defer_timestep_check):
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
@@ -302,6 +306,7 @@ class CrossAttentionCapture:
                 + "; its statistics would be empty or partial. A replaced attention processor or fused projections "
                 "(fuse_qkv_projections) bypass the linear: restore diffusers' default processors "
                 "(unet.set_default_attn_processor()) and unfuse (unfuse_qkv_projections())"
+                + see("a-selected-linear-did-not-run")
             )
         call, self._call = self._call, None
         if call is None or self._batch is None:
@@ -369,6 +374,7 @@ class CrossAttentionCapture:
             raise TextInputMismatchError(
                 f"{key} receives an input that is not the UNet's encoder_hidden_states; nullcov stores the text "
                 "statistics once per prompt (text.h5) and cannot represent this model"
+                f"{see('text-input-is-not-the-encoder-hidden-states')}"
             )
 
         return hook
@@ -434,6 +440,7 @@ def collected_rows(unet_batch: int, prompts: int, unconditional: bool, step_name
             f"unconditional_branch: true, but the UNet call at step {step_name} has {unet_batch} rows for {prompts} "
             "prompts: no unconditional half (guidance_scale <= 1, or a UNet that takes guidance as an embedding); "
             "set unconditional_branch: false"
+            f"{see('no-unconditional-half-for-unconditional_branch')}"
         )
     return slice(None)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nullcov.docs import see
 from nullcov.family import guidance_input
 
 # What `--config key=null` gives: Snakemake passes the text after '=' as a string (an empty
@@ -48,7 +49,8 @@ def select_steps(num_steps: int, selection) -> list[int]:
     indices = [int(index) for index in selection]
     bad = [index for index in indices if not 0 <= index < num_steps]
     if bad:
-        raise ValueError(f"report_steps: step indices {bad} are out of range; the schedule has {num_steps} steps")
+        raise ValueError(f"report_steps: step indices {bad} are out of range; the schedule has {num_steps} steps"
+                         f"{see('report-step-or-attention-prompt-out-of-range')}")
     return sorted(set(indices))
 
 
@@ -59,7 +61,8 @@ def select_prompts(num_prompts: int, selection) -> list[int]:
     indices = [int(index) for index in selection]
     bad = [index for index in indices if not 0 <= index < num_prompts]
     if bad:
-        raise ValueError(f"attention_prompts: prompt indices {bad} are out of range; there are {num_prompts} prompts")
+        raise ValueError(f"attention_prompts: prompt indices {bad} are out of range; there are {num_prompts} prompts"
+                         f"{see('report-step-or-attention-prompt-out-of-range')}")
     return list(dict.fromkeys(indices))
 
 
@@ -83,7 +86,8 @@ def check_unconditional_branch(config: dict, unet_config: dict) -> None:
         why.append("the model's UNet takes guidance as an embedding (time_cond_proj_dim, LCM): no unconditional pass")
     if why:
         raise ValueError(f"unconditional_branch: true, but the UNet calls have no unconditional half: {'; '.join(why)}. "
-                         "Set unconditional_branch: false")
+                         "Set unconditional_branch: false"
+                         f"{see('no-unconditional-half-for-unconditional_branch')}")
 
 
 def check_finetune_proof(config: dict, unet_config: dict) -> None:
@@ -95,12 +99,13 @@ def check_finetune_proof(config: dict, unet_config: dict) -> None:
     if missing or config["cross_attention_layers"] != "all":
         raise ValueError("finetune_proof constrains every attn2 linear of every layer: set collect_features "
                          f"q, k, v and out to true (now false: {missing}) and cross_attention_layers: all "
-                         f"(now {config['cross_attention_layers']!r})")
+                         f"(now {config['cross_attention_layers']!r}){see('fine-tune-proof-needs-every-attn2-linear')}")
     if True in config["finetune_branches"]:
         try:
             check_unconditional_branch(config | {"unconditional_branch": True}, unet_config)
         except ValueError as err:
-            raise ValueError(f"finetune_branches includes true: {err}; or set finetune_branches: [false]") from None
+            raise ValueError(f"finetune_branches includes true: {err}; or set finetune_branches: [false]"
+                             f"{see('fine-tune-branches-need-an-unconditional-half')}") from None
 
 
 def finetune_variant_names(config: dict) -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nullcov.docs import see
 from nullcov.store import TEXT_KEY, atomic_path, read_moments, read_projections
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,17 @@ def parse_exports(value) -> list[str]:
                 value = yaml.safe_load(text)
             except yaml.YAMLError as err:
                 raise ValueError(f"config key 'exports': cannot parse {text!r} ({err}); "
-                                 "write e.g. exports='[\"nullbooth\", \"safetensors\"]'") from None
+                                 "write e.g. exports='[\"nullbooth\", \"safetensors\"]'"
+                                 f"{see('unknown-export')}") from None
         else:
             value = [item.strip() for item in text.split(",") if item.strip()]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ValueError(f"config key 'exports' must be a list of names from {list(EXPORTS)}, got {value!r}")
+        raise ValueError(f"config key 'exports' must be a list of names from {list(EXPORTS)}, got {value!r}"
+                         f"{see('unknown-export')}")
     unknown = [item for item in value if item not in EXPORTS]
     if unknown:
-        raise ValueError(f"config key 'exports': unknown export(s) {unknown}; choose from {list(EXPORTS)}")
+        raise ValueError(f"config key 'exports': unknown export(s) {unknown}; choose from {list(EXPORTS)}"
+                         f"{see('unknown-export')}")
     return list(dict.fromkeys(value))
 
 
@@ -66,12 +70,15 @@ def _save_npy(path: Path, matrix: np.ndarray) -> None:
 
 
 def export_nullbooth(covariance_files: dict[str, str | Path], out_dir: str | Path, statistic: str,
-                     layers: list[str], text_file: str | Path | None = None) -> int:
+                     layers: list[str], text_file: str | Path | None = None,
+                     step_names: list[str] | None = None) -> int:
     """Write the NullBooth layout under ``out_dir`` from merged moments; returns the file count.
 
     ``covariance_files``: step name -> merged moments file (``to_q``/``to_out`` statistics);
     ``text_file``: the merged text moments (``k``/``v`` of every layer and step); ``layers``:
-    the run's cross-attention layers (schedule.json ``layers``).
+    the run's cross-attention layers (schedule.json ``layers``); ``step_names``: the scheduled
+    steps (default: those of ``covariance_files``). NullBooth's trainer looks ``k``/``v`` up per
+    step, so a text-only run (no step files) still gets them for every scheduled step.
     """
     root = Path(out_dir) / "covariance_matrices"
     written = 0
@@ -79,8 +86,11 @@ def export_nullbooth(covariance_files: dict[str, str | Path], out_dir: str | Pat
     if text_file is not None:
         moments, _ = read_moments(text_file, "covariance", keys=[TEXT_KEY])
         text = moments[TEXT_KEY].statistic(statistic)
-    for name, path in covariance_files.items():
-        moments, _ = read_moments(path, "covariance")
+    names = list(covariance_files) if step_names is None else list(step_names)
+    if unknown := set(covariance_files) - set(names):
+        raise ValueError(f"covariance files of steps not in step_names: {sorted(unknown)}")
+    for name in names:
+        moments = read_moments(covariance_files[name], "covariance")[0] if name in covariance_files else {}
         for layer in layers:
             folder = root / nullbooth_layer_folder(layer)
             for linear, feature in NULLBOOTH_STEP_FEATURES.items():
@@ -93,7 +103,7 @@ def export_nullbooth(covariance_files: dict[str, str | Path], out_dir: str | Pat
                     _save_npy(folder / f"{name}_{feature}_cov.npy", text)
                     written += 1
     log.info("%s: %d matrices (%s, float32) for %d steps and %d layers", root, written, statistic,
-             len(covariance_files), len(layers))
+             len(names), len(layers))
     return written
 
 
@@ -127,12 +137,12 @@ def read_safetensors_metadata(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist{see('not-a-nullcov-projections-export')}")
     with safe_open(str(path), framework="numpy") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise ValueError(f"{path}: not a nullcov projections export (metadata format {metadata.get('format')!r}, "
-                         f"expected {SAFETENSORS_FORMAT!r})")
+                         f"expected {SAFETENSORS_FORMAT!r}){see('not-a-nullcov-projections-export')}")
     return {"format": metadata["format"], "schedule": json.loads(metadata["schedule"]),
             "provenance": json.loads(metadata["provenance"])}
 
@@ -145,5 +155,5 @@ def read_safetensors_projection(path: str | Path, name: str, key: str) -> np.nda
         tensor = f"{name}/{key}/P"
         available = handle.keys()
         if tensor not in available:
-            raise KeyError(f"{path} holds no tensor {tensor!r}")
+            raise KeyError(f"{path} holds no tensor {tensor!r}{see('no-projection-for-a-layer-or-linear')}")
         return handle.get_tensor(tensor)

@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from nullcov.docs import see
+
 #: Pipeline class -> (tokenizer components, text encoder components), in encoding order.
 PIPELINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "StableDiffusionPipeline": (("tokenizer",), ("text_encoder",)),
@@ -62,7 +64,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UnsupportedModelError(f"model folder {str(path.parent)!r} lacks {path.name}") from None
+        raise UnsupportedModelError(
+            f"model folder {str(path.parent)!r} lacks {path.name}{see('model-folder-lacks-a-file')}"
+        ) from None
 
 
 def check_supported(model_dir: str | Path) -> dict:
@@ -74,12 +78,12 @@ def check_supported(model_dir: str | Path) -> dict:
         raise UnsupportedModelError(
             f"model {str(model_dir)!r} is a {pipeline} with a transformer (joint attention, as in SD3 or FLUX) and "
             f"no UNet cross-attention: nullcov has no to_q/to_k/to_v/to_out of a UNet attn2 to hook there. "
-            f"nullcov supports {SUPPORTED}"
+            f"nullcov supports {SUPPORTED}{see('model-family-not-supported')}"
         )
     if pipeline not in PIPELINES:
         raise UnsupportedModelError(
             f"model {str(model_dir)!r}: pipeline {pipeline!r} (model_index.json _class_name) is not supported; "
-            f"nullcov supports {SUPPORTED}"
+            f"nullcov supports {SUPPORTED}{see('model-family-not-supported')}"
         )
     return index
 
@@ -100,7 +104,8 @@ def model_family(model_dir: str | Path) -> Family:
     tokenizers, encoders = PIPELINES[pipeline]
     missing = [name for name in tokenizers + encoders if not index.get(name) or index[name][0] is None]
     if missing:
-        raise UnsupportedModelError(f"model {str(model_dir)!r}: {pipeline} without {missing} in model_index.json")
+        raise UnsupportedModelError(f"model {str(model_dir)!r}: {pipeline} without {missing} in model_index.json"
+                                    f"{see('model-family-not-supported')}")
     guidance = guidance_input(unet)
     if pipeline == "StableDiffusionXLPipeline":
         name = "sdxl"

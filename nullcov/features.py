@@ -28,6 +28,7 @@ from nullcov import capture as capture_module
 from nullcov import plan
 from nullcov.accumulators import STAGING_BUFFERS, TorchMoments, device_memory, exact_matmul, plan_device_steps
 from nullcov.capture import CrossAttentionCapture, NonFiniteActivationError, prompt_of_row, text_row_mask, text_rows
+from nullcov.docs import see
 from nullcov.family import guidance_input, model_family
 from nullcov.gpu_lease import lease_device
 from nullcov.model import (
@@ -68,18 +69,21 @@ def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict
         listing = "; ".join(f"prompt {index} has {length} tokens: {prompt!r}" for index, prompt, length in too_long)
         raise PromptTooLongError(
             f"strict_prompts: {len(too_long)} prompt(s) exceed the tokenizer's limit of {limit} tokens: {listing}"
+            f"{see('prompt-longer-than-the-tokenizer-limit')}"
         )
     for index, prompt, length in too_long:
         log.warning("prompt %d has %d tokens, over the limit of %d: truncated: %r", index, length, limit, prompt)
     if too_long:
-        log.warning("%d of %d prompts in this shard are truncated to %d tokens", len(too_long), len(prompts), limit)
+        log.warning("%d of %d prompts in this shard are truncated to %d tokens%s", len(too_long), len(prompts), limit,
+                    see("prompt-longer-than-the-tokenizer-limit"))
     return len(too_long)
 
 
 def selected_linears(collect_features: dict) -> set[str]:
     linears = {FEATURE_LINEARS[key] for key, wanted in collect_features.items() if wanted}
     if not linears:
-        raise ValueError("collect_features: every feature (q, k, v, out) is false; nothing to collect")
+        raise ValueError("collect_features: every feature (q, k, v, out) is false; nothing to collect"
+                         f"{see('all-features-are-off')}")
     return linears
 
 
@@ -124,6 +128,7 @@ def check_hookable(layers) -> None:
         raise ModelError(
             f"cross-attention layer(s) {fused} run fused projections (to_kv/to_qkv after fuse_qkv_projections): "
             "their to_k/to_v inputs are not observable; call pipe.unfuse_qkv_projections() first"
+            f"{see('a-selected-linear-did-not-run')}"
         )
 
 
@@ -140,7 +145,7 @@ def configure_scheduler(pipe, schedule: dict) -> None:
     if rebuilt != expected:
         raise ScheduleFileError(
             f"results/schedule.json lists timesteps {expected}, but this model's scheduler config gives {rebuilt} "
-            f"for {strategy!r} with {steps} steps; rerun the schedule rule"
+            f"for {strategy!r} with {steps} steps; rerun the schedule rule{see('schedule-and-sampler-disagree')}"
         )
     pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
 
@@ -197,7 +202,8 @@ def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]
     modules = dict(cross_attention_modules(pipe.unet))
     names = select_layers(list(modules), config["cross_attention_layers"])
     if schedule.get("layers", names) != names:
-        raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}")
+        raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}"
+                                f"{see('schedule-and-sampler-disagree')}")
     return [(name, modules[name]) for name in names]
 
 
@@ -248,6 +254,7 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
         raise ValueError(
             "collection: noised calls the UNet with text states only; this model's UNet also needs "
             f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
+            f"{see('noised-collection-needs-more-than-text')}"
         )
     run = COLLECTIONS[config["collection"]]
     tokenizer = pipe.tokenizer

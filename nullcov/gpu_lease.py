@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from nullcov.docs import see
+
 log = logging.getLogger(__name__)
 
 LOCK_DIR = Path("resources") / "gpu-locks"
@@ -241,6 +243,7 @@ def lease_device(
                 f"all {len(paths)} CUDA devices stayed leased by other jobs for {wait_seconds:.0f} s: {holders}. "
                 f"Run with --resources gpu=N where N is at most the number of GPUs ({len(paths)}), "
                 f"or remove a stale holder's process (a lock file alone never blocks: locks die with their process)"
+                f"{see('all-cuda-devices-stayed-leased')}"
             )
         if not waiting_logged:
             logger.warning("device lease: all %d CUDA devices are leased (%s); waiting up to %.0f s, polling every %.0f s",

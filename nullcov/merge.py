@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from nullcov.docs import see
 from nullcov.prompts import prompt_set_sha256
 from nullcov.statistics import Moments
 from nullcov.store import (
+    CORRUPTED,
     StatisticsFileError,
     iter_moments,
     read_attrs,
@@ -39,7 +41,7 @@ def regenerate_hint(path) -> str:
 def _with_hint(err: StatisticsFileError) -> StatisticsFileError:
     if "snakemake --cores all --force" in err.problem:
         return err
-    return StatisticsFileError(err.path, f"{err.problem}; {regenerate_hint(err.path)}")
+    return StatisticsFileError(err.path, f"{err.problem}; {regenerate_hint(err.path)}", err.pointer)
 
 
 def _shared(provenance: dict, step) -> dict:
@@ -63,7 +65,7 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
         except StatisticsFileError as err:
             raise _with_hint(err) from None
         except (KeyError, TypeError) as err:
-            raise StatisticsFileError(path, f"provenance lacks {err}; {regenerate_hint(path)}") from None
+            raise StatisticsFileError(path, f"provenance lacks {err}; {regenerate_hint(path)}", CORRUPTED) from None
         headers.append((str(path), shared, prompts, provenance))
     first_path, first_shared = headers[0][0], headers[0][1]
     for path, shared, _, _ in headers[1:]:
@@ -74,6 +76,7 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
                     f"shard disagrees with {first_path} on {field}:\n  {first_path}: {first_shared[field]}\n"
                     f"  {path}: {shared[field]}\nThese shards come from different runs; "
                     f"{regenerate_hint(path)}",
+                    see("shards-from-another-run"),
                 )
     headers.sort(key=lambda header: header[2]["first_index"])
     first_index = headers[0][2]["first_index"]
@@ -84,6 +87,7 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
                 path,
                 f"covers prompts from index {prompts['first_index']}, expected {expected}: "
                 "shards overlap or one is missing",
+                see("shards-overlap-or-one-is-missing"),
             )
         expected += len(prompts["prompts"])
     return headers
@@ -104,7 +108,7 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
     start = headers[0][2]["first_index"]
     if first_index is not None and start != first_index:
         raise StatisticsFileError(headers[0][0], f"covers prompts from index {start}, expected {first_index}: "
-                                  "shards overlap or one is missing")
+                                  "shards overlap or one is missing", see("shards-overlap-or-one-is-missing"))
     all_prompts = [prompt for header in headers for prompt in header[2]["prompts"]]
     prompt_sha256 = prompt_set_sha256(all_prompts)
     if expected_prompt_sha256 is not None and prompt_sha256 != expected_prompt_sha256:
@@ -112,6 +116,7 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
             headers[0][0],
             f"the shards' prompts (sha256 {prompt_sha256}) are not the configured prompt set "
             f"(sha256 {expected_prompt_sha256}); stale shards? Rerun the feature jobs.",
+            see("shards-from-another-run"),
         )
 
     total: dict[str, Moments] = {}
@@ -130,7 +135,8 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
                     break
                 if moment.dim != total[key].dim:
                     raise StatisticsFileError(
-                        path, f"{key!r} has dimension {moment.dim}, but {first_path} has {total[key].dim}"
+                        path, f"{key!r} has dimension {moment.dim}, but {first_path} has {total[key].dim}",
+                        see("shards-from-another-run"),
                     )
                 total[key].add_(moment)
         except StatisticsFileError as err:
@@ -139,6 +145,7 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
             raise StatisticsFileError(
                 path,
                 f"holds layers {sorted(set(seen) ^ set(total))} that {first_path} does not (or vice versa)",
+                see("shards-from-another-run"),
             )
     first_provenance = headers[0][3]
     shards = [name for header in headers for name in header[3].get("shards", [Path(header[0]).parent.name])]

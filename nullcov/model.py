@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from nullcov.docs import see
+
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
 #: Built-in tiny models: spec -> (family of :mod:`nullcov.tiny_model`, folder the workflow builds).
@@ -47,7 +49,8 @@ def resolve_model_dir(spec: str) -> Path:
         return BUILTIN_SHAPES_DIR
     if spec.startswith("builtin:"):
         names = ", ".join([BUILTIN_SHAPES, *BUILTIN_MODELS])
-        raise ModelError(f"model {spec!r} is not a built-in model; built-in models: {names}")
+        raise ModelError(f"model {spec!r} is not a built-in model; built-in models: {names}"
+                         f"{see('unknown-built-in-model')}")
     path = Path(spec).expanduser()
     if path.exists():
         check_model_dir(path)
@@ -63,10 +66,12 @@ def resolve_model_dir(spec: str) -> Path:
                 f"model {spec!r} is not a local folder and not in the local Hugging Face cache "
                 "(HF_HOME); nullcov never downloads: fetch it first with "
                 f"`huggingface-cli download {spec}` on a machine with internet"
+                f"{see('model-not-in-the-local-hugging-face-cache')}"
             ) from None
         check_model_dir(path)
         return path
-    raise ModelError(f"model {spec!r}: no such folder (and not a hub id of the form owner/name)")
+    raise ModelError(f"model {spec!r}: no such folder (and not a hub id of the form owner/name)"
+                     f"{see('model-folder-does-not-exist')}")
 
 
 def check_model_dir(path: Path) -> None:
@@ -74,14 +79,16 @@ def check_model_dir(path: Path) -> None:
     from nullcov.family import UnsupportedModelError, check_supported
 
     if not (path / "model_index.json").is_file():
-        raise ModelError(f"model folder {str(path)!r} lacks model_index.json: not a diffusers Stable Diffusion folder")
+        raise ModelError(f"model folder {str(path)!r} lacks model_index.json: not a diffusers Stable Diffusion folder"
+                         f"{see('model-folder-lacks-a-file')}")
     try:
         check_supported(path)
     except UnsupportedModelError as err:
         raise ModelError(str(err)) from None
     for required in ("unet/config.json", "scheduler/scheduler_config.json"):
         if not (path / required).is_file():
-            raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder")
+            raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder"
+                             f"{see('model-folder-lacks-a-file')}")
     if (path / MANIFEST).is_file():
         check_manifest(path)
 
@@ -98,14 +105,16 @@ def check_manifest(path: Path) -> None:
     for number, line in enumerate((path / MANIFEST).read_text().splitlines(), start=1):
         digest, _, name = line.partition("  ")
         if not name or len(digest) != 64:
-            raise ModelError(f"{path / MANIFEST}: line {number} is not '<sha256>  <file>': {line!r}")
+            raise ModelError(f"{path / MANIFEST}: line {number} is not '<sha256>  <file>': {line!r}"
+                             f"{see('model-file-does-not-match-sha256sums')}")
         member = path / name
         if not member.is_file():
-            raise ModelError(f"model folder {str(path)!r}: {name} is listed in {MANIFEST} but missing; {fix}")
+            raise ModelError(f"model folder {str(path)!r}: {name} is listed in {MANIFEST} but missing; {fix}"
+                             f"{see('model-file-does-not-match-sha256sums')}")
         if hashlib.sha256(member.read_bytes()).hexdigest() != digest:
             raise ModelError(
                 f"model folder {str(path)!r}: {name} does not match its sha256 in {MANIFEST} (changed or "
-                f"truncated); {fix}"
+                f"truncated); {fix}{see('model-file-does-not-match-sha256sums')}"
             )
 
 def scheduler_config(spec: str) -> dict:
@@ -123,7 +132,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})")
+        raise ModelError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})"
+                         f"{see('no-cuda-device')}")
     return device
 
 
@@ -185,14 +195,16 @@ def select_layers(available: list[str], selection) -> list[str]:
             if not 0 <= item < len(available):
                 raise ModelError(
                     f"cross_attention_layers: index {item} is out of range; the model has {len(available)} "
-                    f"cross-attention layers: {listing}"
+                    f"cross-attention layers: {listing}{see('unknown-cross-attention-layer')}"
                 )
             chosen.append(available[item])
         elif item in available:
             chosen.append(item)
         else:
-            raise ModelError(f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {listing}")
+            raise ModelError(f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {listing}"
+                             f"{see('unknown-cross-attention-layer')}")
     duplicated = sorted({name for name in chosen if chosen.count(name) > 1})
     if duplicated:
-        raise ModelError(f"cross_attention_layers names {duplicated} more than once")
+        raise ModelError(f"cross_attention_layers names {duplicated} more than once"
+                         f"{see('unknown-cross-attention-layer')}")
     return chosen

@@ -18,6 +18,8 @@ import math
 import os
 from pathlib import Path
 
+from nullcov.docs import PLANNING, see
+
 MIB = 2**20
 GIB = 2**30
 #: Host memory of a feature job besides the model weights and the step accumulators: the
@@ -61,7 +63,8 @@ def unet_config(model_spec: str, model_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"model {model_spec!r}: cannot read the UNet config {path}: {err}") from None
+        raise ValueError(f"model {model_spec!r}: cannot read the UNet config {path}: {err}"
+                         f"{see('unet-config-cannot-be-read')}") from None
 
 
 def _meta_dims(config: dict) -> dict:
@@ -151,6 +154,7 @@ def steps_per_chunk(mem_bytes: int, step_bytes: int, weights: int, num_steps: in
             f"mem_mb={mem_bytes // MIB} cannot hold one step's statistics ({step_bytes / MIB:.0f} MiB) beside the "
             f"model ({weights / MIB:.0f} MiB) and the job's overhead ({JOB_OVERHEAD_BYTES / MIB:.0f} MiB): "
             f"give the feature job at least mem_mb={need} (--set-resources features:mem_mb={need})"
+            f"{see('feature-job-memory-too-small')}"
         )
     return int(min(num_steps, fit))
 
@@ -283,5 +287,7 @@ def format_plan(plan: dict) -> str:
             f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
             "(config gpu_prompt_timesteps_per_second)"
         ),
+        "",
+        f"what each line means: {PLANNING}",
     ]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nullcov.docs import see
+
 
 @dataclass(frozen=True)
 class NullSpace:
@@ -25,10 +27,12 @@ def spectrum_threshold(eigenvalues: np.ndarray, nullspace_threshold: float | Non
     else ``nullspace_threshold``."""
     if threshold_percent is not None:
         if not 0 < threshold_percent < 100:
-            raise ValueError(f"threshold_percent must lie in (0, 100), got {threshold_percent}")
+            raise ValueError(f"threshold_percent must lie in (0, 100), got {threshold_percent}"
+                             f"{see('threshold-out-of-range')}")
         return float(np.percentile(eigenvalues, threshold_percent))
     if nullspace_threshold is None or nullspace_threshold < 0:
-        raise ValueError(f"nullspace_threshold must be a number >= 0, got {nullspace_threshold}")
+        raise ValueError(f"nullspace_threshold must be a number >= 0, got {nullspace_threshold}"
+                         f"{see('threshold-out-of-range')}")
     return float(nullspace_threshold)
 
 

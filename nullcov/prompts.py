@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from nullcov.docs import see
+
 
 class PromptFileError(ValueError):
     """A prompt file is missing, unreadable or has no prompts."""
@@ -20,9 +22,13 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise PromptFileError(f"prompt file {str(path)!r} does not exist") from None
+        raise PromptFileError(
+            f"prompt file {str(path)!r} does not exist{see('prompt-file-does-not-exist')}"
+        ) from None
     except OSError as err:
-        raise PromptFileError(f"prompt file {str(path)!r} cannot be read: {err}") from None
+        raise PromptFileError(
+            f"prompt file {str(path)!r} cannot be read: {err}{see('prompt-file-cannot-be-read')}"
+        ) from None
     prompts = []
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
@@ -30,11 +36,13 @@ def read_prompts(path: str | Path) -> list[str]:
         except UnicodeDecodeError as err:
             raise PromptFileError(
                 f"prompt file {str(path)!r}, line {number}: not UTF-8 ({err.reason} at byte {err.start})"
+                f"{see('prompt-file-line-is-not-utf-8')}"
             ) from None
         if text and not text.startswith("#"):
             prompts.append(text)
     if not prompts:
-        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts (only blank or '#' lines)")
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts (only blank or '#' lines)"
+                              f"{see('prompt-file-holds-no-prompts')}")
     return prompts
 
 
@@ -72,7 +80,8 @@ def split_into_shards(prompts: list[str], prompts_per_shard: int) -> list[list[s
     only the last shard and adds new ones.
     """
     if prompts_per_shard <= 0:
-        raise ValueError(f"prompts_per_shard must be a positive integer, got {prompts_per_shard}")
+        raise ValueError(f"prompts_per_shard must be a positive integer, got {prompts_per_shard}"
+                         f"{see('error-validating-config-file')}")
     return [prompts[i : i + prompts_per_shard] for i in range(0, len(prompts), prompts_per_shard)]
 
 
@@ -90,4 +99,4 @@ def apply_duplicate_policy(prompts: list[str], policy: str) -> list[str]:
         return list(prompts)
     if policy == "drop":
         return list(dict.fromkeys(prompts))
-    raise ValueError(f"duplicate_prompts must be 'keep' or 'drop', got {policy!r}")
+    raise ValueError(f"duplicate_prompts must be 'keep' or 'drop', got {policy!r}{see('error-validating-config-file')}")

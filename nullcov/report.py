@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nullcov import store
+from nullcov.docs import OUTPUTS
 from nullcov.store import TEXT_KEY, atomic_path
 
 STEP_LINEARS = ("to_q", "to_out")
@@ -535,6 +536,8 @@ def summary_rows(*, config: dict, schedule: dict, provenance: dict, num_prompts:
 
 
 def write_summary(rows: list[tuple[str, str, str]], tsv_path, html_path) -> None:
+    """The rows as TSV and HTML, both ending with a row naming the page that explains them."""
+    rows = [*rows, ("about", "this summary", f"what each row means: {OUTPUTS}")]
     with atomic_path(tsv_path) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")

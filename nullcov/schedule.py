@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from nullcov.docs import see
+
 # sampler name -> (diffusers scheduler class, options passed to from_config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
@@ -74,7 +76,8 @@ def canonical_strategy(strategy):
 def check_strategy(strategy) -> None:
     if canonical_strategy(strategy) not in STRATEGIES:
         valid = ", ".join("null (or 'uniform')" if s is None else repr(s) for s in STRATEGIES)
-        raise ScheduleError(f"sampler_strategy {strategy!r} is not known; valid values: {valid}")
+        raise ScheduleError(f"sampler_strategy {strategy!r} is not known; valid values: {valid}"
+                            f"{see('error-validating-config-file')}")
 
 
 def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[int]:
@@ -83,7 +86,8 @@ def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[in
 
     strategy = canonical_strategy(strategy)
     if num_steps <= 0:
-        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}")
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}"
+                            f"{see('error-validating-config-file')}")
     last = num_train_timesteps - 1
     if num_steps >= num_train_timesteps:
         return list(range(last, -1, -1))
@@ -116,7 +120,8 @@ def set_timesteps_arguments(strategy, num_steps: int, num_train_timesteps: int) 
     if strategy in TIMESTEP_LIST_STRATEGIES:
         return {"timesteps": timestep_list(strategy, num_steps, num_train_timesteps)}
     if num_steps <= 0:
-        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}")
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}"
+                            f"{see('error-validating-config-file')}")
     return {"num_inference_steps": num_steps}
 
 
@@ -141,6 +146,7 @@ def check_step_limit(scheduler, strategy, num_steps: int) -> None:
         f"sampler_strategy {strategy!r} allows at most {int(limit)} num_denoising_steps (its scheduler's "
         f"original_inference_steps is {int(limit)}), got num_denoising_steps {num_steps}: set "
         f"num_denoising_steps to {int(limit)} or fewer, or pick another sampler_strategy"
+        f"{see('sampler-refuses-the-number-of-steps')}"
     )
 
 
@@ -165,6 +171,7 @@ def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
     except ValueError as err:  # any other limit of a diffusers scheduler: name the keys at fault
         raise ScheduleError(
             f"sampler_strategy {strategy!r} with num_denoising_steps {num_steps} is refused by {class_name}: {err}"
+            f"{see('sampler-refuses-the-number-of-steps')}"
         ) from err
     timesteps = [float(t) for t in scheduler.timesteps.double().tolist()]
     alphas_cumprod = scheduler.alphas_cumprod.double().numpy()
@@ -183,7 +190,8 @@ def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
     names = [step["name"] for step in steps]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise ScheduleError(f"strategy {strategy!r} gives repeated step names {duplicated}")
+        raise ScheduleError(f"strategy {strategy!r} gives repeated step names {duplicated}"
+                            f"{see('sampler-refuses-the-number-of-steps')}")
     return {
         "format": SCHEDULE_FORMAT,
         "strategy": strategy,

@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from nullcov.docs import see
 from nullcov.projection import NullSpace
 from nullcov.statistics import Moments
 
@@ -47,10 +48,15 @@ _GROUP_BYTES = 11264
 class StatisticsFileError(ValueError):
     """A statistics or projection file is unreadable, incomplete or inconsistent."""
 
-    def __init__(self, path, problem: str):
+    def __init__(self, path, problem: str, pointer: str = ""):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.pointer = pointer  # the pointer to its troubleshooting entry (nullcov.docs), kept last by merge hints
+        super().__init__(f"{self.path}: {problem}{pointer}")
+
+
+#: The pointer of the errors that mean a file is damaged (or not a nullcov file of that kind).
+CORRUPTED = see("statistics-file-is-corrupted")
 
 
 def regenerate_command(path) -> str:
@@ -183,16 +189,18 @@ def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str
         if dataset.dtype != _DTYPES[name]:
             raise StatisticsFileError(
                 path, f"group {key!r}: dataset {name!r} has dtype {dataset.dtype}, expected {np.dtype(_DTYPES[name])} "
-                f"(sums must be float64); regenerate it with: {regenerate_command(path)}")
+                f"(sums must be float64); regenerate it with: {regenerate_command(path)}",
+                see("dataset-is-not-float64"))
     for name in present:
         if not group[name].fletcher32:
             raise StatisticsFileError(
                 path, f"group {key!r}: dataset {name!r} carries no checksum (a file of an older nullcov, or not "
                 f"written by nullcov); regenerate it with: {regenerate_command(path)} (after upgrading "
-                "nullcov, regenerate every result at once: snakemake --cores all --forceall)")
+                "nullcov, regenerate every result at once: snakemake --cores all --forceall)",
+                see("statistics-file-of-an-older-nullcov"))
     missing = [d for d in names if d not in present]
     if missing:
-        raise StatisticsFileError(path, f"group {key!r} lacks dataset(s) {missing}")
+        raise StatisticsFileError(path, f"group {key!r} lacks dataset(s) {missing}", CORRUPTED)
     loaded = {}
     for name in names:
         try:
@@ -200,7 +208,7 @@ def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str
         except OSError as err:
             raise StatisticsFileError(
                 path, f"group {key!r}: dataset {name!r} fails its checksum or cannot be read, the file is corrupted "
-                f"({err}); regenerate it with: {regenerate_command(path)}") from None
+                f"({err}); regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
     return loaded
 
 
@@ -208,31 +216,32 @@ def _open(path, kind: str, datasets: tuple[str, ...]):
     """Open a file, check kind, format and attributes; returns (handle, attrs, groups)."""
     path = Path(path)
     if not path.exists():
-        raise StatisticsFileError(path, "file does not exist")
+        raise StatisticsFileError(path, "file does not exist", CORRUPTED)
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
         raise StatisticsFileError(path, f"not a readable HDF5 file ({err}); "
-                                  f"regenerate it with: {regenerate_command(path)}") from None
+                                  f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
     try:
         found_kind = handle.attrs.get("nullcov_kind")
         if found_kind != kind:
-            raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}")
+            raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}", CORRUPTED)
         texts = dict(handle.attrs.items())
         stored_sha256 = texts.pop("nullcov_attrs_sha256", None)
         if stored_sha256 is not None and stored_sha256 != _attrs_sha256(texts):
             raise StatisticsFileError(path, "the attributes (provenance) fail their checksum, the file is corrupted; "
-                                      f"regenerate it with: {regenerate_command(path)}")
+                                      f"regenerate it with: {regenerate_command(path)}", CORRUPTED)
         try:
             attrs = {name: json.loads(value) for name, value in texts.items() if name != "nullcov_kind"}
         except (TypeError, json.JSONDecodeError) as err:
-            raise StatisticsFileError(path, f"attributes are not valid JSON ({err})") from None
+            raise StatisticsFileError(path, f"attributes are not valid JSON ({err})", CORRUPTED) from None
         found_format = attrs.pop("nullcov_format", None)
         if found_format is not None and stored_sha256 is None:
             raise StatisticsFileError(path, "the attributes carry no checksum; "
-                                      f"regenerate it with: {regenerate_command(path)}")
+                                      f"regenerate it with: {regenerate_command(path)}",
+                                      see("statistics-file-of-an-older-nullcov"))
         if "provenance" not in attrs:
-            raise StatisticsFileError(path, "no provenance attribute")
+            raise StatisticsFileError(path, "no provenance attribute", CORRUPTED)
         groups: dict[str, h5py.Group] = {}
 
         def visit(name, obj):
@@ -243,13 +252,13 @@ def _open(path, kind: str, datasets: tuple[str, ...]):
             handle.visititems(visit)
         except (OSError, RuntimeError, KeyError) as err:
             raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
-                                      f"regenerate it with: {regenerate_command(path)}") from None
+                                      f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
         if not groups:
-            raise StatisticsFileError(path, f"no groups holding {datasets}")
+            raise StatisticsFileError(path, f"no groups holding {datasets}", CORRUPTED)
         if found_format is not None and found_format != FORMAT:
             raise StatisticsFileError(
                 path, f"file format {found_format!r}, this nullcov reads format {FORMAT} (checksummed); "
-                f"regenerate it with: {regenerate_command(path)}")
+                f"regenerate it with: {regenerate_command(path)}", see("statistics-file-of-an-older-nullcov"))
         return handle, attrs, groups
     except BaseException:
         handle.close()
@@ -264,7 +273,8 @@ def _read(path, kind: str, datasets: tuple[str, ...], keys=None):
         if keys is not None:
             unknown = sorted(set(keys) - set(groups))
             if unknown:
-                raise StatisticsFileError(path, f"no group {unknown}; it holds {sorted(groups)}")
+                raise StatisticsFileError(path, f"no group {unknown}; it holds {sorted(groups)}",
+                                          see("no-projection-for-a-layer-or-linear"))
             groups = {key: groups[key] for key in keys}
         yield None, attrs
         for key, group in groups.items():
@@ -272,7 +282,7 @@ def _read(path, kind: str, datasets: tuple[str, ...], keys=None):
                 yield key, _load(path, key, group, datasets)
             except (RuntimeError, KeyError) as err:
                 raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
-                                          f"regenerate it with: {regenerate_command(path)}") from None
+                                          f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
 
 
 def write_moments(path, kind: str, moments: dict[str, Moments], attrs: dict) -> None:
@@ -294,17 +304,18 @@ def write_moments(path, kind: str, moments: dict[str, Moments], attrs: dict) -> 
 def _moments(path, key: str, data: dict) -> Moments:
     count = data["count"]
     if count.shape != (1,):
-        raise StatisticsFileError(path, f"group {key!r}: count must be one integer, got shape {count.shape}")
+        raise StatisticsFileError(path, f"group {key!r}: count must be one integer, got shape {count.shape}",
+                                  CORRUPTED)
     sum_ = data["sum"]
     packed = data["sum_outer"]
     dim = sum_.shape[0] if sum_.ndim == 1 else -1
     if packed.shape != (dim * (dim + 1) // 2,):
         raise StatisticsFileError(path, f"group {key!r}: inconsistent shapes: sum {sum_.shape}, packed sum_outer "
-                                  f"{packed.shape} (expected ({dim * (dim + 1) // 2},))")
+                                  f"{packed.shape} (expected ({dim * (dim + 1) // 2},))", CORRUPTED)
     moment = Moments.about(int(count[0]), data["shift"], sum_, unpack_symmetric(packed))
     problems = moment.problems()
     if problems:
-        raise StatisticsFileError(path, f"group {key!r}: {'; '.join(problems)}")
+        raise StatisticsFileError(path, f"group {key!r}: {'; '.join(problems)}", CORRUPTED)
     return moment
 
 
@@ -357,7 +368,8 @@ def read_projections(path, keys=None) -> tuple[dict[str, NullSpace], dict]:
     spaces = {}
     for key, data in items:
         if data["null_dim"].shape != (1,) or data["threshold"].shape != (1,):
-            raise StatisticsFileError(path, f"group {key!r}: null_dim and threshold must hold one value each")
+            raise StatisticsFileError(path, f"group {key!r}: null_dim and threshold must hold one value each",
+                                      CORRUPTED)
         spaces[key] = NullSpace(
             projection=np.asarray(data["P"]),
             eigenvalues=np.asarray(data["eigenvalues"]),

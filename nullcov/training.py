@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from nullcov.bank import MODES, ProjectionBank
+from nullcov.docs import see
 from nullcov.model import cross_attention_modules
 from nullcov.projection import spectrum_threshold
 from nullcov.store import TEXT_KEY, read_moments, read_projections
@@ -209,7 +210,7 @@ def _range_basis(side: torch.Tensor, rank: int, tolerance: float = 1e-3) -> torc
     trace = float(torch.trace(side))
     if abs(trace - rank) > 0.5:
         raise ConstraintError(f"the stored projection is not a projection of rank {rank} (its trace is {trace:.2f}); "
-                              "is the file's null_dim its own?")
+                              f"is the file's null_dim its own?{see('stored-projection-has-the-wrong-rank')}")
     if rank == 0:
         return side.new_zeros((dim, 0))
     generator = torch.Generator(device=side.device).manual_seed(0)
@@ -219,7 +220,8 @@ def _range_basis(side: torch.Tensor, rank: int, tolerance: float = 1e-3) -> torc
     residual = float(torch.linalg.matrix_norm(side @ basis - basis)) / rank ** 0.5
     if residual > tolerance:
         raise ConstraintError(f"the stored projection is not a projection of rank {rank} "
-                              f"(‖P Q − Q‖/√k = {residual:.2g}); is the file's null_dim its own?")
+                              f"(‖P Q − Q‖/√k = {residual:.2g}); is the file's null_dim its own?"
+                              f"{see('stored-projection-has-the-wrong-rank')}")
     return basis
 
 
@@ -263,7 +265,7 @@ class ProjectionLookup:
     def __init__(self, results_dir: str | Path = "results", mode: str = "nearest", device="cpu",
                  cache_bytes: int = 8 * 1024**3):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{see('argument-not-among-the-allowed-values')}")
         self.results_dir = Path(results_dir)
         self.mode = mode
         self.device = torch.device(device)
@@ -289,7 +291,8 @@ class ProjectionLookup:
             self.step_keys = sorted(spaces)
             self.settings = attrs["provenance"]["projection"]
         elif self.text_factor is None:
-            raise FileNotFoundError(f"{self.results_dir}/projections holds neither {first.name} nor text.h5")
+            raise FileNotFoundError(f"{self.results_dir}/projections holds neither {first.name} nor text.h5"
+                                    f"{see('not-a-nullcov-results-folder')}")
 
     @property
     def timesteps(self) -> list[float]:
@@ -308,7 +311,8 @@ class ProjectionLookup:
         """``{<layer>/<to_q|to_out>: FactoredProjection}`` protecting every timestep in ``timesteps``
         (a tensor, list or number); cached."""
         if not self.step_keys:
-            raise ConstraintError(f"{self.results_dir} holds no per-timestep projections (collect_features q/out off)")
+            raise ConstraintError(f"{self.results_dir} holds no per-timestep projections (collect_features q/out off)"
+                                  f"{see('no-projection-for-a-layer-or-linear')}")
         values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
         if not values:
             raise ValueError("no timesteps given")
@@ -431,15 +435,17 @@ def find_cross_attention_linears(unet) -> list[ConstrainedLinear]:
                 dora = [name for name, on in getattr(module, "use_dora", {}).items() if on]
                 if dora:
                     raise ConstraintError(f"{item.name}: DoRA adapter(s) {dora} cannot be null-space constrained; "
-                                          "use plain LoRA (use_dora=False)")
+                                          f"use plain LoRA (use_dora=False){see('linear-cannot-be-constrained')}")
                 item.lora_down = [adapter.weight for adapter in module.lora_A.values()]
                 item.module = module.base_layer
             if not isinstance(item.module, torch.nn.Linear):
-                raise ConstraintError(f"{item.name} is a {type(item.module).__name__}, not a torch.nn.Linear")
+                raise ConstraintError(f"{item.name} is a {type(item.module).__name__}, not a torch.nn.Linear"
+                                      f"{see('linear-cannot-be-constrained')}")
             item.full = item.module.weight.requires_grad
             found.append(item)
     if not found:
-        raise ConstraintError("the model has no cross-attention modules (is_cross_attention); is it a UNet?")
+        raise ConstraintError("the model has no cross-attention modules (is_cross_attention); is it a UNet?"
+                              f"{see('nothing-to-constrain')}")
     return found
 
 
@@ -455,7 +461,8 @@ class NullSpaceConstraint:
     def __init__(self, unet, results_dir: str | Path = "results", mode: str = "nearest", device=None,
                  cache_bytes: int = 8 * 1024**3, bias: str = "freeze"):
         if bias not in BIAS_POLICIES:
-            raise ValueError(f"bias must be one of {BIAS_POLICIES}, got {bias!r}")
+            raise ValueError(f"bias must be one of {BIAS_POLICIES}, got {bias!r}"
+                             f"{see('argument-not-among-the-allowed-values')}")
         linears = find_cross_attention_linears(unet)
         if device is None:
             device = linears[0].module.weight.device
@@ -463,7 +470,8 @@ class NullSpaceConstraint:
         self.linears = [item for item in linears if item.full or item.lora_down
                         or (item.module.bias is not None and item.module.bias.requires_grad)]
         if not self.linears:
-            raise ConstraintError("no cross-attention linear has a trainable weight or LoRA adapter")
+            raise ConstraintError("no cross-attention linear has a trainable weight or LoRA adapter"
+                                  f"{see('nothing-to-constrain')}")
         missing = [item.name for item in self.linears
                    if (item.key == TEXT_KEY and self.lookup.text_factor is None)
                    or (item.key != TEXT_KEY and item.key not in self.lookup.step_keys)]
@@ -471,6 +479,7 @@ class NullSpaceConstraint:
             raise ConstraintError(
                 f"{results_dir} has no projection for the trainable linear(s) {missing}: collect them "
                 "(config keys cross_attention_layers, collect_features) or freeze them (requires_grad_(False))"
+                f"{see('no-projection-for-a-layer-or-linear')}"
             )
         self.bias = bias
         self.snapshot()

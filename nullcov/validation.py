@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nullcov.docs import see
 from nullcov.projection import NullSpace, symmetric_eigh
 from nullcov.prompts import read_prompts
 from nullcov.statistics import Moments
@@ -79,12 +80,13 @@ def read_validation_prompts(path, training_prompts: list[str], seed_offset: int)
         listing = "; ".join(f"validation prompt {number}: {prompt!r}" for number, prompt in shared[:5])
         raise ValidationConfigError(
             f"validation_prompts {str(path)!r} must be disjoint from the training prompts, but {len(shared)} "
-            f"of them are training prompts too ({listing})"
+            f"of them are training prompts too ({listing}){see('validation-prompts-are-training-prompts')}"
         )
     if seed_offset < len(training_prompts):
         raise ValidationConfigError(
             f"validation_seed_offset {seed_offset} is smaller than the number of training prompts "
             f"({len(training_prompts)}): validation prompts would reuse training seeds; raise it"
+            f"{see('validation-seed-offset-too-small')}"
         )
     return prompts
 

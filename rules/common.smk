@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workf
 import yaml
 
 from nullcov import config as nc_config
+from nullcov import docs as nc_docs
 from nullcov import gpu_lease as nc_gpu_lease
 from nullcov import jobs as nc_jobs
 from nullcov import model as nc_model
@@ -33,7 +34,10 @@ validate(config, "../config/schema.yaml", set_default=True)
 config["sampler_strategy"] = nc_schedule.canonical_strategy(config["sampler_strategy"])
 
 if not any(config["collect_features"].values()):
-    raise WorkflowError("config key 'collect_features': q, k, v and out are all false; nothing to collect")
+    raise WorkflowError(
+        "config key 'collect_features': q, k, v and out are all false; nothing to collect"
+        + nc_docs.see("all-features-are-off")
+    )
 
 try:
     PROMPTS = nc_prompts.read_prompts(config["prompts"])
@@ -58,6 +62,7 @@ if DUPLICATES:
         f"({len(DUPLICATES)} distinct prompts), e.g. {next(iter(DUPLICATES))!r} x{next(iter(DUPLICATES.values()))}; "
         f"duplicate_prompts: {config['duplicate_prompts']} "
         + ("(each occurrence is collected with its own seed)" if config["duplicate_prompts"] == "keep" else "(dropped)")
+        + nc_docs.see("repeated-prompt-lines")
     )
     PROMPTS = nc_prompts.apply_duplicate_policy(PROMPTS, config["duplicate_prompts"])
 STEP_NAMES = [step["name"] for step in SCHEDULE["steps"]]
