@@ -358,7 +358,6 @@ class CrossAttentionCapture:
     def _step_hook(self, key: str):
         def hook(module, args):
             batch = self._batch
-            batch = self._batch
             self._fired.add(key)
             if batch["step"] is not None:
                 self._add_inputs(key, batch["step"], args[0][batch["rows"]])

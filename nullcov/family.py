@@ -54,11 +54,6 @@ class Family:
     added_conditioning: str | None  # the UNet's addition_embed_type (SDXL: "text_time")
     prediction_type: str
 
-    @property
-    def pipeline_components(self) -> tuple[str, ...]:
-        """The components the text-only path loads (tokenizers and text encoders)."""
-        return self.tokenizers + self.text_encoders
-
 
 def _read_json(path: Path) -> dict:
     try:

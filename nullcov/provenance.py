@@ -111,7 +111,3 @@ def model_fingerprint(model_dir: str | Path, cache_path: str | Path | None = HAS
         digest.update(file_sha256(path, cache_path).encode())
     return digest.hexdigest()
 
-
-def to_json(value) -> str:
-    """Canonical JSON used for provenance attributes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 from nullcov.docs import see
@@ -53,7 +52,6 @@ SCHEDULE_FORMAT = 1
 
 # No braces: Snakemake reads `{...}` inside a wildcard constraint as a wildcard.
 NAME_PATTERN = r"(?:timestep_\d\d\d\d|alpha_\d\d+_\d\d\d\d)"
-_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class ScheduleError(ValueError):
@@ -236,6 +234,3 @@ def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir:
     os.replace(temporary, path)
     return json.loads(text)  # the same value a cache hit returns
 
-
-def is_step_name(name: str) -> bool:
-    return bool(_NAME_RE.fullmatch(name))

@@ -64,6 +64,12 @@ class ShapesTraining:
     #: Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``): easy low-noise
     #: steps weigh min(SNR, gamma) / SNR, so the high-noise steps that decide the layout count more.
     snr_gamma: float = 5.0
+    #: Share of each batch whose timestep is drawn from [high_noise_start, 1000) instead of [0, 1000):
+    #: the steps where the sampler decides the layout. With uniform timesteps every position the
+    #: model got wrong was a left/right swap; continuing it with half of each batch in [600, 1000)
+    #: removed them (docs/shapes-model.md, "Why half of the timesteps are noisy").
+    high_noise_fraction: float = 0.5
+    high_noise_start: int = 600
     #: Samples the VAE's scaling factor is measured on.
     scaling_samples: int = 512
     log_every: int = 50
@@ -193,6 +199,18 @@ def set_scaling_factor(vae, settings: ShapesTraining) -> float:
     return factor
 
 
+def sample_timesteps(settings: ShapesTraining, num_train_timesteps: int, count: int, generator):
+    """Training timesteps of one batch: uniform, except the first ``high_noise_fraction`` of the batch,
+    drawn from ``[high_noise_start, num_train_timesteps)``."""
+    import torch
+
+    timesteps = torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    high = round(settings.high_noise_fraction * count)
+    if high:
+        timesteps[:high] = torch.randint(settings.high_noise_start, num_train_timesteps, (high,), generator=generator)
+    return timesteps
+
+
 def train_denoiser(settings: ShapesTraining, vae, tokenizer, log):
     """Text encoder and UNet, trained jointly on the frozen VAE's latents; returns (text_encoder, unet, progress)."""
     import torch
@@ -221,7 +239,7 @@ def train_denoiser(settings: ShapesTraining, vae, tokenizer, log):
                         return_tensors="pt").input_ids
         latents = encode_images(vae, pixels)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
+        timesteps = sample_timesteps(settings, noise_scheduler.config.num_train_timesteps, len(captions), generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         per_sample = (prediction - noise).square().mean(dim=(1, 2, 3))

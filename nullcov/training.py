@@ -239,12 +239,6 @@ def null_space_factor(statistic: torch.Tensor, nullspace_threshold: float | None
     return FactoredProjection.from_eigenvectors(eigenvectors, eigenvalues < threshold)
 
 
-def null_space_projection(statistic: torch.Tensor, nullspace_threshold: float | None,
-                          threshold_percent: float | None = None) -> torch.Tensor:
-    """``P = U0 U0ᵀ`` (float32, d × d) of :func:`null_space_factor`."""
-    return null_space_factor(statistic, nullspace_threshold, threshold_percent).dense()
-
-
 def _eigh_device(device: torch.device) -> torch.device:
     """Where float64 ``eigh`` runs: the device itself unless it lacks float64 (MPS)."""
     return torch.device("cpu") if device.type == "mps" else device

@@ -185,6 +185,21 @@ def _weights_digest(folder):
             for p in folder.rglob("*.safetensors")}
 
 
+def test_training_timesteps_put_the_asked_share_of_each_batch_in_the_noisy_range():
+    import torch
+
+    from nullcov.train_shapes import ShapesTraining, sample_timesteps
+
+    settings = ShapesTraining(high_noise_fraction=0.25, high_noise_start=700)
+    draws = torch.stack([sample_timesteps(settings, 1000, 32, torch.Generator().manual_seed(seed)) for seed in range(200)])
+    assert bool((draws[:, :8] >= 700).all()) and int(draws.min()) >= 0 and int(draws.max()) <= 999
+    assert abs(float((draws[:, 8:] < 700).float().mean()) - 0.7) < 0.025  # the rest: uniform, 70 % below 700
+    again = sample_timesteps(settings, 1000, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(again, draws[3])
+    uniform = sample_timesteps(ShapesTraining(high_noise_fraction=0.0), 1000, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(3)))
+
+
 def test_training_a_few_steps_writes_a_loadable_checked_reproducible_folder(tmp_path):
     from nullcov.train_shapes import ShapesTraining, train
 

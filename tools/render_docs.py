@@ -130,6 +130,8 @@ def shapes_training() -> str:
         f"{settings['unet_learning_rate']:g} | {loss['unet_text'][-1][1]:.4f} | {seconds['unet_text'] / 60:.1f} min |",
         f"| **total** | | | | | **{seconds['total'] / 60:.1f} min** |",
     ]
+    folder_bytes = sum(path.stat().st_size for path in BUILTIN_SHAPES_DIR.rglob("*") if path.is_file())
+    rows.append(f"\nThe shipped folder holds {folder_bytes / 1e6:.1f} MB (every file, `SHA256SUMS` included).")
     return "\n".join(rows) + "\n" + _provenance(record | {"command": _training_command(record["command"])},
                                                 "nullcov/builtin/shapes/training.json")
 
@@ -138,7 +140,8 @@ def _training_command(command: str) -> str:
     """The recorded training command as a user would type it; an ``--out`` elsewhere than the shipped
     folder (a scratch folder it was copied from) is named as such, not by its temporary path."""
     words = command.split()
-    arguments = words[1:] if words and words[0].endswith(("train_shapes.py", "nullcov.train_shapes")) else words
+    module = next((i for i, word in enumerate(words) if word.endswith(("train_shapes.py", "nullcov.train_shapes"))), -1)
+    arguments = words[module + 1:]
     shown, skip = [], False
     for index, word in enumerate(arguments):
         if skip:
@@ -163,7 +166,31 @@ def shapes_evaluator() -> str:
 
 
 #: Accuracy measurements of shapes models: the shipped one, then earlier trainings kept for comparison.
-SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-earlier-3-levels.json", "bench-shapes-earlier-2-levels.json")
+SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-earlier-continued-high-noise.json",
+                         "bench-shapes-earlier-uniform-timesteps.json", "bench-shapes-earlier-3-levels.json",
+                         "bench-shapes-earlier-2-levels.json")
+POSITION_AXES = {"on the left": "x", "on the right": "x", "at the top": "y", "at the bottom": "y"}
+
+
+def _timesteps_label(settings: dict) -> str:
+    """How a shapes training drew its timesteps."""
+    fraction = settings.get("high_noise_fraction")
+    if not fraction:
+        return "uniform t"
+    return f"{fraction:.0%} of each batch at t ≥ {settings['high_noise_start']}"
+
+
+def _position_errors(record: dict) -> str:
+    """The sampled images whose position was misread: left/right swapped, top/bottom swapped, other."""
+    swaps = {"x": 0, "y": 0, "other": 0}
+    for failure in record["failures"]:
+        if failure["correct_position"]:
+            continue
+        asked = next(position for position in POSITION_AXES if position in failure["prompt"])
+        read = failure["read_position"]
+        axis = POSITION_AXES[asked]
+        swaps[axis if POSITION_AXES.get(read) == axis else "other"] += 1
+    return f"{swaps['x']} / {swaps['y']} / {swaps['other']}"
 
 
 def shapes_accuracy() -> str:
@@ -171,16 +198,18 @@ def shapes_accuracy() -> str:
     first = records[0][1]
     sampler = first["sampler"]
     rows = ["| model (UNet channels per level, betas, loss weighting, training steps) | colour | shape | position | "
-            "size (prompts that name it) | all correct |", "|---|---|---|---|---|---|"]
+            "size (prompts that name it) | all correct | position misread: left↔right / top↔bottom / other |",
+            "|---|---|---|---|---|---|---|"]
     for name, record in records:
         training = record["model_training"]
         settings = training["settings"]
-        label = ("shipped" if name == SHAPES_ACCURACY_FILES[0] else "earlier") + (
+        label = record.get("label") or ("shipped" if name == SHAPES_ACCURACY_FILES[0] else "earlier") + (
             f": {tuple(settings['unet_blocks'])}, {training['beta_schedule']}, "
             f"{'Min-SNR-%g' % settings['snr_gamma'] if settings.get('snr_gamma') else 'plain MSE'}, "
-            f"{settings['unet_steps']} steps")
+            f"{_timesteps_label(settings)}, {settings['unet_steps']} steps")
         rows.append(f"| {label} | " + " | ".join(_percent(record["accuracy"][k]) for k in
-                                                 ("colour", "shape", "position", "size", "all")) + " |")
+                                                 ("colour", "shape", "position", "size", "all"))
+                    + f" | {_position_errors(record)} |")
     head = (f"{first['prompts']} prompts, {sampler['strategy']}, {sampler['steps']} steps, CFG "
             f"{sampler['guidance_scale']:g}, seeds {sampler['seed']}..{sampler['seed'] + first['prompts'] - 1}; "
             f"sampling took {first['seconds']['sampling']:.0f} s.\n\n")
