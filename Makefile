@@ -114,6 +114,12 @@ bench-shapes: $(STAMP)
 proof: $(STAMP)
 	$(BIN)/python tools/bench_proof.py
 
+# After `make proof`: which attn2 linears of three variants change the preserved prompts, applied one
+# kind at a time and all together (docs/measurements/proof-ablation.json; ~1 min).
+.PHONY: proof-ablation
+proof-ablation: $(STAMP)
+	$(BIN)/python tools/proof_ablation.py
+
 clean:
 	rm -rf results logs benchmarks resources .snakemake
 

@@ -585,11 +585,24 @@ _BENCH_RENDERERS = {
 }
 
 
+def _proof_ablation(record: dict) -> str:
+    parts = ("all", "to_q", "to_k", "to_v", "to_out")
+    rows = [f"Preserved prompts drawn and read correctly (every attribute), {record['prompts']} of the proof's "
+            f"preserved prompts: **base model {_percent(record['base'])}**.\n",
+            "| variant's attn2 change applied to | " + " | ".join(f"`{part}` only" if part != "all" else "all"
+                                                             for part in parts) + " |",
+            "|---|" + "---|" * len(parts)]
+    rows += [f"| `{variant}` | " + " | ".join(_percent(values[part]) for part in parts) + " |"
+             for variant, values in record["variants"].items()]
+    return "\n".join(rows) + "\n"
+
+
 RENDERERS = {
     "rulegraph": workflow_docs.rulegraph,
     "config-reference": workflow_docs.config_reference,
     "proof-table": proof_table,
     "proof-goal": proof_goal,
+    "proof-ablation": measured("proof-ablation.json", "make proof-ablation")(_proof_ablation),
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
     "shapes-accuracy": shapes_accuracy,
