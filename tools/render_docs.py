@@ -252,8 +252,9 @@ def proof_table() -> str:
     return head + "\n".join(lines) + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
-def proof_goal() -> str:
-    """Whether a projected variant met the goal, computed from the measurement, never typed."""
+def proof_goal(provenance: bool = True) -> str:
+    """Whether a projected variant met the goal, computed from the measurement, never typed; without
+    ``provenance`` (the README: no dated measurements there) it names the data file instead."""
     record, rows = _proof_rows()
     unconstrained = next(row for row in rows if row["kind"] == "unconstrained")
     prior = next((row for row in rows if row["kind"] == "prior-preservation"), None)
@@ -280,6 +281,8 @@ def proof_goal() -> str:
             text += (f"; prior preservation moved them {prior['pixel_change_all'] / unconstrained['pixel_change_all']:.2f}x"
                      f" and dropped accuracy {prior['accuracy_drop_points_all']:+.1f} points")
         text += "."
+    if not provenance:
+        return text + " (data: `docs/measurements/proof-shapes.json`)\n"
     return text + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
@@ -602,6 +605,7 @@ RENDERERS = {
     "config-reference": workflow_docs.config_reference,
     "proof-table": proof_table,
     "proof-goal": proof_goal,
+    "proof-verdict": functools.partial(proof_goal, provenance=False),
     "proof-ablation": measured("proof-ablation.json", "make proof-ablation")(_proof_ablation),
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
