@@ -426,8 +426,8 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (Linux ``VmHWM``: exact, unlike a sampled
-    ``benchmark:`` max_rss, which Snakemake polls every 30 s after the first 15 s)."""
-    import resource
+    """This process's peak resident memory in MiB (:func:`nullcov.measurement.peak_rss_bytes`: exact,
+    unlike a sampled ``benchmark:`` max_rss, which Snakemake polls every 30 s after the first 15 s)."""
+    from nullcov.measurement import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20

@@ -61,6 +61,19 @@ def load_average() -> float | None:
     return None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes: Linux's ``VmHWM`` (exact, and reset by
+    ``/proc/self/clear_refs``), else ``getrusage``'s ``ru_maxrss`` (kB on Linux). Unlike Snakemake's
+    ``benchmark:`` max_rss, which is sampled, it cannot miss the peak."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def machine(torch_threads: int | None = None) -> dict:
     """Where the measurement ran. ``torch_threads`` defaults to ``torch.get_num_threads()`` when torch
     is imported; ``gpu`` is the first CUDA device (name, GiB) when torch is imported and sees one."""

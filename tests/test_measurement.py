@@ -177,3 +177,19 @@ def test_renderers_of_benchmarks_not_run_here(name, tmp_path, monkeypatch):
     for text in mine:
         assert "| " in text or "Snakemake" in text
         assert "Measured " in text and "python tools/x.py" in text
+
+
+def test_peak_rss_is_the_process_high_water_mark():
+    from pathlib import Path
+
+    import numpy as np
+
+    from nullcov.measurement import peak_rss_bytes
+
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the high-water mark restarts at today's RSS
+    before = peak_rss_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    after = peak_rss_bytes()
+    assert after >= before + 60 * 2**20, (before, after)
+    del block
+    assert peak_rss_bytes() >= after - 2**20  # a high-water mark (the kernel syncs its counters lazily: ~kB)

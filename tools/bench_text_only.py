@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
-    from nullcov.measurement import header, write_record
+    from nullcov.measurement import header, peak_rss_bytes, write_record
     from nullcov.prompts import read_prompts
     from nullcov.schedule import build_schedule
     from nullcov.sd15 import build_sd15_pipeline
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
         "speedup": round(full_s / text_s, 1), "max_relative_difference": difference,
         "text_only_prompts": len(prompts), "text_only_prompts_s": round(many_s, 2),
         "text_only_prompts_per_s": round(len(prompts) / many_s, 1), "count": many.count,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     print(json.dumps(result, indent=1))
     write_record(args.out, record | result)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -227,7 +226,7 @@ def main(argv=None) -> int:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from nullcov.measurement import header, write_record
+    from nullcov.measurement import header, peak_rss_bytes, write_record
     from nullcov.sd15 import SD15_UNET_CONFIG
 
     record = header("tools/bench_training.py", argv)
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
         interpolate = None if args.no_interpolate else time_interpolate(results)
     report = record | {"device": "cpu", "threads": args.threads, "resolution": args.resolution, "batch": args.batch,
                        "repeats": args.repeats, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       "peak_rss_bytes": peak_rss_bytes(),
                        "training": rows, "interpolate": interpolate}
     write_record(args.out, report)
     print(f"SD-1.5 architecture, CPU ({args.threads} threads), {args.resolution} px, batch {args.batch}, "

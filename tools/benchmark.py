@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import shutil
 import sys
 import tempfile
@@ -53,7 +52,7 @@ sys.path.insert(0, str(REPO))  # this checkout's nullcov, whatever is installed
 
 from nullcov.capture import CrossAttentionCapture  # noqa: E402
 from nullcov.config import schema_defaults  # noqa: E402
-from nullcov.measurement import header, load_average, measurement_path, write_record  # noqa: E402
+from nullcov.measurement import header, load_average, measurement_path, peak_rss_bytes, write_record  # noqa: E402
 from nullcov.model import image_resolution  # noqa: E402
 from nullcov.report import folder_bytes  # noqa: E402
 
@@ -87,14 +86,6 @@ class Case:
 
 
 # -- measuring ----------------------------------------------------------------------------------------
-def _vm_hwm() -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def _reset_peak_rss() -> bool:
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
@@ -125,9 +116,8 @@ def measured(device: str, into: dict):
         _synchronize(device)
         into["wall_s"] = time.perf_counter() - wall
         into["cpu_s"] = time.process_time() - cpu
-        hwm = _vm_hwm() if per_phase else None
-        into["peak_rss_bytes"] = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        into["peak_rss_scope"] = "phase" if hwm is not None else "process"
+        into["peak_rss_bytes"] = peak_rss_bytes()
+        into["peak_rss_scope"] = "phase" if per_phase else "process"
         into["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 
 
