@@ -61,6 +61,14 @@ def load_average() -> float | None:
     return None
 
 
+def human_bytes(value: float) -> str:
+    """A byte count for people: decimal units (``99.99 MB`` is 99 990 000 bytes), one decimal."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory in bytes: Linux's ``VmHWM`` (exact, and reset by
     ``/proc/self/clear_refs``), else ``getrusage``'s ``ru_maxrss`` (kB on Linux). Unlike Snakemake's

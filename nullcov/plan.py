@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from nullcov.docs import PLANNING, see
+from nullcov.measurement import human_bytes
 
 MIB = 2**20
 GIB = 2**30
@@ -251,13 +252,6 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
     }
 
 
-def _size(value: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value:.0f} B"
-
-
 def format_plan(plan: dict) -> str:
     """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
     chunks = plan["feature_chunks"]
@@ -272,7 +266,7 @@ def format_plan(plan: dict) -> str:
         *(f"  {rule:<26} {count}" for rule, count in plan["jobs"].items()),
         "",
         "disk:",
-        *(f"  {name:<26} {_size(value)}" for name, value in plan["bytes"].items()),
+        *(f"  {name:<26} {human_bytes(value)}" for name, value in plan["bytes"].items()),
         "",
         "peak host memory per job (mem_mb):",
         *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
@@ -281,7 +275,7 @@ def format_plan(plan: dict) -> str:
             f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
             f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)"
         ),
-        f"  model weights {_size(plan['weights'])}",
+        f"  model weights {human_bytes(plan['weights'])}",
         "",
         (
             f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "

@@ -18,6 +18,7 @@ import numpy as np
 
 from nullcov import store
 from nullcov.docs import OUTPUTS
+from nullcov.measurement import human_bytes
 from nullcov.store import TEXT_KEY, atomic_path
 
 STEP_LINEARS = ("to_q", "to_out")
@@ -476,13 +477,6 @@ def folder_bytes(path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else 0
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-
-
 def summary_rows(*, config: dict, schedule: dict, provenance: dict, num_prompts: int, prompt_sha256: str,
                  num_shards: int, num_validation: int, benchmarks: dict[str, list[str]], folders: dict[str, str],
                  projection_stats: dict | None = None, validation_file: str | None = None
@@ -531,7 +525,7 @@ def summary_rows(*, config: dict, schedule: dict, provenance: dict, num_prompts:
         rows.append(("wall time", stage, value))
     for label, path in folders.items():
         size = folder_bytes(path)
-        rows.append(("disk", label, f"{_human(size)} ({size} bytes) in {path}"))
+        rows.append(("disk", label, f"{human_bytes(size)} ({size} bytes) in {path}"))
     return rows
 
 

@@ -193,3 +193,10 @@ def test_peak_rss_is_the_process_high_water_mark():
     assert after >= before + 60 * 2**20, (before, after)
     del block
     assert peak_rss_bytes() >= after - 2**20  # a high-water mark (the kernel syncs its counters lazily: ~kB)
+
+
+def test_human_bytes_uses_decimal_units_with_one_decimal():
+    from nullcov.measurement import human_bytes
+
+    assert [human_bytes(value) for value in (0, 999, 1000, 99_990_000, 4.6e12)] == [
+        "0 B", "999 B", "1.0 kB", "100.0 MB", "4.6 TB"]

@@ -89,13 +89,10 @@ def _mb(value: float | None) -> str:
 
 
 def _size(value: float | None) -> str:
-    """Bytes in MB, GB or TB (decimal, 3 significant digits)."""
-    if value is None:
-        return "–"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value / 1e6:.3g} MB"
+    """Bytes as :func:`nullcov.measurement.human_bytes` writes them; ``–`` for none."""
+    from nullcov.measurement import human_bytes
+
+    return "–" if value is None else human_bytes(value)
 
 
 def _gib(value: float | None) -> str:
