@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from nullcov import evaluator, proof_data
-    from nullcov.features import configure_scheduler, prompt_generators
+    from nullcov import evaluator, proof, proof_data
+    from nullcov.features import configure_scheduler
     from nullcov.measurement import header, write_record
     from nullcov.model import load_pipeline, resolve_model_dir
     from nullcov.prompts import read_prompts
@@ -60,11 +60,10 @@ def main(argv=None) -> int:
     statistics_prompts = read_prompts(REPO / "config" / "prompts" / "shapes-demo.txt")
     prompts = proof_data.preserved_scenes(statistics_prompts)[:: args.every]
 
+    settings = proof.ProofSettings()  # the proof's CFG, sampling batch and seeds (preserved prompt i: seed i)
+
     def all_correct() -> float:
-        with torch.no_grad():
-            images = pipe(prompt=[prompt.caption for prompt in prompts], guidance_scale=7.5, height=32, width=32,
-                          generator=prompt_generators(0, 0, len(prompts)), output_type="np",
-                          **schedule["set_timesteps"]).images
+        images = proof.sample(pipe, [prompt.caption for prompt in prompts], 0, schedule, settings)
         return float(np.mean([all(evaluator.score(evaluator.read_image(image), prompt.scene).values())
                               for prompt, image in zip(prompts, images, strict=True)]))
 
