@@ -166,7 +166,19 @@ def shapes_evaluator() -> str:
 SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-earlier-continued-high-noise.json",
                          "bench-shapes-earlier-uniform-timesteps.json", "bench-shapes-earlier-3-levels.json",
                          "bench-shapes-earlier-2-levels.json")
-POSITION_AXES = {"on the left": "x", "on the right": "x", "at the top": "y", "at the bottom": "y"}
+def _position_errors(record: dict) -> str:
+    """The sampled images whose position was misread: left/right swapped, top/bottom swapped, other."""
+    from nullcov.shapes import POSITIONS, parse_caption
+
+    def axis(position: str | None) -> str | None:  # x: left/right (centred vertically), y: top/bottom
+        return None if position not in POSITIONS else ("x" if POSITIONS[position][1] == 0.5 else "y")
+
+    swaps = {"x": 0, "y": 0, "other": 0}
+    for failure in record["failures"]:
+        if not failure["correct_position"]:
+            asked = axis(parse_caption(failure["prompt"]).position)
+            swaps[asked if axis(failure["read_position"]) == asked else "other"] += 1
+    return f"{swaps['x']} / {swaps['y']} / {swaps['other']}"
 
 
 def _timesteps_label(settings: dict) -> str:
@@ -175,19 +187,6 @@ def _timesteps_label(settings: dict) -> str:
     if not fraction:
         return "uniform t"
     return f"{fraction:.0%} of each batch at t ≥ {settings['high_noise_start']}"
-
-
-def _position_errors(record: dict) -> str:
-    """The sampled images whose position was misread: left/right swapped, top/bottom swapped, other."""
-    swaps = {"x": 0, "y": 0, "other": 0}
-    for failure in record["failures"]:
-        if failure["correct_position"]:
-            continue
-        asked = next(position for position in POSITION_AXES if position in failure["prompt"])
-        read = failure["read_position"]
-        axis = POSITION_AXES[asked]
-        swaps[axis if POSITION_AXES.get(read) == axis else "other"] += 1
-    return f"{swaps['x']} / {swaps['y']} / {swaps['other']}"
 
 
 def shapes_accuracy() -> str:
@@ -586,15 +585,12 @@ _BENCH_RENDERERS = {
 
 
 def _proof_ablation(record: dict) -> str:
-    parts = ("all", "to_q", "to_k", "to_v", "to_out")
-    rows = [f"Preserved prompts drawn and read correctly (every attribute), {record['prompts']} of the proof's "
-            f"preserved prompts: **base model {_percent(record['base'])}**.\n",
-            "| variant's attn2 change applied to | " + " | ".join(f"`{part}` only" if part != "all" else "all"
-                                                             for part in parts) + " |",
-            "|---|" + "---|" * len(parts)]
-    rows += [f"| `{variant}` | " + " | ".join(_percent(values[part]) for part in parts) + " |"
-             for variant, values in record["variants"].items()]
-    return "\n".join(rows) + "\n"
+    parts = list(next(iter(record["variants"].values())))  # "all", then each linear, as the tool measured them
+    header = ["variant's attn2 change applied to", *(part if part == "all" else f"`{part}` only" for part in parts)]
+    rows = [[f"`{variant}`", *(_percent(values[part]) for part in parts)]
+            for variant, values in record["variants"].items()]
+    return (f"Preserved prompts drawn and read correctly (every attribute), {record['prompts']} of the proof's "
+            f"preserved prompts: **base model {_percent(record['base'])}**.\n\n" + _table(header, rows))
 
 
 RENDERERS = {
