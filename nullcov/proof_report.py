@@ -54,12 +54,12 @@ def load_weights(path) -> dict:
 
 def write_grid(png_path, npz_path, images: dict[str, np.ndarray], captions: list[str]) -> None:
     """Rows: ``base`` then each variant; columns: ``captions`` (same seeds in every row)."""
-    from nullcov.report import _pyplot, _save
+    from nullcov.plotting import pyplot, save
 
     with atomic_path(npz_path) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, captions=np.array(captions), **images)
-    plt = _pyplot()
+    plt = pyplot()
     rows, columns = len(images), len(captions)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.05, rows * 1.05 + 0.6), squeeze=False)
     for row, (name, row_images) in enumerate(images.items()):
@@ -72,21 +72,21 @@ def write_grid(png_path, npz_path, images: dict[str, np.ndarray], captions: list
                 ax.set_title(captions[column].replace(" there is", "").replace("a photo of ", "photo: "),
                              fontsize=5, rotation=20)
         axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=6)
-    _save(fig, png_path)
+    save(fig, png_path)
 
 
 def write_figure(path, rows: list[dict], base_fidelity: float, target: float) -> None:
     """Left: concept fidelity per variant (target dashed; without an evaluator, the final training
     loss). Right: the preserved prompts' pixel change against their all-correct accuracy drop (without
     an evaluator, against their attn2 change), one point per variant."""
-    from nullcov.report import _pyplot, _save
+    from nullcov.plotting import pyplot, save
 
     evaluated = any(math.isfinite(row["concept_fidelity"]) for row in rows)
     left_key, left_label = ("concept_fidelity", "concept fidelity (evaluator)") if evaluated else \
         ("final_loss", "final training loss (no evaluator for this model)")
     right_key, right_label = ("accuracy_drop_points_all", "preserved accuracy drop (points, all attributes)") \
         if evaluated else ("attn2_change_all", "preserved prompts' attn2 change")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
     kinds = {kind: f"C{index}" for index, kind in enumerate(dict.fromkeys(row["kind"] for row in rows))}
     positions = np.arange(len(rows))
@@ -111,4 +111,4 @@ def write_figure(path, rows: list[dict], base_fidelity: float, target: float) ->
     if all(row["pixel_change_all"] > 0 for row in rows):
         right.set_xscale("log")
     right.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)

@@ -5,14 +5,14 @@ from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov import report
 from nullcov.attention import run_attention_job
 from nullcov.jobs import logging_to
+from nullcov.plotting import keep_matplotlib_cache_in_workdir
 
 RUN_KEYS = ("batch_size", "device")
 
 with logging_to(snakemake.log[0]):
-    report.keep_matplotlib_cache_in_workdir()
+    keep_matplotlib_cache_in_workdir()
     run_attention_job(
         model_dir=snakemake.params.model_dir,
         prompts=list(snakemake.params.prompts),

@@ -1,18 +1,19 @@
-"""Snakemake adapter: the run summary table (nullcov.report.summary_rows), TSV and HTML."""
+"""Snakemake adapter: the run summary table (nullcov.run_summary.summary_rows), TSV and HTML."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov import report
+from nullcov import run_summary
 from nullcov.jobs import logging_to
+from nullcov.store import read_spectra
 
 with logging_to(snakemake.log[0]):
     schedule = json.loads(Path(snakemake.input.schedule).read_text())
-    provenance = report.read_provenance(Path(snakemake.input.first_shard) / snakemake.params.shard_file_name)
-    spectra = {path: report.read_spectra(path) for path in snakemake.input.projections}
-    rows = report.summary_rows(
+    provenance = run_summary.read_provenance(Path(snakemake.input.first_shard) / snakemake.params.shard_file_name)
+    spectra = {path: read_spectra(path) for path in snakemake.input.projections}
+    rows = run_summary.summary_rows(
         config=dict(snakemake.config) | {"prompts_per_shard": snakemake.params.prompts_per_shard},
         schedule=schedule,
         provenance=provenance,
@@ -23,6 +24,6 @@ with logging_to(snakemake.log[0]):
         validation_file=snakemake.params.validation_file,
         benchmarks=dict(snakemake.params.benchmarks),
         folders=dict(snakemake.params.folders),
-        projection_stats=report.projection_statistics(spectra),
+        projection_stats=run_summary.projection_statistics(spectra),
     )
-    report.write_summary(rows, snakemake.output.tsv, snakemake.output.html)
+    run_summary.write_summary(rows, snakemake.output.tsv, snakemake.output.html)

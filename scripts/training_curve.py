@@ -1,13 +1,14 @@
-"""Snakemake adapter: the model's training curve from its training.json (nullcov.report)."""
+"""Snakemake adapter: the model's training curve from its training.json (nullcov.figures_training_curve)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov import report
+from nullcov.figures_training_curve import training_curve_figure
 from nullcov.jobs import logging_to
+from nullcov.plotting import keep_matplotlib_cache_in_workdir
 
 with logging_to(snakemake.log[0]):
-    report.keep_matplotlib_cache_in_workdir()
-    report.training_curve_figure(snakemake.output[0], json.loads(Path(snakemake.input.record).read_text()))
+    keep_matplotlib_cache_in_workdir()
+    training_curve_figure(snakemake.output[0], json.loads(Path(snakemake.input.record).read_text()))

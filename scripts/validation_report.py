@@ -1,17 +1,18 @@
-"""Snakemake adapter: gather the leakage tables and draw the validation figures (nullcov.report)."""
+"""Snakemake adapter: gather the leakage tables and draw the validation figures (nullcov.figures_validation)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov import report
+from nullcov.figures_validation import leakage_heatmap_figure, leakage_tradeoff_figure
 from nullcov.jobs import logging_to
+from nullcov.plotting import keep_matplotlib_cache_in_workdir
 from nullcov.validation import gather_tables
 
 with logging_to(snakemake.log[0]):
-    report.keep_matplotlib_cache_in_workdir()
+    keep_matplotlib_cache_in_workdir()
     rows = gather_tables(list(snakemake.input.parts), snakemake.output.table)
     steps = json.loads(Path(snakemake.input.schedule).read_text())["steps"]
-    report.leakage_tradeoff_figure(snakemake.output.tradeoff, rows)
-    report.leakage_heatmap_figure(snakemake.output.heatmap, rows, steps)
+    leakage_tradeoff_figure(snakemake.output.tradeoff, rows)
+    leakage_heatmap_figure(snakemake.output.heatmap, rows, steps)

@@ -191,7 +191,8 @@ def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
     from diffusers import UNet2DConditionModel
     from matplotlib.image import imread
 
-    from nullcov import report
+    from nullcov.figures_layers import short_layer
+    from nullcov.figures_projection import null_dim_figure, spectra_grid
     from nullcov.model import cross_attention_modules
 
     with torch.device("meta"):
@@ -200,7 +201,7 @@ def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
     layers = [name for name, _ in modules]
     assert len(layers) == 70 and not any(name.startswith("down_blocks.0.") for name in layers)
     assert {module.to_k.in_features for _, module in modules} == {2048}
-    assert len({report.short_layer(name) for name in layers}) == 70  # every row label distinct
+    assert len({short_layer(name) for name in layers}) == 70  # every row label distinct
     rng = np.random.default_rng(0)
     steps = [{"index": i, "name": f"alpha_{i:02d}_{t:04d}", "timestep": float(t)} for i, t in enumerate((999, 1))]
     spectra = []
@@ -213,8 +214,8 @@ def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
                                                 "null_dim": int((values < 0.02).sum())}
         spectra.append(spectrum)
     # (the 70-panel spectra figure takes ~40 s to draw here: its grid is checked, the heatmap is drawn)
-    assert report.spectra_grid(70) == (8, 9) and report.spectra_grid(7) == (2, 4)
-    report.null_dim_figure(tmp_path / "null_dim.png", steps, spectra, None)
+    assert spectra_grid(70) == (8, 9) and spectra_grid(7) == (2, 4)
+    null_dim_figure(tmp_path / "null_dim.png", steps, spectra, None)
     height, width = imread(tmp_path / "null_dim.png").shape[:2]
     assert height <= 5000 and width <= 4000, (height, width)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from nullcov import report
 from nullcov.config import select_prompts, select_steps
-from nullcov.store import TEXT_KEY, read_projections
+from nullcov.figures_layers import layer_order, short_layer
+from nullcov.store import TEXT_KEY, read_projections, read_spectra
 
 from conftest import REPO, planned_jobs, snakemake, write_config
 
@@ -87,9 +87,9 @@ def test_layer_labels_follow_the_unet():
         "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
         "down_blocks.0.attentions.1.transformer_blocks.2.attn2",
     ]
-    ordered = sorted(names, key=report.layer_order)
-    assert [report.short_layer(name) for name in ordered] == ["down0.1.t2", "down1.0", "mid.0", "up1.0"]
-    assert report.short_layer("custom.attn") == "custom.attn"
+    ordered = sorted(names, key=layer_order)
+    assert [short_layer(name) for name in ordered] == ["down0.1.t2", "down1.0", "mid.0", "up1.0"]
+    assert short_layer("custom.attn") == "custom.attn"
 
 
 # -- the finished run ----------------------------------------------------------------------------
@@ -124,13 +124,13 @@ def test_snakemake_report_holds_every_category_and_figure(finished):
 def test_spectra_read_for_the_figures_are_the_projection_files(finished):
     name = _schedule(finished)[1]["name"]
     spaces, _ = read_projections(finished / "results" / "projections" / f"{name}.h5")
-    spectra = report.read_spectra(finished / "results" / "projections" / f"{name}.h5")
+    spectra = read_spectra(finished / "results" / "projections" / f"{name}.h5")
     assert sorted(spectra) == sorted(spaces)
     for key, space in spaces.items():
         np.testing.assert_array_equal(spectra[key]["eigenvalues"], space.eigenvalues)
         assert spectra[key]["null_dim"] == space.null_dim == int((space.eigenvalues < 0.02).sum())
         assert spectra[key]["d"] == space.projection.shape[0]
-    text = report.read_spectra(finished / "results" / "projections" / "text.h5")
+    text = read_spectra(finished / "results" / "projections" / "text.h5")
     assert list(text) == [TEXT_KEY]
 
 

@@ -116,7 +116,7 @@ def test_a_merge_keeps_the_pointer_last_after_its_regenerate_hint(tmp_path):
 
 def test_plan_and_summary_end_naming_the_page_that_explains_them(tmp_path):
     from nullcov.plan import format_plan
-    from nullcov.report import write_summary
+    from nullcov.run_summary import write_summary
 
     plan = {"model": "builtin:tiny", "prompts": 8, "shards": 1, "validation_prompts": 0, "steps": 3, "layers": 7,
             "step_keys": 14, "jobs": {"features (GPU)": 1}, "bytes": {"shard scratch": 1}, "memory_mb": {"features": 2000},

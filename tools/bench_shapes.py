@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO))
 
 
 def sample_grid(path: Path, images, prompts: list[str], columns: int = 8, count: int = 32) -> None:
-    from nullcov.report import _pyplot, _save
+    from nullcov.plotting import pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     count = min(count, len(images))
     rows = (count + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9))
@@ -39,7 +39,7 @@ def sample_grid(path: Path, images, prompts: list[str], columns: int = 8, count:
         ax.set_title(prompt.replace(" there is", "").replace("a photo of ", "photo: "), fontsize=5.5)
     for ax in axes.flat:
         ax.axis("off")
-    _save(fig, path)
+    save(fig, path)
 
 
 def _training_settings(model_dir: Path) -> dict | None:

@@ -54,7 +54,7 @@ from nullcov.capture import CrossAttentionCapture  # noqa: E402
 from nullcov.config import schema_defaults  # noqa: E402
 from nullcov.measurement import header, load_average, measurement_path, peak_rss_bytes, write_record  # noqa: E402
 from nullcov.model import image_resolution  # noqa: E402
-from nullcov.report import folder_bytes  # noqa: E402
+from nullcov.run_summary import folder_bytes  # noqa: E402
 
 log = logging.getLogger("nullcov.benchmark")
 LEGACY_FILE_BYTES = 92e6  # the legacy tool's measured .npz per prompt per timestep (SD-1.5, 512x512)
