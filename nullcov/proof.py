@@ -379,8 +379,9 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[st
     """``‖ΔW‖`` over the attn2 weights and, for projected variants, the largest share of an update
     outside the null spaces it was projected into (``‖ΔW − ΔW Q Qᵀ‖ / ‖ΔW‖``, ``Q`` a basis of the
     union of those null spaces: the one ``P`` of all timesteps, or every step's ``P`` per timestep)."""
+    from nullcov.bank import ProjectionBank
     from nullcov.store import TEXT_KEY
-    from nullcov.training import ProjectionLookup, find_cross_attention_linears
+    from nullcov.training import find_cross_attention_linears
 
     before, after = attn2_state(base_unet), attn2_state(unet)
     deltas = {key: (after[key] - before[key]).double() for key in after}
@@ -388,7 +389,7 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[st
            "update_outside_null_space": math.nan}
     if not variant.projected:
         return row
-    lookup = ProjectionLookup(variant.results_dir)
+    lookup = ProjectionBank(variant.results_dir)
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     worst = 0.0

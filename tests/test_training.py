@@ -1,4 +1,5 @@
-"""nullcov.training (constrained fine-tuning, lookups) and nullcov.export, on the tiny model.
+"""nullcov.training (constrained fine-tuning), nullcov.bank (lookups), nullcov.factored_projection and
+nullcov.export, on the tiny model.
 
 The results folder is made by the project's own job functions (schedule, one feature shard,
 merge, projection), in process; every check compares against an independent computation
@@ -11,6 +12,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from nullcov.layout import TEXT_NAME, Results, shard_folder, split_key, statistic_key
 
 from conftest import DEMO_PROMPTS, planned_jobs, write_config
 
@@ -28,19 +31,20 @@ def build_results(root, model_dir, prompts, num_steps=3, statistic="second_momen
     from conftest import base_config
 
     results = root / "results"
-    schedule = write_schedule(results / "schedule.json",
+    schedule = write_schedule(Results(results).schedule,
                               build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
                               cross_attention_layer_names(model_dir), str(model_dir))
-    names = [step["name"] for step in schedule["steps"]] + ["text"]
-    shard = results / "features" / "shard_0000"
-    config = base_config(num_denoising_steps=num_steps, batch_size=len(prompts), unconditional_branch=unconditional_branch)
+    names = [step["name"] for step in schedule["steps"]] + [TEXT_NAME]
+    shard = results / shard_folder("0000")
+    config = base_config(num_denoising_steps=num_steps, batch_size=len(prompts),
+                         unconditional_branch=unconditional_branch)
     run_feature_job(model_spec=str(model_dir), model_dir=str(model_dir), prompts=prompts, first_index=0,
                     shard="0000", schedule=schedule, config=config,
                     step_paths={name: str(shard / f"{name}.h5") for name in names[:-1]},
                     text_path=str(shard / "text.h5"))
     for name in names:
-        merge_job([shard / f"{name}.h5"], results / "covariance" / f"{name}.h5", prompt_set_sha256(prompts))
-        projection_job(results / "covariance" / f"{name}.h5", results / "projections" / f"{name}.h5", statistic,
+        merge_job([shard / f"{name}.h5"], Results(results).covariance(name), prompt_set_sha256(prompts))
+        projection_job(Results(results).covariance(name), Results(results).projection(name), statistic,
                        THRESHOLD, None)
     return results
 
@@ -166,7 +170,6 @@ def test_a_batch_of_several_timesteps_is_protected_at_each_of_them(results):
     """Null space of the summed statistic: vᵀ S_t v ≤ vᵀ (Σ S) v < τ for each t (brute force per t)."""
     from nullcov.bank import ProjectionBank
     from nullcov.store import read_moments
-    from nullcov.training import ProjectionLookup
 
     bank = ProjectionBank(results)
     timesteps = [990, 600, 120]
@@ -175,11 +178,11 @@ def test_a_batch_of_several_timesteps_is_protected_at_each_of_them(results):
         low, high, weight = bank.neighbours(t)
         total = 0
         for index, share in ((low, 1 - weight), (high, weight)) if low != high else ((low, 1.0),):
-            moments, _ = read_moments(results / "covariance" / f"{bank.step_names[index]}.h5", "covariance", keys=[key])
+            moments, _ = read_moments(Results(results).covariance(bank.step_names[index]), "covariance", keys=[key])
             total = total + share * moments[key].second_moment()
         return total
 
-    lookup = ProjectionLookup(results, mode="interpolate")
+    lookup = ProjectionBank(results, mode="interpolate")
     combined = lookup.projections(torch.tensor(timesteps))
     unprotected = 0
     for key, projection in combined.items():
@@ -197,33 +200,32 @@ def test_a_batch_of_several_timesteps_is_protected_at_each_of_them(results):
 
 def test_lookups_are_cached_per_integer_timestep_and_match_the_bank(results):
     from nullcov.bank import ProjectionBank
-    from nullcov.training import ProjectionLookup
 
     bank = ProjectionBank(results)
-    lookup = ProjectionLookup(results, mode="interpolate")
+    lookup = ProjectionBank(results, mode="interpolate")
     lookup.precompute(range(0, 1000, 37))
     computed = lookup.computed
     assert computed == len(range(0, 1000, 37))
     for t in (37, 74, 999):
         found = lookup.projections(torch.tensor([t, t]))
         for key in lookup.step_keys[:3]:
-            layer, linear = key.rsplit("/", 1)
+            layer, linear = split_key(key)
             np.testing.assert_allclose(found[key].numpy(), bank.get(layer, linear, t, mode="interpolate").numpy(),
                                        atol=2e-6)
     assert lookup.computed == computed  # every one came from the cache
-    nearest = ProjectionLookup(results, mode="nearest")
+    nearest = ProjectionBank(results, mode="nearest")
     nearest.precompute(range(1000))  # 1000 integer t, 3 scheduled steps: 3 entries
     assert nearest.computed == len(nearest._cache) == len(bank.timesteps)
+    from nullcov.factored_projection import cheapest_form
     from nullcov.store import read_projections
-    from nullcov.training import cheapest_form
 
-    spaces, _ = read_projections(results / "projections" / f"{bank.step_names[0]}.h5")
+    spaces, _ = read_projections(Results(results).projection(bank.step_names[0]))
     factors = nearest.factors([bank.timesteps[0]])
     for key, factor in factors.items():  # the cached form is the cheapest one and P is the stored one
         assert factor.form == cheapest_form(factor.dim, spaces[key].null_dim)
         assert factor.nbytes <= spaces[key].projection.nbytes
         np.testing.assert_allclose(factor.dense().numpy(), spaces[key].projection, atol=2e-6)
-    small = ProjectionLookup(results, mode="interpolate", cache_bytes=1)
+    small = ProjectionBank(results, mode="interpolate", cache_bytes=1)
     small.precompute([10, 20, 30])
     assert len(small._cache) == 1 and small.computed == 3
 
@@ -285,18 +287,19 @@ def test_nullbooth_export_gives_nullbooths_loader_the_same_null_spaces(results, 
     from nullcov.export import export_nullbooth
     from nullcov.store import TEXT_KEY, read_projections
 
-    schedule = json.loads((results / "schedule.json").read_text())
+    schedule = json.loads(Results(results).schedule.read_text())
     names = [step["name"] for step in schedule["steps"]]
-    written = export_nullbooth({name: results / "covariance" / f"{name}.h5" for name in names}, tmp_path / "nb",
-                               "second_moment", schedule["layers"], results / "covariance" / "text.h5")
+    written = export_nullbooth({name: Results(results).covariance(name) for name in names}, tmp_path / "nb",
+                               "second_moment", schedule["layers"], Results(results).covariance(TEXT_NAME))
     loaded = nullbooth_loader(tmp_path / "nb", THRESHOLD)
     assert written == len(loaded) == len(names) * len(schedule["layers"]) * 4
-    text, _ = read_projections(results / "projections" / "text.h5")
+    text, _ = read_projections(Results(results).projection(TEXT_NAME))
     for name in names:
-        spaces, _ = read_projections(results / "projections" / f"{name}.h5")
+        spaces, _ = read_projections(Results(results).projection(name))
         for layer in schedule["layers"]:
             folder = layer.replace(".", "_")
-            for feature, space in (("q", spaces[f"{layer}/to_q"]), ("out", spaces[f"{layer}/to_out"]),
+            for feature, space in (("q", spaces[statistic_key(layer, "to_q")]),
+                                   ("out", spaces[statistic_key(layer, "to_out")]),
                                    ("k", text[TEXT_KEY]), ("v", text[TEXT_KEY])):
                 theirs = loaded[(folder, name, feature)]
                 assert round(np.trace(theirs)) == space.null_dim, (layer, name, feature)
@@ -310,13 +313,13 @@ def test_nullbooth_export_of_a_text_only_run_has_k_and_v_for_every_scheduled_ste
     from nullcov.export import export_nullbooth
     from nullcov.store import TEXT_KEY, read_projections
 
-    schedule = json.loads((results / "schedule.json").read_text())
+    schedule = json.loads(Results(results).schedule.read_text())
     names = [step["name"] for step in schedule["steps"]]
     written = export_nullbooth({}, tmp_path / "nb", "second_moment", schedule["layers"],
-                               results / "covariance" / "text.h5", step_names=names)
+                               Results(results).covariance(TEXT_NAME), step_names=names)
     loaded = nullbooth_loader(tmp_path / "nb", THRESHOLD)
     assert written == len(loaded) == len(names) * len(schedule["layers"]) * 2
-    text, _ = read_projections(results / "projections" / "text.h5")
+    text, _ = read_projections(Results(results).projection(TEXT_NAME))
     assert {feature for _, _, feature in loaded} == {"k", "v"}
     assert {name for _, name, _ in loaded} == set(names)
     for matrix in loaded.values():
@@ -330,16 +333,16 @@ def test_safetensors_export_loads_in_the_projection_bank(results, tmp_path):
     from nullcov.export import export_safetensors, read_safetensors_metadata
     from nullcov.store import read_projections
 
-    names = [step["name"] for step in json.loads((results / "schedule.json").read_text())["steps"]] + ["text"]
+    names = [step["name"] for step in json.loads(Results(results).schedule.read_text())["steps"]] + [TEXT_NAME]
     path = tmp_path / "run.safetensors"
-    export_safetensors(results / "schedule.json", {n: results / "projections" / f"{n}.h5" for n in names}, path)
+    export_safetensors(Results(results).schedule, {n: Results(results).projection(n) for n in names}, path)
     exported, stored = ProjectionBank(path), ProjectionBank(results)
     assert exported.timesteps == stored.timesteps
-    _, attrs = read_projections(results / "projections" / "text.h5")
+    _, attrs = read_projections(Results(results).projection(TEXT_NAME))
     assert read_safetensors_metadata(path)["provenance"] == attrs["provenance"]
-    spaces, _ = read_projections(results / "projections" / f"{names[1]}.h5")
+    spaces, _ = read_projections(Results(results).projection(names[1]))
     for key in spaces:
-        layer, linear = key.rsplit("/", 1)
+        layer, linear = split_key(key)
         for t in (0, 300, 999):
             assert torch.equal(exported.get(layer, linear, t), stored.get(layer, linear, t))
     assert torch.equal(exported.get(layer, "to_v"), stored.get(layer, "to_v"))
@@ -369,7 +372,7 @@ def test_constraint_refuses_linears_without_projections(results, tiny_model_dir,
 
     partial = tmp_path / "results"
     shutil.copytree(results, partial)
-    (partial / "projections" / "text.h5").unlink()
+    Results(partial).projection(TEXT_NAME).unlink()
     with pytest.raises(ConstraintError, match=r"attn2\.to_k.*freeze them"):
         NullSpaceConstraint(trainable_unet(tiny_model_dir), partial)
 
@@ -379,7 +382,7 @@ def test_constraint_refuses_linears_without_projections(results, tiny_model_dir,
 def test_factored_projection_equals_the_dense_product_and_takes_the_cheapest_form(null_dim):
     """(ΔW U0) U0ᵀ and ΔW − (ΔW U1) U1ᵀ equal ΔW P within float32 noise, from an eigh (interpolate)
     and from a stored float32 P (nearest), for full-size ΔW and LoRA's A; the form chosen has the fewest flops."""
-    from nullcov.training import FactoredProjection, application_flops, cheapest_form, null_space_factor
+    from nullcov.factored_projection import FactoredProjection, application_flops, cheapest_form, null_space_factor
 
     dim = 96
     generator = torch.Generator().manual_seed(null_dim)
@@ -428,7 +431,7 @@ def test_factored_projection_equals_the_dense_product_and_takes_the_cheapest_for
 
 
 def test_stored_projection_of_the_wrong_rank_is_refused():
-    from nullcov.training import ConstraintError, FactoredProjection
+    from nullcov.factored_projection import ConstraintError, FactoredProjection
 
     basis, _ = torch.linalg.qr(torch.randn(64, 10, dtype=torch.float64))
     stored = (basis @ basis.T).float()
@@ -448,15 +451,15 @@ def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(req
     halves: the shares to compare are then those of both parts together."""
     import json
 
-    from nullcov.features import configure_scheduler
     from nullcov.model import load_pipeline
     from nullcov.null_energy import ENERGY_KINDS, null_energy
     from nullcov.proof import ProofSettings, sample
+    from nullcov.sampling import configure_scheduler
     from nullcov.store import TEXT_KEY, read_moments
     from nullcov.training import NullSpaceConstraint
 
     results = request.getfixturevalue("results_both_branches" if unconditional else "results")
-    schedule = json.loads((results / "schedule.json").read_text())
+    schedule = json.loads(Results(results).schedule.read_text())
     pipe = load_pipeline(tiny_model_dir, "float32", torch.device("cpu"))
     configure_scheduler(pipe, schedule)
     pipe.unet.requires_grad_(False)
@@ -471,7 +474,7 @@ def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(req
             sample(pipe, prompts, 0, schedule, ProofSettings(guidance_scale=7.5, sample_batch=len(prompts)))
         expected = {kind: [0.0, 0.0] for kind in ENERGY_KINDS}
         for step in schedule["steps"]:
-            moments, _ = read_moments(results / "covariance" / f"{step['name']}.h5", "covariance")
+            moments, _ = read_moments(Results(results).covariance(step["name"]), "covariance")
             protected = [step["timestep"]] if scope == "per-timestep" else every_step
             for item in constraint.linears:
                 if item.linear in ("to_k", "to_v"):
@@ -480,7 +483,7 @@ def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(req
                 projection = constraint.projection_for(item, protected).double()
                 expected[item.linear][0] += float(torch.trace(projection @ outer @ projection))
                 expected[item.linear][1] += float(torch.trace(outer))
-        text, _ = read_moments(results / "covariance" / "text.h5", "covariance", keys=[TEXT_KEY])
+        text, _ = read_moments(Results(results).covariance(TEXT_NAME), "covariance", keys=[TEXT_KEY])
         projection = constraint.lookup.text_factor.dense().double()
         outer = torch.from_numpy(text[TEXT_KEY].sum_outer)
         expected["to_kv"] = [float(torch.trace(projection @ outer @ projection)), float(torch.trace(outer))]

@@ -36,45 +36,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the nullcov p
 STEPS = [("alpha_00_0999", 999.0), ("alpha_01_0001", 1.0)]  # two steps: enough to interpolate between
 
 
+def rank_deficient_moments(rng: np.random.Generator, dim: int):
+    """Moments of random inputs spanning ~70 % of the space: a null space of ~30 %."""
+    from nullcov.statistics import Moments
+
+    rank = int(0.7 * dim)
+    rows = rng.standard_normal((2 * rank, rank)) @ rng.standard_normal((rank, dim)) / np.sqrt(rank)
+    return Moments.of_rows(rows)
+
+
 def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
     """schedule.json, covariance/ and projections/ of SD-1.5's shapes from random rank-deficient inputs."""
     from nullcov.jobs import projection_job
+    from nullcov.layout import TEXT_NAME, Results, statistic_key
     from nullcov.model import cross_attention_modules
-    from nullcov.statistics import Moments
     from nullcov.store import TEXT_KEY, write_moments
 
     rng = np.random.default_rng(seed)
-    results = root / "results"
-    (results / "projections").mkdir(parents=True)
+    results = Results(root / "results")
+    results.projections_folder.mkdir(parents=True)
     steps = [{"index": i, "name": name, "timestep": t} for i, (name, t) in enumerate(STEPS)]
-    (results / "schedule.json").write_text(json.dumps({"steps": steps}))
-
-    def moments(dim):  # inputs spanning ~70 % of the space: a null space of ~30 %
-        rank = int(0.7 * dim)
-        rows = rng.standard_normal((2 * rank, rank)) @ rng.standard_normal((rank, dim)) / np.sqrt(rank)
-        return Moments.of_rows(rows)
-
+    results.schedule.write_text(json.dumps({"steps": steps}))
     attrs = {"provenance": {"synthetic": "tools/bench_training.py"}}
     layers = cross_attention_modules(unet)
     for name, _ in STEPS:
-        found = {f"{layer}/{linear}": moments(module.to_q.in_features) for layer, module in layers
-                 for linear in ("to_q", "to_out")}
-        write_moments(results / "covariance" / f"{name}.h5", "covariance", found, attrs)
-    write_moments(results / "covariance" / "text.h5", "covariance",
-                  {TEXT_KEY: moments(layers[0][1].to_k.in_features)}, attrs)
-    for name in [n for n, _ in STEPS] + ["text"]:
-        projection_job(results / "covariance" / f"{name}.h5", results / "projections" / f"{name}.h5",
-                       "second_moment", 0.02, None)
-    return results
+        found = {statistic_key(layer, linear): rank_deficient_moments(rng, module.to_q.in_features)
+                 for layer, module in layers for linear in ("to_q", "to_out")}
+        write_moments(results.covariance(name), "covariance", found, attrs)
+    write_moments(results.covariance(TEXT_NAME), "covariance",
+                  {TEXT_KEY: rank_deficient_moments(rng, layers[0][1].to_k.in_features)}, attrs)
+    for name in [n for n, _ in STEPS] + [TEXT_NAME]:
+        projection_job(results.covariance(name), results.projection(name), "second_moment", 0.02, None)
+    return results.root
 
 
 def stored_projections(results: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{step name or "text": {key: P}}``: the d × d float32 matrices of the projection files."""
+    from nullcov.layout import TEXT_NAME, Results
     from nullcov.store import read_projections
 
     found = {}
-    for name in [n for n, _ in STEPS] + ["text"]:
-        spaces, _ = read_projections(results / "projections" / f"{name}.h5")
+    for name in [n for n, _ in STEPS] + [TEXT_NAME]:
+        spaces, _ = read_projections(Results(results).projection(name))
         found[name] = {key: torch.from_numpy(space.projection) for key, space in spaces.items()}
     return found
 
@@ -117,7 +120,7 @@ def _save(constraint) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _restore(constraint, saved) -> None:
-    for tensor, value in zip(_state(constraint), saved):
+    for tensor, value in zip(_state(constraint), saved, strict=True):
         tensor.copy_(value)
 
 
@@ -128,6 +131,42 @@ def _result(constraint) -> list[torch.Tensor]:
             for down in ([None] if item.full else item.lora_down)]
 
 
+def dense_by_step(results) -> dict[str, dict[str, torch.Tensor]]:
+    """``{step name: {key: P}}`` of the stored projections, the text ``P`` under ``TEXT_KEY`` in each."""
+    from nullcov.layout import TEXT_NAME
+
+    stored = stored_projections(results)
+    return {name: {**stored[name], **stored[TEXT_NAME]} for name in stored if name != TEXT_NAME}
+
+
+def apply_both(constraint, dense: dict[str, torch.Tensor], t: int, dense_first: bool) -> dict:
+    """From the same state, ``project([t])`` and the dense product: ``{which: (results, seconds, state)}``;
+    training goes on from the factored result."""
+    before = _save(constraint)
+    after = {}
+    for which in (("dense", "factored") if dense_first else ("factored", "dense")):
+        _restore(constraint, before)
+        begin = time.perf_counter()
+        if which == "dense":
+            dense_project(constraint, dense)
+        else:
+            constraint.project([t])
+        elapsed = time.perf_counter() - begin
+        after[which] = ([w.detach().clone() for w in _result(constraint)], elapsed,
+                        _save(constraint) if which == "factored" else None)
+    _restore(constraint, after["factored"][2])
+    return after
+
+
+def form_counts(constraint) -> dict[str, int]:
+    """How many constrained linears apply their projection in each form."""
+    forms = {}
+    for item in constraint.linears:
+        form = constraint.factor_for(item, [0]).form
+        forms[form] = forms.get(form, 0) + 1
+    return forms
+
+
 def time_training(unet, results, resolution: int, batch: int, repeats: int, lora: bool) -> dict:
     from nullcov.training import NullSpaceConstraint
 
@@ -135,12 +174,8 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
     size = resolution // 8
     constraint = NullSpaceConstraint(unet, results, mode="nearest")
     constraint.lookup.precompute(range(1000))  # nearest: one cached set per scheduled step
-    stored = stored_projections(results)
-    dense = {}  # step name -> {key: P}, the text P under TEXT_KEY
-    for name in stored:
-        if name != "text":
-            dense[name] = {**stored[name], **stored["text"]}
-    bank = constraint.lookup.bank
+    dense = dense_by_step(results)
+    bank = constraint.lookup
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
     step_times, project_times, dense_times, differences = [], [], [], []
     for index in range(repeats + 1):
@@ -152,47 +187,31 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
         optimizer.step()
         optimizer.zero_grad()
         step_time = time.perf_counter() - start
-        before = _save(constraint)
         if lora:  # the scale to compare both results against: A itself
             changes = [w.detach().clone() for w in _result(constraint)]
         else:  # the increment this step projects, W - W_last
             changes = [item.module.weight.detach() - item.last for item in constraint.linears]
-        after = {}
-        for which in (("dense", "factored") if index % 2 else ("factored", "dense")):
-            _restore(constraint, before)
-            begin = time.perf_counter()
-            if which == "dense":
-                dense_project(constraint, dense[bank.step_names[bank.nearest_index(t)]])
-            else:
-                constraint.project([t])
-            elapsed = time.perf_counter() - begin
-            after[which] = ([w.detach().clone() for w in _result(constraint)], elapsed,
-                            _save(constraint) if which == "factored" else None)
-        _restore(constraint, after["factored"][2])  # training goes on from the factored result
+        after = apply_both(constraint, dense[bank.step_names[bank.nearest_index(t)]], t, dense_first=index % 2 == 1)
         # both applications from the same state: largest ‖D_factored − D_dense‖ / ‖ΔW‖ (LoRA: ‖ΔA‖ / ‖A‖)
         differences.append(max(float((a - b).norm()) / max(float(c.norm()), 1e-30) for a, b, c in
-                               zip(after["factored"][0], after["dense"][0], changes)))
+                               zip(after["factored"][0], after["dense"][0], changes, strict=True)))
         if index > 0:  # the first step warms up
             step_times.append(step_time)
             project_times.append(after["factored"][1])
             dense_times.append(after["dense"][1])
-        del before, after, changes
+        del after, changes
     step, project, old = (statistics.median(x) for x in (step_times, project_times, dense_times))
-    forms = {}
-    for item in constraint.linears:
-        form = constraint.factor_for(item, [0]).form
-        forms[form] = forms.get(form, 0) + 1
     return {"mode": "lora r=4" if lora else "full (attn2 weights)", "step_s": step, "project_s": project,
             "overhead": project / step, "dense_project_s": old, "dense_overhead": old / step,
-            "speedup": old / project, "max_relative_difference": max(differences), "forms": forms,
+            "speedup": old / project, "max_relative_difference": max(differences), "forms": form_counts(constraint),
             "steps": repeats, "step_times": step_times, "project_times": project_times,
             "dense_times": dense_times, "linears": len(constraint.linears)}
 
 
 def time_interpolate(results, repeats: int = 1) -> dict:
-    from nullcov.training import ProjectionLookup
+    from nullcov.bank import ProjectionBank
 
-    lookup = ProjectionLookup(results, mode="interpolate")
+    lookup = ProjectionBank(results, mode="interpolate")
     lookup.factors([250])  # reads the two neighbours' statistics once
     times = []
     for t in range(260, 260 + repeats):
