@@ -8,12 +8,14 @@ selected UNet calls the probabilities are ``softmax(scale · Q Kᵀ)`` per head 
 ``attn.norm_q``/``norm_k`` applied as diffusers does), averaged over heads, conditional half of
 the CFG batch only. Nothing in the forward pass changes: the trajectory is the feature job's.
 
-The pipeline call is the feature job's (:data:`nullcov.features.COLLECTIONS`), with the same
+The pipeline call is the feature job's (:data:`nullcov.sampling.COLLECTIONS`), with the same
 generators: prompt ``i`` (its index in the training prompt file) is seeded ``seed + i``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -23,9 +25,11 @@ import numpy as np
 import torch
 
 from nullcov.capture import conditional_rows
-from nullcov.features import COLLECTIONS, configure_scheduler, prompt_generator, use_device
 from nullcov.gpu_lease import lease_device
+from nullcov.hooks import Hook, forward_hooks
 from nullcov.model import cross_attention_modules, image_resolution, load_pipeline, select_layers
+from nullcov.placement import use_device
+from nullcov.sampling import COLLECTIONS, configure_scheduler, prompt_generator
 from nullcov.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -42,10 +46,12 @@ class AttentionProbe:
         self.steps = set(steps)
         self.maps: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._batch = None
-        self._handles = [unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)]
+        hooks = [Hook(unet, self._on_unet_call, before=True, with_kwargs=True)]
         for name, module in layers:
-            self._handles.append(module.to_q.register_forward_hook(self._keep_query(name)))
-            self._handles.append(module.to_k.register_forward_hook(self._attend(name, module)))
+            hooks.append(Hook(module.to_q, functools.partial(self._keep_query, name)))
+            hooks.append(Hook(module.to_k, functools.partial(self._attend, name, module)))
+        self._opened = contextlib.ExitStack()
+        self._opened.enter_context(forward_hooks(hooks))
 
     def __enter__(self):
         return self
@@ -54,9 +60,8 @@ class AttentionProbe:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the hooks."""
+        self._opened.close()
 
     def begin_batch(self, size: int) -> None:
         self._batch = {"size": size, "calls": 0, "step": None, "cond": None, "query": {}}
@@ -75,23 +80,19 @@ class AttentionProbe:
         batch["step"] = batch["calls"]
         batch["calls"] += 1
 
-    def _keep_query(self, name):
-        def hook(module, args, output):
-            if self._batch["step"] in self.steps:
-                self._batch["query"][name] = output[self._batch["cond"]]
+    def _keep_query(self, name: str, module, args, output) -> None:
+        """``to_q``'s forward hook: keep the queries (conditional rows) of a selected step."""
+        if self._batch["step"] in self.steps:
+            self._batch["query"][name] = output[self._batch["cond"]]
 
-        return hook
-
-    def _attend(self, name, attn):
-        def hook(module, args, output):
-            batch = self._batch
-            if batch["step"] not in self.steps:
-                return
-            query, key = batch["query"].pop(name), output[batch["cond"]]
-            probabilities = attention_probabilities(attn, query, key)
-            self.maps.setdefault((batch["step"], name), []).append(probabilities.cpu())
-
-        return hook
+    def _attend(self, name: str, attn, module, args, output) -> None:
+        """``to_k``'s forward hook: the probabilities of the kept queries against these keys."""
+        batch = self._batch
+        if batch["step"] not in self.steps:
+            return
+        query, key = batch["query"].pop(name), output[batch["cond"]]
+        probabilities = attention_probabilities(attn, query, key)
+        self.maps.setdefault((batch["step"], name), []).append(probabilities.cpu())
 
     def result(self) -> dict[tuple[int, str], torch.Tensor]:
         return {index: torch.cat(parts) for index, parts in self.maps.items()}
@@ -142,13 +143,13 @@ class _FinalLatents:
         self.scheduler, self.step, self.latents = scheduler, scheduler.step, None
 
     def __enter__(self):
-        def step(*args, **kwargs):
-            output = self.step(*args, **kwargs)
-            self.latents = output[0] if isinstance(output, tuple) else output.prev_sample
-            return output
-
-        self.scheduler.step = step
+        self.scheduler.step = self._step
         return self
+
+    def _step(self, *args, **kwargs):
+        output = self.step(*args, **kwargs)
+        self.latents = output[0] if isinstance(output, tuple) else output.prev_sample
+        return output
 
     def __exit__(self, *exc):
         del self.scheduler.step  # the instance attribute; the class method shows again
@@ -173,7 +174,8 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
     with torch.inference_mode(), AttentionProbe(pipe.unet, layers, step_indices) as probe:
         for offset in range(0, len(prompts), batch_size):
             batch = prompts[offset : offset + batch_size]
-            generators = [prompt_generator(config["seed"], index) for index in prompt_indices[offset : offset + batch_size]]
+            indices = prompt_indices[offset : offset + batch_size]
+            generators = [prompt_generator(config["seed"], index) for index in indices]
             probe.begin_batch(len(batch))
             with _FinalLatents(pipe.scheduler) as final:
                 run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)
@@ -211,7 +213,7 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
     with the maps (group ``prompt_{i:04d}/{step}/{layer}``, dataset ``maps`` [tokens, h, w],
     attribute ``tokens``).
     """
-    from nullcov import report
+    from nullcov.figures_attention import attention_figure
 
     if len(prompts) != len(prompt_indices):
         raise ValueError(f"{len(prompts)} prompts for {len(prompt_indices)} prompt indices")
@@ -231,7 +233,7 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
             for step in step_indices:
                 panels = [(layer, found["maps"][(position, step, layer)]) for layer in layer_names]
                 image = None if found["images"] is None else found["images"][position]
-                report.attention_figure(
+                attention_figure(
                     figure_paths[(index, steps[step]["name"])], panels, found["tokens"][position], image,
                     prompt=selected[position], prompt_index=index, seed=config["seed"] + index, step=steps[step],
                 )

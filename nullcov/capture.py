@@ -18,6 +18,7 @@ on the device are compared once per batch too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 
 from nullcov.accumulators import (
-    STAGING_BUFFERS,
     TorchMoments,
     _HostSteps,
     _StepAccumulator,
@@ -33,19 +33,17 @@ from nullcov.accumulators import (
     centred,
     centring_shift,
     column_sums,
-    device_memory,
     gram,
-    plan_device_steps,
 )
 from nullcov.docs import see
-from nullcov.model import LINEARS
+from nullcov.hooks import Hook, forward_hooks
+from nullcov.layout import statistic_key
+from nullcov.model import LINEARS, hooked_linear, linear_dims
+from nullcov.placement import device_steps, module_device
 from nullcov.statistics import Moments
 from nullcov.store import TEXT_KEY
 
 log = logging.getLogger(__name__)
-
-#: Default accumulator placement of :class:`CrossAttentionCapture` (``auto``, ``device``, ``host``).
-ACCUMULATE = "auto"
 
 
 class ScheduleMismatchError(RuntimeError):
@@ -73,6 +71,10 @@ class HookNotFiredError(RuntimeError):
 
 
 TEXT_TOKENS = ("all", "prompt", "eos")
+#: The linears that receive the text states (collected once per prompt, not per step).
+TEXT_LINEARS = frozenset({"to_k", "to_v"})
+#: When :class:`CrossAttentionCapture` compares a UNet call's timestep with the schedule.
+TIMESTEP_CHECKS = ("auto", "batch")
 
 
 def _labelled(label: str):
@@ -98,8 +100,7 @@ class CrossAttentionCapture:
     ``to_out`` (per step) and ``to_k``/``to_v`` (both mean: the text states, stored once).
     ``timesteps`` are the schedule's, in call order. Use as a context manager (removes hooks).
     ``accumulate``: ``auto`` (each step's float64 accumulator on the device while it fits, see
-    :func:`plan_device_steps`; the rest on the host), ``device`` or ``host`` (all steps); default
-    :data:`ACCUMULATE`.
+    :func:`nullcov.placement.device_steps`; the rest on the host), ``device`` or ``host`` (all steps).
 
     A job that cannot hold every step's accumulators at once collects its steps in chunks
     (:mod:`nullcov.plan`): ``collect_steps`` are the schedule indices this capture accumulates
@@ -108,93 +109,82 @@ class CrossAttentionCapture:
     step), and ``text`` says whether this capture accumulates the text states (one chunk does).
     ``unconditional``: collect both halves of every CFG batch (the config's ``unconditional_branch``);
     a UNet call without an unconditional half is then an error.
+    ``timestep_check`` (:data:`TIMESTEP_CHECKS`): ``auto`` compares a timestep that lives on an
+    accelerator once per prompt batch, in :meth:`end_batch` (reading it at the call would wait for
+    the device), and any other at the call; ``batch`` compares every tensor timestep in
+    :meth:`end_batch`, as on an accelerator.
     """
 
-    #: Compare CPU timesteps in end_batch too (device timesteps always are: reading one syncs).
-    _defer_timestep_check = False
-
     def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
-                 accumulate: str | None = None, collect_steps=None, call_steps=None, text: bool = True,
-                 unconditional: bool = False):
+                 accumulate: str = "auto", collect_steps=None, call_steps=None, text: bool = True,
+                 unconditional: bool = False, timestep_check: str = "auto"):
         if text_tokens not in TEXT_TOKENS:
             raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
-        accumulate = ACCUMULATE if accumulate is None else accumulate
-        if accumulate not in ("auto", "device", "host"):
-            raise ValueError(f"accumulate must be 'auto', 'device' or 'host', got {accumulate!r}")
+        if timestep_check not in TIMESTEP_CHECKS:
+            raise ValueError(f"timestep_check must be one of {', '.join(TIMESTEP_CHECKS)}, got {timestep_check!r}")
         self.timesteps = list(timesteps)
         self.step_names = list(step_names)
         self.text_tokens = text_tokens
         self.unconditional = unconditional
-        self.keys = [f"{name}/{linear}" for name, _ in layers for linear in ("to_q", "to_out") if linear in linears]
-        self.collect_text = bool({"to_k", "to_v"} & set(linears))
+        self.timestep_check = timestep_check
+        self.dims = linear_dims(layers, linears)
+        self.keys = list(self.dims)
+        self.collect_text = bool(TEXT_LINEARS & set(linears))
         self.accumulate_text = self.collect_text and text
         self.collect_steps = list(range(len(self.timesteps)) if collect_steps is None else collect_steps)
         self.call_steps = list(range(len(self.timesteps)) if call_steps is None else call_steps)
         if not set(self.collect_steps) <= set(self.call_steps):
             raise ValueError(f"collect_steps {self.collect_steps} are not all among call_steps {self.call_steps}")
-        self.device = next(unet.parameters()).device
-        self.dims: dict[str, int] = {}
-        for name, module in layers:
-            for linear, target in (("to_q", module.to_q), ("to_out", module.to_out[0])):
-                if linear in linears:
-                    self.dims[f"{name}/{linear}"] = int(target.in_features)
+        self.device = module_device(unet)
+        self._lay_out_keys()
+        self.device_steps = self._plan(accumulate)
+        # every hooked linear must run on every UNet call (checked in the UNet's post-hook)
+        self.hooked = [statistic_key(name, linear) for name, _ in layers for linear in LINEARS
+                       if linear in linears or (self.collect_text and linear in TEXT_LINEARS)]
+        self.text_moments: TorchMoments | None = None
+        self._fired: set[str] = set()
+        self._batch = None
+        self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
+        self._host = None
+        with contextlib.ExitStack() as opened:  # on a failure here, whatever was opened is closed
+            if self.device_steps < len(self.collect_steps) and self._outer_size:
+                self._host = _HostSteps(self._outer_size, self.device)
+                opened.callback(self._host.close)
+            self._steps = {  # schedule index -> accumulator, for the collected steps only
+                step: _StepAccumulator(self.dims, self.device, on_device=position < self.device_steps)
+                for position, step in enumerate(self.collect_steps)
+            }
+            opened.enter_context(forward_hooks(self._hooks(unet, layers)))
+            self._opened = opened.pop_all()
+
+    def _lay_out_keys(self) -> None:
+        """Each key's place in a step's flat ``sum_outer`` and ``sum`` (keys in order, back to back)."""
         self._outer_offsets, self._sum_offsets = {}, {}
         outer_offset = sum_offset = 0
-        for key in self.keys:
-            dim = self.dims[key]
+        for key, dim in self.dims.items():
             self._outer_offsets[key], self._sum_offsets[key] = outer_offset, sum_offset
             outer_offset += dim * dim
             sum_offset += dim
         self._outer_size, self._sum_size = outer_offset, sum_offset
-        self.device_steps = self._plan(accumulate)
-        self._host = None
-        if self.device_steps < len(self.collect_steps) and self._outer_size:
-            self._host = _HostSteps(self._outer_size, self.device)
-        self._steps = {  # schedule index -> accumulator, for the collected steps only
-            step: _StepAccumulator(self.dims, self.device, on_device=position < self.device_steps)
-            for position, step in enumerate(self.collect_steps)
-        }
-        self.text_moments: TorchMoments | None = None
-        self._handles = [
-            unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
-            unet.register_forward_hook(self._after_unet_call),
-        ]
-        for name, module in layers:
-            for linear, target in (("to_q", module.to_q), ("to_out", module.to_out[0])):
-                if linear in linears:
-                    key = f"{name}/{linear}"
-                    self._handles.append(target.register_forward_pre_hook(self._step_hook(key)))
-            if self.collect_text:
-                for linear in ("to_k", "to_v"):
-                    target = getattr(module, linear)
-                    self._handles.append(target.register_forward_pre_hook(self._text_check_hook(f"{name}/{linear}")))
-        # every hooked linear must run on every UNet call (checked in the UNet's post-hook)
-        self.hooked = [f"{name}/{linear}" for name, _ in layers for linear in LINEARS
-                       if linear in linears or (self.collect_text and linear in ("to_k", "to_v"))]
-        self._fired: set[str] = set()
-        self._batch = None
-        self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
 
     def _plan(self, accumulate: str) -> int:
-        steps = len(self.collect_steps)
-        step_bytes = 8 * self._outer_size
-        if accumulate == "device":
-            return steps
-        if accumulate == "host":
-            chosen = 0
-        elif self.device.type != "cuda":
-            return steps  # host memory either way: nothing to stage
-        else:
-            free, total = device_memory(self.device)
-            free -= steps * 8 * self._sum_size  # the sums stay on the device whatever the plan
-            staging = STAGING_BUFFERS * 4 * self._outer_size
-            chosen = plan_device_steps(step_bytes, steps, free, total, staging)
-            log.info("accumulators: %d steps x %.1f MiB; %.1f GiB of %.1f GiB free on %s",
-                     steps, step_bytes / 2**20, free / 2**30, total / 2**30, self.device)
-        if chosen < steps:
-            log.info("accumulators: %d step(s) on %s, %d step(s) on the host (%.1f GiB of host memory)",
-                     chosen, self.device, steps - chosen, (steps - chosen) * step_bytes / 2**30)
-        return chosen
+        """How many of the collected steps (the first ones) accumulate on the device."""
+        return device_steps(self.device, self.dims, len(self.collect_steps), accumulate)
+
+    def _hooks(self, unet, layers) -> list[Hook]:
+        """The UNet's pre- and post-hook, then per layer the pre-hooks of its collected linears
+        (``to_q``, ``to_out``) and, when the text states are collected, of ``to_k``/``to_v``."""
+        hooks = [Hook(unet, self._on_unet_call, before=True, with_kwargs=True), Hook(unet, self._after_unet_call)]
+        for name, module in layers:
+            for linear in LINEARS:
+                key = statistic_key(name, linear)
+                if key in self.dims:
+                    hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_step_input, key),
+                                      before=True))
+                elif self.collect_text and linear in TEXT_LINEARS:
+                    hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_text_input, key),
+                                      before=True))
+        return hooks
 
     def __enter__(self):
         return self
@@ -203,11 +193,8 @@ class CrossAttentionCapture:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._host is not None:
-            self._host.close()
+        """Remove the hooks, then stop the host accumulators' copy thread."""
+        self._opened.close()
 
     # -- per batch ------------------------------------------------------------------------------
     def begin_batch(self, prompts: list[str], first_prompt_index: int, text_mask: torch.Tensor | None) -> None:
@@ -230,26 +217,37 @@ class CrossAttentionCapture:
         batch, self._batch = self._batch, None
         if self._host is not None:
             self._host.drain()
-        if batch["timesteps"]:
-            found = torch.cat([t.reshape(-1)[:1] for _, t in batch["timesteps"]]).cpu().double().tolist()
-            for (step, _), value in zip(batch["timesteps"], found):
-                self._check_timestep(step, value)
+        self._check_deferred_timesteps(batch)
         if batch["calls"] != len(self.call_steps):
             raise ScheduleMismatchError(
                 f"the UNet was called {batch['calls']} times for this prompt batch, but the schedule has "
-                f"{len(self.call_steps)} steps" + ("" if len(self.call_steps) == len(self.timesteps) else " in this chunk")
+                f"{len(self.call_steps)} steps"
+                + ("" if len(self.call_steps) == len(self.timesteps) else " in this chunk")
                 + see("schedule-and-sampler-disagree")
             )
-        if batch["nonfinite"]:
-            checks = torch.stack([check for _, _, check in batch["nonfinite"]]).cpu()
-            flags = ~torch.isfinite(checks)
-            if flags.any():
-                row, prompt = (int(v) for v in torch.nonzero(flags)[0])
-                step, key, _ = batch["nonfinite"][row]
-                prompt, branch = prompt_of_row(prompt, batch["size"], checks.shape[1])
-                raise NonFiniteActivationError(
-                    batch["first_index"] + prompt, batch["prompts"][prompt], key, self.step_names[step], branch
-                )
+        self._check_finite(batch)
+
+    def _check_deferred_timesteps(self, batch: dict) -> None:
+        """Compare the batch's deferred timesteps with the schedule (one read of the device for all)."""
+        if not batch["timesteps"]:
+            return
+        found = torch.cat([t.reshape(-1)[:1] for _, t in batch["timesteps"]]).cpu().double().tolist()
+        for (step, _), value in zip(batch["timesteps"], found, strict=True):
+            self._check_timestep(step, value)
+
+    def _check_finite(self, batch: dict) -> None:
+        """Refuse the batch when a prompt's check total is non-finite, naming the first such input."""
+        if not batch["nonfinite"]:
+            return
+        checks = torch.stack([check for _, _, check in batch["nonfinite"]]).cpu()
+        flags = ~torch.isfinite(checks)
+        if flags.any():
+            row, prompt = (int(v) for v in torch.nonzero(flags)[0])
+            step, key, _ = batch["nonfinite"][row]
+            prompt, branch = prompt_of_row(prompt, batch["size"], checks.shape[1])
+            raise NonFiniteActivationError(
+                batch["first_index"] + prompt, batch["prompts"][prompt], key, self.step_names[step], branch
+            )
 
     # -- hooks ----------------------------------------------------------------------------------
     def _check_timestep(self, step: int, found: float) -> None:
@@ -257,8 +255,15 @@ class CrossAttentionCapture:
         if abs(found - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ScheduleMismatchError(
                 f"UNet call {step} ran at timestep {found}, but results/schedule.json says {expected} "
-                f"({self.step_names[step]}); the schedule and the sampler disagree{see('schedule-and-sampler-disagree')}"
+                f"({self.step_names[step]}); the schedule and the sampler disagree"
+                f"{see('schedule-and-sampler-disagree')}"
             )
+
+    def _defers(self, timestep) -> bool:
+        """Whether this call's timestep is compared in :meth:`end_batch` (``timestep_check``)."""
+        if not torch.is_tensor(timestep):
+            return False
+        return self.timestep_check == "batch" or timestep.device.type != "cpu"
 
     @_labelled("nullcov:unet pre-hook")
     def _on_unet_call(self, module, args, kwargs):
@@ -273,7 +278,7 @@ class CrossAttentionCapture:
             raise ScheduleMismatchError(f"the UNet was called more than the {len(self.call_steps)} scheduled times"
                                         f"{see('schedule-and-sampler-disagree')}")
         step = self.call_steps[call]
-        if torch.is_tensor(timestep) and (timestep.device.type != "cpu" or self._defer_timestep_check):
+        if self._defers(timestep):
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
         else:
             self._check_timestep(step, float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep))
@@ -286,36 +291,47 @@ class CrossAttentionCapture:
         if self._host is not None and step in self._steps and not self._steps[step].on_device:
             self._call = {"buffer": self._host.begin_call(), "written": set()}
         if self.accumulate_text and call == 0:
-            states = hidden[batch["rows"]]
-            batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
-            rows = text_rows(states, batch["text_mask"])
-            if self.text_moments is None:
-                self.text_moments = TorchMoments(rows.shape[-1], rows.device)
-            self.text_moments.add(rows)
+            self._add_text(step, hidden[batch["rows"]])
+
+    def _add_text(self, step: int, states: torch.Tensor) -> None:
+        """Add the collected text states of a prompt batch (its first UNet call's) to the text moments."""
+        batch = self._batch
+        batch["nonfinite"].append((step, TEXT_KEY, column_sums(states.reshape(states.shape[0], -1), dim=1).double()))
+        rows = text_rows(states, batch["text_mask"])
+        if self.text_moments is None:
+            self.text_moments = TorchMoments(rows.shape[-1], rows.device)
+        self.text_moments.add(rows)
 
     @_labelled("nullcov:unet post-hook")
     def _after_unet_call(self, module, args, output):
-        not_fired = [key for key in self.hooked if key not in self._fired]
-        if not_fired and self._batch is not None:
-            batch = self._batch
-            step = self.call_steps[batch["calls"] - 1]
-            raise HookNotFiredError(
-                f"{not_fired[0]} did not run on UNet call {step} ({self.step_names[step]}) of the "
-                f"prompt batch starting at prompt {batch['first_index']}"
-                + (f" (nor did {len(not_fired) - 1} other selected linear(s): {not_fired[1:]})" if len(not_fired) > 1 else "")
-                + "; its statistics would be empty or partial. A replaced attention processor or fused projections "
-                "(fuse_qkv_projections) bypass the linear: restore diffusers' default processors "
-                "(unet.set_default_attn_processor()) and unfuse (unfuse_qkv_projections())"
-                + see("a-selected-linear-did-not-run")
-            )
+        if self._batch is None:
+            return
+        self._check_fired()
         call, self._call = self._call, None
-        if call is None or self._batch is None:
+        if call is None:
             return
         missing = [key for key in self.keys if key not in call["written"]]
-        if missing:  # a hook did not fire: its slot still holds another call's product
-            for key in missing:
-                self._outer_view(call["buffer"], key).zero_()
+        for key in missing:  # a hook did not fire: its slot still holds another call's product
+            self._outer_view(call["buffer"], key).zero_()
         self._host.flush(self._batch["step"])
+
+    def _check_fired(self) -> None:
+        """Every hooked linear ran on this UNet call, else :class:`HookNotFiredError`."""
+        not_fired = [key for key in self.hooked if key not in self._fired]
+        if not not_fired:
+            return
+        batch = self._batch
+        step = self.call_steps[batch["calls"] - 1]
+        raise HookNotFiredError(
+            f"{not_fired[0]} did not run on UNet call {step} ({self.step_names[step]}) of the "
+            f"prompt batch starting at prompt {batch['first_index']}"
+            + (f" (nor did {len(not_fired) - 1} other selected linear(s): {not_fired[1:]})"
+               if len(not_fired) > 1 else "")
+            + "; its statistics would be empty or partial. A replaced attention processor or fused projections "
+            "(fuse_qkv_projections) bypass the linear: restore diffusers' default processors "
+            "(unet.set_default_attn_processor()) and unfuse (unfuse_qkv_projections())"
+            + see("a-selected-linear-did-not-run")
+        )
 
     def _outer_view(self, flat: torch.Tensor, key: str) -> torch.Tensor:
         dim, offset = self.dims[key], self._outer_offsets[key]
@@ -347,36 +363,36 @@ class CrossAttentionCapture:
         if accumulator.on_device:
             accumulate(self._outer_view(accumulator.outer, key), gram(rows), first)
         else:
-            call = self._call
-            view = self._outer_view(call["buffer"], key)
-            if key in call["written"]:  # a second call of the same layer in one UNet call
-                view.add_(gram(rows))
-            else:
-                gram(rows, out=view)
-                call["written"].add(key)
+            self._stage(key, rows)
 
-    def _step_hook(self, key: str):
-        def hook(module, args):
-            batch = self._batch
-            self._fired.add(key)
-            if batch["step"] is not None:
-                self._add_inputs(key, batch["step"], args[0][batch["rows"]])
+    def _stage(self, key: str, rows: torch.Tensor) -> None:
+        """Write a host step's product into this UNet call's staging buffer (added when the layer runs twice)."""
+        call = self._call
+        view = self._outer_view(call["buffer"], key)
+        if key in call["written"]:  # a second call of the same layer in one UNet call
+            view.add_(gram(rows))
+        else:
+            gram(rows, out=view)
+            call["written"].add(key)
 
-        return hook
+    def _on_step_input(self, key: str, module, args) -> None:
+        """The pre-hook of a collected ``to_q``/``to_out``: its collected rows join the running step."""
+        batch = self._batch
+        self._fired.add(key)
+        if batch["step"] is not None:
+            self._add_inputs(key, batch["step"], args[0][batch["rows"]])
 
-    def _text_check_hook(self, key: str):
-        def hook(module, args):
-            self._fired.add(key)
-            inputs, states = args[0], self._batch["encoder_hidden_states"]
-            if inputs is states or (inputs.shape == states.shape and torch.equal(inputs, states)):
-                return
-            raise TextInputMismatchError(
-                f"{key} receives an input that is not the UNet's encoder_hidden_states; nullcov stores the text "
-                "statistics once per prompt (text.h5) and cannot represent this model"
-                f"{see('text-input-is-not-the-encoder-hidden-states')}"
-            )
-
-        return hook
+    def _on_text_input(self, key: str, module, args) -> None:
+        """The pre-hook of a ``to_k``/``to_v``: its input must be the UNet's ``encoder_hidden_states``."""
+        self._fired.add(key)
+        inputs, states = args[0], self._batch["encoder_hidden_states"]
+        if inputs is states or (inputs.shape == states.shape and torch.equal(inputs, states)):
+            return
+        raise TextInputMismatchError(
+            f"{key} receives an input that is not the UNet's encoder_hidden_states; nullcov stores the text "
+            "statistics once per prompt (text.h5) and cannot represent this model"
+            f"{see('text-input-is-not-the-encoder-hidden-states')}"
+        )
 
     # -- results --------------------------------------------------------------------------------
     def text_results(self) -> Moments | None:
@@ -391,28 +407,29 @@ class CrossAttentionCapture:
         if self._host is not None:
             self._host.drain()
         for index in sorted(self._steps):
-            accumulator = self._steps[index]
-            missing = [key for key in self.keys if accumulator.counts[key] == 0]
-            if missing:
-                raise RuntimeError(f"step {self.step_names[index]}: no input captured for {missing}")
-            moments, outer, sums = {}, None, None
-            if self.keys:
-                outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
-                outer, sums = outer.cpu().numpy(), accumulator.sums.cpu().numpy()
-                shifts = accumulator.shifts.cpu().numpy()
-                for key in self.keys:
-                    dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
-                    moments[key] = Moments.about(
-                        accumulator.counts[key],
-                        shifts[s : s + dim],
-                        sums[s : s + dim],
-                        outer[o : o + dim * dim].reshape(dim, dim),
-                    )
+            moments = self._step_moments(index)
             yield index, moments
-            del moments, outer, sums, accumulator
+            del moments
             del self._steps[index]
             if self._host is not None:
                 self._host.accumulators.pop(index, None)
+
+    def _step_moments(self, index: int) -> dict[str, Moments]:
+        """``{key: Moments}`` of collected step ``index``, on the host."""
+        accumulator = self._steps[index]
+        missing = [key for key in self.keys if accumulator.counts[key] == 0]
+        if missing:
+            raise RuntimeError(f"step {self.step_names[index]}: no input captured for {missing}")
+        if not self.keys:
+            return {}
+        outer = accumulator.outer if accumulator.on_device else self._host.accumulator(index)
+        outer, sums, shifts = outer.cpu().numpy(), accumulator.sums.cpu().numpy(), accumulator.shifts.cpu().numpy()
+        moments = {}
+        for key in self.keys:
+            dim, o, s = self.dims[key], self._outer_offsets[key], self._sum_offsets[key]
+            moments[key] = Moments.about(accumulator.counts[key], shifts[s : s + dim], sums[s : s + dim],
+                                         outer[o : o + dim * dim].reshape(dim, dim))
+        return moments
 
 
 def conditional_rows(unet_batch: int, prompts: int) -> slice:

@@ -1,21 +1,21 @@
 """The feature job: run the sampler over one shard of prompts and write per-step moment files.
 
 Every model family (:mod:`nullcov.family`) runs its own diffusers pipeline through the same
-hooks. ``trajectory`` (default) runs the real pipeline call once per prompt batch and collects at every
-UNet call, so one pass yields every scheduled timestep. When only ``k``/``v`` are collected the
-job runs the text encoder(s) alone (:func:`collect_text_shard`): their inputs are the text states,
-which depend on neither timestep nor latents, so no UNet, VAE or sampler is loaded or run. ``noised`` reproduces the legacy tool:
-per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding only.
-Prompt ``i`` (0-based among all prompts) draws its latents and sampler noise from a CPU
-generator seeded ``seed + i``, so results do not depend on shard size, batch size or device.
-With CFG only the conditional half of each UNet call is collected, unless ``unconditional_branch``
-(then both halves, and the negative embedding's text states once per prompt).
+hooks (:class:`nullcov.capture.CrossAttentionCapture`), driven by the sampler drivers of
+:mod:`nullcov.sampling` (``trajectory``: the real pipeline call, every UNet call a scheduled step;
+``noised``: the legacy tool's one UNet call per step), with prompt ``i``'s own generator
+(``seed + i``), so results depend on neither shard size, batch size nor device. When only
+``k``/``v`` are collected the job runs the text encoder(s) alone (:func:`collect_text_shard`):
+their inputs are the text states, which depend on neither timestep nor latents, so no UNet, VAE
+or sampler is loaded or run. With CFG only the conditional half of each UNet call is collected,
+unless ``unconditional_branch`` (then both halves, and the negative embedding's text states once
+per prompt). A job whose steps do not fit its memory collects them in chunks (:func:`plan_chunks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nullcov import capture as capture_module
 from nullcov import plan
-from nullcov.accumulators import STAGING_BUFFERS, TorchMoments, device_memory, exact_matmul, plan_device_steps
+from nullcov.accumulators import TorchMoments, exact_matmul
 from nullcov.capture import CrossAttentionCapture, NonFiniteActivationError, prompt_of_row, text_row_mask, text_rows
 from nullcov.docs import see
 from nullcov.family import guidance_input, model_family
@@ -35,22 +34,19 @@ from nullcov.model import (
     ModelError,
     cross_attention_modules,
     image_resolution,
+    linear_dims,
     load_pipeline,
-    resolve_device,
     select_layers,
 )
+from nullcov.placement import device_memory_steps, module_device, use_device
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
-from nullcov.schedule import build_schedule, make_scheduler
+from nullcov.sampling import COLLECTIONS, ScheduleFileError, configure_scheduler, prompt_generators
 from nullcov.store import TEXT_KEY, write_moments
 
 log = logging.getLogger(__name__)
 
 FEATURE_LINEARS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
-
-
-class ScheduleFileError(RuntimeError):
-    """results/schedule.json does not describe what this model's sampler does."""
 
 
 class PromptTooLongError(ValueError):
@@ -87,17 +83,13 @@ def selected_linears(collect_features: dict) -> set[str]:
     return linears
 
 
-def prompt_generator(seed: int, index: int) -> torch.Generator:
-    """Prompt ``index``'s own CPU generator (latents and sampler noise): seeded ``seed + index``."""
-    return torch.Generator("cpu").manual_seed(seed + index)
-
-
 def text_only(collect_features: dict) -> bool:
     """Only ``k``/``v`` collected: the text encoder(s) alone give every statistic."""
     return not (collect_features["q"] or collect_features["out"])
 
 
-def text_mask(tokenizer, prompts: list[str], text_tokens: str, device, unconditional: bool = False) -> torch.Tensor | None:
+def text_mask(tokenizer, prompts: list[str], text_tokens: str, device,
+              unconditional: bool = False) -> torch.Tensor | None:
     """The mask of the text rows ``text_tokens`` keeps (None: all of them): [B, L], or with
     ``unconditional`` [2B, L], the negative prompts' ("", as the pipelines encode them) then the prompts'."""
     if text_tokens == "all":
@@ -132,71 +124,6 @@ def check_hookable(layers) -> None:
         )
 
 
-def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
-    """The generators of ``count`` consecutive prompts starting at ``first_index``."""
-    return [prompt_generator(seed, first_index + offset) for offset in range(count)]
-
-
-def configure_scheduler(pipe, schedule: dict) -> None:
-    """Install the schedule's sampler on ``pipe`` and check it reproduces ``schedule``'s steps."""
-    strategy, steps = schedule["strategy"], schedule["num_denoising_steps"]
-    expected = [step["timestep"] for step in schedule["steps"]]
-    rebuilt = [step["timestep"] for step in build_schedule(dict(pipe.scheduler.config), strategy, steps)["steps"]]
-    if rebuilt != expected:
-        raise ScheduleFileError(
-            f"results/schedule.json lists timesteps {expected}, but this model's scheduler config gives {rebuilt} "
-            f"for {strategy!r} with {steps} steps; rerun the schedule rule{see('schedule-and-sampler-disagree')}"
-        )
-    pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
-
-
-def _run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
-    """The sampler from the first step through ``chunk``'s last (a replay: the same seeds give
-    the same trajectory), interrupted there (diffusers' ``interrupt``: later steps call nothing).
-    ``chunk`` None: every step."""
-    stop = len(schedule["steps"]) if chunk is None else chunk.stop
-
-    def stop_after_chunk(pipeline, index, timestep, tensors):
-        if index + 1 >= stop:
-            pipeline._interrupt = True
-        return {}
-
-    pipe(
-        prompt=prompts,
-        guidance_scale=guidance_scale,
-        generator=generators,
-        height=resolution,
-        width=resolution,
-        output_type="latent",
-        callback_on_step_end=stop_after_chunk if stop < len(schedule["steps"]) else None,
-        **schedule["set_timesteps"],
-    )
-
-
-def _run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
-    """Per step of ``chunk`` one UNet call; every earlier step's noise is drawn all the same (the
-    generators' state, hence the result, does not depend on the chunking). ``chunk`` None: every step."""
-    chunk = range(len(schedule["steps"])) if chunk is None else chunk
-    from diffusers.utils.torch_utils import randn_tensor
-
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    embeddings, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
-    factor = pipe.vae_scale_factor
-    shape = (len(prompts), pipe.unet.config.in_channels, resolution // factor, resolution // factor)
-    for index, step in enumerate(schedule["steps"][: chunk.stop]):
-        clean = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        if index not in chunk:
-            continue
-        alpha = step["alphas_cumprod"]
-        noisy = math.sqrt(alpha) * clean + math.sqrt(1.0 - alpha) * noise
-        timestep = torch.tensor(step["timestep"], device=device)
-        pipe.unet(noisy, timestep, encoder_hidden_states=embeddings, return_dict=False)
-
-
-COLLECTIONS = {"trajectory": _run_trajectory, "noised": _run_noised}
-
-
 def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]:
     """The selected cross-attention ``(name, module)`` pairs, checked against the schedule file."""
     modules = dict(cross_attention_modules(pipe.unet))
@@ -207,33 +134,104 @@ def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]
     return [(name, modules[name]) for name in names]
 
 
-def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int) -> list[range]:
+def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int,
+                accumulate: str = "auto") -> list[range]:
     """The step chunks of a job with ``mem_mb`` of host memory (None: one chunk, every step).
 
-    On a GPU the steps whose accumulators fit on the device (:func:`plan_device_steps`) come on
-    top of those the host budget holds.
+    On a GPU the steps whose accumulators stay on the device (:func:`nullcov.placement.device_steps`
+    under ``accumulate``) come on top of those the host budget holds.
     """
-    dims = {f"{name}/{linear}": int((module.to_q if linear == "to_q" else module.to_out[0]).in_features)
-            for name, module in layers for linear in ("to_q", "to_out") if linear in linears}
+    dims = linear_dims(layers, linears)
     step_bytes = plan.statistics_bytes(dims)
     if mem_mb is None or not step_bytes:
         return [range(num_steps)]
     host_steps = plan.steps_per_chunk(mem_mb * plan.MIB, step_bytes, weights, num_steps)
-    device = pipe.unet.device
-    device_steps = 0
-    if device.type == "cuda" and capture_module.ACCUMULATE != "host":
-        free, total = device_memory(device)
-        device_steps = plan_device_steps(step_bytes, num_steps, free, total, STAGING_BUFFERS * step_bytes // 2)
-    chunks = plan.step_chunks(num_steps, min(num_steps, host_steps + device_steps))
+    device = module_device(pipe.unet)
+    on_device = device_memory_steps(device, dims, num_steps, accumulate)
+    chunks = plan.step_chunks(num_steps, min(num_steps, host_steps + on_device))
     unchunked = plan.mem_mb(plan.feature_job_bytes(step_bytes, num_steps, weights))
     log.info("memory: %d steps x %.1f MiB; mem_mb=%d (unchunked host need %d MB): %d step(s) fit on the host, %d "
              "on %s: %d chunk(s) of <= %d steps", num_steps, step_bytes / plan.MIB, mem_mb, unchunked, host_steps,
-             device_steps, device, len(chunks), max(len(c) for c in chunks))
+             on_device, device, len(chunks), max(len(c) for c in chunks))
     return chunks
 
 
+def check_collection(unet_config, collection: str) -> None:
+    """Refuse ``collection: noised`` for a UNet that needs more than text states to be called directly."""
+    needs = {"added conditioning (SDXL's text_time)": unet_config.addition_embed_type is not None,
+             "a guidance embedding (time_cond_proj_dim, LCM)": guidance_input(unet_config) == "embedding"}
+    if collection == "noised" and any(needs.values()):
+        raise ValueError(
+            "collection: noised calls the UNet with text states only; this model's UNet also needs "
+            f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
+            f"{see('noised-collection-needs-more-than-text')}"
+        )
+
+
+class _ShardCollection:
+    """One shard's collection, chunk by chunk: its layers, linears, sampler driver and capture."""
+
+    def __init__(self, pipe, prompts: list[str], first_index: int, schedule: dict, config: dict,
+                 capture_class: type, capture_options: dict):
+        self.pipe, self.prompts, self.first_index = pipe, prompts, first_index
+        self.schedule, self.config = schedule, config
+        self.layers = shard_layers(pipe, schedule, config)
+        check_hookable(self.layers)
+        self.linears = selected_linears(config["collect_features"])
+        self.resolution = image_resolution(pipe, config["resolution"])
+        check_collection(pipe.unet.config, config["collection"])
+        self.run = COLLECTIONS[config["collection"]]
+        self.device = module_device(pipe.unet)
+        self.capture_class, self.capture_options = capture_class, capture_options
+        self.text_moments = None
+        self.started = time.perf_counter()
+
+    def capture(self, number: int, chunk: range):
+        """The capture of chunk ``number``: it collects ``chunk``'s steps, the first chunk also the text."""
+        steps = self.schedule["steps"]
+        call_steps = list(chunk) if self.config["collection"] == "noised" else list(range(chunk.stop))
+        return self.capture_class(
+            self.pipe.unet, self.layers, self.linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
+            self.config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
+            unconditional=self.config["unconditional_branch"], **self.capture_options,
+        )
+
+    def chunk(self, number: int, chunks: list[range]):
+        """Run every prompt batch through chunk ``number``'s steps; yield ``(step index, moments)``
+        per step of the chunk, one at a time (:meth:`CrossAttentionCapture.release_steps`)."""
+        chunk, prompts = chunks[number], self.prompts
+        with exact_matmul(), torch.inference_mode(), self.capture(number, chunk) as capture, \
+                tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
+            for offset in range(0, len(prompts), self.config["batch_size"]):
+                size = self.batch(capture, offset, chunk)
+                progress.update(size)
+                self.log_progress(number, chunks, offset + size)
+            if number == 0:
+                self.text_moments = capture.text_results()
+            yield from capture.release_steps()
+
+    def batch(self, capture, offset: int, chunk: range) -> int:
+        """Run the prompt batch starting at ``offset`` through the sampler; returns its size."""
+        config = self.config
+        batch = self.prompts[offset : offset + config["batch_size"]]
+        mask = text_mask(self.pipe.tokenizer, batch, config["text_tokens"], self.device, config["unconditional_branch"])
+        capture.begin_batch(batch, self.first_index + offset, mask)
+        generators = prompt_generators(config["seed"], self.first_index + offset, len(batch))
+        self.run(self.pipe, batch, generators, self.schedule, config["guidance_scale"], self.resolution, chunk)
+        capture.end_batch()
+        return len(batch)
+
+    def log_progress(self, number: int, chunks: list[range], prompts_done: int) -> None:
+        chunk, count = chunks[number], len(self.prompts)
+        done = number * count + prompts_done
+        rate = done / (time.perf_counter() - self.started)
+        log.info("chunk %d/%d (steps %d..%d): prompts %d/%d, ETA %.0f s", number + 1, len(chunks), chunk.start,
+                 chunk.stop - 1, prompts_done, count, (len(chunks) * count - done) / rate)
+
+
 def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *, on_step=None,
-                  mem_mb: int | None = None, weights: int = 0, capture_class: type = CrossAttentionCapture):
+                  mem_mb: int | None = None, weights: int = 0, capture_class: type = CrossAttentionCapture,
+                  accumulate: str = "auto", timestep_check: str = "auto"):
     """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
 
     ``on_step(index, {key: Moments})``, when given, receives each step as soon as its chunk is
@@ -243,61 +241,28 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     (:func:`plan_chunks`), each a replay of the prompt batches with the same seeds, so the
     results equal an unchunked run. ``capture_class`` is the hook class (a subclass of
     :class:`CrossAttentionCapture`; the benchmark passes one that also times what the capture does).
+    ``accumulate`` and ``timestep_check`` go to the capture: where its step accumulators live, and
+    when it compares timesteps (see :class:`CrossAttentionCapture`).
     """
-    layers = shard_layers(pipe, schedule, config)
-    check_hookable(layers)
-    linears = selected_linears(config["collect_features"])
-    resolution = image_resolution(pipe, config["resolution"])
-    needs = {"added conditioning (SDXL's text_time)": pipe.unet.config.addition_embed_type is not None,
-             "a guidance embedding (time_cond_proj_dim, LCM)": guidance_input(pipe.unet.config) == "embedding"}
-    if config["collection"] == "noised" and any(needs.values()):
-        raise ValueError(
-            "collection: noised calls the UNet with text states only; this model's UNet also needs "
-            f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
-            f"{see('noised-collection-needs-more-than-text')}"
-        )
-    run = COLLECTIONS[config["collection"]]
-    tokenizer = pipe.tokenizer
-    batch_size = config["batch_size"]
+    run = _ShardCollection(pipe, prompts, first_index, schedule, config, capture_class,
+                           {"accumulate": accumulate, "timestep_check": timestep_check})
     steps = schedule["steps"]
-    chunks = plan_chunks(pipe, layers, linears, len(steps), mem_mb, weights)
+    chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate)
     log.info(
         "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d, %d chunk(s)",
-        len(prompts), len(steps), len(layers), sorted(linears), config["collection"], batch_size, resolution, resolution,
-        len(chunks),
+        len(prompts), len(steps), len(run.layers), sorted(run.linears), config["collection"], config["batch_size"],
+        run.resolution, run.resolution, len(chunks),
     )
     collected = []
-    if on_step is None:
-        def on_step(index, moments):
-            collected.append(moments)
-
-    text_moments = None
-    start = time.perf_counter()
-    for number, chunk in enumerate(chunks):
-        call_steps = list(chunk) if config["collection"] == "noised" else list(range(chunk.stop))
-        with exact_matmul(), torch.inference_mode(), capture_class(
-            pipe.unet, layers, linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
-            config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
-            unconditional=config["unconditional_branch"],
-        ) as capture, tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
-            for offset in range(0, len(prompts), batch_size):
-                batch = prompts[offset : offset + batch_size]
-                mask = text_mask(tokenizer, batch, config["text_tokens"], pipe.unet.device, config["unconditional_branch"])
-                capture.begin_batch(batch, first_index + offset, mask)
-                generators = prompt_generators(config["seed"], first_index + offset, len(batch))
-                run(pipe, batch, generators, schedule, config["guidance_scale"], resolution, chunk)
-                capture.end_batch()
-                progress.update(len(batch))
-                done = number * len(prompts) + offset + len(batch)
-                rate = done / (time.perf_counter() - start)
-                log.info("chunk %d/%d (steps %d..%d): prompts %d/%d, ETA %.0f s", number + 1, len(chunks), chunk.start,
-                         chunk.stop - 1, offset + len(batch), len(prompts), (len(chunks) * len(prompts) - done) / rate)
-            if number == 0:
-                text_moments = capture.text_results()
-            for index, moments in capture.release_steps():
-                on_step(index, moments)
+    for number in range(len(chunks)):
+        with contextlib.closing(run.chunk(number, chunks)) as released:
+            for index, moments in released:
+                if on_step is None:
+                    collected.append(moments)
+                else:
+                    on_step(index, moments)
                 del moments
-    return collected, text_moments, [name for name, _ in layers], resolution
+    return collected, run.text_moments, [name for name, _ in run.layers], run.resolution
 
 
 def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict):
@@ -320,7 +285,8 @@ def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict)
             if not bool(finite.all()):
                 bad, branch = prompt_of_row(int((~finite).nonzero()[0]), len(batch), len(states))
                 raise NonFiniteActivationError(first_index + offset + bad, batch[bad], "text states", "text", branch)
-            rows = text_rows(states, text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device, unconditional))
+            mask = text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device, unconditional)
+            rows = text_rows(states, mask)
             if moments is None:
                 moments = TorchMoments(rows.shape[-1], rows.device)
             moments.add(rows)
@@ -358,33 +324,20 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
                            step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
 
 
-def use_device(leased: str) -> str:
-    """The torch device for a leased one; a CUDA device also becomes the current one."""
-    device = resolve_device(leased)
-    if device.startswith("cuda:"):
-        torch.cuda.set_device(device)  # stray "cuda" allocations follow the leased GPU
-    return device
-
-
 def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
                        config, step_paths, text_path, mem_mb=None) -> None:
-    from transformers import CLIPTokenizer
-
     family = model_family(model_dir)
-    truncated = 0
-    for name in family.tokenizers:  # before the model is loaded: strict_prompts fails fast
-        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
-        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, config["strict_prompts"]))
+    truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
     only_text = text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
-    steps = schedule["steps"]
     if only_text:
         if step_paths:
-            raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} were asked")
+            raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} "
+                             "were asked")
         layer_names, resolution = schedule.get("layers"), None
     else:
         configure_scheduler(pipe, schedule)
-        if step_paths and sorted(step_paths) != sorted(step["name"] for step in steps):
+        if step_paths and sorted(step_paths) != sorted(step["name"] for step in schedule["steps"]):
             raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
         layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
         resolution = image_resolution(pipe, config["resolution"])
@@ -400,29 +353,55 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
                 "pipeline": family.pipeline, "text_only": only_text},
         "packages": package_versions(),
     }
-    written = []
-
-    def hashed():
-        provenance["model"]["fingerprint"] = fingerprint.result()  # waits for the hashing thread
-        return provenance
-
-    def write_step(index, moments):
-        if step_paths:
-            step = steps[index]
-            attrs = {"provenance": hashed(), "step": {k: step[k] for k in ("index", "name", "timestep")}}
-            write_moments(step_paths[step["name"]], "features", moments, attrs)
-            written.append(step_paths[step["name"]])
-
+    writer = _ShardWriter(provenance, fingerprint, schedule["steps"], step_paths)
     if only_text:
         text_moments = collect_text_shard(pipe, prompts, first_index, config)
     else:
         weights = plan.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
-        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=write_step,
+        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=writer.write_step,
                                               mem_mb=mem_mb, weights=weights)
     if text_path:
-        write_moments(text_path, "features", {TEXT_KEY: text_moments}, {"provenance": hashed(), "step": "text"})
-    log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(written), " and text.h5" if text_path else "",
-             peak_rss_mb())
+        writer.write_text(text_path, text_moments)
+    log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(writer.written),
+             " and text.h5" if text_path else "", peak_rss_mb())
+
+
+def _check_prompts(model_dir, family, prompts: list[str], first_index: int, strict: bool) -> int:
+    """:func:`check_prompt_lengths` with each of the family's tokenizers, before the model is loaded
+    (``strict_prompts`` fails fast); the most prompts one of them truncates."""
+    from transformers import CLIPTokenizer
+
+    truncated = 0
+    for name in family.tokenizers:
+        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict))
+    return truncated
+
+
+class _ShardWriter:
+    """Writes a shard's files as they come, each with the shard's provenance; the model's fingerprint
+    (hashed in another thread) joins the provenance at the first write."""
+
+    def __init__(self, provenance: dict, fingerprint: Future, steps: list[dict], step_paths: dict[str, str]):
+        self.provenance, self.fingerprint = provenance, fingerprint
+        self.steps, self.step_paths = steps, step_paths
+        self.written: list[str] = []
+
+    def hashed(self) -> dict:
+        self.provenance["model"]["fingerprint"] = self.fingerprint.result()  # waits for the hashing thread
+        return self.provenance
+
+    def write_step(self, index: int, moments: dict) -> None:
+        """``on_step`` of :func:`collect_shard`: write step ``index``'s file (when step files are asked)."""
+        if not self.step_paths:
+            return
+        step = self.steps[index]
+        attrs = {"provenance": self.hashed(), "step": {k: step[k] for k in ("index", "name", "timestep")}}
+        write_moments(self.step_paths[step["name"]], "features", moments, attrs)
+        self.written.append(self.step_paths[step["name"]])
+
+    def write_text(self, path: str, moments) -> None:
+        write_moments(path, "features", {TEXT_KEY: moments}, {"provenance": self.hashed(), "step": "text"})
 
 
 def peak_rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""Locating and loading a Stable Diffusion model, and naming its cross-attention layers.
+"""Locating and loading a Stable Diffusion model, and naming its cross-attention layers and their linears.
 
 ``model`` in the config is ``builtin:shapes`` (the trained toy model shipped in
 ``nullcov/builtin/shapes``, see :mod:`nullcov.train_shapes`), a built-in random tiny model
@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from nullcov.docs import see
+from nullcov.layout import statistic_key
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
@@ -33,6 +34,9 @@ BUILTIN_SHAPES_DIR = Path(__file__).resolve().parent / "builtin" / "shapes"
 #: ``sha256sum -c`` manifest a model folder may carry; nullcov checks it before using the folder.
 MANIFEST = "SHA256SUMS"
 LINEARS = ("to_q", "to_k", "to_v", "to_out")
+#: The linears whose inputs change with the timestep (one statistic per step); ``to_k``/``to_v``
+#: take the text states.
+STEP_LINEARS = ("to_q", "to_out")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -117,6 +121,7 @@ def check_manifest(path: Path) -> None:
                 f"truncated); {fix}{see('model-file-does-not-match-sha256sums')}"
             )
 
+
 def scheduler_config(spec: str) -> dict:
     """The model's scheduler config, read without importing torch or diffusers."""
     if spec in BUILTIN_MODELS:
@@ -124,17 +129,6 @@ def scheduler_config(spec: str) -> dict:
 
         return dict(SCHEDULER_CONFIGS[BUILTIN_MODELS[spec][0]])
     return json.loads((resolve_model_dir(spec) / "scheduler" / "scheduler_config.json").read_text())
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but torch sees no CUDA device (torch {torch.__version__})"
-                         f"{see('no-cuda-device')}")
-    return device
 
 
 def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: bool = False):
@@ -173,6 +167,19 @@ def cross_attention_modules(unet) -> list[tuple[str, object]]:
     return [(name, module) for name, module in unet.named_modules() if getattr(module, "is_cross_attention", False)]
 
 
+def hooked_linear(attention, linear: str):
+    """The ``torch.nn.Linear`` that :data:`LINEARS` names ``linear`` in an attention module
+    (``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is dropout)."""
+    return attention.to_out[0] if linear == "to_out" else getattr(attention, linear)
+
+
+def linear_dims(layers, linears) -> dict[str, int]:
+    """``{statistic_key(layer, linear): input width}`` of the per-step linears (:data:`STEP_LINEARS`)
+    among ``linears``, for the ``(name, attention module)`` pairs ``layers``, in layer order."""
+    return {statistic_key(name, linear): int(hooked_linear(module, linear).in_features)
+            for name, module in layers for linear in STEP_LINEARS if linear in linears}
+
+
 def cross_attention_layer_names(model_dir: str | Path) -> list[str]:
     """The UNet's cross-attention module names from its config alone (meta device: no weights read)."""
     import torch
@@ -201,8 +208,8 @@ def select_layers(available: list[str], selection) -> list[str]:
         elif item in available:
             chosen.append(item)
         else:
-            raise ModelError(f"cross_attention_layers: the model has no cross-attention layer {item!r}; it has: {listing}"
-                             f"{see('unknown-cross-attention-layer')}")
+            raise ModelError(f"cross_attention_layers: the model has no cross-attention layer {item!r}; "
+                             f"it has: {listing}{see('unknown-cross-attention-layer')}")
     duplicated = sorted({name for name in chosen if chosen.count(name) > 1})
     if duplicated:
         raise ModelError(f"cross_attention_layers names {duplicated} more than once"

@@ -27,6 +27,7 @@ reported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -105,11 +106,13 @@ class Attn2Drift:
         self._recording, self._position, self._first = True, 0, 0
 
     def hooks(self, unet, first_prompt: int, prompts: int):
-        """Forward hooks on every attn2 module for one pipeline call on ``prompts`` prompts."""
+        """A context manager that hooks every attn2 module for one pipeline call on ``prompts`` prompts
+        (:func:`nullcov.hooks.forward_hooks`: removed when it ends, also on an error)."""
+        from nullcov.hooks import Hook, forward_hooks
         from nullcov.model import cross_attention_modules
 
         self._first, self._prompts = first_prompt, prompts
-        return [module.register_forward_hook(self._on_output) for _, module in cross_attention_modules(unet)]
+        return forward_hooks(Hook(module, self._on_output) for _, module in cross_attention_modules(unet))
 
     def _on_output(self, module, args, output) -> None:
         rows = output[conditional_rows(len(output), self._prompts)].detach().float().cpu()
@@ -138,21 +141,17 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
            drift: Attn2Drift | None = None) -> np.ndarray:
     """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded ``first_seed + i``,
     with the schedule's sampler and CFG, in batches of ``settings.sample_batch``."""
-    from nullcov.features import prompt_generators
+    from nullcov.sampling import prompt_generators
 
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
     for start in range(0, len(captions), settings.sample_batch):
         batch = captions[start: start + settings.sample_batch]
-        handles = drift.hooks(pipe.unet, start, len(batch)) if drift is not None else []
-        try:
-            with torch.no_grad():
-                output = pipe(prompt=batch, guidance_scale=settings.guidance_scale, height=resolution,
-                              width=resolution, generator=prompt_generators(first_seed, start, len(batch)),
-                              output_type="np", **schedule["set_timesteps"])
-        finally:
-            for handle in handles:
-                handle.remove()
+        hooked = drift.hooks(pipe.unet, start, len(batch)) if drift is not None else contextlib.nullcontext()
+        with hooked, torch.no_grad():
+            output = pipe(prompt=batch, guidance_scale=settings.guidance_scale, height=resolution,
+                          width=resolution, generator=prompt_generators(first_seed, start, len(batch)),
+                          output_type="np", **schedule["set_timesteps"])
         images.append(output.images.astype(np.float32))
     return np.concatenate(images)
 

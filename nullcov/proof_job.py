@@ -79,9 +79,10 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir, schedule
                        outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
                        threshold_percents: list[float], prior: bool, lora: bool) -> list[dict]:
     """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``: a folder)."""
-    from nullcov.features import configure_scheduler, use_device
     from nullcov.gpu_lease import lease_device
     from nullcov.model import BUILTIN_SHAPES, load_pipeline
+    from nullcov.placement import use_device
+    from nullcov.sampling import configure_scheduler
 
     settings.evaluate = model_spec == BUILTIN_SHAPES
     if not settings.evaluate:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nullcov.attention import AttentionProbe, collect_attention_maps, grid_shape, prompt_tokens
-from nullcov.features import configure_scheduler
 from nullcov.model import cross_attention_modules
+from nullcov.sampling import configure_scheduler
 from nullcov.schedule import build_schedule
 
 from conftest import base_config

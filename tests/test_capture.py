@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from nullcov.capture import NonFiniteActivationError, ScheduleMismatchError, prompt_of_row, text_row_mask
-from nullcov.features import collect_shard, configure_scheduler
+from nullcov.features import collect_shard
 from nullcov.model import cross_attention_modules
+from nullcov.sampling import configure_scheduler
 from nullcov.schedule import build_schedule
 
 from conftest import base_config
@@ -83,10 +84,11 @@ def test_collection_equals_brute_force_xtx(tiny_pipe, demo_prompts, unconditiona
     assert_close_to_float64(text.sum_outer, rows.T @ rows)
 
 
-def _collect(pipe, prompts, first_index, **overrides):
+def _collect(pipe, prompts, first_index, accumulate="auto", timestep_check="auto", **overrides):
     config = base_config(**overrides)
     schedule = _schedule(pipe, config)
-    steps, text, _, _ = collect_shard(pipe, prompts, first_index, schedule, config)
+    steps, text, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, accumulate=accumulate,
+                                      timestep_check=timestep_check)
     return steps, text
 
 
@@ -97,7 +99,8 @@ def _assert_same(a, b, rtol=1e-5):
             assert step_a[key].count == step_b[key].count
             scale = np.abs(step_a[key].sum_outer).max()
             np.testing.assert_allclose(step_a[key].sum_outer, step_b[key].sum_outer, rtol=rtol, atol=rtol * scale)
-    np.testing.assert_allclose(text_a.sum_outer, text_b.sum_outer, rtol=rtol, atol=rtol * np.abs(text_a.sum_outer).max())
+    text_scale = np.abs(text_a.sum_outer).max()
+    np.testing.assert_allclose(text_a.sum_outer, text_b.sum_outer, rtol=rtol, atol=rtol * text_scale)
 
 
 @pytest.mark.parametrize("strategy", ["DPM++ 2M Karras", "Euler a", None])
@@ -109,7 +112,7 @@ def test_results_do_not_depend_on_batch_size_or_sharding(tiny_pipe, demo_prompts
     first = _collect(tiny_pipe, prompts[:2], 0, batch_size=2, sampler_strategy=strategy)
     rest = _collect(tiny_pipe, prompts[2:], 2, batch_size=2, sampler_strategy=strategy)
     summed = (
-        [{k: a[k] + b[k] for k in a} for a, b in zip(first[0], rest[0])],
+        [{k: a[k] + b[k] for k in a} for a, b in zip(first[0], rest[0], strict=True)],
         first[1] + rest[1],
     )
     _assert_same(whole, summed)
@@ -171,7 +174,7 @@ def test_noised_collection_is_one_conditional_call_per_step(tiny_pipe, demo_prom
         raw.close()
     assert [c["timestep"] for c in raw.calls] == [s["timestep"] for s in schedule["steps"]]
     key = f"{layers[-1]}/to_out"
-    for call, step in zip(raw.calls, steps):
+    for call, step in zip(raw.calls, steps, strict=True):
         assert call[key].shape[0] == 3  # no CFG half
         rows = call[key].reshape(-1, call[key].shape[-1]).numpy()
         assert_close_to_float64(step[key].sum_outer, rows.T @ rows)
@@ -200,7 +203,8 @@ def test_guidance_off_collects_the_plain_batch(tiny_pipe, demo_prompts):
 
 def test_layer_and_feature_selection(tiny_pipe, demo_prompts):
     names = [name for name, _ in cross_attention_modules(tiny_pipe.unet)]
-    config = base_config(cross_attention_layers=[0, names[3]], collect_features={"q": True, "k": False, "v": False, "out": False})
+    config = base_config(cross_attention_layers=[0, names[3]],
+                         collect_features={"q": True, "k": False, "v": False, "out": False})
     schedule = _schedule(tiny_pipe, config)
     steps, text, layers, _ = collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)
     assert layers == [names[0], names[3]] and text is None
@@ -255,14 +259,14 @@ SD15_OUTER_FLOATS = 2 * (5 * 320**2 + 5 * 640**2 + 6 * 1280**2)  # 16 attn2 laye
 
 
 def test_host_accumulation_equals_device_accumulation(tiny_pipe, demo_prompts, monkeypatch):
-    from nullcov import accumulators, capture
+    from nullcov import accumulators
 
     device = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
     flushed = []
     real_flush = accumulators._HostSteps.flush
-    monkeypatch.setattr(accumulators._HostSteps, "flush", lambda self, step: (flushed.append(step), real_flush(self, step)))
-    monkeypatch.setattr(capture, "ACCUMULATE", "host")
-    host = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2)
+    monkeypatch.setattr(accumulators._HostSteps, "flush",
+                        lambda self, step: (flushed.append(step), real_flush(self, step)))
+    host = _collect(tiny_pipe, demo_prompts[:3], 0, batch_size=2, accumulate="host")
     assert flushed == [0, 1, 2, 3] * 2  # every UNet call of both batches went through the staging path
     _assert_same(device, host, rtol=1e-12)
 
@@ -308,7 +312,8 @@ def test_product_of_half_inputs_is_float32_exact_products(dtype):
     from nullcov.accumulators import gram
 
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(1 << 16, generator=generator) * 100).to(dtype), (torch.randn(1 << 16, generator=generator)).to(dtype)
+    a = (torch.randn(1 << 16, generator=generator) * 100).to(dtype)
+    b = (torch.randn(1 << 16, generator=generator)).to(dtype)
     assert torch.equal((a.float() * b.float()).double(), a.double() * b.double())  # exact in float32
     x = (torch.randn(2048, 320, generator=generator) * 3 + 1).to(dtype)
     reference = x.double().T @ x.double()
@@ -348,14 +353,11 @@ def test_non_finite_check_catches_nan_and_cancelling_infinities(tiny_pipe, demo_
     assert info.value.step_name == schedule["steps"][2]["name"]
 
 
-def test_timesteps_checked_once_per_batch_are_still_checked(tiny_pipe, demo_prompts, monkeypatch):
+def test_timesteps_checked_once_per_batch_are_still_checked(tiny_pipe, demo_prompts):
     """On a GPU the timesteps are compared in end_batch (no sync per UNet call): same error."""
-    from nullcov import capture
-
-    monkeypatch.setattr(capture.CrossAttentionCapture, "_defer_timestep_check", True)
     config = base_config()
     schedule = _schedule(tiny_pipe, config)
-    assert len(_collect(tiny_pipe, demo_prompts[:1], 0)[0]) == len(schedule["steps"])
+    assert len(_collect(tiny_pipe, demo_prompts[:1], 0, timestep_check="batch")[0]) == len(schedule["steps"])
     schedule["steps"][2]["timestep"] += 5
     with pytest.raises(ScheduleMismatchError, match="UNet call 2 ran at timestep"):
-        collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config)
+        collect_shard(tiny_pipe, demo_prompts[:1], 0, schedule, config, timestep_check="batch")

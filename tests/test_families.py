@@ -14,8 +14,9 @@ from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.capture import HookNotFiredError
 from nullcov.family import model_family
-from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
+from nullcov.features import collect_shard, collect_text_shard
 from nullcov.model import ModelError, load_pipeline
+from nullcov.sampling import configure_scheduler
 from nullcov.schedule import build_schedule
 from nullcov.store import TEXT_KEY, read_moments
 

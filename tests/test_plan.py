@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from nullcov import plan
-from nullcov.features import collect_shard, configure_scheduler
+from nullcov.features import collect_shard
 from nullcov.model import BUILTIN_TINY, cross_attention_modules
+from nullcov.sampling import configure_scheduler
 from nullcov.schedule import build_schedule
 from nullcov.store import TEXT_KEY, moments_file_bytes
 

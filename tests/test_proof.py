@@ -90,10 +90,10 @@ def test_rows_report_every_column_and_the_table_reads_back(proof_run):
 
 
 def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
-    from nullcov.features import configure_scheduler
     from nullcov.model import cross_attention_layer_names
     from nullcov.proof_job import grid_captions, sample_grid
     from nullcov.proof_report import WEIGHTS_FILE, load_weights
+    from nullcov.sampling import configure_scheduler
 
     grid = np.load(proof_run["out"] / "grid.npz")
     assert list(grid["captions"]) == grid_captions()

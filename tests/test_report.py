@@ -160,8 +160,8 @@ def test_run_summary_reports_the_run(finished):
 def test_attention_maps_come_from_the_same_trajectory_and_seeds(finished, demo_prompts):
     """The job's maps equal maps computed here for prompt 1 with seed 0 + 1 (the feature job's seed)."""
     from nullcov.attention import collect_attention_maps, read_maps
-    from nullcov.features import configure_scheduler
     from nullcov.model import cross_attention_modules, load_pipeline
+    from nullcov.sampling import configure_scheduler
 
     schedule = json.loads((finished / "results" / "schedule.json").read_text())
     steps = schedule["steps"]

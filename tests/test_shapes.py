@@ -151,7 +151,7 @@ def test_manifest_lists_every_file_of_the_shipped_model():
 
 def test_shipped_model_draws_what_a_handful_of_prompts_ask(shipped_pipe):
     """The model learned its world: 8 prompts (each template twice), the default sampler, read back."""
-    from nullcov.features import configure_scheduler
+    from nullcov.sampling import configure_scheduler
     from nullcov.schedule import build_schedule
 
     pipe = shipped_pipe

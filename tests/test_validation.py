@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_report import RUN, VALIDATION_PROMPTS, report_run
 
-from nullcov.features import COLLECTIONS, configure_scheduler
 from nullcov.model import cross_attention_modules, load_pipeline
 from nullcov.projection import null_space
+from nullcov.sampling import COLLECTIONS, configure_scheduler
 from nullcov.statistics import Moments
 from nullcov.store import read_moments, read_projections
 from nullcov.validation import (

@@ -74,9 +74,9 @@ def main(argv=None) -> int:
     import torch
 
     from nullcov import evaluator, shapes_eval
-    from nullcov.features import configure_scheduler
     from nullcov.measurement import header, write_record
     from nullcov.model import load_pipeline, resolve_model_dir
+    from nullcov.sampling import configure_scheduler
     from nullcov.schedule import build_schedule
 
     torch.set_num_threads(args.threads)

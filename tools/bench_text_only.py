@@ -49,9 +49,10 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from nullcov.features import collect_shard, collect_text_shard, configure_scheduler
+    from nullcov.features import collect_shard, collect_text_shard
     from nullcov.measurement import header, peak_rss_bytes, write_record
     from nullcov.prompts import read_prompts
+    from nullcov.sampling import configure_scheduler
     from nullcov.schedule import build_schedule
     from nullcov.sd15 import build_sd15_pipeline
     from nullcov.tiny_model import build_tiny_model

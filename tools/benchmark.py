@@ -166,7 +166,7 @@ def case_config(case: Case, **overrides) -> dict:
 
 
 def prepare_schedule(pipe, config: dict) -> dict:
-    from nullcov.features import configure_scheduler
+    from nullcov.sampling import configure_scheduler
     from nullcov.schedule import build_schedule
 
     schedule = build_schedule(dict(pipe.scheduler.config), config["sampler_strategy"], config["num_denoising_steps"])
@@ -179,7 +179,7 @@ def run_bare(pipe, prompts: list[str], schedule: dict, config: dict) -> None:
     """The bare pipeline: same call, generators, batches and scheduler as the feature job; no hooks."""
     import torch
 
-    from nullcov.features import prompt_generators
+    from nullcov.sampling import prompt_generators
 
     resolution = image_resolution(pipe, config["resolution"])
     with torch.inference_mode():
@@ -267,8 +267,8 @@ def run_legacy(pipe, prompts: list[str], schedule: dict, config: dict, folder: P
     import torch
     from diffusers import DDPMScheduler
 
-    from nullcov.features import prompt_generators
     from nullcov.model import cross_attention_modules
+    from nullcov.sampling import prompt_generators
 
     device, dtype = pipe.unet.device, pipe.unet.dtype
     resolution = image_resolution(pipe, config["resolution"])

@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     from nullcov import evaluator, proof, proof_data
-    from nullcov.features import configure_scheduler
     from nullcov.measurement import header, write_record
     from nullcov.model import load_pipeline, resolve_model_dir
     from nullcov.prompts import read_prompts
+    from nullcov.sampling import configure_scheduler
     from nullcov.schedule import build_schedule
 
     torch.set_num_threads(2)
