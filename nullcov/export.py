@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nullcov.docs import see
+from nullcov.layout import statistic_key
 from nullcov.store import TEXT_KEY, atomic_path, read_moments, read_projections
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def export_nullbooth(covariance_files: dict[str, str | Path], out_dir: str | Pat
         for layer in layers:
             folder = root / nullbooth_layer_folder(layer)
             for linear, feature in NULLBOOTH_STEP_FEATURES.items():
-                key = f"{layer}/{linear}"
+                key = statistic_key(layer, linear)
                 if key in moments:
                     _save_npy(folder / f"{name}_{feature}_cov.npy", moments[key].statistic(statistic))
                     written += 1
@@ -107,7 +108,8 @@ def export_nullbooth(covariance_files: dict[str, str | Path], out_dir: str | Pat
     return written
 
 
-def export_safetensors(schedule_path: str | Path, projection_files: dict[str, str | Path], out_path: str | Path) -> None:
+def export_safetensors(schedule_path: str | Path, projection_files: dict[str, str | Path],
+                       out_path: str | Path) -> None:
     """One safetensors file of every projection (``projection_files``: step name or ``text`` -> file)."""
     from safetensors.numpy import save_file
 

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from nullcov.layout import PROJECTION_ENTRY, projection_settings, step_file
 from nullcov.merge import merge_files
 from nullcov.projection import null_space
 from nullcov.provenance import package_versions
@@ -75,9 +76,9 @@ def merge_group_job(shard_folders, output_folder, file_names) -> None:
     """Partial sums of a group of consecutive shards, one file per step (and text.h5), one step at a time."""
     output_folder = Path(output_folder)
     for name in file_names:
-        paths = sorted(f"{folder}/{name}.h5" for folder in shard_folders)
+        paths = sorted(str(step_file(folder, name)) for folder in shard_folders)
         moments, attrs = merge_files(paths, "features", first_index=None)
-        write_moments(output_folder / f"{name}.h5", "partial", moments, attrs)
+        write_moments(step_file(output_folder, name), "partial", moments, attrs)
         del moments
     log.info("%s: partial sums of %d shards, %d files", output_folder, len(shard_folders), len(file_names))
 
@@ -94,6 +95,8 @@ def projection_device() -> str:
 
 def projection_job(covariance_path, output_path, statistic: str, nullspace_threshold: float,
                    threshold_percent: float | None) -> None:
+    """Null-space projections of one merged moments file, with the settings in its provenance
+    (:func:`nullcov.layout.projection_settings`)."""
     moments, attrs = read_moments(covariance_path, "covariance")
     device = projection_device()
     log.info("%s: eigendecompositions on %s", covariance_path, device)
@@ -101,9 +104,5 @@ def projection_job(covariance_path, output_path, statistic: str, nullspace_thres
     for key, moment in sorted(moments.items()):
         spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent, device)
         log.info("%s: d=%d null_dim=%d threshold=%.4g", key, moment.dim, spaces[key].null_dim, spaces[key].threshold)
-    attrs["provenance"]["projection"] = {
-        "statistic": statistic,
-        "nullspace_threshold": nullspace_threshold,
-        "threshold_percent": threshold_percent,
-    }
+    attrs["provenance"][PROJECTION_ENTRY] = projection_settings(statistic, nullspace_threshold, threshold_percent)
     write_projections(output_path, spaces, attrs)

@@ -9,13 +9,19 @@ file instead of joining path parts itself.
 
     results/
       schedule.json                 the timestep schedule (rule schedule)
-      features/shard_<i>/<step>.h5  per-shard sums (rule features; scratch)
-      partial/group_<g>/<step>.h5   per-group partial sums (rule merge_group; scratch)
-      covariance/<step>.h5          merged moments per step, and text.h5 (rule merge)
-      projections/<step>.h5         null-space projections per step, and text.h5 (rule projection)
-      validation/                   leakage check (rules validation_*)
+      plan.txt                      the run plan (rule plan, `snakemake plan` only)
+      features/shard_<i>/<step>.h5  per-shard sums, and text.h5 (rule features; scratch)
+      partial/group_<g>/<step>.h5   per-group partial sums, and text.h5 (rule merge_group; scratch)
+      covariance/<step>.h5          merged moments per step, and text.h5 (rules covariance, covariance_text)
+      projections/<step>.h5         null-space projections per step, and text.h5 (rules projection, projection_text)
+      validation/features/<step>.h5 the validation prompts' sums (rule validation_inputs)
+      validation/                   leakage check (rules leakage, validation_report)
       export/                       trainer formats (rules export_*)
       report/                       figures, tables, the fine-tune proof (rules report_*, finetune_proof)
+
+Inside every ``<step>.h5`` a statistic is keyed :func:`statistic_key` (``<layer>/<linear>``), the
+text states once under :data:`nullcov.store.TEXT_KEY`. Importing this module is cheap (no numpy,
+no torch): the Snakefile imports it at parse time.
 """
 
 from __future__ import annotations
@@ -23,16 +29,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The workflow's results folder, relative to its working directory.
+ROOT = "results"
 #: File name (without ``.h5``) of the text states' statistics, collected once per prompt.
 TEXT_NAME = "text"
+#: Suffix of every step file (moments or projections).
+STEP_SUFFIX = ".h5"
 SCHEDULE = "schedule.json"
+PLAN = "plan.txt"
 COVARIANCE = "covariance"
 PROJECTIONS = "projections"
 FEATURES = "features"
 PARTIAL = "partial"
 REPORT = "report"
 VALIDATION = "validation"
+VALIDATION_FEATURES = f"{VALIDATION}/{FEATURES}"
 EXPORT = "export"
+#: Folder name prefixes of the scratch folders: ``shard_<i>`` (feature jobs), ``group_<g>`` (merge groups).
+SHARD_PREFIX = "shard_"
+GROUP_PREFIX = "group_"
 FINETUNE = f"{REPORT}/finetune"
 #: The attribute of a projection file's provenance that holds the settings that made it.
 PROJECTION_ENTRY = "projection"
@@ -57,35 +72,65 @@ def projection_settings(statistic: str, nullspace_threshold: float, threshold_pe
             "threshold_percent": threshold_percent}
 
 
+def step_file_name(name: str) -> str:
+    """The file of one step (or :data:`TEXT_NAME`) in any folder of step files: ``<name>.h5``."""
+    return f"{name}{STEP_SUFFIX}"
+
+
+def step_file(folder: str | Path, name: str) -> Path:
+    """One step's (or :data:`TEXT_NAME`'s) file inside a folder of step files: a shard's, a group's,
+    ``covariance/``, ``projections/`` or ``validation/features/``."""
+    return Path(folder) / step_file_name(name)
+
+
+def step_name(path: str | Path) -> str:
+    """The step name (or :data:`TEXT_NAME`) of a step file: the inverse of :func:`step_file`."""
+    path = Path(path)
+    if path.suffix != STEP_SUFFIX:
+        raise ValueError(f"{path} is not a step file (<name>{STEP_SUFFIX})")
+    return path.stem
+
+
 def shard_folder(shard: int | str) -> str:
-    return f"{FEATURES}/shard_{shard}"
+    """A feature job's folder (``shard``: ``0000``, or an index), relative to the results folder."""
+    shard = f"{shard:04d}" if isinstance(shard, int) else shard
+    return f"{FEATURES}/{SHARD_PREFIX}{shard}"
 
 
 def group_folder(group: int | str) -> str:
+    """A merge group's folder of partial sums, relative to the results folder."""
     group = f"{group:04d}" if isinstance(group, int) else group
-    return f"{PARTIAL}/group_{group}"
+    return f"{PARTIAL}/{GROUP_PREFIX}{group}"
 
 
 @dataclass(frozen=True)
 class Results:
-    """A results folder (``results/`` of a run, or any folder laid out the same way)."""
+    """A results folder (``results/`` of a run, or any folder laid out the same way).
+
+    Every path is a :class:`~pathlib.Path` under :attr:`root`; a name may be a Snakemake
+    wildcard (``Results("results").projection("{name}")`` is the projection rule's output).
+    """
 
     root: Path
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path = ROOT):
         object.__setattr__(self, "root", Path(root))
 
     @property
     def schedule(self) -> Path:
         return self.root / SCHEDULE
 
+    @property
+    def plan(self) -> Path:
+        return self.root / PLAN
+
     def covariance(self, name: str) -> Path:
         """Merged moments of one step (or :data:`TEXT_NAME`)."""
-        return self.root / COVARIANCE / f"{name}.h5"
+        return step_file(self.covariance_folder, name)
 
     def projection(self, name: str) -> Path:
         """Null-space projections of one step (or :data:`TEXT_NAME`)."""
-        return self.root / PROJECTIONS / f"{name}.h5"
+        return step_file(self.projections_folder, name)
 
     @property
     def covariance_folder(self) -> Path:
@@ -94,6 +139,36 @@ class Results:
     @property
     def projections_folder(self) -> Path:
         return self.root / PROJECTIONS
+
+    @property
+    def features_folder(self) -> Path:
+        """The feature jobs' shard folders' parent (scratch)."""
+        return self.root / FEATURES
+
+    def shard(self, shard: int | str) -> Path:
+        """A feature job's folder of step files (:func:`shard_folder`)."""
+        return self.root / shard_folder(shard)
+
+    def group(self, group: int | str) -> Path:
+        """A merge group's folder of partial sums (:func:`group_folder`)."""
+        return self.root / group_folder(group)
+
+    @property
+    def validation_features(self) -> Path:
+        """The validation prompts' folder of step files (rule ``validation_inputs``)."""
+        return self.root / VALIDATION_FEATURES
+
+    def validation(self, *parts: str) -> Path:
+        """A file of the leakage check (tables)."""
+        return self.root.joinpath(VALIDATION, *parts)
+
+    def export(self, *parts: str) -> Path:
+        """An export for another trainer."""
+        return self.root.joinpath(EXPORT, *parts)
+
+    def report(self, *parts: str) -> Path:
+        """A figure or table of the report."""
+        return self.root.joinpath(REPORT, *parts)
 
     def finetune(self, *parts: str) -> Path:
         """A file of the fine-tune proof's outputs."""

@@ -93,18 +93,8 @@ def _headers(paths, kind: str) -> list[tuple[str, dict, dict, dict]]:
     return headers
 
 
-def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt_sha256: str | None = None,
-                first_index: int | None = 0) -> tuple[dict[str, Moments], dict]:
-    """Sum the ``kind`` files (``features`` shards, or ``partial`` group sums) of one step.
-
-    Returns (moments, attrs): ``attrs`` are the merged file's attributes, ``provenance`` and
-    ``step``. The prompts of the files must follow each other from ``first_index`` (``None``:
-    from wherever the first file starts, for a group of shards), and, when
-    ``expected_prompt_sha256`` is given, make up exactly that prompt set.
-    """
-    if not paths:
-        raise ValueError("no shard files to merge")
-    headers = _headers(paths, kind)
+def _covered_prompts(headers: list, first_index: int | None, expected_prompt_sha256: str | None) -> list[str]:
+    """Every prompt of the files, in order, checked to start at ``first_index`` and to be the expected set."""
     start = headers[0][2]["first_index"]
     if first_index is not None and start != first_index:
         raise StatisticsFileError(headers[0][0], f"covers prompts from index {start}, expected {first_index}: "
@@ -118,44 +108,67 @@ def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt
             f"(sha256 {expected_prompt_sha256}); stale shards? Rerun the feature jobs.",
             see("shards-from-another-run"),
         )
+    return all_prompts
 
-    total: dict[str, Moments] = {}
-    first_path = headers[0][0]
-    for path, _, _, _ in headers:  # summed in prompt order, so a rerun gives the same bits
-        seen = []
-        try:
-            items = iter_moments(path, kind)
-            next(items)
-            for key, moment in items:
-                seen.append(key)
-                if path == first_path:
-                    total[key] = moment
-                    continue
-                if key not in total:
-                    break
-                if moment.dim != total[key].dim:
-                    raise StatisticsFileError(
-                        path, f"{key!r} has dimension {moment.dim}, but {first_path} has {total[key].dim}",
-                        see("shards-from-another-run"),
-                    )
-                total[key].add_(moment)
-        except StatisticsFileError as err:
-            raise _with_hint(err) from None
-        if sorted(seen) != sorted(total):
-            raise StatisticsFileError(
-                path,
-                f"holds layers {sorted(set(seen) ^ set(total))} that {first_path} does not (or vice versa)",
-                see("shards-from-another-run"),
-            )
+
+def _add_file(path: str, kind: str, total: dict[str, Moments], first_path: str) -> None:
+    """Add one file's moments into ``total`` (the first file's moments start it), checking its keys and dims."""
+    seen = []
+    try:
+        items = iter_moments(path, kind)
+        next(items)
+        for key, moment in items:
+            seen.append(key)
+            if path == first_path:
+                total[key] = moment
+                continue
+            if key not in total:
+                break
+            if moment.dim != total[key].dim:
+                raise StatisticsFileError(
+                    path, f"{key!r} has dimension {moment.dim}, but {first_path} has {total[key].dim}",
+                    see("shards-from-another-run"),
+                )
+            total[key].add_(moment)
+    except StatisticsFileError as err:
+        raise _with_hint(err) from None
+    if sorted(seen) != sorted(total):
+        raise StatisticsFileError(
+            path,
+            f"holds layers {sorted(set(seen) ^ set(total))} that {first_path} does not (or vice versa)",
+            see("shards-from-another-run"),
+        )
+
+
+def _merged_provenance(headers: list, all_prompts: list[str], first_index: int | None) -> dict:
     first_provenance = headers[0][3]
     shards = [name for header in headers for name in header[3].get("shards", [Path(header[0]).parent.name])]
     provenance = {
         "model": first_provenance["model"],
         "config": first_provenance["config"],
         "packages": first_provenance["packages"],
-        "prompts": {"count": len(all_prompts), "sha256": prompt_sha256},
+        "prompts": {"count": len(all_prompts), "sha256": prompt_set_sha256(all_prompts)},
         "shards": shards,
     }
     if first_index is None:  # a partial sum: the next merge checks its coverage like a shard's
-        provenance["prompts"].update(first_index=start, prompts=all_prompts)
-    return total, {"provenance": provenance, "step": headers[0][1]["step"]}
+        provenance["prompts"].update(first_index=headers[0][2]["first_index"], prompts=all_prompts)
+    return provenance
+
+
+def merge_files(paths: list[str | Path], kind: str = "features", expected_prompt_sha256: str | None = None,
+                first_index: int | None = 0) -> tuple[dict[str, Moments], dict]:
+    """Sum the ``kind`` files (``features`` shards, or ``partial`` group sums) of one step.
+
+    Returns (moments, attrs): ``attrs`` are the merged file's attributes, ``provenance`` and
+    ``step``. The prompts of the files must follow each other from ``first_index`` (``None``:
+    from wherever the first file starts, for a group of shards), and, when
+    ``expected_prompt_sha256`` is given, make up exactly that prompt set.
+    """
+    if not paths:
+        raise ValueError("no shard files to merge")
+    headers = _headers(paths, kind)
+    all_prompts = _covered_prompts(headers, first_index, expected_prompt_sha256)
+    total: dict[str, Moments] = {}
+    for path, _, _, _ in headers:  # summed in prompt order, so a rerun gives the same bits
+        _add_file(path, kind, total, headers[0][0])
+    return total, {"provenance": _merged_provenance(headers, all_prompts, first_index), "step": headers[0][1]["step"]}

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from nullcov.docs import PLANNING, see
+from nullcov.layout import statistic_key
 from nullcov.measurement import human_bytes
 
 MIB = 2**20
@@ -42,6 +43,18 @@ MERGE_STEPS = 3
 PROJECTION_STEPS = 3
 #: Interpreter with numpy, h5py and torch imported (CPU jobs).
 CPU_JOB_OVERHEAD_BYTES = 512 * MIB
+#: Copies of the model's weights the fine-tune proof holds beyond a feature job's need: the base
+#: UNet kept, the one trained and the merged one.
+FINETUNE_WEIGHT_COPIES = 3
+#: SLURM ``runtime`` of a feature job (rules ``features``, ``validation_inputs``), in minutes:
+#: :data:`FEATURE_JOB_BASE_MINUTES` to start and load the model, plus one minute per
+#: :data:`PROMPT_TIMESTEPS_PER_MINUTE` prompt-timesteps (5 per second: half the ~10 per second
+#: of a GPU, so generous), times the attempt (a retry gets double).
+FEATURE_JOB_BASE_MINUTES = 15
+PROMPT_TIMESTEPS_PER_MINUTE = 300
+#: Steps per leakage job (rule ``leakage``, CPU: one ``eigh`` per layer/linear and step); the
+#: text file rides with the last chunk.
+LEAKAGE_STEPS_PER_JOB = 25
 DIMS_FORMAT = 1
 #: Text encoder(s) and VAE of a builtin tiny model before it is built (each is a few MB).
 UNBUILT_OTHER_WEIGHTS_BYTES = 64 * MIB
@@ -107,9 +120,9 @@ def model_dims(config: dict, cache_dir: str | Path | None = None) -> dict:
 
 
 def step_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
-    """``{"<layer>/<linear>": d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
+    """``{statistic_key(layer, linear): d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
     linears = [linear for feature, linear in (("q", "to_q"), ("out", "to_out")) if collect_features[feature]]
-    return {f"{layer}/{linear}": dims["layers"][layer][linear] for layer in layers for linear in linears}
+    return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
 
 
 def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
@@ -199,6 +212,17 @@ def projection_mem_mb(step_bytes: int) -> int:
     return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * step_bytes)
 
 
+def finetune_mem_mb(feature_mem_mb: int, weights: int) -> int:
+    """The fine-tune proof's ``mem_mb``: a feature job's (it may collect the other CFG-branch
+    statistics) plus :data:`FINETUNE_WEIGHT_COPIES` more copies of the model's weights."""
+    return feature_mem_mb + mem_mb(FINETUNE_WEIGHT_COPIES * weights)
+
+
+def feature_job_minutes(prompt_timesteps: int, attempt: int = 1) -> int:
+    """A feature job's SLURM ``runtime`` for ``prompt_timesteps`` (prompts × steps), times ``attempt``."""
+    return attempt * (FEATURE_JOB_BASE_MINUTES + prompt_timesteps // PROMPT_TIMESTEPS_PER_MINUTE)
+
+
 def projection_file_bytes(dims: dict[str, int]) -> int:
     """``P`` (float32 d×d) and the eigenvalues (float64 d) per key."""
     return sum(4 * d * d + 8 * d for d in dims.values())
@@ -271,8 +295,9 @@ def format_plan(plan: dict) -> str:
         "peak host memory per job (mem_mb):",
         *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
         (
-            f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; with {plan['memory_mb']['features']} MB "
-            f"it collects {chunks['steps_per_chunk']} steps per pass in {chunks['chunks']} chunk(s) "
+            f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; "
+            f"with {plan['memory_mb']['features']} MB it collects {chunks['steps_per_chunk']} steps per pass "
+            f"in {chunks['chunks']} chunk(s) "
             f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)"
         ),
         f"  model weights {human_bytes(plan['weights'])}",

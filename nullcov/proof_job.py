@@ -1,11 +1,11 @@
 """The fine-tune proof as one job (rule ``finetune_proof``): projections to compare, the variants, the outputs.
 
 :func:`finetune_proof_job` loads the model once, builds a results folder per projection setting
-(:mod:`nullcov.proof_statistics`), runs every variant (:func:`nullcov.proof.run_proof`) and writes
-what :mod:`nullcov.proof_report` describes. With ``model: builtin:shapes`` the evaluator decides
-when a variant has learned the concept; any other model trains every variant ``fixed_steps`` and
-reports losses, drift and the image grid only (the table's evaluator columns are NaN and the log
-says so).
+from the run's statistics files (the rule's declared inputs, :mod:`nullcov.proof_statistics`), runs
+every variant (:func:`nullcov.proof.run_proof`) and writes what :mod:`nullcov.proof_report` describes.
+With ``model: builtin:shapes`` the evaluator decides when a variant has learned the concept; any
+other model trains every variant ``fixed_steps`` and reports losses, drift and the image grid only
+(the table's evaluator columns are NaN and the log says so).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from nullcov import proof, proof_data, proof_report, proof_statistics
 from nullcov.proof_plan import BRANCH_LABELS
+from nullcov.proof_statistics import StatisticsFiles
 
 log = logging.getLogger(__name__)
 
@@ -40,50 +41,70 @@ def sample_grid(pipe, schedule: dict, settings: proof.ProofSettings) -> np.ndarr
     return proof.sample(pipe, grid_captions(), 0, schedule, settings)
 
 
+def weights_folder(weights, variant: str) -> Path:
+    """The folder a variant's weights file (:data:`nullcov.proof_report.WEIGHTS_FILE`) goes into.
+
+    ``weights``: ``{variant: weights file}`` (the rule's declared outputs), or a folder holding one
+    subfolder per variant.
+    """
+    if not isinstance(weights, dict):
+        return Path(weights) / variant
+    path = Path(weights[variant])
+    if path.name != proof_report.WEIGHTS_FILE:
+        raise ValueError(f"{path}: a variant's weights are written as {proof_report.WEIGHTS_FILE}")
+    return path.parent
+
+
 @dataclass
 class VariantOutputs:
     """After each variant: its weights file and its row of the image grid."""
 
-    out_dir: Path
+    weights: dict | Path  # see weights_folder
     pipe: object
     schedule: dict
     settings: proof.ProofSettings
     images: dict
 
     def __call__(self, variant: proof.Variant, row: dict, unet) -> None:
-        proof_report.save_weights(self.out_dir / variant.name, proof.attn2_state(unet))
+        proof_report.save_weights(weights_folder(self.weights, variant.name), proof.attn2_state(unet))
         base, self.pipe.unet = self.pipe.unet, unet
         self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings)
         self.pipe.unet = base
 
 
-def statistics_folders(scratch: Path, results_dir: Path, branches: list[bool], *, model_spec: str,
-                       model_dir: str, statistics_prompts: list[str], schedule: dict, config: dict) -> dict:
-    """``{branch label: folder with schedule.json and covariance/}``: the run's own, and the other
-    CFG-branch setting collected here when ``branches`` asks for it."""
+def statistics_files(scratch: Path, run: StatisticsFiles, branches: list[bool], *, model_spec: str,
+                     model_dir: str, statistics_prompts: list[str], schedule: dict, config: dict) -> dict:
+    """``{branch label: StatisticsFiles}``: the run's own, and the other CFG-branch setting
+    collected here when ``branches`` asks for it."""
     own = bool(config["unconditional_branch"])
-    folders = {}
+    files = {}
     for both in branches:
         label = BRANCH_LABELS[both]
         if both == own:
-            folders[label] = Path(results_dir)
+            files[label] = run
         else:
-            folders[label] = proof_statistics.collect_statistics(
+            files[label] = proof_statistics.collect_statistics(
                 Path(scratch) / f"statistics-{label}", model_spec=model_spec, model_dir=model_dir,
                 prompts=statistics_prompts, schedule=schedule, config=config | {"unconditional_branch": both})
-    return folders
+    return files
 
 
-def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir, schedule: dict,
+def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Path | StatisticsFiles, schedule: dict,
                        statistics_prompts: list[str], config: dict, settings: proof.ProofSettings,
                        outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
                        threshold_percents: list[float], prior: bool, lora: bool) -> list[dict]:
-    """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``: a folder)."""
+    """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``:
+    ``{variant: file}`` or a folder, :func:`weights_folder`).
+
+    ``results_dir``: the run's statistics, as the files the rule declares (:class:`StatisticsFiles`) or
+    a results folder.
+    """
     from nullcov.gpu_lease import lease_device
     from nullcov.model import BUILTIN_SHAPES, load_pipeline
     from nullcov.placement import use_device
     from nullcov.sampling import configure_scheduler
 
+    run = results_dir if isinstance(results_dir, StatisticsFiles) else StatisticsFiles.in_folder(results_dir)
     settings.evaluate = model_spec == BUILTIN_SHAPES
     if not settings.evaluate:
         log.warning("model %s is not builtin:shapes: no evaluator reads its images, so every variant trains "
@@ -93,13 +114,13 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir, schedule
             tempfile.TemporaryDirectory(prefix="nullcov-proof-") as scratch:
         pipe = load_pipeline(model_dir, "float32", use_device(lease.device))
         configure_scheduler(pipe, schedule)
-        sources = statistics_folders(scratch, results_dir, branches, model_spec=model_spec, model_dir=model_dir,
-                                     statistics_prompts=statistics_prompts, schedule=schedule, config=config)
+        sources = statistics_files(scratch, run, branches, model_spec=model_spec, model_dir=model_dir,
+                                   statistics_prompts=statistics_prompts, schedule=schedule, config=config)
         thresholds = [(config["nullspace_threshold"], config["threshold_percent"])]
         thresholds += [(0.0, percent) for percent in threshold_percents if percent != config["threshold_percent"]]
         folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, statistics, thresholds)
-        recorder = VariantOutputs(Path(outputs["weights"]), pipe, schedule, settings,
-                                  {"base": sample_grid(pipe, schedule, settings)})
+        base_images = {"base": sample_grid(pipe, schedule, settings)}
+        recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
         rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
                                               lora, on_variant=recorder)
     proof_report.write_table(outputs["table"], rows)

@@ -2,7 +2,8 @@
 
 Layout: one group per layer module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``)
 with one subgroup per linear (``to_q``, ``to_out``); the text files hold one group
-``encoder_hidden_states``. A key is the slash-joined path, e.g. ``<layer>/to_q``. Root attributes:
+``encoder_hidden_states``. A key is the slash-joined path, e.g. ``<layer>/to_q``
+(:func:`nullcov.layout.statistic_key`). Root attributes:
 ``nullcov_kind``, ``nullcov_format`` and JSON ``provenance`` (plus ``step`` for per-timestep files).
 No pickle: only numeric datasets and string attributes are written or read.
 
@@ -28,6 +29,7 @@ import h5py
 import numpy as np
 
 from nullcov.docs import see
+from nullcov.layout import GROUP_PREFIX, SHARD_PREFIX
 from nullcov.projection import NullSpace
 from nullcov.statistics import Moments
 
@@ -63,7 +65,7 @@ def regenerate_command(path) -> str:
     """The command that rewrites ``path``: its job's output is the folder for shard and
     partial-sum files (``shard_*``, ``group_*``), the file itself otherwise."""
     path = Path(path)
-    target = path.parent if path.parent.name.startswith(("shard_", "group_")) else path
+    target = path.parent if path.parent.name.startswith((SHARD_PREFIX, GROUP_PREFIX)) else path
     return f"snakemake --cores all --force {target}"
 
 
@@ -212,49 +214,65 @@ def _load(path, key: str, group: h5py.Group, names: tuple[str, ...]) -> dict[str
     return loaded
 
 
-def _open(path, kind: str, datasets: tuple[str, ...]):
-    """Open a file, check kind, format and attributes; returns (handle, attrs, groups)."""
-    path = Path(path)
+def _open_file(path: Path) -> h5py.File:
     if not path.exists():
         raise StatisticsFileError(path, "file does not exist", CORRUPTED)
     try:
-        handle = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as err:
         raise StatisticsFileError(path, f"not a readable HDF5 file ({err}); "
                                   f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
+
+
+def _checked_attrs(path: Path, handle: h5py.File, kind: str) -> tuple[dict, object]:
+    """The file's attributes, parsed, after the kind and checksum checks; and its format (``None``: none stored)."""
+    found_kind = handle.attrs.get("nullcov_kind")
+    if found_kind != kind:
+        raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}", CORRUPTED)
+    texts = dict(handle.attrs.items())
+    stored_sha256 = texts.pop("nullcov_attrs_sha256", None)
+    if stored_sha256 is not None and stored_sha256 != _attrs_sha256(texts):
+        raise StatisticsFileError(path, "the attributes (provenance) fail their checksum, the file is corrupted; "
+                                  f"regenerate it with: {regenerate_command(path)}", CORRUPTED)
     try:
-        found_kind = handle.attrs.get("nullcov_kind")
-        if found_kind != kind:
-            raise StatisticsFileError(path, f"expected a nullcov {kind!r} file, found kind {found_kind!r}", CORRUPTED)
-        texts = dict(handle.attrs.items())
-        stored_sha256 = texts.pop("nullcov_attrs_sha256", None)
-        if stored_sha256 is not None and stored_sha256 != _attrs_sha256(texts):
-            raise StatisticsFileError(path, "the attributes (provenance) fail their checksum, the file is corrupted; "
-                                      f"regenerate it with: {regenerate_command(path)}", CORRUPTED)
-        try:
-            attrs = {name: json.loads(value) for name, value in texts.items() if name != "nullcov_kind"}
-        except (TypeError, json.JSONDecodeError) as err:
-            raise StatisticsFileError(path, f"attributes are not valid JSON ({err})", CORRUPTED) from None
-        found_format = attrs.pop("nullcov_format", None)
-        if found_format is not None and stored_sha256 is None:
-            raise StatisticsFileError(path, "the attributes carry no checksum; "
-                                      f"regenerate it with: {regenerate_command(path)}",
-                                      see("statistics-file-of-an-older-nullcov"))
-        if "provenance" not in attrs:
-            raise StatisticsFileError(path, "no provenance attribute", CORRUPTED)
-        groups: dict[str, h5py.Group] = {}
+        attrs = {name: json.loads(value) for name, value in texts.items() if name != "nullcov_kind"}
+    except (TypeError, json.JSONDecodeError) as err:
+        raise StatisticsFileError(path, f"attributes are not valid JSON ({err})", CORRUPTED) from None
+    found_format = attrs.pop("nullcov_format", None)
+    if found_format is not None and stored_sha256 is None:
+        raise StatisticsFileError(path, "the attributes carry no checksum; "
+                                  f"regenerate it with: {regenerate_command(path)}",
+                                  see("statistics-file-of-an-older-nullcov"))
+    if "provenance" not in attrs:
+        raise StatisticsFileError(path, "no provenance attribute", CORRUPTED)
+    return attrs, found_format
 
-        def visit(name, obj):
-            if isinstance(obj, h5py.Group) and any(isinstance(obj.get(d), h5py.Dataset) for d in datasets):
-                groups[name] = obj
 
-        try:
-            handle.visititems(visit)
-        except (OSError, RuntimeError, KeyError) as err:
-            raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
-                                      f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
-        if not groups:
-            raise StatisticsFileError(path, f"no groups holding {datasets}", CORRUPTED)
+def _collect_group(groups: dict, datasets: tuple[str, ...], name: str, obj) -> None:
+    """``h5py`` ``visititems`` callback: keep the groups that hold any of ``datasets``."""
+    if isinstance(obj, h5py.Group) and any(isinstance(obj.get(d), h5py.Dataset) for d in datasets):
+        groups[name] = obj
+
+
+def _statistic_groups(path: Path, handle: h5py.File, datasets: tuple[str, ...]) -> dict[str, h5py.Group]:
+    groups: dict[str, h5py.Group] = {}
+    try:
+        handle.visititems(functools.partial(_collect_group, groups, datasets))
+    except (OSError, RuntimeError, KeyError) as err:
+        raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
+                                  f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
+    if not groups:
+        raise StatisticsFileError(path, f"no groups holding {datasets}", CORRUPTED)
+    return groups
+
+
+def _open(path, kind: str, datasets: tuple[str, ...]):
+    """Open a file, check kind, format and attributes; returns (handle, attrs, groups)."""
+    path = Path(path)
+    handle = _open_file(path)
+    try:
+        attrs, found_format = _checked_attrs(path, handle, kind)
+        groups = _statistic_groups(path, handle, datasets)
         if found_format is not None and found_format != FORMAT:
             raise StatisticsFileError(
                 path, f"file format {found_format!r}, this nullcov reads format {FORMAT} (checksummed); "
@@ -327,8 +345,8 @@ def iter_moments(path, kind: str, keys=None):
 
 
 def read_attrs(path, kind: str) -> dict:
-    """A moments file's attributes (provenance, step), without reading any statistics."""
-    handle, attrs, _ = _open(path, kind, MOMENT_DATASETS)
+    """A moments or projection file's attributes (provenance, step), without reading any statistics."""
+    handle, attrs, _ = _open(path, kind, PROJECTION_DATASETS if kind == "projection" else MOMENT_DATASETS)
     handle.close()
     return attrs
 

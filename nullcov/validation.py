@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from nullcov.docs import see
+from nullcov.layout import split_key, step_file, step_name
 from nullcov.projection import NullSpace, symmetric_eigh
 from nullcov.prompts import read_prompts
 from nullcov.statistics import Moments
@@ -143,7 +144,7 @@ def leakage_of_key(key: str, training: Moments, validation: Moments, statistic: 
         prefix_training = np.diagonal(np.cumsum(np.cumsum(H * rotated_training, 0), 1))
         prefix_update = np.cumsum(np.diagonal(H))  # ‖ΔW P_k‖_F²
         mean_images = np.cumsum(G * rotated_mean, axis=1)  # column k-1: ΔW P_k μ
-        for threshold, k in zip(thresholds, null_dims):
+        for threshold, k in zip(thresholds, null_dims, strict=True):
             if k == 0:
                 numerators, update_norm, mean_image = (0.0, 0.0), 0.0, np.zeros(dim)
             else:
@@ -164,11 +165,17 @@ def leakage_of_key(key: str, training: Moments, validation: Moments, statistic: 
     return rows
 
 
+def _layer_and_linear(key: str) -> tuple[str, str]:
+    """A table row's ``layer`` and ``linear``: the text states' own names, a statistic key split
+    (:func:`nullcov.layout.split_key`), or a key without a layer as the linear alone."""
+    if key == TEXT_KEY:
+        return TEXT_LAYER, TEXT_LINEAR
+    return split_key(key) if "/" in key else ("", key)
+
+
 def _row(key, dim, threshold, configured, null_dim, draw, training, validation, leak_validation, leak_training,
          bound) -> dict:
-    layer, _, linear = key.rpartition("/")
-    if key == TEXT_KEY:
-        layer, linear = TEXT_LAYER, TEXT_LINEAR
+    layer, linear = _layer_and_linear(key)
     return {
         "layer": layer, "linear": linear, "d": dim, "threshold": float(threshold), "configured": configured,
         "null_dim": int(null_dim), "draw": draw, "n_training": int(training.count),
@@ -183,7 +190,7 @@ def leakage_job(names: list[str], covariance_paths: list, projection_paths: list
 
     ``covariance_paths`` and ``projection_paths`` are the merged moments and projections of
     ``names``, in the same order (the rule's inputs); the validation features are read from
-    ``validation_dir``/{name}.h5.
+    ``validation_dir`` (:func:`nullcov.layout.step_file`).
     """
     if not len(names) == len(covariance_paths) == len(projection_paths):
         raise ValueError(f"leakage of {len(names)} steps needs as many covariance and projection files, got "
@@ -191,12 +198,12 @@ def leakage_job(names: list[str], covariance_paths: list, projection_paths: list
     timesteps = {step["name"]: step["timestep"] for step in schedule["steps"]}
     thresholds = sorted(float(t) for t in thresholds)
     rows = []
-    for name, covariance_path, projection_path in zip(names, covariance_paths, projection_paths):
+    for name, covariance_path, projection_path in zip(names, covariance_paths, projection_paths, strict=True):
         for path in (covariance_path, projection_path):
-            if Path(path).stem != name:
+            if step_name(path) != name:
                 raise ValueError(f"leakage of step {name}: input {path} belongs to another step")
         training, _ = read_moments(covariance_path, "covariance")
-        validation, _ = read_moments(Path(validation_dir) / f"{name}.h5", "features")
+        validation, _ = read_moments(step_file(validation_dir, name), "features")
         spaces, _ = read_projections(projection_path)
         if sorted(training) != sorted(validation) or sorted(training) != sorted(spaces):
             raise ValueError(f"{name}: training, validation and projection files hold different layers: "

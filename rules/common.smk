@@ -14,12 +14,16 @@ from nullcov import config as nc_config
 from nullcov import docs as nc_docs
 from nullcov import gpu_lease as nc_gpu_lease
 from nullcov import jobs as nc_jobs
+from nullcov import layout as nc_layout
 from nullcov import model as nc_model
 from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts
 from nullcov import schedule as nc_schedule
 from nullcov.export import parse_exports
 from nullcov.provenance import feature_config, model_files
+
+# The results folder (nullcov.layout): every path under results/ below is built from it.
+RESULTS = nc_layout.Results(nc_layout.ROOT)
 
 # `--config key=null` passes the string "null": it means None for every key that admits null.
 with open(f"{workflow.basedir}/config/schema.yaml") as schema_file:
@@ -85,7 +89,8 @@ PROMPT_SHA256 = nc_prompts.prompt_set_sha256(PROMPTS)
 COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["out"]
 COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
-SHARD_FILE_NAMES = (STEP_NAMES if COLLECT_STEPS else []) + (["text"] if COLLECT_TEXT else [])
+STEP_FILE_NAMES = STEP_NAMES if COLLECT_STEPS else []
+SHARD_FILE_NAMES = STEP_FILE_NAMES + ([nc_layout.TEXT_NAME] if COLLECT_TEXT else [])
 # Built-in tiny models: folder name under resources/models -> family (rule tiny_model builds them).
 BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUILTIN_MODELS.values()}
 
@@ -116,11 +121,22 @@ wildcard_constraints:
     builtin="|".join(BUILTIN_FAMILIES),
 
 
+def covariance_files(names):
+    """Merged moments files of `names` (step names and/or the text file's name)."""
+    return [str(RESULTS.covariance(name)) for name in names]
+
+
+def projection_files(names):
+    """Projection files of `names` (step names and/or the text file's name)."""
+    return [str(RESULTS.projection(name)) for name in names]
+
+
 def final_outputs():
     """The deliverables: merged moments (interpolating trainers need them) and projections."""
     return (
-        ["results/schedule.json"]
-        + [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
+        [str(RESULTS.schedule)]
+        + covariance_files(SHARD_FILE_NAMES)
+        + projection_files(SHARD_FILE_NAMES)
         + report_outputs()
         + export_outputs()
     )
@@ -134,8 +150,17 @@ MODEL_FILES = (
 
 
 EXPORT_OUTPUTS = {  # export name -> its output (rules/export.smk)
-    "nullbooth": "results/export/nullbooth",
-    "safetensors": "results/export/nullcov_projections.safetensors",
+    "nullbooth": str(RESULTS.export("nullbooth")),
+    "safetensors": str(RESULTS.export("nullcov_projections.safetensors")),
+}
+FINETUNE_OUTPUTS = {  # the fine-tune proof's outputs besides its weights (rules/finetune.smk)
+    name: str(RESULTS.finetune(file))
+    for name, file in (
+        ("table", "variants.tsv"),
+        ("figure", "variants.png"),
+        ("grid", "grid.png"),
+        ("grid_images", "grid.npz"),
+    )
 }
 
 
@@ -143,8 +168,13 @@ def export_outputs():
     """The configured exports and, with finetune_proof, the fine-tune proof's table and figure."""
     outputs = [EXPORT_OUTPUTS[name] for name in config["exports"]]
     if config["finetune_proof"]:
-        outputs += ["results/report/finetune/variants.tsv", "results/report/finetune/grid.png"]
+        outputs += [FINETUNE_OUTPUTS["table"], FINETUNE_OUTPUTS["grid"]]
     return outputs
+
+
+#: CPU threads of each GPU job (features, validation_inputs, attention_maps, finetune_proof): the
+#: job sets torch's threads to it; a profile's set-threads overrides it.
+GPU_JOB_THREADS = 2
 
 
 def model_input(wildcards):
@@ -160,8 +190,8 @@ def shard_first_index(wildcards):
     return int(wildcards.shard) * PROMPTS_PER_SHARD
 
 
-SHARD_FOLDERS = [f"results/features/shard_{shard}" for shard in SHARD_IDS]
-GROUP_FOLDERS = [f"results/partial/group_{group:04d}" for group in range(len(MERGE_GROUPS))]
+SHARD_FOLDERS = [str(RESULTS.shard(shard)) for shard in SHARD_IDS]
+GROUP_FOLDERS = [str(RESULTS.group(group)) for group in range(len(MERGE_GROUPS))]
 
 
 def shard_folders(wildcards):
@@ -171,7 +201,7 @@ def shard_folders(wildcards):
 
 def group_shard_folders(wildcards):
     """The shard folders of one merge group."""
-    return [f"results/features/shard_{shard}" for shard in MERGE_GROUPS[int(wildcards.group)]]
+    return [str(RESULTS.shard(shard)) for shard in MERGE_GROUPS[int(wildcards.group)]]
 
 
 def merge_inputs(wildcards):
@@ -196,9 +226,9 @@ def model_job_mem_mb(wildcards, attempt):
 
 
 def finetune_mem_mb(wildcards, attempt):
-    """The fine-tune proof: a feature job's need (it may collect the other CFG-branch statistics) plus
-    three more copies of the model's weights (the base UNet kept, the one trained, the merged one), x attempt."""
-    return attempt * (FEATURE_MEM_MB + -(-3 * WEIGHTS_BYTES // nc_plan.MIB))
+    """The fine-tune proof: a feature job's need plus copies of the model's weights
+    (nullcov.plan.finetune_mem_mb), x attempt."""
+    return attempt * nc_plan.finetune_mem_mb(FEATURE_MEM_MB, WEIGHTS_BYTES)
 
 
 def merge_mem_mb(wildcards, attempt):
@@ -220,10 +250,15 @@ def projection_mem_mb(wildcards, attempt):
 
 
 def feature_job_minutes(wildcards, attempt):
-    """SLURM runtime: generous for ~10 prompt-timesteps/s, doubled on each retry (text-only: one
-    "step" per prompt)."""
+    """SLURM runtime of a shard's feature job (nullcov.plan.feature_job_minutes), doubled on each
+    retry (text-only: one "step" per prompt)."""
     work = len(shard_prompts(wildcards)) * (len(STEP_NAMES) if COLLECT_STEPS else 1)
-    return attempt * (15 + work // 300)
+    return nc_plan.feature_job_minutes(work, attempt)
+
+
+def validation_inputs_minutes(wildcards, attempt):
+    """SLURM runtime of the validation prompts' feature job (nullcov.plan.feature_job_minutes)."""
+    return nc_plan.feature_job_minutes(len(VALIDATION_PROMPTS) * len(STEP_NAMES), attempt)
 
 
 # -- Report and validation (rules/report.smk, rules/validation.smk) -----------------------------
@@ -265,70 +300,90 @@ FINETUNE_SETTINGS = {
     "threshold_percents": config["finetune_threshold_percents"],
     "prior": config["finetune_prior_preservation"],
 }
-LEAKAGE_STEPS_PER_JOB = 25  # steps per leakage job (CPU: one eigh per layer/linear and step)
-LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
+LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, nc_plan.LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}
 REPORT_FIGURES = {  # figure kind -> path (rule report_figures)
     **{
-        f"spectra_{linear}": f"results/report/spectra/{linear}.png"
+        f"spectra_{linear}": str(RESULTS.report("spectra", f"{linear}.png"))
         for feature, linear in (("q", "to_q"), ("out", "to_out"))
         if config["collect_features"][feature]
     },
-    **({"spectra_text": "results/report/spectra/text.png"} if COLLECT_TEXT else {}),
-    **({"null_dim": "results/report/null_dim.png"} if COLLECT_STEPS else {}),
+    **({"spectra_text": str(RESULTS.report("spectra", "text.png"))} if COLLECT_TEXT else {}),
+    **({"null_dim": str(RESULTS.report("null_dim.png"))} if COLLECT_STEPS else {}),
 }
 # A model folder that records how it was trained (builtin:shapes) gets its training curve in the report.
 TRAINING_RECORD = MODEL_DIR / "training.json"
-TRAINING_CURVE = "results/report/model/training_curve.png" if TRAINING_RECORD.is_file() else None
+TRAINING_CURVE_FIGURE = str(RESULTS.report("model", "training_curve.png"))  # rule training_curve
+TRAINING_CURVE = TRAINING_CURVE_FIGURE if TRAINING_RECORD.is_file() else None
+ATTENTION_DATA = str(RESULTS.report("attention", "attention_maps.h5"))  # rule attention_maps
 ATTENTION_FIGURES = {  # (prompt index, step name) -> path (rule attention_maps)
-    (index, STEP_NAMES[step]): f"results/report/attention/prompt_{index:04d}_{STEP_NAMES[step]}.png"
+    (index, STEP_NAMES[step]): str(RESULTS.report("attention", f"prompt_{index:04d}_{STEP_NAMES[step]}.png"))
     for index in ATTENTION_PROMPTS
     for step in REPORT_STEPS
 }
+SUMMARY_OUTPUTS = {"html": str(RESULTS.report("summary.html")), "tsv": str(RESULTS.report("summary.tsv"))}
+VALIDATION_OUTPUTS = {  # rule validation_report
+    "table": str(RESULTS.validation("leakage.tsv")),
+    "tradeoff": str(RESULTS.report("validation", "leakage_tradeoff.png")),
+    "heatmap": str(RESULTS.report("validation", "leakage_heatmap.png")),
+}
+#: Characters of a prompt shown in an attention figure's report label.
+ATTENTION_LABEL_CHARS = 60
 
 
 def report_outputs():
     """Every figure and table of the report (all of them are outputs of rules in `all`)."""
-    outputs = list(REPORT_FIGURES.values()) + ["results/report/summary.html"]
+    outputs = list(REPORT_FIGURES.values()) + [SUMMARY_OUTPUTS["html"]]
     if TRAINING_CURVE:
         outputs.append(TRAINING_CURVE)
     if ATTENTION_FIGURES:
-        outputs += ["results/report/attention/attention_maps.h5", *ATTENTION_FIGURES.values()]
+        outputs += [ATTENTION_DATA, *ATTENTION_FIGURES.values()]
     if VALIDATION_PROMPTS:
-        outputs += [
-            "results/validation/leakage.tsv",
-            "results/report/validation/leakage_tradeoff.png",
-            "results/report/validation/leakage_heatmap.png",
-        ]
+        outputs += list(VALIDATION_OUTPUTS.values())
     return outputs
 
 
 def attention_labels(index, name):
     """Report labels of one attention figure (braces would read as wildcards)."""
-    prompt = PROMPTS[index] if len(PROMPTS[index]) <= 60 else PROMPTS[index][:59] + "…"
+    prompt = PROMPTS[index]
+    if len(prompt) > ATTENTION_LABEL_CHARS:
+        prompt = prompt[: ATTENTION_LABEL_CHARS - 1] + "…"
     return {
         "prompt": f"{index}: {prompt}".replace("{", "(").replace("}", ")"),
         "step": f"{name} (t={STEP_TIMESTEPS[name]:.0f})",
     }
 
 
-def leakage_part_files(stage):
-    """Input function: the {stage} files (covariance, projections) of one leakage job's steps."""
-    return lambda wildcards: [f"results/{stage}/{name}.h5" for name in LEAKAGE_PARTS[int(wildcards.part)]]
+def leakage_names(wildcards):
+    """The step names (and text) of one leakage job."""
+    return LEAKAGE_PARTS[int(wildcards.part)]
+
+
+def leakage_covariance(wildcards):
+    """Input function: the merged moments of one leakage job's steps."""
+    return covariance_files(leakage_names(wildcards))
+
+
+def leakage_projections(wildcards):
+    """Input function: the projections of one leakage job's steps."""
+    return projection_files(leakage_names(wildcards))
+
+
+LEAKAGE_TABLE = str(RESULTS.validation("leakage", "part_{part}.tsv"))  # rule leakage
 
 
 def leakage_tables(wildcards):
-    return [f"results/validation/leakage/part_{part:03d}.tsv" for part in range(len(LEAKAGE_PARTS))]
+    return [LEAKAGE_TABLE.format(part=f"{part:03d}") for part in range(len(LEAKAGE_PARTS))]
 
 
 def summary_inputs(wildcards):
     """Everything the run summary reports on: it runs after every other job of the run."""
-    inputs = ["results/schedule.json", *shard_folders(wildcards)]
-    inputs += [f"results/{stage}/{name}.h5" for stage in ("covariance", "projections") for name in SHARD_FILE_NAMES]
+    inputs = [str(RESULTS.schedule), *shard_folders(wildcards)]
+    inputs += covariance_files(SHARD_FILE_NAMES) + projection_files(SHARD_FILE_NAMES)
     if VALIDATION_PROMPTS:
-        inputs += ["results/validation/features", *leakage_tables(wildcards)]
+        inputs += [str(RESULTS.validation_features), *leakage_tables(wildcards)]
     if ATTENTION_FIGURES:
-        inputs.append("results/report/attention/attention_maps.h5")
+        inputs.append(ATTENTION_DATA)
     return inputs
 
 
@@ -349,12 +404,12 @@ def summary_benchmarks(wildcards):
 
 def summary_folders(wildcards):
     folders = {
-        "shard scratch (results/features)": "results/features",
-        "merged moments": "results/covariance",
-        "projections": "results/projections",
+        f"shard scratch ({RESULTS.features_folder})": str(RESULTS.features_folder),
+        "merged moments": str(RESULTS.covariance_folder),
+        "projections": str(RESULTS.projections_folder),
     }
     if VALIDATION_PROMPTS:
-        folders["validation"] = "results/validation"
+        folders["validation"] = str(RESULTS.validation())
     return folders
 
 

@@ -5,7 +5,7 @@ rule merge_group:
     input:
         group_shard_folders,
     output:
-        scratch_output("results/partial/group_{group}"),
+        scratch_output(RESULTS.group("{group}")),
     log:
         "logs/merge_group/group_{group}.log",
     benchmark:
@@ -25,7 +25,7 @@ rule covariance:
     input:
         merge_inputs,
     output:
-        "results/covariance/{name}.h5",
+        RESULTS.covariance("{name}"),
     log:
         "logs/covariance/{name}.log",
     benchmark:
@@ -35,7 +35,7 @@ rule covariance:
     resources:
         mem_mb=merge_mem_mb,
     params:
-        file_name=lambda wildcards: f"{wildcards.name}.h5",
+        file_name=lambda wildcards: nc_layout.step_file_name(wildcards.name),
         prompt_sha256=PROMPT_SHA256,
         kind=MERGE_KIND,
     script:
@@ -44,12 +44,10 @@ rule covariance:
 
 use rule covariance as covariance_text with:
     output:
-        "results/covariance/text.h5",
+        RESULTS.covariance(nc_layout.TEXT_NAME),
     log:
         "logs/covariance/text.log",
     benchmark:
         "benchmarks/covariance/text.tsv"
     params:
-        file_name="text.h5",
-        prompt_sha256=PROMPT_SHA256,
-        kind=MERGE_KIND,
+        file_name=nc_layout.step_file_name(nc_layout.TEXT_NAME),

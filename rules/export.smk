@@ -5,11 +5,11 @@
 rule export_nullbooth:
     """The configured statistic per layer, step and feature as float32 .npy, in NullBooth's layout."""
     input:
-        schedule="results/schedule.json",
-        steps=expand("results/covariance/{name}.h5", name=STEP_NAMES if COLLECT_STEPS else []),
-        text=["results/covariance/text.h5"] if COLLECT_TEXT else [],
+        schedule=RESULTS.schedule,
+        steps=covariance_files(STEP_FILE_NAMES),
+        text=covariance_files([nc_layout.TEXT_NAME] if COLLECT_TEXT else []),
     output:
-        directory("results/export/nullbooth"),
+        directory(EXPORT_OUTPUTS["nullbooth"]),
     log:
         "logs/export/nullbooth.log",
     conda:
@@ -24,10 +24,10 @@ rule export_nullbooth:
 rule export_safetensors:
     """Every projection, eigenvalues and null dims of the run, with its provenance, in one file."""
     input:
-        schedule="results/schedule.json",
-        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
+        schedule=RESULTS.schedule,
+        projections=projection_files(SHARD_FILE_NAMES),
     output:
-        "results/export/nullcov_projections.safetensors",
+        EXPORT_OUTPUTS["safetensors"],
     log:
         "logs/export/safetensors.log",
     conda:

@@ -7,17 +7,17 @@ rule features:
     1000-step schedule fast to build.
     """
     input:
-        schedule="results/schedule.json",
+        schedule=RESULTS.schedule,
         model=model_input,
     output:
-        scratch_output("results/features/shard_{shard}"),
+        scratch_output(RESULTS.shard("{shard}")),
     log:
         "logs/features/shard_{shard}.log",
     benchmark:
         "benchmarks/features/shard_{shard}.tsv"
     conda:
         "../envs/nullcov.yaml"
-    threads: 2
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
         mem_mb=feature_job_mem_mb,

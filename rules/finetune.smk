@@ -5,38 +5,38 @@
 rule finetune_proof:
     """Every variant to the same concept fidelity; preserved prompts' accuracy, pixel and attn2 change; weights and grid."""
     input:
-        schedule="results/schedule.json",
+        schedule=RESULTS.schedule,
         model=model_input,
-        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
-        covariance=expand("results/covariance/{name}.h5", name=SHARD_FILE_NAMES),
+        projections=projection_files(SHARD_FILE_NAMES),
+        covariance=covariance_files(SHARD_FILE_NAMES),
     output:
         table=report(
-            "results/report/finetune/variants.tsv",
+            FINETUNE_OUTPUTS["table"],
             caption="../report/finetune.rst",
             category="6. Fine-tune proof",
             labels={"table": "variants"},
         ),
         figure=report(
-            "results/report/finetune/variants.png",
+            FINETUNE_OUTPUTS["figure"],
             caption="../report/finetune.rst",
             category="6. Fine-tune proof",
             labels={"figure": "fidelity and preservation"},
         ),
         grid=report(
-            "results/report/finetune/grid.png",
+            FINETUNE_OUTPUTS["grid"],
             caption="../report/finetune_grid.rst",
             category="6. Fine-tune proof",
             labels={"figure": "image grid"},
         ),
-        grid_images="results/report/finetune/grid.npz",
-        weights=expand("results/report/finetune/{variant}/unet_attn2.safetensors", variant=FINETUNE_VARIANTS),
+        grid_images=FINETUNE_OUTPUTS["grid_images"],
+        weights=expand(RESULTS.finetune("{variant}", "unet_attn2.safetensors"), variant=FINETUNE_VARIANTS),
     log:
         "logs/report/finetune.log",
     benchmark:
         "benchmarks/finetune/finetune.tsv"
     conda:
         "../envs/nullcov.yaml"
-    threads: 2
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
         mem_mb=finetune_mem_mb,
@@ -50,5 +50,6 @@ rule finetune_proof:
             for key in ("device", "batch_size", "strict_prompts", "nullspace_threshold", "threshold_percent")
         },
         settings=FINETUNE_SETTINGS,
+        variants=FINETUNE_VARIANTS,  # in the order of output.weights
     script:
         "../scripts/finetune_proof.py"

@@ -5,7 +5,7 @@ rule plan:
     `snakemake plan` prints it and writes results/plan.txt; reads configs only (no weights).
     """
     output:
-        "results/plan.txt",
+        RESULTS.plan,
     log:
         "logs/plan.log",
     localrule: True

@@ -1,9 +1,9 @@
 rule projection:
     """Null-space projection P = U0 U0^T of one timestep's statistic (float64 eigh)."""
     input:
-        "results/covariance/{name}.h5",
+        RESULTS.covariance("{name}"),
     output:
-        "results/projections/{name}.h5",
+        RESULTS.projection("{name}"),
     log:
         "logs/projections/{name}.log",
     benchmark:
@@ -22,9 +22,9 @@ rule projection:
 
 use rule projection as projection_text with:
     input:
-        "results/covariance/text.h5",
+        RESULTS.covariance(nc_layout.TEXT_NAME),
     output:
-        "results/projections/text.h5",
+        RESULTS.projection(nc_layout.TEXT_NAME),
     log:
         "logs/projections/text.log",
     benchmark:

@@ -14,8 +14,8 @@ REPORT_FIGURE_LABELS = {
 rule report_figures:
     """Eigenvalue spectra (report steps) and null-space dimension heatmaps from the projection files."""
     input:
-        schedule="results/schedule.json",
-        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
+        schedule=RESULTS.schedule,
+        projections=projection_files(SHARD_FILE_NAMES),
     output:
         [
             report(
@@ -44,7 +44,7 @@ rule training_curve:
         record=str(TRAINING_RECORD),
     output:
         report(
-            "results/report/model/training_curve.png",
+            TRAINING_CURVE_FIGURE,
             caption="../report/training_curve.rst",
             category="0. Model",
             labels={"figure": "training curve"},
@@ -61,10 +61,10 @@ rule training_curve:
 rule attention_maps:
     """Cross-attention maps of a few prompts at a few steps: the feature job's pipeline call and seeds."""
     input:
-        schedule="results/schedule.json",
+        schedule=RESULTS.schedule,
         model=model_input,
     output:
-        data="results/report/attention/attention_maps.h5",
+        data=ATTENTION_DATA,
         figures=[
             report(
                 path,
@@ -80,7 +80,7 @@ rule attention_maps:
         "benchmarks/attention_maps/attention_maps.tsv"
     conda:
         "../envs/nullcov.yaml"
-    threads: 2
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
         mem_mb=model_job_mem_mb,
@@ -99,18 +99,18 @@ rule attention_maps:
 rule run_summary:
     """Model, prompts, shards, schedule, statistic, threshold, wall times and disk use of the run."""
     input:
-        schedule="results/schedule.json",
-        projections=expand("results/projections/{name}.h5", name=SHARD_FILE_NAMES),
-        first_shard="results/features/shard_0000",  # its provenance describes the run
+        schedule=RESULTS.schedule,
+        projections=projection_files(SHARD_FILE_NAMES),
+        first_shard=SHARD_FOLDERS[0],  # its provenance describes the run
         everything=summary_inputs,  # the summary runs after every other job of the run
     output:
         html=report(
-            "results/report/summary.html",
+            SUMMARY_OUTPUTS["html"],
             caption="../report/summary.rst",
             category="1. Run summary",
             labels={"table": "run summary"},
         ),
-        tsv="results/report/summary.tsv",
+        tsv=SUMMARY_OUTPUTS["tsv"],
     log:
         "logs/report/summary.log",
     localrule: True
@@ -125,6 +125,6 @@ rule run_summary:
         prompts_per_shard=PROMPTS_PER_SHARD,  # resolved (auto -> a number)
         num_validation=len(VALIDATION_PROMPTS),
         validation_file=str(VALIDATION_FILE),
-        shard_file_name=f"{SHARD_FILE_NAMES[0]}.h5",
+        shard_file_name=nc_layout.step_file_name(SHARD_FILE_NAMES[0]),
     script:
         "../scripts/run_summary.py"

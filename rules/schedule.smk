@@ -8,7 +8,7 @@ rule schedule:
     input:
         model=model_input,
     output:
-        "results/schedule.json",
+        RESULTS.schedule,
     log:
         "logs/schedule.log",
     localrule: True

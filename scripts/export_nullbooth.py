@@ -6,12 +6,13 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.export import export_nullbooth
 from nullcov.jobs import logging_to
+from nullcov.layout import step_name
 
 with logging_to(snakemake.log[0]):
     with open(snakemake.input.schedule) as handle:
         layers = json.load(handle)["layers"]
     export_nullbooth(
-        dict(zip(snakemake.params.step_names, snakemake.input.steps)),
+        {step_name(path): path for path in snakemake.input.steps},
         snakemake.output[0],
         snakemake.params.statistic,
         layers,

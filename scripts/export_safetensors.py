@@ -9,6 +9,6 @@ from nullcov.jobs import logging_to
 with logging_to(snakemake.log[0]):
     export_safetensors(
         snakemake.input.schedule,
-        dict(zip(snakemake.params.names, snakemake.input.projections)),
+        dict(zip(snakemake.params.names, snakemake.input.projections, strict=True)),
         snakemake.output[0],
     )

@@ -10,6 +10,7 @@ import torch
 from nullcov.jobs import logging_to
 from nullcov.proof import ProofSettings
 from nullcov.proof_job import finetune_proof_job
+from nullcov.proof_statistics import StatisticsFiles
 
 with logging_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
@@ -18,14 +19,20 @@ with logging_to(snakemake.log[0]):
     finetune_proof_job(
         model_spec=snakemake.params.model_spec,
         model_dir=snakemake.params.model_dir,
-        results_dir=Path(snakemake.input.schedule).parent,
+        results_dir=StatisticsFiles.declared(
+            snakemake.input.schedule, snakemake.input.covariance, snakemake.input.projections
+        ),
         schedule=json.loads(Path(snakemake.input.schedule).read_text()),
         statistics_prompts=list(snakemake.params.statistics_prompts),
         config=dict(snakemake.params.config),
         settings=ProofSettings(**settings),
-        outputs={"table": snakemake.output.table, "figure": snakemake.output.figure, "grid": snakemake.output.grid,
-                 "grid_images": snakemake.output.grid_images,
-                 "weights": Path(snakemake.output.table).parent},
+        outputs={
+            "table": snakemake.output.table,
+            "figure": snakemake.output.figure,
+            "grid": snakemake.output.grid,
+            "grid_images": snakemake.output.grid_images,
+            "weights": dict(zip(snakemake.params.variants, snakemake.output.weights, strict=True)),
+        },
         lora=settings["lora_rank"] > 0,
         **plan,
     )

@@ -57,7 +57,8 @@ def test_steps_per_chunk_fit_the_budget():
     step, weights = 198 * MIB, 3000 * MIB
     for mem_mb in (6000, 8000, 16000, 40000):
         fit = plan.steps_per_chunk(mem_mb * MIB, step, weights, 1000)
-        assert plan.feature_job_bytes(step, fit, weights) <= mem_mb * MIB < plan.feature_job_bytes(step, fit + 1, weights)
+        assert (plan.feature_job_bytes(step, fit, weights) <= mem_mb * MIB
+                < plan.feature_job_bytes(step, fit + 1, weights))
     assert plan.steps_per_chunk(10**6 * MIB, step, weights, 50) == 50
     need = plan.feature_job_bytes(step, 1, weights)
     with pytest.raises(plan.MemoryBudgetError, match=r"mem_mb=4000 .*features:mem_mb=") as info:
@@ -113,7 +114,7 @@ def test_chunked_collection_equals_unchunked(tiny_pipe, demo_prompts, collection
     # chunks [0, 2), [2, 3), [3, 5): the trajectory replays from step 0 and stops after each chunk
     assert calls == (2 * (2 + 3 + 5) if collection == "trajectory" else 2 * 5)
     assert len(steps) == len(whole_steps) == 5
-    for chunked, unchunked in zip(steps, whole_steps):
+    for chunked, unchunked in zip(steps, whole_steps, strict=True):
         assert chunked.keys() == unchunked.keys()
         for key in unchunked:
             assert chunked[key].count == unchunked[key].count
@@ -139,7 +140,8 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     assert whole["bytes"]["step file"] == step_file and whole["bytes"]["text file"] == text_file
     assert whole["bytes"]["shard scratch"] == 3 * (4 * step_file + text_file)
     assert whole["bytes"]["merged moments"] == 4 * step_file + text_file
-    assert whole["bytes"]["projections"] == sum(4 * (4 * d * d + 8 * d) for d in widths) + 4 * text_width**2 + 8 * text_width
+    assert whole["bytes"]["projections"] == (sum(4 * (4 * d * d + 8 * d) for d in widths)
+                                             + 4 * text_width**2 + 8 * text_width)
     assert whole["gpu_hours"] == pytest.approx((10 + 2) * 4 / 2.0 / 3600)
     assert whole["feature_chunks"]["chunks"] == 1
     # a budget that holds 2 of 4 steps: two chunks; the trajectory replays 2 + 4 calls, noised calls 4

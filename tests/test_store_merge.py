@@ -254,7 +254,8 @@ def _shards(folder, count, dim=300, rows_per_shard=4, seed=10):
         moments = {key: Moments.of_rows(part * scale, shift=(part * scale).mean(axis=0))
                    for key, scale in ((f"{LAYER}/to_q", 1.0), (f"{LAYER}/to_out", -2.0))}
         path = folder / f"shard_{index:04d}" / "s.h5"
-        write_moments(path, "features", moments, {"provenance": _provenance(index, [f"p{index}"]), "step": {"index": 0}})
+        attrs = {"provenance": _provenance(index, [f"p{index}"]), "step": {"index": 0}}
+        write_moments(path, "features", moments, attrs)
         paths.append(path)
     return paths, rows
 
@@ -285,7 +286,8 @@ def test_grouped_merge_equals_the_direct_merge_and_repeats_bit_for_bit(tmp_path)
         partial, attrs = merge_files(paths[start : start + 5], "features", first_index=None)
         groups.append(tmp_path / f"group_{index:04d}" / "s.h5")
         write_moments(groups[-1], "partial", partial, attrs)
-    grouped, grouped_attrs = merge_files(list(reversed(groups)), "partial", prompt_set_sha256([f"p{i}" for i in range(12)]))
+    grouped, grouped_attrs = merge_files(list(reversed(groups)), "partial",
+                                         prompt_set_sha256([f"p{i}" for i in range(12)]))
     assert grouped_attrs["provenance"] == direct_attrs["provenance"]
     whole = Moments.of_rows(rows)
     for key in direct:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from nullcov import layout
 from nullcov.bank import ProjectionBank
 from nullcov.store import TEXT_KEY, read_moments, read_projections
 from nullcov.tiny_model import TINY_SCHEDULER_CONFIG
@@ -63,7 +64,8 @@ def test_outputs_follow_the_layout_with_provenance(finished, demo_prompts):
     assert provenance["prompts"]["count"] == 10 and provenance["shards"] == ["shard_0000", "shard_0001", "shard_0002"]
     assert provenance["config"]["sampler_strategy"] == "DPM++ 2M Karras"
     assert {"torch", "diffusers", "nullcov"} <= set(provenance["packages"])
-    assert provenance["projection"] == {"statistic": "second_moment", "nullspace_threshold": 0.02, "threshold_percent": None}
+    assert provenance["projection"] == {"statistic": "second_moment", "nullspace_threshold": 0.02,
+                                        "threshold_percent": None}
     assert attrs["step"]["name"] == names[1]
     assert len(spaces) == 14  # 7 cross-attention layers x (to_q, to_out)
     with h5py.File(results / "projections" / f"{names[1]}.h5") as handle:
@@ -111,7 +113,8 @@ def test_deleting_one_covariance_reruns_exactly_it_and_its_projection(run_copy):
     (run_copy / "results" / "covariance" / f"{name}.h5").unlink()
     planned = planned_jobs(run_copy)
     jobs = [job for job in planned if job[0] != "all" and job[0] not in REPORT_RULES]
-    assert sorted(jobs) == [("covariance", f"results/covariance/{name}.h5"), ("projection", f"results/projections/{name}.h5")]
+    assert sorted(jobs) == [("covariance", f"results/covariance/{name}.h5"),
+                            ("projection", f"results/projections/{name}.h5")]
     assert {rule for rule, _ in planned} - {"all", "covariance", "projection"} == REPORT_RULES
 
 
@@ -132,9 +135,10 @@ def test_changing_the_threshold_reruns_only_projections(run_copy):
     config.write_text(config.read_text().replace("nullspace_threshold: 0.02", "nullspace_threshold: 5.0"))
     rules = {rule for rule, _ in planned_jobs(run_copy)}
     assert rules == {"projection", "projection_text", "all"} | REPORT_RULES
-    features_before = sorted((p, p.stat().st_mtime_ns) for p in (run_copy / "results" / "features").rglob("*.h5"))
+    shard_files = (run_copy / "results" / "features").rglob
+    features_before = sorted((p, p.stat().st_mtime_ns) for p in shard_files("*.h5"))
     snakemake(run_copy)
-    assert sorted((p, p.stat().st_mtime_ns) for p in (run_copy / "results" / "features").rglob("*.h5")) == features_before
+    assert sorted((p, p.stat().st_mtime_ns) for p in shard_files("*.h5")) == features_before
     spaces, attrs = read_projections(run_copy / "results" / "projections" / f"{_step_names(run_copy)[0]}.h5")
     assert attrs["provenance"]["projection"]["nullspace_threshold"] == 5.0
     assert all(space.threshold == 5.0 for space in spaces.values())
@@ -148,7 +152,8 @@ def test_appending_prompts_reruns_only_new_and_changed_shards(run_copy, demo_pro
     # 10 prompts in shards of 4: shard 2 held 2 and now holds 4; shard 3 is new.
     assert features == ["results/features/shard_0002", "results/features/shard_0003"]
     rules = sorted({rule for rule, _ in jobs})
-    assert rules == sorted({"all", "covariance", "covariance_text", "features", "projection", "projection_text"} | REPORT_RULES)
+    assert rules == sorted({"all", "covariance", "covariance_text", "features", "projection", "projection_text"}
+                           | REPORT_RULES)
 
 
 def test_merged_statistics_do_not_depend_on_shard_size(tmp_path, demo_prompts):
@@ -171,6 +176,42 @@ def test_merged_statistics_do_not_depend_on_shard_size(tmp_path, demo_prompts):
                 assert other.count == moment.count
                 scale = np.abs(moment.sum_outer).max()
                 np.testing.assert_allclose(other.sum_outer, moment.sum_outer, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_the_layout_names_the_paths_the_rules_write():
+    """nullcov.layout is where rules and readers get their paths: the documented layout, wildcards kept."""
+    results = layout.Results(layout.ROOT)
+    assert str(results.schedule) == "results/schedule.json"
+    assert str(results.covariance("{name}")) == "results/covariance/{name}.h5"
+    assert str(results.projection(layout.TEXT_NAME)) == "results/projections/text.h5"
+    assert str(results.shard(3)) == str(results.shard("0003")) == "results/features/shard_0003"
+    assert str(results.group(1)) == str(results.group("0001")) == "results/partial/group_0001"
+    assert str(results.validation_features) == "results/validation/features"
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert layout.split_key(layout.statistic_key(layer, "to_q")) == (layer, "to_q")
+    assert layout.step_name(layout.step_file(results.shard(0), "alpha_00_0999")) == "alpha_00_0999"
+
+
+def test_proof_statistics_link_the_run_projections_made_at_their_setting(finished, tmp_path):
+    """The fine-tune proof's folders (from the rule's declared files): the run's own projections where
+    their provenance records the setting, recomputed for any other setting."""
+    from nullcov.proof_statistics import StatisticsFiles, project_statistics
+
+    results = layout.Results(finished / "results")
+    names = [*_step_names(finished), layout.TEXT_NAME]
+    files = StatisticsFiles.declared(results.schedule, [results.covariance(name) for name in names],
+                                     [results.projection(name) for name in names])
+    same = layout.Results(project_statistics(files, tmp_path / "same", "second_moment", 0.02, None))
+    other = layout.Results(project_statistics(files, tmp_path / "other", "second_moment", 0.0, 50.0))
+    for name in names:
+        assert same.projection(name).resolve() == results.projection(name).resolve()
+        assert same.covariance(name).resolve() == other.covariance(name).resolve() == results.covariance(name)
+        assert not other.projection(name).is_symlink()
+        spaces, attrs = read_projections(other.projection(name))
+        assert attrs["provenance"]["projection"] == {"statistic": "second_moment", "nullspace_threshold": 0.0,
+                                                     "threshold_percent": 50.0}
+        assert spaces.keys() == read_projections(results.projection(name))[0].keys()
+    assert ProjectionBank(other.root).step_names == ProjectionBank(results.root).step_names
 
 
 def test_projection_bank(finished):
@@ -209,7 +250,8 @@ def test_projection_bank_interpolation_equals_a_brute_force_mix(finished):
     for key in moments[low["name"]]:
         layer, linear = key.rsplit("/", 1)
         low_moment, high_moment = moments[low["name"]][key], moments[high["name"]][key]
-        mixed = (1 - weight) * low_moment.sum_outer / low_moment.count + weight * high_moment.sum_outer / high_moment.count
+        mixed = ((1 - weight) * low_moment.sum_outer / low_moment.count
+                 + weight * high_moment.sum_outer / high_moment.count)
         eigenvalues, eigenvectors = np.linalg.eigh((mixed + mixed.T) / 2)
         null_basis = eigenvectors[:, eigenvalues < threshold]
         null_dims.append(null_basis.shape[1])
@@ -237,7 +279,8 @@ def test_uniform_sampler_strategy_on_the_command_line(tmp_path, demo_prompts):
     # num_denoising_steps=3: uniform = linspace(999, 0, 3) as ints, named timestep_{t:04d}
     expected = {f"results/projections/{name}.h5" for name in ("timestep_0999", "timestep_0499", "timestep_0000")}
     planned = {out for rule, out in planned_jobs(tmp_path, "--config", "sampler_strategy=uniform")}
-    assert {out for out in planned if out.startswith("results/projections/")} - {"results/projections/text.h5"} == expected
+    projections = {out for out in planned if out.startswith("results/projections/")}
+    assert projections - {"results/projections/text.h5"} == expected
 
 
 def test_null_on_the_command_line_means_null(tmp_path, demo_prompts):
