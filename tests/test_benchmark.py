@@ -15,6 +15,11 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchmark  # tools/benchmark.py: a developer tool, not in the package
 
 
+def _tiny_case(**sizes) -> benchmark.Case:
+    """A case of the tiny model on the CPU in float32 at its own resolution; ``sizes``: steps, prompts, batch_size."""
+    return benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, **sizes)
+
+
 def test_sd15_architecture_has_sd15_shapes(tiny_model_dir):
     """Built on the meta device (no memory, no weights): the shapes the issue asks for."""
     from nullcov.sd15 import SD15_NUM_CROSS_ATTENTION_LAYERS, build_sd15_pipeline
@@ -30,7 +35,8 @@ def test_sd15_architecture_has_sd15_shapes(tiny_model_dir):
     assert list(pipe.unet.config.block_out_channels) == [320, 640, 1280, 1280]
     assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 64
     text = pipe.text_encoder.config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size) == (768, 12, 12, 3072)
+    shape = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.intermediate_size)
+    assert shape == (768, 12, 12, 3072)
     assert text.vocab_size == 49408 and len(pipe.tokenizer) <= text.vocab_size
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964  # SD-1.5's UNet
 
@@ -44,7 +50,7 @@ def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(features, "collect_shard", spy)
-    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=3, batch_size=2)
+    case = _tiny_case(steps=2, prompts=3, batch_size=2)
     config = benchmark.case_config(case)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     timings = {}
@@ -61,7 +67,7 @@ def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):
 
     from nullcov.config import schema_defaults
 
-    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=3, batch_size=2)
+    case = _tiny_case(steps=2, prompts=3, batch_size=2)
     config = benchmark.case_config(case)
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
     assert set(config) == set(schema["properties"])  # every key, no key of its own
@@ -70,7 +76,7 @@ def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):
 
 
 def test_our_scratch_is_per_step_and_independent_of_prompt_count(tiny_pipe, demo_prompts, tmp_path):
-    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=2, prompts=1, batch_size=2)
+    case = _tiny_case(steps=2, prompts=1, batch_size=2)
     config = benchmark.case_config(case)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     sizes = []
@@ -83,7 +89,7 @@ def test_our_scratch_is_per_step_and_independent_of_prompt_count(tiny_pipe, demo
 
 
 def test_legacy_baseline_dumps_raw_inputs_and_streams_them_back(tiny_pipe, demo_prompts, tmp_path):
-    case = benchmark.Case(model="tiny", device="cpu", dtype="float32", resolution=None, steps=3, prompts=2, batch_size=1)
+    case = _tiny_case(steps=3, prompts=2, batch_size=1)
     config = benchmark.case_config(case, batch_size=1)
     schedule = benchmark.prepare_schedule(tiny_pipe, config)
     subset = dict(schedule, steps=schedule["steps"][:2])
@@ -138,7 +144,8 @@ def test_quick_benchmark_writes_table_and_json(tmp_path, monkeypatch):
     assert "Measured " in rendered["bench-cpu"] and "Same run as above" in rendered["bench-cpu-profile"]
     assert "`gram`" in rendered["bench-cpu-precision"]
     gpu = report | {"device": "cuda", "best_batch": 8,
-                    "memory_check": {"batch_size": 8, "steps": 50, "peak_gpu_bytes": 9e9, "pass": True}, "projection": benchmark.projection_1000x50(result)}
+                    "memory_check": {"batch_size": 8, "steps": 50, "peak_gpu_bytes": 9e9, "pass": True},
+                    "projection": benchmark.projection_1000x50(result)}
     (tmp_path / "bench-gpu.json").write_text(json.dumps(gpu))
     assert "peak GPU memory" in render_docs.RENDERERS["bench-gpu"]()
     assert "**pass**" in render_docs.RENDERERS["bench-gpu-checks"]()

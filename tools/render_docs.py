@@ -84,10 +84,6 @@ def measured(name: str, command: str, full: bool = True):
     return wrap
 
 
-def _mb(value: float | None) -> str:
-    return "–" if value is None else f"{value / 1e6:.3g} MB"
-
-
 def _size(value: float | None) -> str:
     """Bytes as :func:`nullcov.measurement.human_bytes` writes them; ``–`` for none."""
     from nullcov.measurement import human_bytes
@@ -96,6 +92,8 @@ def _size(value: float | None) -> str:
 
 
 def _gib(value: float | None) -> str:
+    """Memory (peak RSS, peak GPU memory) in a fixed unit: GiB, as RAM and cards are sized (the emulated
+    24 GiB card, the table's "bare / ours" pair that names the unit once). File sizes go through :func:`_size`."""
     return "–" if value is None else f"{value / 2**30:.2f} GiB"
 
 
@@ -239,7 +237,8 @@ def proof_table() -> str:
     for row in rows:
         ratio = row["pixel_change_all"] / unconstrained["pixel_change_all"]
         lines.append(
-            f"| `{row['variant']}` | {row['steps']:.0f} | {row['seconds']:.0f} s | {_percent(row['concept_fidelity'])} | "
+            f"| `{row['variant']}` | {row['steps']:.0f} | {row['seconds']:.0f} s | "
+            f"{_percent(row['concept_fidelity'])} | "
             f"{row['reached_target']} | {row['accuracy_drop_points_all']:+.1f} | {row['pixel_change_all']:.4f} "
             f"({ratio:.2f}x) | {row['attn2_change_all']:.3f} / {row['attn2_change_same_frame']:.3f} / "
             f"{row['attn2_change_not_in_statistics']:.3f} |")
@@ -264,9 +263,11 @@ def proof_goal(provenance: bool = True) -> str:
     met = [row["variant"] for row in projected if meets(row)]
     reached = [row for row in projected if row["reached_target"] == "yes"]
     if met:
-        text = f"**Met** by {len(met)} of {len(projected)} projected variants: " + ", ".join(f"`{m}`" for m in met) + "."
+        text = (f"**Met** by {len(met)} of {len(projected)} projected variants: "
+                + ", ".join(f"`{m}`" for m in met) + ".")
     else:
-        text = f"**Not met**: no projected variant meets every part ({len(reached)} of {len(projected)} reached the target)."
+        text = (f"**Not met**: no projected variant meets every part ({len(reached)} of {len(projected)} reached "
+                "the target).")
     if reached:
         best = min(reached, key=lambda row: row["pixel_change_all"])
         text += (f" The least disruptive projected variant that reached the target, `{best['variant']}`, moved the "
@@ -274,7 +275,8 @@ def proof_goal(provenance: bool = True) -> str:
                  f"much as the unconstrained run and dropped their accuracy {best['accuracy_drop_points_all']:+.1f} "
                  "points")
         if prior is not None:
-            text += (f"; prior preservation moved them {prior['pixel_change_all'] / unconstrained['pixel_change_all']:.2f}x"
+            moved = prior["pixel_change_all"] / unconstrained["pixel_change_all"]
+            text += (f"; prior preservation moved them {moved:.2f}x"
                      f" and dropped accuracy {prior['accuracy_drop_points_all']:+.1f} points")
         text += "."
     if not provenance:
@@ -306,8 +308,8 @@ def _bench_table(record: dict) -> str:
                f"{bare['peak_rss_bytes'] / 2**30:.2f} / {_gib(ours['peak_rss_bytes'])}"]
         if gpu:
             row.append(_gib(ours.get("peak_gpu_bytes")))
-        row.append(f"{_mb(ours.get('scratch_bytes_per_prompt_timestep'))} / "
-                   f"{_mb(legacy['scratch_bytes_per_prompt_timestep']) if legacy else '–'}")
+        row.append(f"{_size(ours.get('scratch_bytes_per_prompt_timestep'))} / "
+                   f"{_size(legacy['scratch_bytes_per_prompt_timestep']) if legacy else '–'}")
         rows.append(row)
     repeats = {result["case"]["repeats"] for result in record["cases"]}
     text = _table(header, rows)
@@ -319,12 +321,12 @@ def _bench_table(record: dict) -> str:
         parts = []
         if "scratch" in ours:
             scratch = ours["scratch"]
-            parts.append(f"ours writes {_mb(scratch['step_file_bytes'])} per step file and "
-                         f"{_mb(scratch['text_file_bytes'])} of `text.h5` per shard, whatever its prompt count "
+            parts.append(f"ours writes {_size(scratch['step_file_bytes'])} per step file and "
+                         f"{_size(scratch['text_file_bytes'])} of `text.h5` per shard, whatever its prompt count "
                          f"(per pt: divided by the shard's {result['case']['prompts']} prompts and the steps)")
         if legacy:
             parts.append(f"legacy measured on {legacy['prompts']} prompts × {legacy['timesteps']} timesteps "
-                         f"({_mb(legacy['scratch_bytes_per_prompt_timestep'])} of compressed dumps per pt)")
+                         f"({_size(legacy['scratch_bytes_per_prompt_timestep'])} of compressed dumps per pt)")
         if parts:
             model = _MODELS.get(result["case"]["model"], result["case"]["model"])
             notes.append(f"- {model}: " + "; ".join(parts) + ".")
@@ -369,9 +371,9 @@ def _bench_precision(record: dict) -> str:
 def _bench_gpu_checks(record: dict) -> str:
     lines = []
     check = record.get("memory_check")
-    if check:
+    if check:  # in decimal units, like its target (benchmark_case.GPU_MEMORY_TARGET, 20e9 bytes)
         lines.append(f"- Peak GPU memory at batch {check['batch_size']}, {check['steps']} steps, every layer and "
-                     f"q/k/v/out: {_gib(check['peak_gpu_bytes'])}: **{'pass' if check['pass'] else 'fail'}** "
+                     f"q/k/v/out: {_size(check['peak_gpu_bytes'])}: **{'pass' if check['pass'] else 'fail'}** "
                      "(target: under 20 GB).")
     check = record.get("timesteps_1000")
     if check:
@@ -466,7 +468,7 @@ def _bench_training(record: dict) -> str:
     interpolate = record.get("interpolate")
     if interpolate:
         text += (f" A cache miss of `mode=\"interpolate\"` took {interpolate['cache_miss_s']:.2f} s "
-                 f"({interpolate['matrices']} matrices); the cache holds {_mb(interpolate['bytes_per_timestep'])} "
+                 f"({interpolate['matrices']} matrices); the cache holds {_size(interpolate['bytes_per_timestep'])} "
                  "per timestep.")
     return text + "\n"
 
@@ -482,8 +484,8 @@ def _feature_memory(record: dict) -> str:
                      "–" if equal is None else ("bit for bit" if equal else "**differ**"),
                      "–" if "under_budget" not in run else ("yes" if run["under_budget"] else "**no**")])
     head = (f"{record['prompts']} prompts × {record['steps']} `{record['collection']}` steps, "
-            f"{record['resolution']} px, one shard, CPU, through `snakemake results/features/shard_0000`; model weights "
-            f"{record['weight_file_bytes'] / 2**20:.0f} MiB.\n\n")
+            f"{record['resolution']} px, one shard, CPU, through `snakemake results/features/shard_0000`; "
+            f"model weights {record['weight_file_bytes'] / 2**20:.0f} MiB.\n\n")
     return head + _table(["run", "job log", "benchmark `max_rss`", "peak RSS (VmHWM)", "job", "step files equal the "
                           "unchunked run's", "within `mem_mb`"], rows)
 
@@ -506,10 +508,10 @@ def _small_run(record: dict) -> str:
         return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
 
     rows = [["legacy method (model load, per prompt-timestep dumps, covariances)", *map(_seconds, legacy), "1",
-             _mb(median([run["legacy"]["scratch_bytes"] for run in runs]))],
+             _size(median([run["legacy"]["scratch_bytes"] for run in runs]))],
             ["workflow to the merged covariances (`snakemake --until covariance covariance_text`)",
              *map(_seconds, covariances), f"**{median(speedups):.2f}×**{spread(speedups)}",
-             _mb(median([run["workflow"]["scratch_bytes"] for run in runs])) + " of step files"],
+             _size(median([run["workflow"]["scratch_bytes"] for run in runs])) + " of step files"],
             ["workflow with the projections (then `--until projection projection_text`)", *map(_seconds, total),
              f"**{median(with_projections):.2f}×**{spread(with_projections)}", ""]]
     head = (f"{record['model']}, {record['resolution']} px, {record['prompts']} prompts × {record['steps']} "
