@@ -196,7 +196,9 @@ class _HostSteps:
         self.cuda = device.type == "cuda"
         self.flat_size = flat_size
         self.accumulators: dict[int, torch.Tensor] = {}
-        self.device_buffers = [torch.empty(flat_size, dtype=torch.float32, device=device) for _ in range(STAGING_BUFFERS)]
+        self.device_buffers = [
+            torch.empty(flat_size, dtype=torch.float32, device=device) for _ in range(STAGING_BUFFERS)
+        ]
         self.host_buffers = [
             torch.empty(flat_size, dtype=torch.float32, pin_memory=self.cuda) for _ in range(STAGING_BUFFERS)
         ]
@@ -268,5 +270,6 @@ class _StepAccumulator:
         self.on_device = on_device
         self.sums = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)
         self.shifts = torch.zeros(sum(dims.values()), dtype=torch.float64, device=device)  # set at a key's first call
-        self.outer = torch.empty(sum(d * d for d in dims.values()), dtype=torch.float64, device=device) if on_device else None
+        outer_size = sum(d * d for d in dims.values())
+        self.outer = torch.empty(outer_size, dtype=torch.float64, device=device) if on_device else None
         self.counts = {key: 0 for key in dims}

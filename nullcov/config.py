@@ -85,8 +85,8 @@ def check_unconditional_branch(config: dict, unet_config: dict) -> None:
     if guidance_input(unet_config) == "embedding":
         why.append("the model's UNet takes guidance as an embedding (time_cond_proj_dim, LCM): no unconditional pass")
     if why:
-        raise ValueError(f"unconditional_branch: true, but the UNet calls have no unconditional half: {'; '.join(why)}. "
-                         "Set unconditional_branch: false"
+        raise ValueError("unconditional_branch: true, but the UNet calls have no unconditional half: "
+                         f"{'; '.join(why)}. Set unconditional_branch: false"
                          f"{see('no-unconditional-half-for-unconditional_branch')}")
 
 

@@ -170,6 +170,45 @@ def _log_lease(lease: Lease, logger: logging.Logger) -> None:
     logger.info("device lease: CUDA_VISIBLE_DEVICES=%s -> %s (%s)", visible, lease.device, lease.reason)
 
 
+def _no_lease(configured: str, count: int, visible: str | None, listed: list[str] | None,
+              environ: Mapping[str, str]) -> Lease | None:
+    """The :class:`Lease` of a leased configuration (``auto``/``cuda``) that needs no lock, or None."""
+    if count == 0:
+        # auto falls back to the CPU; an explicit cuda is left to fail where the model is loaded.
+        device = "cpu" if configured == "auto" else "cuda"
+        return Lease(device, visible, reason="no CUDA device visible: no lease")
+    if environ.get("SLURM_JOB_ID") and visible is not None:
+        return Lease("cuda", visible, reason=f"SLURM job {environ['SLURM_JOB_ID']} owns its GPUs: no lease")
+    if count == 1 or (listed is not None and len(listed) == 1):
+        return Lease("cuda", visible, reason="one CUDA device visible: no lease")
+    return None
+
+
+def _acquire(paths: list[Path], wait_seconds: float, poll_seconds: float, logger: logging.Logger) -> tuple[int, int]:
+    """``(position in paths, open descriptor)`` of the first lock file this process could flock,
+    polling every ``poll_seconds``; :class:`DeviceLeaseError` after ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    waiting_logged = False
+    while True:
+        for position, path in enumerate(paths):
+            fd = _try_lock(path)
+            if fd is not None:
+                return position, fd
+        holders = "; ".join(f"{path} held by {_holder(path)}" for path in paths)
+        if time.monotonic() >= deadline:
+            raise DeviceLeaseError(
+                f"all {len(paths)} CUDA devices stayed leased by other jobs for {wait_seconds:.0f} s: {holders}. "
+                f"Run with --resources gpu=N where N is at most the number of GPUs ({len(paths)}), "
+                f"or remove a stale holder's process (a lock file alone never blocks: locks die with their process)"
+                f"{see('all-cuda-devices-stayed-leased')}"
+            )
+        if not waiting_logged:
+            logger.warning("device lease: all %d CUDA devices are leased (%s); waiting up to %.0f s, "
+                           "polling every %.0f s", len(paths), holders, wait_seconds, poll_seconds)
+            waiting_logged = True
+        time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
+
+
 @contextlib.contextmanager
 def lease_device(
     configured: str,
@@ -192,61 +231,30 @@ def lease_device(
     environ = os.environ if environ is None else environ
     logger = logger or log
     visible = environ.get("CUDA_VISIBLE_DEVICES")
-
-    def done(lease: Lease) -> Lease:
+    if configured in LEASED:
+        count = device_count() if callable(device_count) else device_count
+        if count is None:
+            count = cuda_device_count()
+        listed = None if visible is None else [item.strip() for item in visible.split(",") if item.strip()]
+        lease = _no_lease(configured, count, visible, listed, environ)
+    else:
+        lease = Lease(configured, visible, reason=f"device {configured!r} configured: no lease")
+    if lease is not None:
         _log_lease(lease, logger)
-        return lease
-
-    if configured not in LEASED:
-        yield done(Lease(configured, visible, reason=f"device {configured!r} configured: no lease"))
-        return
-    count = device_count() if callable(device_count) else device_count
-    if count is None:
-        count = cuda_device_count()
-    if count == 0:
-        # auto falls back to the CPU; an explicit cuda is left to fail where the model is loaded.
-        device = "cpu" if configured == "auto" else "cuda"
-        yield done(Lease(device, visible, reason="no CUDA device visible: no lease"))
-        return
-    listed = None if visible is None else [item.strip() for item in visible.split(",") if item.strip()]
-    if environ.get("SLURM_JOB_ID") and visible is not None:
-        yield done(Lease("cuda", visible, reason=f"SLURM job {environ['SLURM_JOB_ID']} owns its GPUs: no lease"))
-        return
-    if count == 1 or (listed is not None and len(listed) == 1):
-        yield done(Lease("cuda", visible, reason="one CUDA device visible: no lease"))
+        yield lease
         return
     device_ids = listed[:count] if listed is not None else [str(index) for index in range(count)]
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     paths = [lock_dir / f"gpu-{_safe_id(device_id)}.lock" for device_id in device_ids]
-    deadline = time.monotonic() + wait_seconds
-    waiting_logged = False
-    while True:
-        for position, path in enumerate(paths):
-            fd = _try_lock(path)
-            if fd is None:
-                continue
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{': ' + label if label else ''}\n".encode())
-                lease = Lease(f"cuda:{position}", visible, path,
-                              reason=f"leased device {device_ids[position]} of {len(paths)}, lock {path}")
-                _log_lease(lease, logger)
-                yield lease
-            finally:
-                # Closing the descriptor releases the flock (the kernel does the same if we die).
-                os.close(fd)
-            return
-        holders = "; ".join(f"{path} held by {_holder(path)}" for path in paths)
-        if time.monotonic() >= deadline:
-            raise DeviceLeaseError(
-                f"all {len(paths)} CUDA devices stayed leased by other jobs for {wait_seconds:.0f} s: {holders}. "
-                f"Run with --resources gpu=N where N is at most the number of GPUs ({len(paths)}), "
-                f"or remove a stale holder's process (a lock file alone never blocks: locks die with their process)"
-                f"{see('all-cuda-devices-stayed-leased')}"
-            )
-        if not waiting_logged:
-            logger.warning("device lease: all %d CUDA devices are leased (%s); waiting up to %.0f s, polling every %.0f s",
-                           len(paths), holders, wait_seconds, poll_seconds)
-            waiting_logged = True
-        time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
+    position, fd = _acquire(paths, wait_seconds, poll_seconds, logger)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}{': ' + label if label else ''}\n".encode())
+        lease = Lease(f"cuda:{position}", visible, paths[position],
+                      reason=f"leased device {device_ids[position]} of {len(paths)}, lock {paths[position]}")
+        _log_lease(lease, logger)
+        yield lease
+    finally:
+        # Closing the descriptor releases the flock (the kernel does the same if we die).
+        os.close(fd)

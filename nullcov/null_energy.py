@@ -72,7 +72,8 @@ def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: in
             for timestep in steps.unique().tolist():
                 selected = inputs[(steps == timestep).to(x.device)].reshape(-1, x.shape[-1])
                 found = sums[part][kind_of(item)]
-                found[0] += constraint.factor_for(item, protected_timesteps(scope, timestep, every_step)).null_energy(selected)
+                factor = constraint.factor_for(item, protected_timesteps(scope, timestep, every_step))
+                found[0] += factor.null_energy(selected)
                 found[1] += float(selected.to(torch.float64).square().sum())
 
     handles = [unet.register_forward_pre_hook(before_unet, with_kwargs=True)]

@@ -42,7 +42,8 @@ def attention_on_object(word_map: np.ndarray, mask: np.ndarray) -> dict[str, flo
 
 def _word_position(tokens: list[str], word: str, prompt: str) -> int:
     if word not in tokens:
-        raise ValueError(f"prompt {prompt!r}: the tokenizer splits {word!r} ({tokens}); expected one token per grammar word")
+        raise ValueError(f"prompt {prompt!r}: the tokenizer splits {word!r} ({tokens}); "
+                         "expected one token per grammar word")
     return tokens.index(word)
 
 
@@ -88,7 +89,8 @@ def summarise_attention(attention: dict) -> dict:
     """Per layer and word kind: the mean share, mask fraction and ratio over the prompts read."""
     return {
         layer: {
-            word: {key: float(np.mean([entry[key] for entry in entries])) for key in ("share", "mask_fraction", "ratio")}
+            word: {key: float(np.mean([entry[key] for entry in entries]))
+                   for key in ("share", "mask_fraction", "ratio")}
             | {"prompts": len(entries)}
             for word, entries in words.items() if entries
         }

@@ -12,8 +12,9 @@ The same classes a real SD-1.x checkpoint has, trained the way SD was, only smal
 
 Every source of randomness is seeded (data: :func:`nullcov.shapes.training_batch` by sample index;
 weights, timesteps and noise: ``torch`` generators from :attr:`ShapesTraining.seed`). The result is a
-normal diffusers folder (UNet and VAE in float16, the text encoder in float32; ``DiffusionPipeline.from_pretrained(folder)`` loads it, default
-size 32 px), with ``training.json`` (settings, seeds, loss curve, times, versions) and ``SHA256SUMS``
+normal diffusers folder (UNet and VAE in float16, the text encoder in float32;
+``DiffusionPipeline.from_pretrained(folder)`` loads it, default size 32 px), with ``training.json``
+(settings, seeds, loss curve, times, versions) and ``SHA256SUMS``
 (checked whenever nullcov loads the folder, see :func:`nullcov.model.check_manifest`).
 
 Usage::
@@ -304,7 +305,8 @@ def train(out_dir: Path, settings: ShapesTraining, log=print) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         write_tokenizer(Path(scratch), shapes.vocabulary(), num_merges=10_000)
         tokenizer = load_tokenizer(Path(scratch))
-    log(f"tokenizer: {len(tokenizer)} tokens for {len(shapes.vocabulary())} words; torch threads {torch.get_num_threads()}")
+    log(f"tokenizer: {len(tokenizer)} tokens for {len(shapes.vocabulary())} words; "
+        f"torch threads {torch.get_num_threads()}")
     vae, vae_progress = train_vae(settings, log)
     factor = set_scaling_factor(vae, settings)
     log(f"vae scaling_factor {factor:.5f}")
@@ -326,7 +328,8 @@ def train(out_dir: Path, settings: ShapesTraining, log=print) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=BUILTIN_SHAPES_DIR, help="model folder to write (replaced atomically)")
+    parser.add_argument("--out", type=Path, default=BUILTIN_SHAPES_DIR,
+                        help="model folder to write (replaced atomically)")
     defaults = ShapesTraining()
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=defaults.unet_steps)

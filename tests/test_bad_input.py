@@ -108,8 +108,8 @@ def test_unknown_hub_id_is_not_downloaded(tmp_path, demo_prompts, monkeypatch):
 
 
 def test_unknown_cross_attention_layer_fails_before_any_job(tmp_path, demo_prompts):
-    write_config(tmp_path, demo_prompts[:2], cross_attention_layers=["mid_block.attentions.0.transformer_blocks.0.attn2",
-                                                                     "down_blocks.9.attn2"])
+    write_config(tmp_path, demo_prompts[:2],
+                 cross_attention_layers=["mid_block.attentions.0.transformer_blocks.0.attn2", "down_blocks.9.attn2"])
     result = snakemake(tmp_path, check=False)
     assert result.returncode != 0
     # refused at parse time: the layer list comes from the UNet config (nullcov.plan), before any job

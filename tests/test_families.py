@@ -183,7 +183,8 @@ SDXL_BASE_UNET = {
     "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "in_channels": 4,
     "layers_per_block": 2, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
 
@@ -231,10 +232,12 @@ def test_models_without_unet_cross_attention_are_refused_naming_what_is_supporte
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
     with pytest.raises(ModelError, match="no UNet cross-attention.*supports UNet cross-attention models: SD-1.x"):
         resolve_model_dir(str(model))
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "x"]}))
+    (model / "model_index.json").write_text(
+        json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "x"]}))
     with pytest.raises(ModelError, match="pipeline 'KandinskyPipeline'.*is not supported"):
         resolve_model_dir(str(model))
-    with pytest.raises(ModelError, match="not a built-in model; built-in models: builtin:shapes, builtin:tiny, builtin:tiny-sd2"):
+    with pytest.raises(ModelError, match="not a built-in model; built-in models: "
+                                         "builtin:shapes, builtin:tiny, builtin:tiny-sd2"):
         resolve_model_dir("builtin:tiny-sd3")
 
 

@@ -241,8 +241,8 @@ def test_full_results_disk_fails_the_job_and_leaves_nothing_taken_as_complete(ti
 def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (fault_run / ".snakemake" / "locks").exists() and any((fault_run / ".snakemake" / "locks").iterdir()),
-                  what="the first run's lock")
+        locks = fault_run / ".snakemake" / "locks"
+        _wait_for(lambda: locks.exists() and any(locks.iterdir()), what="the first run's lock")
         second = snakemake(fault_run, check=False)
         assert second.returncode != 0
         text = second.stdout + second.stderr

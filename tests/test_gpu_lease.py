@@ -179,7 +179,8 @@ def test_a_multi_device_cuda_visible_devices_outside_slurm_is_leased_among_its_d
                 lease_device("auto", device_count=2, environ=environ) as second:
             assert (first.device, second.device) == ("cuda:0", "cuda:1")  # positions within the visible set
             assert (first.lock_path.name, second.lock_path.name) == ("gpu-2.lock", "gpu-3.lock")
-    assert caplog.records[0].getMessage().startswith("device lease: CUDA_VISIBLE_DEVICES=2,3 -> cuda:0 (leased device 2 of 2")
+    assert caplog.records[0].getMessage().startswith(
+        "device lease: CUDA_VISIBLE_DEVICES=2,3 -> cuda:0 (leased device 2 of 2")
 
 
 def test_the_leased_device_is_logged(in_tmp, caplog):

@@ -28,7 +28,8 @@ def test_without_the_variable_the_driver_counts(tmp_path):
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-1)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-2)'\n")
     smi.chmod(0o755)
-    assert visible_gpu_count({}, driver_dir=tmp_path / "none", nvidia_smi=str(smi)) == (2, f"2 GPU(s) listed by {smi} -L")
+    listed = visible_gpu_count({}, driver_dir=tmp_path / "none", nvidia_smi=str(smi))
+    assert listed == (2, f"2 GPU(s) listed by {smi} -L")
     # no GPU at all: the GPU jobs still run, on the CPU, one at a time
     assert visible_gpu_count({}, **NO_DRIVER)[0] == 0
     limit, reason = gpu_job_limit({}, **NO_DRIVER)
@@ -52,7 +53,8 @@ rule job:
 
 
 def _most_at_once(folder: Path) -> int:
-    spans = [(float((folder / f"done_{i}.start").read_text()), float((folder / f"done_{i}").read_text())) for i in range(4)]
+    spans = [(float((folder / f"done_{i}.start").read_text()), float((folder / f"done_{i}").read_text()))
+             for i in range(4)]
     return max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
 
 

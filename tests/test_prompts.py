@@ -11,7 +11,8 @@ def test_blank_and_comment_lines_are_skipped(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "does not exist"), (b"# only comments\n\n", "holds no prompts"), (b"ok\n\xff\xfe bad\n", "line 2: not UTF-8")],
+    [(None, "does not exist"), (b"# only comments\n\n", "holds no prompts"),
+     (b"ok\n\xff\xfe bad\n", "line 2: not UTF-8")],
 )
 def test_bad_prompt_files_name_the_file(tmp_path, content, message):
     path = tmp_path / "prompts.txt"

@@ -75,7 +75,8 @@ def test_evaluator_names_every_shape_at_every_position(shape):
             for size in shapes.SIZES:
                 scene = shapes.Scene(colour, shape, position, size)
                 reading = evaluator.read_image(shapes.render(scene, noise_seed=7))
-                assert (reading.colour, reading.shape, reading.position, reading.size) == (colour, shape, position, size)
+                read = (reading.colour, reading.shape, reading.position, reading.size)
+                assert read == (colour, shape, position, size)
 
 
 def test_evaluator_finds_nothing_in_a_blank_image_and_scores_it_wrong():
@@ -157,7 +158,8 @@ def test_shipped_model_draws_what_a_handful_of_prompts_ask(shipped_pipe):
     pipe = shipped_pipe
     schedule = build_schedule(dict(pipe.scheduler.config), "DPM++ 2M Karras", 20)
     configure_scheduler(pipe, schedule)
-    scenes = [shapes.Scene("red", "circle", "on the left", "small", 0), shapes.Scene("blue", "square", "at the top", "large", 1),
+    scenes = [shapes.Scene("red", "circle", "on the left", "small", 0),
+              shapes.Scene("blue", "square", "at the top", "large", 1),
               shapes.Scene("yellow", "triangle", "at the bottom", "small", 2),
               shapes.Scene("green", "circle", "on the right", "small", 3),
               shapes.Scene("green", "triangle", "at the top", "small", 0),
@@ -191,7 +193,8 @@ def test_training_timesteps_put_the_asked_share_of_each_batch_in_the_noisy_range
     from nullcov.train_shapes import ShapesTraining, sample_timesteps
 
     settings = ShapesTraining(high_noise_fraction=0.25, high_noise_start=700)
-    draws = torch.stack([sample_timesteps(settings, 1000, 32, torch.Generator().manual_seed(seed)) for seed in range(200)])
+    draws = torch.stack([sample_timesteps(settings, 1000, 32, torch.Generator().manual_seed(seed))
+                         for seed in range(200)])
     assert bool((draws[:, :8] >= 700).all()) and int(draws.min()) >= 0 and int(draws.max()) <= 999
     assert abs(float((draws[:, 8:] < 700).float().mean()) - 0.7) < 0.025  # the rest: uniform, 70 % below 700
     again = sample_timesteps(settings, 1000, 32, torch.Generator().manual_seed(3))

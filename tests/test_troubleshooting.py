@@ -82,7 +82,8 @@ def test_every_entry_is_pointed_at_or_names_its_test():
 
 def test_entries_are_unique_and_say_what_you_see_what_it_means_and_what_to_do():
     anchors = [anchor for _, anchor, _ in _headings()]
-    assert len(anchors) == len(set(anchors)), f"repeated headings: {sorted({a for a in anchors if anchors.count(a) > 1})}"
+    repeated = sorted({anchor for anchor in anchors if anchors.count(anchor) > 1})
+    assert len(anchors) == len(set(anchors)), f"repeated headings: {repeated}"
     incomplete = {anchor: [part for part in PARTS if part not in body] for anchor, body in _entries().items()}
     assert not {anchor: parts for anchor, parts in incomplete.items() if parts}
 
@@ -119,7 +120,8 @@ def test_plan_and_summary_end_naming_the_page_that_explains_them(tmp_path):
     from nullcov.run_summary import write_summary
 
     plan = {"model": "builtin:tiny", "prompts": 8, "shards": 1, "validation_prompts": 0, "steps": 3, "layers": 7,
-            "step_keys": 14, "jobs": {"features (GPU)": 1}, "bytes": {"shard scratch": 1}, "memory_mb": {"features": 2000},
+            "step_keys": 14, "jobs": {"features (GPU)": 1}, "bytes": {"shard scratch": 1},
+            "memory_mb": {"features": 2000},
             "feature_chunks": {"unchunked_mem_mb": 2000, "steps_per_chunk": 3, "chunks": 1, "unet_calls_per_batch": 3},
             "weights": 1, "gpu_hours": 0.01, "throughput": 10.0}
     assert format_plan(plan).splitlines()[-1].endswith(PLANNING)

@@ -90,7 +90,8 @@ paths = json.loads(sys.argv[1])
 imported = peak()
 start = time.perf_counter()
 merge_job(paths, sys.argv[2], None)
-print(json.dumps({{"seconds": time.perf_counter() - start, "max_rss_bytes": peak(), "rss_after_imports_bytes": imported}}))
+seconds = time.perf_counter() - start
+print(json.dumps({{"seconds": seconds, "max_rss_bytes": peak(), "rss_after_imports_bytes": imported}}))
 """
 
 

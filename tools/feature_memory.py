@@ -4,9 +4,10 @@ On the SD-1.5-architecture random model (nullcov/sd15.py, saved once as a diffus
 under --workdir), one shard through the real workflow (`snakemake ... results/features/shard_0000`),
 first with the rule's own mem_mb (every step held at once), then with
 `--set-resources features:mem_mb=N` for each N given: Snakemake's `benchmark:` max_rss of each
-job (sampled: every 0.5 s for 15 s, then every 30 s) and its exact peak RSS (VmHWM, from its log), its chunks (from its log), and whether every step file equals the unchunked run's bit for
-bit. Writes ``docs/measurements/feature-memory.json`` (with :func:`nullcov.measurement.header`);
-the model folder and the runs stay in --workdir. Not part of `make test` (minutes, ~8 GB of RAM
+job (sampled: every 0.5 s for 15 s, then every 30 s) and its exact peak RSS (VmHWM, from its log),
+its chunks (from its log), and whether every step file equals the unchunked run's bit for bit.
+Writes ``docs/measurements/feature-memory.json`` (with :func:`nullcov.measurement.header`); the
+model folder and the runs stay in --workdir. Not part of `make test` (minutes, ~8 GB of RAM
 and disk). Usage (`make bench-feature-memory`):
 
     python tools/feature_memory.py --workdir /tmp/nullcov-feature-memory --mem-mb 5600 6000
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_job(args.workdir, model, f"mem_{mem_mb}", args, mem_mb))
         runs[-1]["equals_unchunked"] = same_files(runs[0]["folder"], runs[-1]["folder"])
         runs[-1]["under_budget"] = max(runs[-1]["max_rss_mb"], runs[-1]["peak_rss_mb"] or 0) <= mem_mb
-    print(f"SD-1.5 architecture, {args.resolution} px, {args.prompts} prompts x {args.steps} {args.collection} steps, CPU")
+    print(f"SD-1.5 architecture, {args.resolution} px, {args.prompts} prompts x {args.steps} {args.collection} "
+          "steps, CPU")
     print("run | mem_mb | benchmark max_rss MB | peak RSS (VmHWM) MB | job s | equal to unchunked | job log")
     for run in runs:
         print(f"{run['name']} | {run['mem_mb'] or 'rule'} | {run['max_rss_mb']:.0f} | {run['peak_rss_mb']} | "
