@@ -220,7 +220,8 @@ def test_feature_jobs_ask_for_one_gpu_and_see_distinct_cuda_visible_devices(slur
         if rule.startswith("statistics"):  # a covariance -> projection pair, run in turn: the larger of the two
             assert int(job["MinMemoryNode"].rstrip("M")) in set(expected.values()), rule
         else:
-            assert job["MinMemoryNode"] == f"{expected.get(rule, PROFILE_SETTINGS['default-resources']['mem_mb'])}M", rule
+            default = PROFILE_SETTINGS["default-resources"]["mem_mb"]
+            assert job["MinMemoryNode"] == f"{expected.get(rule, default)}M", rule
     # What the rule's code saw: the srun step of each job (recorded by the test cluster's srun wrapper).
     seen = {}
     for job_id, devices, _ in steps:
@@ -259,13 +260,9 @@ def _cancel_feature_job_once_running(cluster, run, log, known_jobs):
     pytest.fail(f"no feature job of shard 0001 ran:\n{run.communicate()[0]}")
 
 
-def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_only_it(
-    slurm_run, slurm_cluster, targets, tmp_path  # noqa: F811
-):
-    """scancel mid-run: with --retries 0 the run fails cleanly; the next run (profile retries) redoes
-    only the missing shard and its merges, and a second scancel there is retried with doubled mem/runtime."""
-    # The finished run, back to the state of a run whose shard 0001 job has not finished yet.
-    finished, _, known_jobs, *_ = slurm_run
+def _rewound_copy(finished, tmp_path):
+    """A copy of the finished run, back to the state of a run whose shard 0001 job has not finished yet:
+    (its folder, shard 0001's log path, {shard 0000's step file: its mtime})."""
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir, symlinks=True)
     config = workdir / "config.yaml"
@@ -275,18 +272,46 @@ def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_o
     log = workdir / "logs" / "features" / "shard_0001.log"
     log.unlink()
     kept = {path: path.stat().st_mtime_ns for path in (workdir / "results" / "features" / "shard_0000").glob("*.h5")}
-    assert kept
+    return workdir, log, kept
 
-    # 1. With --retries 0, one scancel fails the run.
-    run = _start(workdir, "--profile", str(PROFILE), *OVERRIDES, "--retries", "0", *targets)
+
+def _run_cancelling_its_feature_job(cluster, workdir, log, known_jobs, *args, timeout):
+    """A run through the profile whose (new) feature job is scancelled once at work:
+    (the cancelled job id, the run's exit status, its output)."""
+    run = _start(workdir, "--profile", str(PROFILE), *OVERRIDES, *args)
     try:
-        cancelled = _cancel_feature_job_once_running(slurm_cluster, run, log, set(known_jobs))
-        output, _ = run.communicate(timeout=180)
+        cancelled = _cancel_feature_job_once_running(cluster, run, log, known_jobs)
+        output, _ = run.communicate(timeout=timeout)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    assert run.returncode != 0, output
+    return cancelled, run.returncode, output
+
+
+def _assert_same_covariances(workdir, reference_run, targets):
+    for path in targets[1:]:
+        if "/covariance/" in path:
+            ours, _ = read_moments(workdir / path, "covariance")
+            reference, _ = read_moments(reference_run / path, "covariance")
+            for key, moment in reference.items():
+                assert ours[key].count == moment.count
+                np.testing.assert_array_equal(ours[key].sum_outer, moment.sum_outer)
+
+
+def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_only_it(
+    slurm_run, slurm_cluster, targets, tmp_path  # noqa: F811
+):
+    """scancel mid-run: with --retries 0 the run fails cleanly; the next run (profile retries) redoes
+    only the missing shard and its merges, and a second scancel there is retried with doubled mem/runtime."""
+    finished, _, known_jobs, *_ = slurm_run
+    workdir, log, kept = _rewound_copy(finished, tmp_path)
+    assert kept
+
+    # 1. With --retries 0, one scancel fails the run.
+    cancelled, returncode, output = _run_cancelling_its_feature_job(
+        slurm_cluster, workdir, log, set(known_jobs), "--retries", "0", *targets, timeout=180)
+    assert returncode != 0, output
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in output, output
     assert "Exiting because a job execution failed" in output
     jobs = slurm_cluster.jobs()
@@ -302,15 +327,9 @@ def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_o
     # 3. It runs with the profile's retries: cancel its first attempt too; the retry asks for more.
     known_jobs = set(jobs)
     log.unlink()
-    run = _start(workdir, "--profile", str(PROFILE), *OVERRIDES, *targets)
-    try:
-        first_attempt = _cancel_feature_job_once_running(slurm_cluster, run, log, known_jobs)
-        output, _ = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 0, output
+    first_attempt, returncode, output = _run_cancelling_its_feature_job(
+        slurm_cluster, workdir, log, known_jobs, *targets, timeout=300)
+    assert returncode == 0, output
     attempts = sorted((int(job_id), job) for job_id, job in slurm_cluster.jobs().items()
                       if job_id not in known_jobs and _rule_of(job) == "features")
     assert [job["JobState"] for _, job in attempts] == ["CANCELLED", "COMPLETED"]
@@ -319,13 +338,7 @@ def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_o
     assert int(second["MinMemoryNode"].rstrip("M")) == 2 * int(first["MinMemoryNode"].rstrip("M"))  # mem x attempt
     assert _minutes(second["TimeLimit"]) == 2 * _minutes(first["TimeLimit"])  # runtime x attempt
     assert {path: path.stat().st_mtime_ns for path in kept} == kept  # shard 0000 was not redone
-    for path in targets[1:]:
-        if "/covariance/" in path:
-            ours, _ = read_moments(workdir / path, "covariance")
-            reference, _ = read_moments(finished / path, "covariance")
-            for key, moment in reference.items():
-                assert ours[key].count == moment.count
-                np.testing.assert_array_equal(ours[key].sum_outer, moment.sum_outer)
+    _assert_same_covariances(workdir, finished, targets)
 
 
 def _minutes(limit):
