@@ -49,6 +49,8 @@ EXPORT = "export"
 SHARD_PREFIX = "shard_"
 GROUP_PREFIX = "group_"
 FINETUNE = f"{REPORT}/finetune"
+#: A fine-tune proof variant's attn2 weights, in ``<FINETUNE>/<variant>/``.
+FINETUNE_WEIGHTS = "unet_attn2.safetensors"
 #: The attribute of a projection file's provenance that holds the settings that made it.
 PROJECTION_ENTRY = "projection"
 

@@ -85,13 +85,14 @@ def _meta_dims(config: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from nullcov.model import cross_attention_modules
+    from nullcov.model import cross_attention_modules, hooked_linear
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
+    # The text states' width is to_k's input width (to_v's is the same).
+    widths = {"to_q": "to_q", "to_out": "to_out", "text": "to_k"}
     layers = {
-        name: {"to_q": int(module.to_q.in_features), "to_out": int(module.to_out[0].in_features),
-               "text": int(module.to_k.in_features)}
+        name: {entry: int(hooked_linear(module, linear).in_features) for entry, linear in widths.items()}
         for name, module in cross_attention_modules(unet)
     }
     return {"format": DIMS_FORMAT, "layers": layers, "unet_parameters": sum(p.numel() for p in unet.parameters())}

@@ -311,7 +311,8 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
                 break
     outcome.unet = merged_unet(base_unet, attn2_state(unet))
     pipe.unet = outcome.unet
-    outcome.seconds = time.perf_counter() - started + (data.class_seconds if variant.kind == "prior-preservation" else 0)
+    class_seconds = data.class_seconds if variant.kind == "prior-preservation" else 0.0
+    outcome.seconds = time.perf_counter() - started + class_seconds
     return outcome
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nullcov import evaluator, proof_data
+from nullcov import evaluator, layout, proof_data
 from nullcov.store import atomic_path, write_tsv
 
 GROUP_KEYS = ("all", *proof_data.GROUPS)
@@ -29,7 +29,7 @@ COLUMNS = (
     *(f"{measure}_{group}" for measure in ("accuracy_drop_points", "pixel_change", "attn2_change")
       for group in GROUP_KEYS),
 )
-WEIGHTS_FILE = "unet_attn2.safetensors"
+WEIGHTS_FILE = layout.FINETUNE_WEIGHTS
 
 
 def write_table(path, rows: list[dict]) -> None:

@@ -29,7 +29,7 @@ rule finetune_proof:
             labels={"figure": "image grid"},
         ),
         grid_images=FINETUNE_OUTPUTS["grid_images"],
-        weights=expand(RESULTS.finetune("{variant}", "unet_attn2.safetensors"), variant=FINETUNE_VARIANTS),
+        weights=expand(RESULTS.finetune("{variant}", nc_layout.FINETUNE_WEIGHTS), variant=FINETUNE_VARIANTS),
     log:
         "logs/report/finetune.log",
     benchmark:

@@ -11,11 +11,12 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.features import run_feature_job
 from nullcov.jobs import logging_to
+from nullcov.layout import TEXT_NAME, step_file
 
 with logging_to(snakemake.log[0]):
     folder = Path(snakemake.output[0])
-    paths = {name: str(folder / f"{name}.h5") for name in snakemake.params.file_names}
-    text_path = paths.pop("text", None)
+    paths = {name: str(step_file(folder, name)) for name in snakemake.params.file_names}
+    text_path = paths.pop(TEXT_NAME, None)
     run_feature_job(
         model_spec=snakemake.params.model,
         model_dir=snakemake.params.model_dir,

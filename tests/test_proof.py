@@ -114,7 +114,8 @@ def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
 
 def test_concept_and_preserved_prompts():
     instances = proof_data.instance_scenes(8)
-    assert {s.colour for s in instances} == set(shapes.COLOURS) and {s.position for s in instances} == set(shapes.POSITIONS)
+    assert {s.colour for s in instances} == set(shapes.COLOURS)
+    assert {s.position for s in instances} == set(shapes.POSITIONS)
     assert all(s.shape == "star" for s in instances)
     assert proof_data.concept_caption(instances[0]) == "a red sks on the left"
     preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
