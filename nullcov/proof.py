@@ -1,7 +1,7 @@
 """The fine-tune proof: does a projected fine-tune learn a new concept and leave the rest of the model alone?
 
 Teaches a model a shape it never saw under a made-up token (:mod:`nullcov.proof_data`: ``a red sks
-on the left`` from a few renders of a star) by fine-tuning the weights of its cross-attention
+on the left`` from a few renders of a cross) by fine-tuning the weights of its cross-attention
 linears (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every ``attn2``), from the same weights,
 data and seeds in every variant (:func:`plan_variants`):
 
@@ -12,6 +12,8 @@ data and seeds in every variant (:func:`plan_variants`):
   too), for each threshold, scope (``per-timestep``: each batch's own timestep's projection;
   ``all-timesteps``: the null space of every scheduled step at once), statistic and CFG branches
   of the statistics (a results folder each, :mod:`nullcov.proof_statistics`);
+- ``projected-kv``: only ``to_k``/``to_v`` trained and projected, with the run's own setting: their
+  inputs are the frozen text encoder's states, which no update can shift;
 - ``projected-lora``: peft LoRA (rank ``lora_rank``) on the same linears, ``A ← A P``, with the
   best projected setting.
 
@@ -231,7 +233,9 @@ def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, se
 
 
 def trainable_unet(base_unet, variant: Variant, settings: ProofSettings):
-    """A copy of the base UNet with the attn2 linears trainable (full), or LoRA adapters on them."""
+    """A copy of the base UNet with the attn2 linears trainable (full; ``projected-kv``: ``to_k`` and
+    ``to_v`` only), or LoRA adapters on them."""
+    from nullcov.bank import TEXT_LINEARS
     from nullcov.training import find_cross_attention_linears
 
     unet = copy.deepcopy(base_unet)
@@ -243,7 +247,8 @@ def trainable_unet(base_unet, variant: Variant, settings: ProofSettings):
                                     target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
         return unet
     for item in find_cross_attention_linears(unet):
-        item.module.weight.requires_grad_(True)
+        if variant.kind != "projected-kv" or item.linear in TEXT_LINEARS:
+            item.module.weight.requires_grad_(True)
     return unet
 
 
@@ -462,7 +467,8 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
 
 
 def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs: dict[tuple[str, str, str], Path],
-              settings: ProofSettings, scopes=SCOPES, prior: bool = True, lora: bool = True, on_variant=None):
+              settings: ProofSettings, scopes=SCOPES, prior: bool = True, lora: bool = True, on_variant=None,
+              text_only: bool = False):
     """Every variant of :func:`plan_variants`; ``on_variant(variant, row, unet)`` after each (to save
     its weights and grid images). Returns the rows and the base model's concept fidelity."""
     from dataclasses import replace
@@ -470,12 +476,15 @@ def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs:
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
     data = concept_data(pipe, schedule, settings, prior)
     rows = []
-    for variant in plan_variants(list(results_dirs), scopes, prior, lora):
+    for variant in plan_variants(list(results_dirs), scopes, prior, lora, text_only):
         if variant.kind == "projected-lora":
             best = best_projected(rows)
             key = (best["branches"], best["statistic"], best["threshold"])
             variant = replace(variant, scope=best["scope"], threshold=key[2], statistic=key[1], branches=key[0])
-        if variant.kind in ("projected", "projected-lora"):
+        if variant.kind == "projected-kv":  # the first setting: the run's own
+            branches, statistic, threshold = next(iter(results_dirs))
+            variant = replace(variant, threshold=threshold, statistic=statistic, branches=branches)
+        if variant.kind in ("projected", "projected-lora", "projected-kv"):
             variant = replace(variant, results_dir=results_dirs[(variant.branches, variant.statistic,
                                                                  variant.threshold)])
         row, unet = run_variant(pipe, variant, data, schedule, baseline, settings)

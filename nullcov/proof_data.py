@@ -23,7 +23,11 @@ import numpy as np
 from nullcov import shapes
 
 CONCEPT_TOKEN = "sks"
-CONCEPT_SHAPE = "star"
+#: A cross: fine-tuning the attn2 linears of ``builtin:shapes`` draws it in the colour and at the place
+#: asked within a few dozen steps. A star (five thin points in a 32-pixel image) plateaued at 25-44 %
+#: of the concept prompts' samples at every learning rate and timestep mix tried (2e-4 to 2e-3,
+#: uniform or half the batches at t >= 600), so no variant could be compared at matched fidelity.
+CONCEPT_SHAPE = "cross"
 #: The frame concept prompts are written in (template 0: ``a {colour} {shape} {position}``).
 CONCEPT_TEMPLATE = 0
 GROUPS = ("same_frame", "other_frames", "in_statistics", "not_in_statistics")

@@ -92,7 +92,8 @@ def statistics_files(scratch: Path, run: StatisticsFiles, branches: list[bool], 
 def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Path | StatisticsFiles, schedule: dict,
                        statistics_prompts: list[str], config: dict, settings: proof.ProofSettings,
                        outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
-                       threshold_percents: list[float], prior: bool, lora: bool) -> list[dict]:
+                       thresholds: list[tuple[float, float | None]], prior: bool, lora: bool,
+                       text_only: bool = False) -> list[dict]:
     """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``:
     ``{variant: file}`` or a folder, :func:`weights_folder`).
 
@@ -116,13 +117,11 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Pa
         configure_scheduler(pipe, schedule)
         sources = statistics_files(scratch, run, branches, model_spec=model_spec, model_dir=model_dir,
                                    statistics_prompts=statistics_prompts, schedule=schedule, config=config)
-        thresholds = [(config["nullspace_threshold"], config["threshold_percent"])]
-        thresholds += [(0.0, percent) for percent in threshold_percents if percent != config["threshold_percent"]]
         folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, statistics, thresholds)
         base_images = {"base": sample_grid(pipe, schedule, settings)}
         recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
         rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
-                                              lora, on_variant=recorder)
+                                              lora, on_variant=recorder, text_only=text_only)
     proof_report.write_table(outputs["table"], rows)
     proof_report.write_figure(outputs["figure"], rows, base_fidelity, settings.target_fidelity)
     proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())

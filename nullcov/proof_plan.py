@@ -10,6 +10,22 @@ SCOPES = ("per-timestep", "all-timesteps")
 BRANCH_LABELS = {False: "conditional", True: "both"}
 
 
+def threshold_settings(config: dict) -> list[tuple[float, float | None]]:
+    """``(nullspace_threshold, threshold_percent)`` of every projection the proof compares: the run's
+    own first, then each ``finetune_nullspace_thresholds`` and each ``finetune_threshold_percents``
+    that differs from it."""
+    own = (config["nullspace_threshold"], config["threshold_percent"])
+    others = [(float(t), None) for t in config["finetune_nullspace_thresholds"]]
+    others += [(0.0, float(p)) for p in config["finetune_threshold_percents"]]
+    labels = [threshold_label(*own)]
+    settings = [own]
+    for setting in others:
+        if threshold_label(*setting) not in labels:
+            labels.append(threshold_label(*setting))
+            settings.append(setting)
+    return settings
+
+
 def threshold_label(nullspace_threshold: float, threshold_percent: float | None) -> str:
     """As the table reports it: the absolute threshold, or ``p<percent>``."""
     return f"p{threshold_percent:g}" if threshold_percent is not None else f"{nullspace_threshold:g}"
@@ -33,15 +49,19 @@ class Variant:
 
 
 def plan_variants(settings_keys: list[tuple[str, str, str]], scopes=SCOPES, prior: bool = True,
-                  lora: bool = True) -> list[Variant]:
+                  lora: bool = True, text_only: bool = True) -> list[Variant]:
     """Every variant in the order they run. ``settings_keys``: the projection settings (branches,
     statistic, threshold) that have a results folder; the LoRA variant's setting is chosen after the
-    projected runs (:func:`best_projected`), so it is planned without one."""
+    projected runs (:func:`best_projected`), so it is planned without one. ``text_only``: the
+    ``projected-kv`` variant, which trains only ``to_k``/``to_v`` (whose inputs, the frozen text
+    encoder's states, no update can shift) with the first setting (the run's own)."""
     variants = [Variant("unconstrained", "unconstrained")]
     if prior:
         variants.append(Variant("prior-preservation", "prior-preservation"))
     variants += [Variant(f"projected-{scope}-{threshold}-{statistic}-{branches}", "projected", scope, threshold,
                          statistic, branches) for branches, statistic, threshold in settings_keys for scope in scopes]
+    if text_only:
+        variants.append(Variant("projected-kv", "projected-kv", scope="per-timestep"))
     if lora:
         variants.append(Variant("projected-lora", "projected-lora"))
     return variants

@@ -18,6 +18,7 @@ from nullcov import layout as nc_layout
 from nullcov import model as nc_model
 from nullcov import plan as nc_plan
 from nullcov import prompts as nc_prompts
+from nullcov import proof_plan as nc_proof_plan
 from nullcov import schedule as nc_schedule
 from nullcov.export import parse_exports
 from nullcov.provenance import feature_config, model_files
@@ -297,8 +298,9 @@ FINETUNE_SETTINGS = {
     "scopes": config["finetune_scopes"],
     "statistics": config["finetune_statistics"],
     "branches": config["finetune_branches"],
-    "threshold_percents": config["finetune_threshold_percents"],
+    "thresholds": nc_proof_plan.threshold_settings(config),
     "prior": config["finetune_prior_preservation"],
+    "text_only": config["finetune_text_only"],
 }
 LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, nc_plan.LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}

@@ -15,7 +15,7 @@ from nullcov.proof_statistics import StatisticsFiles
 with logging_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     settings = dict(snakemake.params.settings)
-    plan = {key: settings.pop(key) for key in ("scopes", "statistics", "branches", "threshold_percents", "prior")}
+    plan = {key: settings.pop(key) for key in ("scopes", "statistics", "branches", "thresholds", "prior", "text_only")}
     finetune_proof_job(
         model_spec=snakemake.params.model_spec,
         model_dir=snakemake.params.model_dir,

@@ -51,19 +51,26 @@ def proof_run(tmp_path_factory):
     rows = finetune_proof_job(model_spec="builtin:shapes", model_dir=str(BUILTIN_SHAPES_DIR), results_dir=results,
                               schedule=schedule, statistics_prompts=STATISTICS_PROMPTS, config=config,
                               settings=settings, outputs=outputs, scopes=["all-timesteps"],
-                              statistics=["second_moment"], branches=[False], threshold_percents=[], prior=False,
-                              lora=True)
+                              statistics=["second_moment"], branches=[False], thresholds=[(0.02, None)], prior=False,
+                              lora=True, text_only=True)
     return {"rows": rows, "out": out, "schedule": schedule, "settings": settings}
 
 
 def test_projected_updates_stay_in_their_null_space(proof_run):
+    from nullcov.proof_report import WEIGHTS_FILE, load_weights
+
     rows = {row["variant"]: row for row in proof_run["rows"]}
-    assert list(rows) == ["unconstrained", "projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"]
+    assert list(rows) == ["unconstrained", "projected-all-timesteps-0.02-second_moment-conditional", "projected-kv",
+                          "projected-lora"]
     assert np.isnan(rows["unconstrained"]["update_outside_null_space"])
-    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"):
+    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-kv", "projected-lora"):
         row = rows[name]
         assert row["weight_update_norm"] > 0, name
         assert row["update_outside_null_space"] <= 1e-5, name
+    kv = load_weights(proof_run["out"] / "projected-kv" / WEIGHTS_FILE)
+    base = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet.state_dict()
+    for key, weight in kv.items():  # to_q and to_out as the base model has them; to_k, to_v trained
+        assert torch.equal(weight, base[key]) == (".to_q." in key or ".to_out." in key), key
     lora = rows["projected-lora"]
     assert (lora["scope"], lora["threshold"], lora["statistic"], lora["branches"]) == \
         ("all-timesteps", "0.02", "second_moment", "conditional")  # the only projected setting was the best
@@ -112,11 +119,27 @@ def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
         assert not np.array_equal(grid[name], grid["base"]), name
 
 
+def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
+    from nullcov.config import finetune_variant_names
+    from nullcov.proof_plan import threshold_settings
+
+    config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1, 0.02],
+              "finetune_threshold_percents": [50]}
+    assert threshold_settings(config) == [(0.02, None), (0.1, None), (0.0, 50.0)]
+    config |= {"finetune_branches": [False], "finetune_statistics": ["second_moment"], "finetune_scopes":
+               ["per-timestep"], "finetune_prior_preservation": False, "finetune_lora_rank": 0,
+               "finetune_text_only": True}
+    assert finetune_variant_names(config) == [
+        "unconstrained", *(f"projected-per-timestep-{t}-second_moment-conditional" for t in ("0.02", "0.1", "p50")),
+        "projected-kv"]
+
+
 def test_concept_and_preserved_prompts():
     instances = proof_data.instance_scenes(8)
     assert {s.colour for s in instances} == set(shapes.COLOURS)
     assert {s.position for s in instances} == set(shapes.POSITIONS)
-    assert all(s.shape == "star" for s in instances)
+    assert proof_data.CONCEPT_SHAPE in shapes.UNSEEN_SHAPES
+    assert all(s.shape == proof_data.CONCEPT_SHAPE for s in instances)
     assert proof_data.concept_caption(instances[0]) == "a red sks on the left"
     preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
     assert len(preserved) == 144 and all(p.scene.shape in shapes.SHAPES for p in preserved)
@@ -160,8 +183,8 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
             model_spec="builtin:tiny", model_dir=str(tiny_model_dir), results_dir=results, schedule=schedule,
             statistics_prompts=STATISTICS_PROMPTS[:4], config=config,
             settings=ProofSettings(fixed_steps=3, class_images=4, concept_seeds=1, instances=2), outputs=outputs,
-            scopes=["per-timestep"], statistics=["covariance"], branches=[False], threshold_percents=[50.0],
-            prior=True, lora=False)
+            scopes=["per-timestep"], statistics=["covariance"], branches=[False],
+            thresholds=[(0.02, None), (0.0, 50.0)], prior=True, lora=False)
     assert "no evaluator reads its images" in caplog.text
     assert [row["variant"] for row in rows] == ["unconstrained", "prior-preservation",
                                                 "projected-per-timestep-0.02-covariance-conditional",
