@@ -56,7 +56,7 @@ CLASS_SEED_OFFSET = 600_000
 class ProofSettings:
     """The experiment's knobs (config keys ``finetune_*``)."""
 
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     lora_learning_rate: float = 2e-3
     lora_rank: int = 4
     batch_size: int = 4
@@ -72,6 +72,10 @@ class ProofSettings:
     guidance_scale: float = 7.5
     sample_batch: int = 48
     evaluate: bool = True
+    #: Share of the training batches whose timestep is drawn from [high_noise_start, T) instead of
+    #: [0, T): the layout is decided at high noise (how builtin:shapes was trained); 0 = uniform.
+    high_noise_fraction: float = 0.5
+    high_noise_start: int = 600
 
 
 @dataclass
@@ -216,13 +220,22 @@ def denoising_loss(unet, noise_scheduler, latents, embeddings, timestep: int, ge
     return torch.nn.functional.mse_loss(prediction, target)
 
 
+def batch_timestep(settings: ProofSettings, num_train_timesteps: int, generator) -> int:
+    """One batch's timestep: in a ``high_noise_fraction`` share of the batches from
+    ``[high_noise_start, num_train_timesteps)``, otherwise from ``[0, num_train_timesteps)``."""
+    fraction = settings.high_noise_fraction
+    high = fraction > 0 and float(torch.rand((), generator=generator)) < fraction
+    low = settings.high_noise_start if high else 0
+    return int(torch.randint(low, num_train_timesteps, (1,), generator=generator))
+
+
 def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, settings: ProofSettings,
                   generators: tuple) -> tuple[torch.Tensor, int]:
-    """One batch: instances (and, for prior preservation, class images) at one uniform timestep;
+    """One batch: instances (and, for prior preservation, class images) at one timestep (:func:`batch_timestep`);
     returns (loss, timestep). ``generators``: (instances, class images), so the instance batches are
     the same in every variant."""
     instances, classes = generators
-    timestep = int(torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=instances))
+    timestep = batch_timestep(settings, noise_scheduler.config.num_train_timesteps, instances)
     chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=instances)
     loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], data.embeddings[chosen], timestep, instances)
     if variant.kind == "prior-preservation":

@@ -287,6 +287,7 @@ except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueEr
 FINETUNE_VARIANTS = nc_config.finetune_variant_names(config) if config["finetune_proof"] else []
 FINETUNE_SETTINGS = {
     "learning_rate": config["finetune_learning_rate"],
+    "high_noise_fraction": config["finetune_high_noise_fraction"],
     "lora_learning_rate": config["finetune_lora_learning_rate"],
     "lora_rank": config["finetune_lora_rank"],
     "max_steps": config["finetune_max_steps"],

@@ -119,6 +119,20 @@ def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
         assert not np.array_equal(grid[name], grid["base"]), name
 
 
+def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
+    from nullcov.proof import ProofSettings, batch_timestep
+
+    def draw(fraction, count=2000):
+        generator = torch.Generator().manual_seed(0)
+        return np.array([batch_timestep(ProofSettings(high_noise_fraction=fraction), 1000, generator)
+                         for _ in range(count)])
+
+    uniform, half = draw(0.0), draw(0.5)
+    assert uniform.min() >= 0 and uniform.max() < 1000 and abs((uniform >= 600).mean() - 0.4) < 0.04
+    assert half.max() < 1000 and abs((half >= 600).mean() - (0.5 + 0.5 * 0.4)) < 0.04
+    assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
+
+
 def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
     from nullcov.config import finetune_variant_names
     from nullcov.proof_plan import threshold_settings
