@@ -79,13 +79,13 @@ def sequential_read_seconds(paths) -> float:
     return time.perf_counter() - start
 
 
-# Peak RSS is the process's VmHWM (reset by exec; ru_maxrss is not: it would carry this parent's).
+# Peak RSS is the child's own (measurement.peak_rss_bytes: VmHWM, reset by exec; ru_maxrss is not: it
+# would carry this parent's).
 MERGE_CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 from nullcov.jobs import merge_job
-def peak():
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+from nullcov.measurement import peak_rss_bytes as peak
 paths = json.loads(sys.argv[1])
 imported = peak()
 start = time.perf_counter()
