@@ -247,6 +247,25 @@ def proof_table() -> str:
     return head + "\n".join(lines) + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
+def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | None, reached: list[dict]) -> str:
+    """The baselines that reached the target (steps, accuracy drop) and, when no projected variant
+    did, the one that came closest while meeting the preservation parts of the goal."""
+    text = ""
+    for row in (unconstrained, prior):
+        if row is not None and row["reached_target"] == "yes":
+            text += (f" `{row['variant']}` reached the target in {row['steps']:.0f} steps, dropping the preserved "
+                     f"prompts' accuracy {row['accuracy_drop_points_all']:+.1f} points.")
+    preserving = [row for row in projected if row["accuracy_drop_points_all"] <= 1.0
+                  and row["pixel_change_all"] <= unconstrained["pixel_change_all"] / 5]
+    if preserving and not reached:
+        best = max(preserving, key=lambda row: row["concept_fidelity"])
+        text += (f" Closest: `{best['variant']}` met both preservation parts (accuracy drop "
+                 f"{best['accuracy_drop_points_all']:+.1f} points, pixel change "
+                 f"{best['pixel_change_all'] / unconstrained['pixel_change_all']:.2f}x) but drew the concept in "
+                 f"{_percent(best['concept_fidelity'])} of the samples after {best['steps']:.0f} steps.")
+    return text
+
+
 def proof_goal(provenance: bool = True) -> str:
     """Whether a projected variant met the goal, computed from the measurement, never typed; without
     ``provenance`` (the README: no dated measurements there) it names the data file instead."""
@@ -279,6 +298,7 @@ def proof_goal(provenance: bool = True) -> str:
             text += (f"; prior preservation moved them {moved:.2f}x"
                      f" and dropped accuracy {prior['accuracy_drop_points_all']:+.1f} points")
         text += "."
+    text += _proof_context(projected, unconstrained, prior, reached)
     if not provenance:
         return text + " (data: `docs/measurements/proof-shapes.json`)\n"
     return text + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
