@@ -253,8 +253,8 @@ def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | Non
     text = ""
     for row in (unconstrained, prior):
         if row is not None and row["reached_target"] == "yes":
-            text += (f" `{row['variant']}` reached the target in {row['steps']:.0f} steps, dropping the preserved "
-                     f"prompts' accuracy {row['accuracy_drop_points_all']:+.1f} points.")
+            text += (f" `{row['variant']}` reached the target in {row['steps']:.0f} steps; the preserved prompts' "
+                     f"accuracy dropped {row['accuracy_drop_points_all']:+.1f} points.")
     preserving = [row for row in projected if row["accuracy_drop_points_all"] <= 1.0
                   and row["pixel_change_all"] <= unconstrained["pixel_change_all"] / 5]
     if preserving and not reached:
