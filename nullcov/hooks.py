@@ -1,7 +1,8 @@
 """Registering torch forward hooks for the length of a block, and always removing them.
 
-The capture (:mod:`nullcov.capture`), the attention probe (:mod:`nullcov.attention`) and the
-proof's attn2 drift (:mod:`nullcov.proof`) all hook modules of a UNet that outlives them: a hook
+The capture (:mod:`nullcov.capture`), the attention probe (:mod:`nullcov.attention`), the
+null-energy probe (:mod:`nullcov.null_energy`) and the proof's attn2 drift (:mod:`nullcov.proof`)
+all hook modules of a UNet that outlives them: a hook
 left behind after an error would keep collecting (or fail) in every later call. They register
 through :func:`forward_hooks`, which removes every hook it registered when the block ends,
 whether it ends normally, by an exception, or by a failure halfway through registering.

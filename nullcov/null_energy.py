@@ -9,10 +9,12 @@ from the linears' raw inputs while anything runs the UNet (a training batch, a p
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 
+from nullcov.hooks import Hook, forward_hooks
 from nullcov.proof_plan import SCOPES
 
 ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # linear kinds as reported; to_kv: to_k and to_v share the text projection
@@ -48,39 +50,44 @@ def null_energy(unet, constraint, scope: str, every_step: list[int], prompts: in
     it is the share of the statistic's trace under the threshold; learning a concept without
     moving other prompts needs the concept's share to be larger than theirs.
     """
-    from nullcov.capture import conditional_rows
+    probe = _NullEnergyProbe(constraint, scope, every_step, prompts)
+    hooks = [Hook(unet, probe.before_unet, before=True, with_kwargs=True)]
+    hooks += [Hook(item.module, functools.partial(probe.before_linear, item), before=True)
+              for item in constraint.linears]
+    with forward_hooks(hooks):
+        yield probe.sums
 
-    sums = {part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in ("conditional", "unconditional")}
-    call = {}
 
-    def before_unet(module, args, kwargs):
+class _NullEnergyProbe:
+    """The hooks of :func:`null_energy`: the UNet call's per-row timesteps and CFG parts (before the
+    UNet), then each constrained linear's input energies (before the linear)."""
+
+    def __init__(self, constraint, scope: str, every_step: list[int], prompts: int | None):
+        self.constraint, self.scope, self.every_step, self.prompts = constraint, scope, every_step, prompts
+        self.sums = {part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in ("conditional", "unconditional")}
+        self.timesteps, self.parts = None, {}
+
+    def before_unet(self, module, args, kwargs) -> None:
+        from nullcov.capture import conditional_rows
+
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        call["timesteps"] = torch.as_tensor(timestep).reshape(-1).round().long().cpu().expand(len(sample))
-        call["parts"] = {"conditional": slice(None)}
-        if prompts is not None:
-            call["parts"] = {"conditional": conditional_rows(len(sample), prompts)}
-            if len(sample) == 2 * prompts:
-                call["parts"]["unconditional"] = slice(0, prompts)
+        self.timesteps = torch.as_tensor(timestep).reshape(-1).round().long().cpu().expand(len(sample))
+        self.parts = {"conditional": slice(None)}
+        if self.prompts is not None:
+            self.parts = {"conditional": conditional_rows(len(sample), self.prompts)}
+            if len(sample) == 2 * self.prompts:
+                self.parts["unconditional"] = slice(0, self.prompts)
 
-    def before_linear(args, item):
+    def before_linear(self, item, module, args) -> None:
         x = args[0].detach()
-        if x.ndim != 3 or len(x) != len(call["timesteps"]):
+        if x.ndim != 3 or len(x) != len(self.timesteps):
             raise ValueError(f"{item.name}: input of shape {tuple(x.shape)} is not (batch, tokens, dim) of this call")
-        for part, rows in call["parts"].items():
-            inputs, steps = x[rows], call["timesteps"][rows]
+        for part, rows in self.parts.items():
+            inputs, steps = x[rows], self.timesteps[rows]
             for timestep in steps.unique().tolist():
                 selected = inputs[(steps == timestep).to(x.device)].reshape(-1, x.shape[-1])
-                found = sums[part][kind_of(item)]
-                factor = constraint.factor_for(item, protected_timesteps(scope, timestep, every_step))
+                found = self.sums[part][kind_of(item)]
+                factor = self.constraint.factor_for(item, protected_timesteps(self.scope, timestep, self.every_step))
                 found[0] += factor.null_energy(selected)
                 found[1] += float(selected.to(torch.float64).square().sum())
-
-    handles = [unet.register_forward_pre_hook(before_unet, with_kwargs=True)]
-    handles += [item.module.register_forward_pre_hook(lambda module, args, item=item: before_linear(args, item))
-                for item in constraint.linears]
-    try:
-        yield sums
-    finally:
-        for handle in handles:
-            handle.remove()
