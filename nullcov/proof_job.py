@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nullcov import proof, proof_data, proof_report, proof_statistics
-from nullcov.proof_plan import BRANCH_LABELS
+from nullcov.proof_plan import BRANCH_LABELS, threshold_label
 from nullcov.proof_statistics import StatisticsFiles
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,12 @@ def statistics_files(scratch: Path, run: StatisticsFiles, branches: list[bool], 
     return files
 
 
+def own_setting(config: dict, statistics: list[str], thresholds: list[tuple[float, float | None]]) -> tuple:
+    """(branches, statistic, threshold label) of the run's own projections: its CFG branches, the
+    first statistic compared, the first threshold (the run's own, :func:`proof_plan.threshold_settings`)."""
+    return BRANCH_LABELS[bool(config["unconditional_branch"])], statistics[0], threshold_label(*thresholds[0])
+
+
 def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Path | StatisticsFiles, schedule: dict,
                        statistics_prompts: list[str], config: dict, settings: proof.ProofSettings,
                        outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
@@ -121,7 +127,8 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Pa
         base_images = {"base": sample_grid(pipe, schedule, settings)}
         recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
         rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
-                                              lora, on_variant=recorder, text_only=text_only)
+                                              lora, on_variant=recorder, text_only=text_only,
+                                              own_setting=own_setting(config, statistics, thresholds))
     proof_report.write_table(outputs["table"], rows)
     proof_report.write_figure(outputs["figure"], rows, base_fidelity, settings.target_fidelity)
     proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())

@@ -140,6 +140,10 @@ def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
     config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1, 0.02],
               "finetune_threshold_percents": [50]}
     assert threshold_settings(config) == [(0.02, None), (0.1, None), (0.0, 50.0)]
+    from nullcov.proof_job import own_setting  # what projected-kv uses: the run's branches, first statistic
+
+    assert own_setting(config | {"unconditional_branch": True}, ["covariance", "second_moment"],
+                       threshold_settings(config)) == ("both", "covariance", "0.02")
     config |= {"finetune_branches": [False], "finetune_statistics": ["second_moment"], "finetune_scopes":
                ["per-timestep"], "finetune_prior_preservation": False, "finetune_lora_rank": 0,
                "finetune_text_only": True}
