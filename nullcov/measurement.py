@@ -69,6 +69,12 @@ def human_bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def gib(value: float) -> str:
+    """Memory (peak RSS, peak GPU memory) in a fixed unit, GiB, as RAM and cards are sized; file
+    sizes go through :func:`human_bytes`."""
+    return f"{value / 2**30:.2f} GiB"
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory in bytes: Linux's ``VmHWM`` (exact, and reset by
     ``/proc/self/clear_refs``), else ``getrusage``'s ``ru_maxrss`` (kB on Linux). Unlike Snakemake's

@@ -13,13 +13,13 @@ from __future__ import annotations
 from benchmark_case import GPU_MEMORY_TARGET, Case
 from benchmark_legacy import LEGACY_FILE_BYTES
 
-from nullcov.measurement import human_bytes
+from nullcov.measurement import gib, human_bytes
 
 LABEL_WIDTH = 48
 
 
 def _gib(value) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+    return "-" if value is None else gib(value)
 
 
 def _size(value) -> str:

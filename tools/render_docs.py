@@ -94,7 +94,9 @@ def _size(value: float | None) -> str:
 def _gib(value: float | None) -> str:
     """Memory (peak RSS, peak GPU memory) in a fixed unit: GiB, as RAM and cards are sized (the emulated
     24 GiB card, the table's "bare / ours" pair that names the unit once). File sizes go through :func:`_size`."""
-    return "–" if value is None else f"{value / 2**30:.2f} GiB"
+    from nullcov.measurement import gib
+
+    return "–" if value is None else gib(value)
 
 
 def _seconds(value: float | None) -> str:
