@@ -110,11 +110,11 @@ def check_finetune_proof(config: dict, unet_config: dict) -> None:
 
 def finetune_variant_names(config: dict) -> list[str]:
     """The fine-tune proof's variants (:func:`nullcov.proof.plan_variants`) from the config alone."""
-    from nullcov.proof_plan import BRANCH_LABELS, plan_variants, threshold_label, threshold_settings
+    from nullcov.proof_plan import compared_settings, own_setting, plan_variants, threshold_settings
 
-    thresholds = [threshold_label(*setting) for setting in threshold_settings(config)]
-    keys = [(BRANCH_LABELS[both], statistic, threshold) for both in config["finetune_branches"]
-            for statistic in config["finetune_statistics"] for threshold in thresholds]
+    thresholds = threshold_settings(config)
+    keys = compared_settings(own_setting(config, config["finetune_statistics"], thresholds),
+                             config["finetune_branches"], config["finetune_statistics"], thresholds)
     variants = plan_variants(keys, config["finetune_scopes"], config["finetune_prior_preservation"],
                              config["finetune_lora_rank"] > 0, config["finetune_text_only"])
     return [variant.name for variant in variants]

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nullcov import proof, proof_data, proof_report, proof_statistics
-from nullcov.proof_plan import BRANCH_LABELS, threshold_label
+from nullcov import proof, proof_data, proof_energy, proof_report, proof_statistics
+from nullcov.proof_plan import BRANCH_LABELS, compared_settings, own_setting
 from nullcov.proof_statistics import StatisticsFiles
+from nullcov.store import write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,13 @@ def statistics_files(scratch: Path, run: StatisticsFiles, branches: list[bool], 
     return files
 
 
-def own_setting(config: dict, statistics: list[str], thresholds: list[tuple[float, float | None]]) -> tuple:
-    """(branches, statistic, threshold label) of the run's own projections: its CFG branches, the
-    first statistic compared, the first threshold (the run's own, :func:`proof_plan.threshold_settings`)."""
-    return BRANCH_LABELS[bool(config["unconditional_branch"])], statistics[0], threshold_label(*thresholds[0])
-
-
 def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Path | StatisticsFiles, schedule: dict,
                        statistics_prompts: list[str], config: dict, settings: proof.ProofSettings,
                        outputs: dict, scopes: list[str], statistics: list[str], branches: list[bool],
                        thresholds: list[tuple[float, float | None]], prior: bool, lora: bool,
                        text_only: bool = False) -> list[dict]:
-    """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``weights``:
+    """Run the proof and write ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``null_energy``
+    (:mod:`nullcov.proof_energy`), ``weights``:
     ``{variant: file}`` or a folder, :func:`weights_folder`).
 
     ``results_dir``: the run's statistics, as the files the rule declares (:class:`StatisticsFiles`) or
@@ -123,13 +119,18 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Pa
         configure_scheduler(pipe, schedule)
         sources = statistics_files(scratch, run, branches, model_spec=model_spec, model_dir=model_dir,
                                    statistics_prompts=statistics_prompts, schedule=schedule, config=config)
-        folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, statistics, thresholds)
+        own = own_setting(config, statistics, thresholds)
+        compared = compared_settings(own, branches, statistics, thresholds)
+        folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, compared, thresholds)
         base_images = {"base": sample_grid(pipe, schedule, settings)}
         recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
         rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
                                               lora, on_variant=recorder, text_only=text_only,
-                                              own_setting=own_setting(config, statistics, thresholds))
+                                              own_setting=own)
+        energy = proof_energy.energy_rows(pipe, schedule, folders, scopes,
+                                          proof_data.preserved_scenes(statistics_prompts), settings)
     proof_report.write_table(outputs["table"], rows)
     proof_report.write_figure(outputs["figure"], rows, base_fidelity, settings.target_fidelity)
     proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())
+    write_tsv(outputs["null_energy"], energy, proof_energy.COLUMNS)
     return rows

@@ -26,6 +26,26 @@ def threshold_settings(config: dict) -> list[tuple[float, float | None]]:
     return settings
 
 
+def own_setting(config: dict, statistics: list[str], thresholds: list[tuple[float, float | None]]) -> tuple:
+    """(branches, statistic, threshold label) of the run's own projections: its CFG branches, the
+    first statistic compared, the first threshold (the run's own, :func:`threshold_settings`)."""
+    return BRANCH_LABELS[bool(config["unconditional_branch"])], statistics[0], threshold_label(*thresholds[0])
+
+
+def compared_settings(own: tuple[str, str, str], branches: list[bool], statistics: list[str],
+                      thresholds: list[tuple[float, float | None]]) -> list[tuple[str, str, str]]:
+    """The (branches, statistic, threshold label) settings whose projected variants the proof runs: the
+    run's own first, then one setting per other value of one knob with the other two at the run's own
+    (each other CFG-branch setting, each other statistic, each other threshold), so every knob is
+    compared against the same reference without the cost of every combination."""
+    own_branches, own_statistic, own_threshold = own
+    settings = [own]
+    settings += [(BRANCH_LABELS[both], own_statistic, own_threshold) for both in branches]
+    settings += [(own_branches, statistic, own_threshold) for statistic in statistics]
+    settings += [(own_branches, own_statistic, threshold_label(*setting)) for setting in thresholds]
+    return list(dict.fromkeys(settings))
+
+
 def threshold_label(nullspace_threshold: float, threshold_percent: float | None) -> str:
     """As the table reports it: the absolute threshold, or ``p<percent>``."""
     return f"p{threshold_percent:g}" if threshold_percent is not None else f"{nullspace_threshold:g}"

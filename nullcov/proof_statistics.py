@@ -110,14 +110,16 @@ def project_statistics(statistics: StatisticsFiles, folder: Path, statistic: str
     return folder
 
 
-def projection_folders(scratch: Path, statistics_files: dict[str, StatisticsFiles], statistics: list[str],
+def projection_folders(scratch: Path, statistics_files: dict[str, StatisticsFiles],
+                       settings: list[tuple[str, str, str]],
                        thresholds: list[tuple[float, float | None]]) -> dict[tuple[str, str, str], Path]:
-    """``{(branches, statistic, threshold label): results folder}`` for every combination."""
+    """``{(branches, statistic, threshold label): results folder}`` for each of ``settings``
+    (:func:`nullcov.proof_plan.compared_settings`); ``thresholds``: the (absolute, percent) values
+    behind the labels."""
+    values = {threshold_label(*setting): setting for setting in thresholds}
     folders = {}
-    for branches, files in statistics_files.items():
-        for statistic in statistics:
-            for absolute, percent in thresholds:
-                label = threshold_label(absolute, percent)
-                folder = Path(scratch) / f"{branches}-{statistic}-{label}"
-                folders[(branches, statistic, label)] = project_statistics(files, folder, statistic, absolute, percent)
+    for branches, statistic, label in settings:
+        folder = Path(scratch) / f"{branches}-{statistic}-{label}"
+        folders[(branches, statistic, label)] = project_statistics(statistics_files[branches], folder, statistic,
+                                                                   *values[label])
     return folders

@@ -161,6 +161,7 @@ FINETUNE_OUTPUTS = {  # the fine-tune proof's outputs besides its weights (rules
         ("figure", "variants.png"),
         ("grid", "grid.png"),
         ("grid_images", "grid.npz"),
+        ("null_energy", "null_energy.tsv"),
     )
 }
 

@@ -3,7 +3,8 @@
 
 
 rule finetune_proof:
-    """Every variant to the same concept fidelity; preserved prompts' accuracy, pixel and attn2 change; weights and grid."""
+    """Every variant to the same concept fidelity; preserved prompts' accuracy, pixel and attn2 change; weights, grid;
+    the null space's share of the concept's and the preserved prompts' inputs."""
     input:
         schedule=RESULTS.schedule,
         model=model_input,
@@ -29,6 +30,12 @@ rule finetune_proof:
             labels={"figure": "image grid"},
         ),
         grid_images=FINETUNE_OUTPUTS["grid_images"],
+        null_energy=report(
+            FINETUNE_OUTPUTS["null_energy"],
+            caption="../report/finetune_null_energy.rst",
+            category="6. Fine-tune proof",
+            labels={"table": "null-space energy"},
+        ),
         weights=expand(RESULTS.finetune("{variant}", nc_layout.FINETUNE_WEIGHTS), variant=FINETUNE_VARIANTS),
     log:
         "logs/report/finetune.log",

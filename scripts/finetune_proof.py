@@ -31,6 +31,7 @@ with logging_to(snakemake.log[0]):
             "figure": snakemake.output.figure,
             "grid": snakemake.output.grid,
             "grid_images": snakemake.output.grid_images,
+            "null_energy": snakemake.output.null_energy,
             "weights": dict(zip(snakemake.params.variants, snakemake.output.weights, strict=True)),
         },
         lora=settings["lora_rank"] > 0,

@@ -47,13 +47,13 @@ def proof_run(tmp_path_factory):
     settings = ProofSettings(max_steps=12, eval_every=6, concept_seeds=1, instances=4, learning_rate=1e-3)
     config = base_config(num_denoising_steps=3) | {"nullspace_threshold": 0.02, "threshold_percent": None}
     outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
-               "grid_images": out / "grid.npz", "weights": out}
+               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
     rows = finetune_proof_job(model_spec="builtin:shapes", model_dir=str(BUILTIN_SHAPES_DIR), results_dir=results,
                               schedule=schedule, statistics_prompts=STATISTICS_PROMPTS, config=config,
                               settings=settings, outputs=outputs, scopes=["all-timesteps"],
                               statistics=["second_moment"], branches=[False], thresholds=[(0.02, None)], prior=False,
                               lora=True, text_only=True)
-    return {"rows": rows, "out": out, "schedule": schedule, "settings": settings}
+    return {"rows": rows, "out": out, "schedule": schedule, "settings": settings, "results": results}
 
 
 def test_projected_updates_stay_in_their_null_space(proof_run):
@@ -94,6 +94,36 @@ def test_rows_report_every_column_and_the_table_reads_back(proof_run):
             assert 0 <= row[f"accuracy_before_{attribute}"] <= 1
     assert (proof_run["out"] / "variants.png").stat().st_size > 10_000
     assert (proof_run["out"] / "grid.png").stat().st_size > 10_000
+
+
+def test_null_energy_table_equals_a_direct_computation_on_the_text_side(proof_run):
+    """``null_energy.tsv`` has a row per setting, scope, group, CFG half and kind; its ``to_kv`` shares
+    (the text encoder's states, the same at every timestep and seed) equal ``‖X P‖² / ‖X‖²``
+    computed directly from each group's captions and the run's text projection."""
+    import csv
+
+    from nullcov.bank import ProjectionBank
+    from nullcov.null_energy import ENERGY_KINDS
+    from nullcov.proof import ProofSettings, text_states
+    from nullcov.proof_energy import COLUMNS, GROUPS, PARTS, group_captions
+
+    with open(proof_run["out"] / "null_energy.tsv", newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(table[0]) == list(COLUMNS)
+    assert len(table) == 1 * 1 * len(GROUPS) * len(PARTS) * len(ENERGY_KINDS)  # one setting, one scope
+    assert {(row["branches"], row["statistic"], row["threshold"], row["scope"]) for row in table} == {
+        ("conditional", "second_moment", "0.02", "all-timesteps")}
+    assert all(0 <= float(row["null_share"]) <= 1 and float(row["energy"]) > 0 for row in table)
+    pipe = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+    projection = ProjectionBank(proof_run["results"]).text_factor.dense().double()
+    preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
+    captions = group_captions(preserved, ProofSettings(concept_seeds=proof_run["settings"].concept_seeds))
+    assert list(captions) == list(GROUPS)  # the statistics' prompts include preserved ones, and others do not
+    for group, part in [(group, "conditional") for group in GROUPS] + [("concept", "unconditional")]:
+        states = text_states(pipe, captions[group] if part == "conditional" else [""]).double().reshape(-1, 64)
+        expected = float((states @ projection).square().sum() / states.square().sum())
+        row = next(r for r in table if r["group"] == group and r["part"] == part and r["kind"] == "to_kv")
+        assert float(row["null_share"]) == pytest.approx(expected, rel=1e-4), (group, part)
 
 
 def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
@@ -138,9 +168,9 @@ def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
     from nullcov.proof_plan import threshold_settings
 
     config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1, 0.02],
-              "finetune_threshold_percents": [50]}
+              "finetune_threshold_percents": [50], "unconditional_branch": False}
     assert threshold_settings(config) == [(0.02, None), (0.1, None), (0.0, 50.0)]
-    from nullcov.proof_job import own_setting  # what projected-kv uses: the run's branches, first statistic
+    from nullcov.proof_plan import own_setting  # what projected-kv uses: the run's branches, first statistic
 
     assert own_setting(config | {"unconditional_branch": True}, ["covariance", "second_moment"],
                        threshold_settings(config)) == ("both", "covariance", "0.02")
@@ -150,6 +180,30 @@ def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
     assert finetune_variant_names(config) == [
         "unconstrained", *(f"projected-per-timestep-{t}-second_moment-conditional" for t in ("0.02", "0.1", "p50")),
         "projected-kv"]
+
+
+def test_each_knob_is_compared_against_the_runs_own_setting():
+    """The projected variants: the run's own setting, then each other CFG-branch setting, statistic and
+    threshold with the other two knobs at the run's own (not every combination)."""
+    from nullcov.config import finetune_variant_names
+    from nullcov.proof_plan import compared_settings, threshold_settings
+
+    config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1],
+              "finetune_threshold_percents": [50], "unconditional_branch": False,
+              "finetune_branches": [False, True], "finetune_statistics": ["second_moment", "covariance"],
+              "finetune_scopes": ["per-timestep", "all-timesteps"], "finetune_prior_preservation": True,
+              "finetune_lora_rank": 4, "finetune_text_only": True}
+    own = ("conditional", "second_moment", "0.02")
+    assert compared_settings(own, [False, True], ["second_moment", "covariance"], threshold_settings(config)) == [
+        own, ("both", "second_moment", "0.02"), ("conditional", "covariance", "0.02"),
+        ("conditional", "second_moment", "0.1"), ("conditional", "second_moment", "p50")]
+    names = finetune_variant_names(config)
+    assert len(names) == 2 + 5 * 2 + 2 and len(set(names)) == len(names)
+    assert names[:3] == ["unconstrained", "prior-preservation",
+                         "projected-per-timestep-0.02-second_moment-conditional"]
+    assert "projected-all-timesteps-0.02-covariance-conditional" in names
+    assert "projected-all-timesteps-0.1-second_moment-both" not in names  # two knobs off the run's own
+    assert names[-2:] == ["projected-kv", "projected-lora"]
 
 
 def test_concept_and_preserved_prompts():
@@ -194,7 +248,7 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
     schedule = json.loads((results / "schedule.json").read_text())
     out = tmp_path / "finetune"
     outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
-               "grid_images": out / "grid.npz", "weights": out}
+               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
     config = base_config(num_denoising_steps=2) | {"nullspace_threshold": 0.02, "threshold_percent": None}
     with caplog.at_level(logging.WARNING, logger="nullcov.proof_job"):
         rows = finetune_proof_job(

@@ -3,7 +3,7 @@
 Runs the workflow with ``finetune_proof=True`` in ``--workdir`` (default ``results-proof/``,
 ignored by git): the statistics of the demo prompts, then the proof rule (every variant of
 ``config/config.yaml``'s ``finetune_*`` keys). Then writes ``docs/measurements/proof-shapes.json``
-(every row of ``variants.tsv``, the wall time, the proof job's max RSS, and
+(every row of ``variants.tsv`` and ``null_energy.tsv``, the wall time, the proof job's max RSS, and
 :func:`nullcov.measurement.header`) and copies the figure and the image grid to ``docs/images/``
 for the docs page.
 
@@ -81,6 +81,7 @@ def main(argv=None) -> int:
                     "proof_job": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv")},
         "max_rss_mb": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv", "max_rss"),
         "rows": read_rows(finetune / "variants.tsv"),
+        "null_energy": read_rows(finetune / "null_energy.tsv"),
     }
     write_record(args.out, record)
     images = REPO / "docs" / "images"
