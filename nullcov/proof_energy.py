@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import time
 
 from nullcov import proof
 from nullcov.null_energy import ENERGY_KINDS, null_energy
 from nullcov.proof_data import PreservedPrompt
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("concept", "preserved_in_statistics", "preserved_not_in_statistics")
 PARTS = ("conditional", "unconditional")
@@ -64,6 +68,7 @@ def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object
     rows = []
     try:
         for group, captions in group_captions(preserved, settings).items():
+            started = time.perf_counter()
             totals = [{part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in PARTS} for _ in probes]
             for start in range(0, len(captions), settings.sample_batch):
                 batch = captions[start: start + settings.sample_batch]
@@ -81,6 +86,8 @@ def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object
                           "group": group, "part": part, "kind": kind, "null_energy": null, "energy": energy,
                           "null_share": null / energy if energy else float("nan")}
                          for part in PARTS for kind in ENERGY_KINDS for null, energy in [total[part][kind]]]
+            log.info("null-space energy of the %s prompts (%d) under %d projection(s) x scope(s): %.0f s", group,
+                     len(captions), len(probes), time.perf_counter() - started)
     finally:
         pipe.unet = base
     return rows

@@ -249,9 +249,9 @@ def proof_table() -> str:
     return head + "\n".join(lines) + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
-def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | None, reached: list[dict]) -> str:
+def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | None, met: list[str]) -> str:
     """The baselines that reached the target (steps, accuracy drop) and, when no projected variant
-    did, the one that came closest while meeting the preservation parts of the goal."""
+    met the goal, the one that came closest while meeting its preservation parts."""
     text = ""
     for row in (unconstrained, prior):
         if row is not None and row["reached_target"] == "yes":
@@ -259,7 +259,7 @@ def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | Non
                      f"accuracy dropped {row['accuracy_drop_points_all']:+.1f} points.")
     preserving = [row for row in projected if row["accuracy_drop_points_all"] <= 1.0
                   and row["pixel_change_all"] <= unconstrained["pixel_change_all"] / 5]
-    if preserving and not reached:
+    if preserving and not met:
         best = max(preserving, key=lambda row: row["concept_fidelity"])
         text += (f" Closest: `{best['variant']}` met both preservation parts (accuracy drop "
                  f"{best['accuracy_drop_points_all']:+.1f} points, pixel change "
@@ -300,10 +300,58 @@ def proof_goal(provenance: bool = True) -> str:
             text += (f"; prior preservation moved them {moved:.2f}x"
                      f" and dropped accuracy {prior['accuracy_drop_points_all']:+.1f} points")
         text += "."
-    text += _proof_context(projected, unconstrained, prior, reached)
+    text += _proof_context(projected, unconstrained, prior, met)
+    if "null_energy" in record:
+        low, high = _energy_ratios(record)
+        text += (f" Across the projections compared, the concept prompts put {low:.2f}x to {high:.2f}x as much of "
+                 "their attn2 inputs' energy into the null space as the preserved prompts outside the statistics "
+                 "do (every linear kind and scope).")
     if not provenance:
         return text + " (data: `docs/measurements/proof-shapes.json`)\n"
     return text + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
+
+
+_ENERGY_GROUPS = ("concept", "preserved_in_statistics", "preserved_not_in_statistics")
+_ENERGY_KINDS = ("to_q", "to_kv", "to_out")
+
+
+def _energy_shares(record: dict) -> dict:
+    return {(row["branches"], row["statistic"], row["threshold"], row["scope"], row["group"], row["part"],
+             row["kind"]): row["null_share"] for row in record["null_energy"]}
+
+
+def _energy_ratios(record: dict) -> tuple[float, float]:
+    """The smallest and largest ratio, over every setting, scope and kind, of the concept prompts'
+    null share to the preserved prompts' outside the statistics (conditional CFG half)."""
+    shares = _energy_shares(record)
+    ratios = [value / shares[(*key[:4], "preserved_not_in_statistics", "conditional", key[6])]
+              for key, value in shares.items() if key[4] == "concept" and key[5] == "conditional"
+              and shares[(*key[:4], "preserved_not_in_statistics", "conditional", key[6])] > 0]
+    return min(ratios), max(ratios)
+
+
+def proof_null_energy() -> str:
+    """The null space's share of the concept's and the preserved prompts' attn2 inputs per compared
+    projection (``null_energy.tsv`` of ``make proof``), and how far apart they are at most."""
+    record = _load("proof-shapes.json")
+    if "null_energy" not in record:
+        return "Not measured yet: run `make proof`.\n"
+    shares = _energy_shares(record)
+    settings = list(dict.fromkeys(key[:4] for key in shares))
+    header = ["projection (branches, statistic, threshold, scope)",
+              *(f"`{kind}`: concept / preserved in / not in statistics" for kind in _ENERGY_KINDS),
+              "unconditional half, `to_q` (any prompt)"]
+    rows = []
+    for setting in settings:
+        cells = [" / ".join(f"{100 * shares[(*setting, group, 'conditional', kind)]:.2f} %" for group in _ENERGY_GROUPS)
+                 for kind in _ENERGY_KINDS]
+        cells.append(f"{100 * shares[(*setting, 'concept', 'unconditional', 'to_q')]:.2f} %")
+        rows.append([", ".join(setting), *cells])
+    low, high = _energy_ratios(record)
+    head = (f"Share of the inputs' energy in the null space, `Σ‖xP‖² / Σ‖x‖²`, on the base model (conditional CFG "
+            f"half unless said). Over every setting, scope and kind, the concept prompts' share is "
+            f"{low:.2f}x to {high:.2f}x that of the preserved prompts outside the statistics' prompt set.\n\n")
+    return head + _table(header, rows) + _provenance(record, "docs/measurements/proof-shapes.json")
 
 
 # -- make bench / make bench-gpu (tools/benchmark.py) ----------------------------------------------------
@@ -623,6 +671,7 @@ RENDERERS = {
     "proof-table": proof_table,
     "proof-goal": proof_goal,
     "proof-verdict": functools.partial(proof_goal, provenance=False),
+    "proof-null-energy": proof_null_energy,
     "proof-ablation": measured("proof-ablation.json", "make proof-ablation")(_proof_ablation),
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
