@@ -266,3 +266,5 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
         assert np.isnan(row["accuracy_drop_points_all"]) and row["pixel_change_all"] > 0
     assert rows[1]["seconds"] > 0 and all(row["update_outside_null_space"] <= 1e-5 for row in rows[2:])
     assert (out / "prior-preservation" / "unet_attn2.safetensors").is_file()
+    energy = (out / "null_energy.tsv").read_text().splitlines()  # measured without an evaluator too
+    assert len(energy) == 1 + 2 * 3 * 2 * 3  # header; 2 settings x 3 groups x 2 CFG halves x 3 kinds
