@@ -17,13 +17,13 @@ set and those not in it (seeds from 0 in each group); per projection setting, sc
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 
 from nullcov import proof
 from nullcov.null_energy import ENERGY_KINDS, null_energy
 from nullcov.proof_data import PreservedPrompt
+from nullcov.proof_plan import Variant
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,6 @@ def group_captions(preserved: list[PreservedPrompt], settings: proof.ProofSettin
     return {group: captions for group, captions in groups.items() if captions}
 
 
-def probed_unet(base_unet):
-    """A copy of ``base_unet`` whose attn2 weights count as trainable, so that a
-    :class:`~nullcov.training.NullSpaceConstraint` takes every attn2 linear (nothing is trained)."""
-    from nullcov.training import find_cross_attention_linears
-
-    unet = copy.deepcopy(base_unet)
-    unet.requires_grad_(False)
-    for item in find_cross_attention_linears(unet):
-        item.module.weight.requires_grad_(True)
-    return unet
-
-
 def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object], scopes: list[str],
                 preserved: list[PreservedPrompt], settings: proof.ProofSettings) -> list[dict]:
     """One row (:data:`COLUMNS`) per projection setting (``folders``: ``{(branches, statistic,
@@ -61,7 +49,8 @@ def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object
     from nullcov.training import NullSpaceConstraint
 
     base = pipe.unet
-    pipe.unet = probed_unet(base)
+    # every attn2 weight trainable, so that each constraint takes every attn2 linear (nothing is trained)
+    pipe.unet = proof.trainable_unet(base, Variant("null-energy", "projected"), settings)
     every_step = [step["timestep"] for step in schedule["steps"]]
     probes = [(key, scope, NullSpaceConstraint(pipe.unet, folder, mode="nearest"))
               for key, folder in folders.items() for scope in scopes]

@@ -324,9 +324,9 @@ def _energy_ratios(record: dict) -> tuple[float, float]:
     """The smallest and largest ratio, over every setting, scope and kind, of the concept prompts'
     null share to the preserved prompts' outside the statistics (conditional CFG half)."""
     shares = _energy_shares(record)
-    ratios = [value / shares[(*key[:4], "preserved_not_in_statistics", "conditional", key[6])]
-              for key, value in shares.items() if key[4] == "concept" and key[5] == "conditional"
-              and shares[(*key[:4], "preserved_not_in_statistics", "conditional", key[6])] > 0]
+    pairs = [(value, shares[(*key[:4], "preserved_not_in_statistics", "conditional", key[6])])
+             for key, value in shares.items() if key[4:6] == ("concept", "conditional")]
+    ratios = [concept / preserved for concept, preserved in pairs if preserved > 0]
     return min(ratios), max(ratios)
 
 
