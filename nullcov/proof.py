@@ -15,7 +15,7 @@ data and seeds in every variant (:func:`plan_variants`):
 - ``projected-kv``: only ``to_k``/``to_v`` trained and projected, with the run's own setting: their
   inputs are the frozen text encoder's states, which no update can shift;
 - ``projected-lora``: peft LoRA (rank ``lora_rank``) on the same linears, ``A ← A P``, with the
-  best projected setting.
+  best projected setting (:func:`best_projected`: preservation first).
 
 Each variant trains until the evaluator (:mod:`nullcov.evaluator`) reads the new shape, in the
 colour and at the position asked, in ``target_fidelity`` of the concept prompts' samples (checked
@@ -430,14 +430,23 @@ def union_basis(projections: list[torch.Tensor], tolerance: float = 1e-4) -> tor
 
 
 # -- the experiment ---------------------------------------------------------------------------------
+#: The goal's bound on the preserved prompts' accuracy drop (points): a variant within it "preserved".
+PRESERVED_DROP_POINTS = 1.0
+
+
 def best_projected(rows: list[dict]) -> dict:
-    """The projected row to repeat with LoRA: among those that reached the target, the one that moved
-    the preserved prompts' pixels least; if none did, the one with the highest concept fidelity."""
+    """The projected row to repeat with LoRA, the one closest to the goal: among the variants that
+    preserved (accuracy drop <= :data:`PRESERVED_DROP_POINTS`; all of them if none did), the one that
+    reached the target and moved the preserved prompts' pixels least, or, if none reached it, the one
+    with the highest concept fidelity. Preservation comes first: a projection that learns the concept
+    but moves the rest as much as an unconstrained fine-tune is no better setting to repeat."""
     projected = [row for row in rows if row["kind"] == "projected"]
-    reached = [row for row in projected if row["reached_target"] == "yes"]
+    preserved = [row for row in projected if row["accuracy_drop_points_all"] <= PRESERVED_DROP_POINTS]
+    pool = preserved or projected
+    reached = [row for row in pool if row["reached_target"] == "yes"]
     if reached:
         return min(reached, key=lambda row: row["pixel_change_all"])
-    return max(projected, key=lambda row: (np.nan_to_num(row["concept_fidelity"], nan=-1.0), -row["steps"]))
+    return max(pool, key=lambda row: (np.nan_to_num(row["concept_fidelity"], nan=-1.0), -row["steps"]))
 
 
 @dataclass

@@ -206,6 +206,25 @@ def test_each_knob_is_compared_against_the_runs_own_setting():
     assert names[-2:] == ["projected-kv", "projected-lora"]
 
 
+def test_lora_repeats_the_projected_setting_closest_to_the_goal():
+    """Preservation first (accuracy drop <= 1 point), then reaching the target with the least pixel
+    change, then concept fidelity; without any preserving variant, the same over all of them."""
+    from nullcov.proof import best_projected
+
+    def row(name, drop, reached, pixels, fidelity, kind="projected"):
+        return {"variant": name, "kind": kind, "accuracy_drop_points_all": drop, "reached_target": reached,
+                "pixel_change_all": pixels, "concept_fidelity": fidelity, "steps": 200}
+
+    leaky = row("leaky", 25.0, "yes", 0.04, 0.84)
+    rows = [row("unconstrained", 27.0, "yes", 0.05, 0.81, kind="unconstrained"), leaky,
+            row("slow", -1.4, "no", 0.018, 0.50), row("slower", -2.1, "no", 0.020, 0.34)]
+    assert best_projected(rows)["variant"] == "slow"
+    assert best_projected(rows + [row("good", 0.5, "yes", 0.03, 0.81)])["variant"] == "good"
+    assert best_projected([leaky, row("leakier", 30.0, "no", 0.05, 0.9)])["variant"] == "leaky"
+    assert best_projected([row("a", float("nan"), "-", 0.01, float("nan")),
+                           row("b", float("nan"), "-", 0.02, float("nan"))])["variant"] == "a"  # no evaluator
+
+
 def test_concept_and_preserved_prompts():
     instances = proof_data.instance_scenes(8)
     assert {s.colour for s in instances} == set(shapes.COLOURS)
