@@ -71,6 +71,15 @@ def test_projected_updates_stay_in_their_null_space(proof_run):
     base = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet.state_dict()
     for key, weight in kv.items():  # to_q and to_out as the base model has them; to_k, to_v trained
         assert torch.equal(weight, base[key]) == (".to_q." in key or ".to_out." in key), key
+    from nullcov.proof import Variant, merged_unet, update_columns  # the measure sees an update it did not project
+
+    unet = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet
+    key = next(k for k in kv if ".to_q." in k)
+    noise = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0))
+    moved = merged_unet(unet, {key: base[key] + 1e-3 * noise})
+    check = Variant("check", "projected", "all-timesteps", results_dir=proof_run["results"])
+    columns = update_columns(unet, moved, check, proof_run["schedule"])
+    assert columns["update_outside_null_space"] > 0.5, columns
     lora = rows["projected-lora"]
     assert (lora["scope"], lora["threshold"], lora["statistic"], lora["branches"]) == \
         ("all-timesteps", "0.02", "second_moment", "conditional")  # the only projected setting was the best
