@@ -256,8 +256,11 @@ def trainable_unet(base_unet, variant: Variant, settings: ProofSettings):
     if variant.kind == "projected-lora":
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
-                                    target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+        cuda = [unet.device.index or 0] if unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the adapters' initialisation, seeded, whatever ran before
+            torch.manual_seed(settings.seed)
+            unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
+                                        target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
         return unet
     for item in find_cross_attention_linears(unet):
         if variant.kind != "projected-kv" or item.linear in TEXT_LINEARS:

@@ -215,6 +215,22 @@ def test_each_knob_is_compared_against_the_runs_own_setting():
     assert names[-2:] == ["projected-kv", "projected-lora"]
 
 
+def test_lora_adapters_start_from_the_seed_whatever_ran_before():
+    from nullcov.proof import ProofSettings, Variant, trainable_unet
+
+    base = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet
+    variant = Variant("projected-lora", "projected-lora")
+
+    def adapters(global_seed, seed=0):
+        torch.manual_seed(global_seed)
+        unet = trainable_unet(base, variant, ProofSettings(seed=seed))
+        return [p.detach().clone() for name, p in unet.named_parameters() if "lora_A" in name]
+
+    first = adapters(1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, adapters(2), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, adapters(1, seed=5), strict=True))
+
+
 def test_lora_repeats_the_projected_setting_closest_to_the_goal():
     """Preservation first (accuracy drop <= 1 point), then reaching the target with the least pixel
     change, then concept fidelity; without any preserving variant, the same over all of them."""
