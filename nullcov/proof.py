@@ -497,10 +497,11 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
 
 def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs: dict[tuple[str, str, str], Path],
               settings: ProofSettings, scopes=SCOPES, prior: bool = True, lora: bool = True, on_variant=None,
-              text_only: bool = False, own_setting: tuple[str, str, str] | None = None):
+              text_only: bool = False):
     """Every variant of :func:`plan_variants`; ``on_variant(variant, row, unet)`` after each (to save
-    its weights and grid images). ``own_setting``: the (branches, statistic, threshold) of the run's
-    own projections, which ``projected-kv`` uses. Returns the rows and the base model's concept fidelity."""
+    its weights and grid images). ``results_dirs``: the run's own setting first
+    (:func:`nullcov.proof_plan.compared_settings`), which ``projected-kv`` uses. Returns the rows and
+    the base model's concept fidelity."""
     from dataclasses import replace
 
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
@@ -511,8 +512,8 @@ def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs:
             best = best_projected(rows)
             key = (best["branches"], best["statistic"], best["threshold"])
             variant = replace(variant, scope=best["scope"], threshold=key[2], statistic=key[1], branches=key[0])
-        if variant.kind == "projected-kv":  # the run's own setting when compared, else the first
-            branches, statistic, threshold = own_setting if own_setting in results_dirs else next(iter(results_dirs))
+        if variant.kind == "projected-kv":  # the first setting: the run's own
+            branches, statistic, threshold = next(iter(results_dirs))
             variant = replace(variant, threshold=threshold, statistic=statistic, branches=branches)
         if variant.kind in ("projected", "projected-lora", "projected-kv"):
             variant = replace(variant, results_dir=results_dirs[(variant.branches, variant.statistic,

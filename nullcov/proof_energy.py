@@ -52,8 +52,8 @@ def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object
     # every attn2 weight trainable, so that each constraint takes every attn2 linear (nothing is trained)
     pipe.unet = proof.trainable_unet(base, Variant("null-energy", "projected"), settings)
     every_step = [step["timestep"] for step in schedule["steps"]]
-    probes = [(key, scope, NullSpaceConstraint(pipe.unet, folder, mode="nearest"))
-              for key, folder in folders.items() for scope in scopes]
+    constraints = {key: NullSpaceConstraint(pipe.unet, folder, mode="nearest") for key, folder in folders.items()}
+    probes = [(key, scope, constraint) for key, constraint in constraints.items() for scope in scopes]
     rows = []
     try:
         for group, captions in group_captions(preserved, settings).items():

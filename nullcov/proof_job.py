@@ -119,14 +119,12 @@ def finetune_proof_job(*, model_spec: str, model_dir: str, results_dir: str | Pa
         configure_scheduler(pipe, schedule)
         sources = statistics_files(scratch, run, branches, model_spec=model_spec, model_dir=model_dir,
                                    statistics_prompts=statistics_prompts, schedule=schedule, config=config)
-        own = own_setting(config, statistics, thresholds)
-        compared = compared_settings(own, branches, statistics, thresholds)
+        compared = compared_settings(own_setting(config, statistics, thresholds), branches, statistics, thresholds)
         folders = proof_statistics.projection_folders(Path(scratch) / "projections", sources, compared, thresholds)
         base_images = {"base": sample_grid(pipe, schedule, settings)}
         recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
         rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, folders, settings, scopes, prior,
-                                              lora, on_variant=recorder, text_only=text_only,
-                                              own_setting=own)
+                                              lora, on_variant=recorder, text_only=text_only)
         energy = proof_energy.energy_rows(pipe, schedule, folders, scopes,
                                           proof_data.preserved_scenes(statistics_prompts), settings)
     proof_report.write_table(outputs["table"], rows)
