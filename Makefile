@@ -75,7 +75,7 @@ bench-scale: $(STAMP)
 bench-text-only: $(STAMP)
 	$(BIN)/python tools/bench_text_only.py
 
-# Overhead of nullcov.training's projection per training step, SD-1.5 architecture (CPU, random
+# Overhead of nullcov.training.constraint's projection per training step, SD-1.5 architecture (CPU, random
 # weights); docs/measurements/bench-training-128.json (~3 min), -512.json (~10 min, 7 GB RAM).
 .PHONY: bench-training bench-training-512
 bench-training: $(STAMP)
@@ -103,7 +103,7 @@ bench-slurm-arrays: $(STAMP)
 # accuracy per attribute, attention on the object; docs/measurements/bench-shapes.json).
 .PHONY: train-shapes bench-shapes
 train-shapes: $(STAMP)
-	$(BIN)/python -m nullcov.train_shapes
+	$(BIN)/python -m nullcov.shapes.train
 
 bench-shapes: $(STAMP)
 	$(BIN)/python tools/bench_shapes.py

@@ -20,7 +20,7 @@ file instead of joining path parts itself.
       report/                       figures, tables, the fine-tune proof (rules report_*, finetune_proof)
 
 Inside every ``<step>.h5`` a statistic is keyed :func:`statistic_key` (``<layer>/<linear>``), the
-text states once under :data:`nullcov.store.TEXT_KEY`. Importing this module is cheap (no numpy,
+text states once under :data:`nullcov.statistics.store.TEXT_KEY`. Importing this module is cheap (no numpy,
 no torch): the Snakefile imports it at parse time.
 """
 

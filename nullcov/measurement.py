@@ -135,7 +135,7 @@ def header(script: str, argv: list[str] | None = None, *, torch_threads: int | N
 def write_record(path: str | Path, record: dict) -> Path:
     """Write ``record`` as indented JSON to ``path``, atomically (a crash leaves the previous file or none);
     the header's keys must be there. Returns the path."""
-    from nullcov.store import atomic_path
+    from nullcov.files import atomic_path
 
     missing = [key for key in HEADER_KEYS if key not in record]
     if missing:

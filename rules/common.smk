@@ -10,17 +10,18 @@ sys.path.insert(0, workflow.basedir)  # the nullcov package ships with the workf
 
 import yaml
 
-from nullcov import config as nc_config
+from nullcov.workflow import config as nc_config
 from nullcov import docs as nc_docs
-from nullcov import gpu_lease as nc_gpu_lease
-from nullcov import jobs as nc_jobs
+from nullcov.models import gpu_lease as nc_gpu_lease
+from nullcov import joblog as nc_joblog
 from nullcov import layout as nc_layout
-from nullcov import model as nc_model
-from nullcov import plan as nc_plan
+from nullcov.models import model as nc_model
+from nullcov.collection import memory as nc_memory
+from nullcov.workflow import plan as nc_plan
 from nullcov import prompts as nc_prompts
-from nullcov import proof_plan as nc_proof_plan
-from nullcov import schedule as nc_schedule
-from nullcov.export import parse_exports
+from nullcov.proof import plan as nc_proof_plan
+from nullcov.models import schedule as nc_schedule
+from nullcov.training.export import parse_exports
 from nullcov.provenance import feature_config, model_files
 
 # The results folder (nullcov.layout): every path under results/ below is built from it.
@@ -106,9 +107,9 @@ except (ValueError, nc_model.ModelError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 STEP_DIMS = nc_plan.step_dims(UNET_DIMS, LAYERS, config["collect_features"])
 TEXT_DIMS = nc_plan.text_dims(UNET_DIMS, LAYERS, config["collect_features"])
-WEIGHTS_BYTES = nc_plan.weights_bytes(MODEL_DIR, UNET_DIMS)
+WEIGHTS_BYTES = nc_memory.weights_bytes(MODEL_DIR, UNET_DIMS)
 FEATURE_MEM_MB = nc_plan.feature_job_mem_mb(
-    nc_plan.statistics_bytes(STEP_DIMS),
+    nc_memory.statistics_bytes(STEP_DIMS),
     len(STEP_NAMES) if COLLECT_STEPS else 0,
     WEIGHTS_BYTES,
     config["feature_job_max_mem_mb"],
@@ -229,7 +230,7 @@ def model_job_mem_mb(wildcards, attempt):
 
 def finetune_mem_mb(wildcards, attempt):
     """The fine-tune proof: a feature job's need plus copies of the model's weights
-    (nullcov.plan.finetune_mem_mb), x attempt."""
+    (nullcov.workflow.plan.finetune_mem_mb), x attempt."""
     return attempt * nc_plan.finetune_mem_mb(FEATURE_MEM_MB, WEIGHTS_BYTES)
 
 
@@ -242,8 +243,8 @@ def merge_mem_mb(wildcards, attempt):
 def held_statistics_bytes(wildcards):
     """float64 bytes of the largest statistics a merge or projection job holds at once."""
     if "group" in wildcards.keys():
-        return max(nc_plan.statistics_bytes(STEP_DIMS), nc_plan.statistics_bytes(TEXT_DIMS))
-    return nc_plan.statistics_bytes(TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS)
+        return max(nc_memory.statistics_bytes(STEP_DIMS), nc_memory.statistics_bytes(TEXT_DIMS))
+    return nc_memory.statistics_bytes(TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS)
 
 
 def projection_mem_mb(wildcards, attempt):
@@ -252,19 +253,19 @@ def projection_mem_mb(wildcards, attempt):
 
 
 def feature_job_minutes(wildcards, attempt):
-    """SLURM runtime of a shard's feature job (nullcov.plan.feature_job_minutes), doubled on each
+    """SLURM runtime of a shard's feature job (nullcov.workflow.plan.feature_job_minutes), doubled on each
     retry (text-only: one "step" per prompt)."""
     work = len(shard_prompts(wildcards)) * (len(STEP_NAMES) if COLLECT_STEPS else 1)
     return nc_plan.feature_job_minutes(work, attempt)
 
 
 def validation_inputs_minutes(wildcards, attempt):
-    """SLURM runtime of the validation prompts' feature job (nullcov.plan.feature_job_minutes)."""
+    """SLURM runtime of the validation prompts' feature job (nullcov.workflow.plan.feature_job_minutes)."""
     return nc_plan.feature_job_minutes(len(VALIDATION_PROMPTS) * len(STEP_NAMES), attempt)
 
 
 # -- Report and validation (rules/report.smk, rules/validation.smk) -----------------------------
-from nullcov import validation as nc_validation
+from nullcov.report import validation as nc_validation
 
 try:
     # Validation prompt j is seeded seed + validation_seed_offset + j (checked disjoint from PROMPTS).
@@ -284,7 +285,7 @@ try:
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
-# The fine-tune proof's variants (rules/finetune.smk) and its settings (nullcov.proof.ProofSettings).
+# The fine-tune proof's variants (rules/finetune.smk) and its settings (nullcov.proof.experiment.ProofSettings).
 FINETUNE_VARIANTS = nc_config.finetune_variant_names(config) if config["finetune_proof"] else []
 FINETUNE_SETTINGS = {
     "learning_rate": config["finetune_learning_rate"],
@@ -419,7 +420,7 @@ def summary_folders(wildcards):
 
 # -- The run plan (rules/plan.smk) ----------------------------------------------------------------
 def run_plan():
-    """Jobs per rule, bytes on disk, memory per job type and GPU-hours (nullcov.plan.run_plan)."""
+    """Jobs per rule, bytes on disk, memory per job type and GPU-hours (nullcov.workflow.plan.run_plan)."""
     merge_groups = len(GROUP_FOLDERS) if MERGE_KIND == "partial" else 0
     jobs = {
         "tiny_model": int(config["model"] in nc_model.BUILTIN_MODELS),

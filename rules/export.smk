@@ -1,5 +1,5 @@
 # Exports for other trainers (config key `exports`): NullBooth's covariance_matrices layout and
-# one safetensors file of every projection (nullcov/export.py documents both formats).
+# one safetensors file of every projection (nullcov/training/export.py documents both formats).
 
 
 rule export_nullbooth:

@@ -1,4 +1,4 @@
-# The fine-tune proof (config key `finetune_proof`, nullcov/proof_job.py; docs/finetune-proof.md): teach the
+# The fine-tune proof (config key `finetune_proof`, nullcov/proof/job.py; docs/finetune-proof.md): teach the
 # model a shape it never saw, unconstrained, with prior preservation and projected, and measure what else moved.
 
 

@@ -13,5 +13,5 @@ rule schedule:
         "logs/schedule.log",
     localrule: True
     run:
-        with nc_jobs.logging_to(log[0]):
-            nc_jobs.write_schedule(output[0], SCHEDULE, LAYERS, config["model"])
+        with nc_joblog.logging_to(log[0]):
+            nc_schedule.write_schedule(output[0], SCHEDULE, LAYERS, config["model"])

@@ -26,7 +26,7 @@ use rule features as validation_inputs with:
 rule leakage:
     """Leakage ‖ΔW P Xᵀ‖/‖ΔW Xᵀ‖ of seeded random updates on validation and training inputs (CPU).
 
-    One job per chunk of nullcov.plan.LEAKAGE_STEPS_PER_JOB steps (text.h5 rides with the last chunk).
+    One job per chunk of nullcov.workflow.plan.LEAKAGE_STEPS_PER_JOB steps (text.h5 rides with the last chunk).
     """
     input:
         covariance=leakage_covariance,

@@ -1,13 +1,13 @@
-"""Snakemake adapter: cross-attention maps of a few prompts (nullcov.attention.run_attention_job)."""
+"""Snakemake adapter: cross-attention maps of a few prompts (nullcov.report.attention.run_attention_job)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.attention import run_attention_job
-from nullcov.jobs import logging_to
-from nullcov.plotting import keep_matplotlib_cache_in_workdir
+from nullcov.joblog import logging_to
+from nullcov.report.attention import run_attention_job
+from nullcov.report.plotting import keep_matplotlib_cache_in_workdir
 
 RUN_KEYS = ("batch_size", "device")
 

@@ -1,12 +1,12 @@
-"""Snakemake adapter: NullBooth's covariance_matrices layout (nullcov.export.export_nullbooth)."""
+"""Snakemake adapter: NullBooth's covariance_matrices layout (nullcov.training.export.export_nullbooth)."""
 import json
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.export import export_nullbooth
-from nullcov.jobs import logging_to
+from nullcov.joblog import logging_to
 from nullcov.layout import step_name
+from nullcov.training.export import export_nullbooth
 
 with logging_to(snakemake.log[0]):
     with open(snakemake.input.schedule) as handle:

@@ -1,10 +1,10 @@
-"""Snakemake adapter: one safetensors file of every projection (nullcov.export.export_safetensors)."""
+"""Snakemake adapter: one safetensors file of every projection (nullcov.training.export.export_safetensors)."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.export import export_safetensors
-from nullcov.jobs import logging_to
+from nullcov.joblog import logging_to
+from nullcov.training.export import export_safetensors
 
 with logging_to(snakemake.log[0]):
     export_safetensors(

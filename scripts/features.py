@@ -1,4 +1,4 @@
-"""Snakemake adapter: one prompt shard's feature statistics (nullcov.features.run_feature_job).
+"""Snakemake adapter: one prompt shard's feature statistics (nullcov.collection.features.run_feature_job).
 
 Also runs the validation prompts (rule validation_inputs): same job, its own shard name and
 first prompt index (which sets the seeds).
@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.features import run_feature_job
-from nullcov.jobs import logging_to
+from nullcov.collection.features import run_feature_job
+from nullcov.joblog import logging_to
 from nullcov.layout import TEXT_NAME, step_file
 
 with logging_to(snakemake.log[0]):

@@ -1,4 +1,4 @@
-"""Snakemake adapter: the fine-tune proof (nullcov.proof_job.finetune_proof_job)."""
+"""Snakemake adapter: the fine-tune proof (nullcov.proof.job.finetune_proof_job)."""
 import json
 import sys
 from pathlib import Path
@@ -7,10 +7,10 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 import torch
 
-from nullcov.jobs import logging_to
-from nullcov.proof import ProofSettings
-from nullcov.proof_job import finetune_proof_job
-from nullcov.proof_statistics import StatisticsFiles
+from nullcov.joblog import logging_to
+from nullcov.proof.experiment import ProofSettings
+from nullcov.proof.job import finetune_proof_job
+from nullcov.proof.statistics import StatisticsFiles
 
 with logging_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

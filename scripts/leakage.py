@@ -1,12 +1,12 @@
-"""Snakemake adapter: leakage of random projected updates for a chunk of steps (nullcov.validation)."""
+"""Snakemake adapter: leakage of random projected updates for a chunk of steps (nullcov.report.validation)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.jobs import logging_to
-from nullcov.validation import leakage_job
+from nullcov.joblog import logging_to
+from nullcov.report.validation import leakage_job
 
 with logging_to(snakemake.log[0]):
     leakage_job(

@@ -1,11 +1,11 @@
-"""Snakemake adapter: print and write the run plan (nullcov.plan.format_plan)."""
+"""Snakemake adapter: print and write the run plan (nullcov.workflow.plan.format_plan)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.jobs import logging_to
-from nullcov.plan import format_plan
+from nullcov.joblog import logging_to
+from nullcov.workflow.plan import format_plan
 
 with logging_to(snakemake.log[0]):
     text = format_plan(dict(snakemake.params.plan))

@@ -1,9 +1,10 @@
-"""Snakemake adapter: null-space projections of one timestep (nullcov.jobs.projection_job)."""
+"""Snakemake adapter: null-space projections of one timestep (nullcov.statistics.jobs.projection_job)."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.jobs import logging_to, projection_job
+from nullcov.joblog import logging_to
+from nullcov.statistics.jobs import projection_job
 
 with logging_to(snakemake.log[0]):
     projection_job(

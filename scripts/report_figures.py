@@ -1,13 +1,13 @@
-"""Snakemake adapter: spectra and null-space dimension figures of the projections (nullcov.figures_projection)."""
+"""Snakemake adapter: spectra and null-space dimension figures of the projections (report.figures_projection)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.figures_projection import projection_figures
-from nullcov.jobs import logging_to
-from nullcov.plotting import keep_matplotlib_cache_in_workdir
+from nullcov.joblog import logging_to
+from nullcov.report.figures_projection import projection_figures
+from nullcov.report.plotting import keep_matplotlib_cache_in_workdir
 
 with logging_to(snakemake.log[0]):
     keep_matplotlib_cache_in_workdir()

@@ -1,13 +1,13 @@
-"""Snakemake adapter: the run summary table (nullcov.run_summary.summary_rows), TSV and HTML."""
+"""Snakemake adapter: the run summary table (nullcov.report.run_summary.summary_rows), TSV and HTML."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov import run_summary
-from nullcov.jobs import logging_to
-from nullcov.store import read_spectra
+from nullcov.joblog import logging_to
+from nullcov.report import run_summary
+from nullcov.statistics.store import read_spectra
 
 with logging_to(snakemake.log[0]):
     schedule = json.loads(Path(snakemake.input.schedule).read_text())

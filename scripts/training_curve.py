@@ -1,13 +1,13 @@
-"""Snakemake adapter: the model's training curve from its training.json (nullcov.figures_training_curve)."""
+"""Snakemake adapter: the model's training curve from its training.json (nullcov.report.figures_training_curve)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.figures_training_curve import training_curve_figure
-from nullcov.jobs import logging_to
-from nullcov.plotting import keep_matplotlib_cache_in_workdir
+from nullcov.joblog import logging_to
+from nullcov.report.figures_training_curve import training_curve_figure
+from nullcov.report.plotting import keep_matplotlib_cache_in_workdir
 
 with logging_to(snakemake.log[0]):
     keep_matplotlib_cache_in_workdir()

@@ -1,14 +1,14 @@
-"""Snakemake adapter: gather the leakage tables and draw the validation figures (nullcov.figures_validation)."""
+"""Snakemake adapter: gather the leakage tables and draw the validation figures (nullcov.report.figures_validation)."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
-from nullcov.figures_validation import leakage_heatmap_figure, leakage_tradeoff_figure
-from nullcov.jobs import logging_to
-from nullcov.plotting import keep_matplotlib_cache_in_workdir
-from nullcov.validation import gather_tables
+from nullcov.joblog import logging_to
+from nullcov.report.figures_validation import leakage_heatmap_figure, leakage_tradeoff_figure
+from nullcov.report.plotting import keep_matplotlib_cache_in_workdir
+from nullcov.report.validation import gather_tables
 
 with logging_to(snakemake.log[0]):
     keep_matplotlib_cache_in_workdir()

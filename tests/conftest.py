@@ -32,7 +32,7 @@ def base_config(**overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from nullcov.tiny_model import build_tiny_model
+    from nullcov.models.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sd")
 
@@ -46,7 +46,7 @@ def demo_prompts():
 
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
-    from nullcov.model import load_pipeline
+    from nullcov.models.model import load_pipeline
 
     return load_pipeline(tiny_model_dir, "float32", "cpu")
 
@@ -69,7 +69,7 @@ def write_config(workdir, prompt_lines, **overrides):
         batch_size=2,
         device="cpu",
         # The report's extra feature-style jobs stay off unless a test asks for them
-        # (tests/test_report.py and tests/test_validation.py do); the figures and summary still run.
+        # (tests/report/test_report.py and tests/report/test_validation.py do); the figures and summary still run.
         validation_prompts=None,
         attention_prompts=0,
     )

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from nullcov import features
-from nullcov.capture import CrossAttentionCapture
-from nullcov.model import cross_attention_modules
+from nullcov.collection import features
+from nullcov.collection.capture import CrossAttentionCapture
+from nullcov.models.model import cross_attention_modules
 
 from conftest import REPO
 
@@ -22,7 +22,7 @@ def _tiny_case(**sizes) -> benchmark.Case:
 
 def test_sd15_architecture_has_sd15_shapes(tiny_model_dir):
     """Built on the meta device (no memory, no weights): the shapes the issue asks for."""
-    from nullcov.sd15 import SD15_NUM_CROSS_ATTENTION_LAYERS, build_sd15_pipeline
+    from nullcov.models.sd15 import SD15_NUM_CROSS_ATTENTION_LAYERS, build_sd15_pipeline
 
     pipe = build_sd15_pipeline(tiny_model_dir / "tokenizer", device="meta")
     layers = cross_attention_modules(pipe.unet)
@@ -65,7 +65,7 @@ def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeyp
 def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):
     import yaml
 
-    from nullcov.config import schema_defaults
+    from nullcov.workflow.config import schema_defaults
 
     case = _tiny_case(steps=2, prompts=3, batch_size=2)
     config = benchmark.case_config(case)

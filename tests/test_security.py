@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from nullcov.model import load_pipeline
-from nullcov.store import StatisticsFileError, read_moments
+from nullcov.models.model import load_pipeline
+from nullcov.statistics.store import StatisticsFileError, read_moments
 
 REPO = Path(__file__).resolve().parent.parent
 UNSAFE = re.compile(
@@ -19,7 +19,7 @@ UNSAFE = re.compile(
 
 
 def test_no_unsafe_loading_in_the_code():
-    sources = sorted((REPO / "nullcov").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    sources = sorted((REPO / "nullcov").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
     offenders = [f"{path.name}:{n}" for path in sources for n, line in enumerate(path.read_text().splitlines(), 1)
                  if UNSAFE.search(line)]
     assert offenders == []

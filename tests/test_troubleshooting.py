@@ -16,11 +16,11 @@ from nullcov.docs import OUTPUTS, PLANNING, TROUBLESHOOTING, see
 from conftest import REPO
 
 PAGE = REPO / TROUBLESHOOTING
-SOURCES = sorted([*(REPO / "nullcov").glob("*.py"), *(REPO / "rules").glob("*.smk"), *(REPO / "scripts").glob("*.py"),
+SOURCES = sorted([*(REPO / "nullcov").rglob("*.py"), *(REPO / "rules").glob("*.smk"), *(REPO / "scripts").glob("*.py"),
                   REPO / "Snakefile"])
 CALL = re.compile(r"(?<!def )\bsee\(")
 LITERAL = re.compile(r"""(?<!def )\bsee\(\s*["']([^"'{}]+)["']\s*\)""")
-NAMED_TEST = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+NAMED_TEST = re.compile(r"(tests/(?:\w+/)?test_\w+\.py)::(test_\w+)")
 PARTS = ("**What you see**", "**What it means**", "**What to do**")
 
 
@@ -107,8 +107,8 @@ def test_a_message_ends_with_its_pointer(tmp_path):
 
 
 def test_a_merge_keeps_the_pointer_last_after_its_regenerate_hint(tmp_path):
-    from nullcov.merge import _with_hint
-    from nullcov.store import CORRUPTED, StatisticsFileError
+    from nullcov.statistics.merge import _with_hint
+    from nullcov.statistics.store import CORRUPTED, StatisticsFileError
 
     error = _with_hint(StatisticsFileError(tmp_path / "shard_0001" / "step.h5", "no provenance attribute", CORRUPTED))
     assert str(error).endswith(f"no provenance attribute; regenerate that shard with: snakemake --cores all --force "
@@ -116,8 +116,8 @@ def test_a_merge_keeps_the_pointer_last_after_its_regenerate_hint(tmp_path):
 
 
 def test_plan_and_summary_end_naming_the_page_that_explains_them(tmp_path):
-    from nullcov.plan import format_plan
-    from nullcov.run_summary import write_summary
+    from nullcov.report.run_summary import write_summary
+    from nullcov.workflow.plan import format_plan
 
     plan = {"model": "builtin:tiny", "prompts": 8, "shards": 1, "validation_prompts": 0, "steps": 3, "layers": 7,
             "step_keys": 14, "jobs": {"features (GPU)": 1}, "bytes": {"shard scratch": 1},

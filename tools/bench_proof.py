@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     import yaml
 
     from nullcov.measurement import header, write_record
-    from nullcov.run_summary import read_benchmark
+    from nullcov.report.run_summary import read_benchmark
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     settings = {"finetune_proof": True, "prompts": str(REPO / "config/prompts/shapes-demo.txt"),

@@ -4,7 +4,7 @@ Writes synthetic statistics of SD-1.5's shapes (16 ``attn2`` layers, ``to_q`` + 
 inputs, 320-1280 dims: 198 MB per step as full float64 matrices) through nullcov's own store
 API, then measures:
 
-* peak RSS of the merge job's code (``nullcov.jobs.merge_job`` in a fresh subprocess, its own
+* peak RSS of the merge job's code (``nullcov.statistics.jobs.merge_job`` in a fresh subprocess, its own
   ``ru_maxrss``) at 3, 12 and 48 shards of one step, and its throughput (GB/s of shard files)
   next to the disk's own sequential read speed of the same files, measured in the same run
   (each file is evicted from the page cache with ``posix_fadvise(DONTNEED)`` before each pass:
@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
 from nullcov.prompts import auto_prompts_per_shard  # noqa: E402
-from nullcov.statistics import Moments  # noqa: E402
-from nullcov.store import moments_file_bytes, write_moments  # noqa: E402
+from nullcov.statistics.moments import Moments  # noqa: E402
+from nullcov.statistics.store import moments_file_bytes, write_moments  # noqa: E402
 
 LEGACY_BYTES_PER_PROMPT_TIMESTEP = 92e6  # the legacy tool's scratch (issue 9)
 
@@ -48,7 +48,7 @@ def sd15_dims() -> dict[str, int]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from nullcov.sd15 import SD15_UNET_CONFIG
+    from nullcov.models.sd15 import SD15_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
@@ -84,7 +84,7 @@ def sequential_read_seconds(paths) -> float:
 MERGE_CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from nullcov.jobs import merge_job
+from nullcov.statistics.jobs import merge_job
 from nullcov.measurement import peak_rss_bytes as peak
 paths = json.loads(sys.argv[1])
 imported = peak()
@@ -142,7 +142,7 @@ def dry_run(workdir: Path, prompts: int, steps: int, per_shard: int) -> dict:
 def projection_timings() -> list[dict]:
     """Seconds of today's full float64 ``eigh`` + ``U0 U0ᵀ`` against ``null_space`` at d = 1280, for
     a threshold inside the spectrum and outside it (below and above), and the largest |ΔP|."""
-    from nullcov.projection import null_space
+    from nullcov.statistics.projection import null_space
 
     rng = np.random.default_rng(1)
     d = 1280

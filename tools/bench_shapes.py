@@ -1,8 +1,8 @@
 """Has ``builtin:shapes`` learned its world? Sample every grammar prompt, read the images, measure attention.
 
-Samples the 240 prompts of :func:`nullcov.shapes_eval.evaluation_scenes` (every colour x shape x
+Samples the 240 prompts of :func:`nullcov.shapes.evaluation.evaluation_scenes` (every colour x shape x
 position in each of the grammar's 4 templates) with the workflow's default sampler (DPM++ 2M
-Karras, 20 steps, the config's CFG scale), reads each image with :mod:`nullcov.evaluator`, and
+Karras, 20 steps, the config's CFG scale), reads each image with :mod:`nullcov.shapes.evaluator`, and
 reports accuracy per attribute and, per cross-attention layer, how much of the colour and shape
 words' attention lands on the object (ratio to the object's share of the image). The evaluator's
 own accuracy on held-out renders (clean, noisy, blurred) is measured first, in the same run.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 
 def sample_grid(path: Path, images, prompts: list[str], columns: int = 8, count: int = 32) -> None:
-    from nullcov.plotting import pyplot, save
+    from nullcov.report.plotting import pyplot, save
 
     plt = pyplot()
     count = min(count, len(images))
@@ -73,11 +73,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from nullcov import evaluator, shapes_eval
     from nullcov.measurement import header, write_record
-    from nullcov.model import load_pipeline, resolve_model_dir
-    from nullcov.sampling import configure_scheduler
-    from nullcov.schedule import build_schedule
+    from nullcov.models.model import load_pipeline, resolve_model_dir
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.models.schedule import build_schedule
+    from nullcov.shapes import evaluation as shapes_eval
+    from nullcov.shapes import evaluator
 
     torch.set_num_threads(args.threads)
     record = header("tools/bench_shapes.py", argv, torch_threads=args.threads)

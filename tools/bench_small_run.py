@@ -1,6 +1,6 @@
 """A small run end to end against the legacy method, in one invocation on one machine (issue 9).
 
-The SD-1.5-architecture random model (``nullcov/sd15.py`` saved as a diffusers folder, as
+The SD-1.5-architecture random model (``nullcov/models/sd15.py`` saved as a diffusers folder, as
 ``tools/feature_memory.py`` does), 64 px, 8 prompts x 8 ``noised`` steps, one shard, CPU:
 
 1. **legacy**: the legacy tool's method (``tools/benchmark.py`` ``run_legacy``: per prompt and
@@ -42,8 +42,8 @@ STEPS, PROMPTS, RESOLUTION, SAMPLER = 8, 8, 64, "DPM++ 2M Karras"
 
 
 def legacy(model: Path, prompts: list[str], workdir: Path) -> dict:
-    from nullcov.model import load_pipeline
-    from nullcov.schedule import build_schedule
+    from nullcov.models.model import load_pipeline
+    from nullcov.models.schedule import build_schedule
 
     start = time.perf_counter()
     pipe = load_pipeline(model, "float32", "cpu")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.workdir / "legacy.json").write_text(json.dumps(legacy(model, prompts, args.workdir), default=str))
         return 0
     record = header("tools/bench_small_run.py", argv, torch_threads=2)  # the workflow's jobs' threads
-    record |= {"model": "SD-1.5 architecture, random weights (nullcov/sd15.py), saved as a diffusers folder",
+    record |= {"model": "SD-1.5 architecture, random weights (nullcov/models/sd15.py), saved as a diffusers folder",
                "resolution": RESOLUTION, "prompts": PROMPTS, "steps": STEPS, "collection": "noised",
                "sampler": SAMPLER, "device": "cpu", "cores": 2}
     runs = []

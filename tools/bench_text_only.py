@@ -2,9 +2,9 @@
 
 Both paths collect the ``to_k``/``to_v`` input statistics (text.h5) of the same prompts:
 
-- ``full``: :func:`nullcov.features.collect_shard` with ``collect_features`` k/v only: the whole
+- ``full``: :func:`nullcov.collection.features.collect_shard` with ``collect_features`` k/v only: the whole
   pipeline (text encoder, UNet sampler with CFG) runs, the text states are taken at the UNet;
-- ``text-only``: :func:`nullcov.features.collect_text_shard`: the text encoder alone.
+- ``text-only``: :func:`nullcov.collection.features.collect_text_shard`: the text encoder alone.
 
 Prints wall times, prompts/s, the speed-up and the largest relative difference of the two
 ``sum_outer`` matrices, and writes them to ``docs/measurements/bench-text-only.json`` (with
@@ -49,13 +49,13 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from nullcov.features import collect_shard, collect_text_shard
+    from nullcov.collection.features import collect_shard, collect_text_shard
     from nullcov.measurement import header, peak_rss_bytes, write_record
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.models.schedule import build_schedule
+    from nullcov.models.sd15 import build_sd15_pipeline
+    from nullcov.models.tiny_model import build_tiny_model
     from nullcov.prompts import read_prompts
-    from nullcov.sampling import configure_scheduler
-    from nullcov.schedule import build_schedule
-    from nullcov.sd15 import build_sd15_pipeline
-    from nullcov.tiny_model import build_tiny_model
 
     torch.set_num_threads(args.threads)
     record = header("tools/bench_text_only.py", argv)

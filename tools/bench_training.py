@@ -1,6 +1,6 @@
-"""Overhead of nullcov.training per training step on the SD-1.5 architecture (`make bench-training`).
+"""Overhead of nullcov.training.constraint per training step on the SD-1.5 architecture (`make bench-training`).
 
-Builds SD-1.5's UNet with seeded random weights (nullcov.sd15; nothing downloaded) and a
+Builds SD-1.5's UNet with seeded random weights (nullcov.models.sd15; nothing downloaded) and a
 synthetic results folder of its shapes (16 attn2 layers, to_q/to_out widths 320/640/1280 and the
 768-wide text states; statistics of random rank-deficient inputs, written and projected with
 nullcov's own store and projection job), then times, for full fine-tuning of the attn2 weights
@@ -38,7 +38,7 @@ STEPS = [("alpha_00_0999", 999.0), ("alpha_01_0001", 1.0)]  # two steps: enough 
 
 def rank_deficient_moments(rng: np.random.Generator, dim: int):
     """Moments of random inputs spanning ~70 % of the space: a null space of ~30 %."""
-    from nullcov.statistics import Moments
+    from nullcov.statistics.moments import Moments
 
     rank = int(0.7 * dim)
     rows = rng.standard_normal((2 * rank, rank)) @ rng.standard_normal((rank, dim)) / np.sqrt(rank)
@@ -47,10 +47,10 @@ def rank_deficient_moments(rng: np.random.Generator, dim: int):
 
 def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
     """schedule.json, covariance/ and projections/ of SD-1.5's shapes from random rank-deficient inputs."""
-    from nullcov.jobs import projection_job
     from nullcov.layout import TEXT_NAME, Results, statistic_key
-    from nullcov.model import cross_attention_modules
-    from nullcov.store import TEXT_KEY, write_moments
+    from nullcov.models.model import cross_attention_modules
+    from nullcov.statistics.jobs import projection_job
+    from nullcov.statistics.store import TEXT_KEY, write_moments
 
     rng = np.random.default_rng(seed)
     results = Results(root / "results")
@@ -73,7 +73,7 @@ def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
 def stored_projections(results: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{step name or "text": {key: P}}``: the d × d float32 matrices of the projection files."""
     from nullcov.layout import TEXT_NAME, Results
-    from nullcov.store import read_projections
+    from nullcov.statistics.store import read_projections
 
     found = {}
     for name in [n for n, _ in STEPS] + [TEXT_NAME]:
@@ -85,7 +85,7 @@ def stored_projections(results: Path) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def dense_project(constraint, projections: dict[str, torch.Tensor]) -> None:
     """The previous ``NullSpaceConstraint.project`` body: every linear multiplied by the dense ``P``."""
-    from nullcov.store import TEXT_KEY
+    from nullcov.statistics.store import TEXT_KEY
 
     for item in constraint.linears:
         projection = projections[TEXT_KEY if item.key == TEXT_KEY else item.key]
@@ -168,7 +168,7 @@ def form_counts(constraint) -> dict[str, int]:
 
 
 def time_training(unet, results, resolution: int, batch: int, repeats: int, lora: bool) -> dict:
-    from nullcov.training import NullSpaceConstraint
+    from nullcov.training.constraint import NullSpaceConstraint
 
     generator = torch.Generator().manual_seed(0)
     size = resolution // 8
@@ -209,7 +209,7 @@ def time_training(unet, results, resolution: int, batch: int, repeats: int, lora
 
 
 def time_interpolate(results, repeats: int = 1) -> dict:
-    from nullcov.bank import ProjectionBank
+    from nullcov.training.bank import ProjectionBank
 
     lookup = ProjectionBank(results, mode="interpolate")
     lookup.factors([250])  # reads the two neighbours' statistics once
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig
 
     from nullcov.measurement import header, peak_rss_bytes, write_record
-    from nullcov.sd15 import SD15_UNET_CONFIG
+    from nullcov.models.sd15 import SD15_UNET_CONFIG
 
     record = header("tools/bench_training.py", argv)
     started = record["date"]

@@ -6,9 +6,9 @@ dtype, steps and CFG:
 
 1. **bare**: the diffusers pipeline trajectory, no hooks (``pipe(...)`` with the feature job's
    per-prompt generators and ``output_type="latent"``): the limit;
-2. **ours**: :func:`nullcov.features.collect_shard` (after ``configure_scheduler``), the feature
+2. **ours**: :func:`nullcov.collection.features.collect_shard` (after ``configure_scheduler``), the feature
    job's own code; its scratch is the per-step HDF5 files it would write
-   (:func:`nullcov.store.write_moments`, measured in a temporary folder);
+   (:func:`nullcov.statistics.store.write_moments`, measured in a temporary folder);
 3. **legacy**: the legacy tool's method (``../shared/legacy-tool.md``) on a subset: per prompt per
    timestep a Gaussian latent noised with ``add_noise``, one UNet call at batch 1 with hooks
    keeping the raw inputs of ``to_q``/``to_k``/``to_v``/``to_out`` of every cross-attention
@@ -21,7 +21,7 @@ memory and scratch bytes per prompt-timestep, and writes everything to
 :func:`nullcov.measurement.header`, rendered into ``docs/performance.md``), the table as
 ``benchmarks/bench-<device>.txt`` and the
 profile as ``benchmarks/profile-<device>.txt``. Models: the tiny demo model and
-an SD-1.5-architecture pipeline with seeded random weights (:mod:`nullcov.sd15`); nothing is
+an SD-1.5-architecture pipeline with seeded random weights (:mod:`nullcov.models.sd15`); nothing is
 downloaded. On a shared CPU, bare and ours alternate ``--repeats`` times and the fastest run of
 each counts; CPU seconds are reported too (less sensitive to other processes).
 
@@ -64,9 +64,9 @@ from benchmark_legacy import run_legacy
 from benchmark_table import format_table
 
 # (benchmark_case put this checkout's nullcov first on sys.path)
-from nullcov.capture import CrossAttentionCapture
+from nullcov.collection.capture import CrossAttentionCapture
 from nullcov.measurement import header, load_average, measurement_path, write_record
-from nullcov.model import image_resolution
+from nullcov.models.model import image_resolution
 
 log = logging.getLogger("nullcov.benchmark")
 
@@ -76,7 +76,7 @@ def run_bare(pipe, prompts: list[str], schedule: dict, config: dict) -> None:
     """The bare pipeline: same call, generators, batches and scheduler as the feature job; no hooks."""
     import torch
 
-    from nullcov.sampling import prompt_generators
+    from nullcov.models.sampling import prompt_generators
 
     resolution = image_resolution(pipe, config["resolution"])
     with torch.inference_mode():
@@ -120,9 +120,9 @@ def recording_capture(record: dict) -> type:
 
 
 def run_ours(pipe, prompts: list[str], schedule: dict, config: dict, timings: dict | None = None):
-    """The feature job's collection (:func:`nullcov.features.collect_shard`); with ``timings``, what
+    """The feature job's collection (:func:`nullcov.collection.features.collect_shard`); with ``timings``, what
     :func:`recording_capture` records goes there."""
-    from nullcov import features
+    from nullcov.collection import features
 
     capture_class = CrossAttentionCapture if timings is None else recording_capture(timings)
     return features.collect_shard(pipe, prompts, 0, schedule, config, capture_class=capture_class)
@@ -130,7 +130,7 @@ def run_ours(pipe, prompts: list[str], schedule: dict, config: dict, timings: di
 
 def write_our_scratch(step_moments, text_moments, schedule: dict, folder: Path, steps_to_write=None) -> dict:
     """Write the shard's per-step files as the feature job does; their bytes and seconds."""
-    from nullcov.store import TEXT_KEY, write_moments
+    from nullcov.statistics.store import TEXT_KEY, write_moments
 
     folder.mkdir(parents=True, exist_ok=True)
     attrs = {"provenance": {"benchmark": True}}
@@ -229,13 +229,13 @@ def run_case(case: Case, workdir: Path, pipe=None, *, legacy: bool = True, write
 def precision_check(device: str, sizes=((4096, 320), (1024, 640), (256, 1280)), seed: int = 0) -> dict:
     """Max |error| / max |reference| of ``XᵀX`` variants against float64, for fp16 and bf16 inputs.
 
-    ``gram`` is nullcov's product (:func:`nullcov.accumulators.gram`); ``upcast`` converts to float32
+    ``gram`` is nullcov's product (:func:`nullcov.collection.accumulators.gram`); ``upcast`` converts to float32
     first; ``fp16_output`` keeps the input dtype for the result (what a plain ``x.T @ x`` does);
     on CUDA also ``tf32`` (upcast with TF32 on). Also: are fp16/bf16 products exact in float32?
     """
     import torch
 
-    from nullcov.accumulators import exact_matmul, gram
+    from nullcov.collection.accumulators import exact_matmul, gram
 
     generator = torch.Generator("cpu").manual_seed(seed)
     report = {"device": device, "sizes": [list(s) for s in sizes], "errors": {}, "timings_ms": {}}
@@ -298,7 +298,7 @@ def timestep_1000_check(pipe, workdir: Path, card_gib: float = 24.0, prompts: in
     """
     import torch
 
-    from nullcov.model import cross_attention_modules
+    from nullcov.models.model import cross_attention_modules
 
     layers = [index for index, (_, module) in enumerate(cross_attention_modules(pipe.unet))
               if module.to_q.in_features <= 640]
@@ -492,7 +492,7 @@ def run_studies(stages: list[tuple], report: dict, save) -> None:
 def _configure(args: argparse.Namespace):
     """Logging and torch threads; the imported torch."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    for noisy in ("nullcov.features", "diffusers", "transformers"):
+    for noisy in ("nullcov.collection.features", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
 

@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's nullcov, whatever is installed
 
-from nullcov.config import schema_defaults  # noqa: E402
 from nullcov.measurement import peak_rss_bytes  # noqa: E402
+from nullcov.workflow.config import schema_defaults  # noqa: E402
 
 GPU_MEMORY_TARGET = 20e9  # the GPU study's target: peak GPU memory at batch 8, every layer and q/k/v/out
 
@@ -84,8 +84,8 @@ def measured(device: str, into: dict):
 # -- the models, prompts and config -------------------------------------------------------------------
 def build_pipeline(model: str, dtype: str, device: str, workdir: Path):
     """``tiny`` through the workflow's own loader, ``sd15`` in memory (random weights)."""
-    from nullcov.model import load_pipeline
-    from nullcov.tiny_model import build_tiny_model
+    from nullcov.models.model import load_pipeline
+    from nullcov.models.tiny_model import build_tiny_model
 
     tiny_dir = workdir / "tiny-sd"
     if not tiny_dir.exists():
@@ -93,7 +93,7 @@ def build_pipeline(model: str, dtype: str, device: str, workdir: Path):
     if model == "tiny":
         return load_pipeline(tiny_dir, dtype, device)
     if model == "sd15":
-        from nullcov.sd15 import build_sd15_pipeline
+        from nullcov.models.sd15 import build_sd15_pipeline
 
         return build_sd15_pipeline(tiny_dir / "tokenizer", dtype=dtype, device=device)
     raise ValueError(f"model must be tiny or sd15, got {model!r}")
@@ -126,8 +126,8 @@ def case_config(case: Case, **overrides) -> dict:
 
 
 def prepare_schedule(pipe, config: dict) -> dict:
-    from nullcov.sampling import configure_scheduler
-    from nullcov.schedule import build_schedule
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.models.schedule import build_schedule
 
     schedule = build_schedule(dict(pipe.scheduler.config), config["sampler_strategy"], config["num_denoising_steps"])
     configure_scheduler(pipe, schedule)

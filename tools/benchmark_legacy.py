@@ -32,7 +32,7 @@ class _RawInputs:
     def __init__(self, pipe, config: dict):
         from diffusers import DDPMScheduler
 
-        from nullcov.model import image_resolution
+        from nullcov.models.model import image_resolution
 
         self.pipe, self.seed = pipe, config["seed"]
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
@@ -43,7 +43,7 @@ class _RawInputs:
         self.handles: list = []
 
     def hook(self) -> None:
-        from nullcov.model import cross_attention_modules
+        from nullcov.models.model import cross_attention_modules
 
         def keep(key):
             def hook(module, args):
@@ -76,7 +76,7 @@ class _RawInputs:
         """The raw inputs of one UNet call at batch 1 on a noised Gaussian latent, as float32 arrays."""
         import torch
 
-        from nullcov.sampling import prompt_generators
+        from nullcov.models.sampling import prompt_generators
 
         pipe, device, dtype = self.pipe, self.device, self.dtype
         embedding, _ = pipe.encode_prompt([prompt], device, 1, do_classifier_free_guidance=False)
@@ -123,7 +123,7 @@ def run_legacy(pipe, prompts: list[str], schedule: dict, config: dict, folder: P
     """The legacy tool's method on ``prompts`` x ``schedule['steps']`` (see the module docstring)."""
     import torch
 
-    from nullcov.run_summary import folder_bytes
+    from nullcov.report.run_summary import folder_bytes
 
     raw = _RawInputs(pipe, config)
     raw.hook()

@@ -1,6 +1,6 @@
 """A feature job held to a mem_mb below its unchunked need: its peak RSS and its results.
 
-On the SD-1.5-architecture random model (nullcov/sd15.py, saved once as a diffusers folder
+On the SD-1.5-architecture random model (nullcov/models/sd15.py, saved once as a diffusers folder
 under --workdir), one shard through the real workflow (`snakemake ... results/features/shard_0000`),
 first with the rule's own mem_mb (every step held at once), then with
 `--set-resources features:mem_mb=N` for each N given: Snakemake's `benchmark:` max_rss of each
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
-from nullcov.store import read_moments  # noqa: E402
+from nullcov.statistics.store import read_moments  # noqa: E402
 
 
 def sd15_folder(workdir: Path) -> Path:
@@ -37,8 +37,8 @@ def sd15_folder(workdir: Path) -> Path:
     folder = workdir / "sd15-random"
     if (folder / "model_index.json").exists():
         return folder
-    from nullcov.sd15 import build_sd15_pipeline
-    from nullcov.tiny_model import build_tiny_model
+    from nullcov.models.sd15 import build_sd15_pipeline
+    from nullcov.models.tiny_model import build_tiny_model
 
     tiny = build_tiny_model(workdir / "tiny-sd")
     build_sd15_pipeline(tiny / "tokenizer").save_pretrained(folder, safe_serialization=True)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{run.get('equals_unchunked', '-')} | {run['memory_log']}")
     weights = sum(path.stat().st_size for path in model.rglob("*.safetensors"))
     write_record(args.out, record | {
-        "model": "SD-1.5 architecture, random weights (nullcov/sd15.py), saved as a diffusers folder",
+        "model": "SD-1.5 architecture, random weights (nullcov/models/sd15.py), saved as a diffusers folder",
         "weight_file_bytes": weights, "resolution": args.resolution, "prompts": args.prompts, "steps": args.steps,
         "collection": args.collection, "device": "cpu", "runs": runs})
     print(f"wrote {args.out}")

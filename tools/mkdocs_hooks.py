@@ -1,4 +1,4 @@
-"""mkdocs hook: links from docs/ to repository files outside it (``../nullcov/store.py``) work on a
+"""mkdocs hook: links from docs/ to repository files outside it (``../nullcov/statistics/store.py``) work on a
 code host but not in the built site; there they become the file's name as code, so ``mkdocs build
 --strict`` stays clean without hiding broken links (tests/test_docs.py resolves every link)."""
 

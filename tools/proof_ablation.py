@@ -43,12 +43,14 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from nullcov import evaluator, proof, proof_data
     from nullcov.measurement import header, write_record
-    from nullcov.model import load_pipeline, resolve_model_dir
+    from nullcov.models.model import load_pipeline, resolve_model_dir
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.models.schedule import build_schedule
     from nullcov.prompts import read_prompts
-    from nullcov.sampling import configure_scheduler
-    from nullcov.schedule import build_schedule
+    from nullcov.proof import data as proof_data
+    from nullcov.proof import experiment as proof
+    from nullcov.shapes import evaluator
 
     torch.set_num_threads(2)
     record = header("tools/proof_ablation.py", argv, torch_threads=2)

@@ -114,7 +114,7 @@ def _percent(value: float) -> str:
 
 
 def shapes_training() -> str:
-    from nullcov.model import BUILTIN_SHAPES_DIR
+    from nullcov.models.model import BUILTIN_SHAPES_DIR
 
     record = json.loads((BUILTIN_SHAPES_DIR / "training.json").read_text())
     settings, seconds, loss = record["settings"], record["seconds"], record["loss"]
@@ -137,7 +137,7 @@ def _training_command(command: str) -> str:
     """The recorded training command as a user would type it; an ``--out`` elsewhere than the shipped
     folder (a scratch folder it was copied from) is named as such, not by its temporary path."""
     words = command.split()
-    module = next((i for i, word in enumerate(words) if word.endswith(("train_shapes.py", "nullcov.train_shapes"))), -1)
+    module = next((i for i, word in enumerate(words) if word.endswith(("train_shapes.py", "nullcov.shapes.train"))), -1)
     arguments = words[module + 1:]
     shown, skip = [], False
     for index, word in enumerate(arguments):
@@ -149,7 +149,7 @@ def _training_command(command: str) -> str:
             skip = True
         else:
             shown.append(word)
-    return " ".join(["python -m nullcov.train_shapes", *shown])
+    return " ".join(["python -m nullcov.shapes.train", *shown])
 
 
 def shapes_evaluator() -> str:
@@ -168,7 +168,7 @@ SHAPES_ACCURACY_FILES = ("bench-shapes.json", "bench-shapes-earlier-continued-hi
                          "bench-shapes-earlier-2-levels.json")
 def _position_errors(record: dict) -> str:
     """The sampled images whose position was misread: left/right swapped, top/bottom swapped, other."""
-    from nullcov.shapes import POSITIONS, parse_caption
+    from nullcov.shapes.grammar import POSITIONS, parse_caption
 
     def axis(position: str | None) -> str | None:  # x: left/right (centred vertically), y: top/bottom
         return None if position not in POSITIONS else ("x" if POSITIONS[position][1] == 0.5 else "y")

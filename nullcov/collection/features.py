@@ -1,0 +1,419 @@
+"""The feature job: run the sampler over one shard of prompts and write per-step moment files.
+
+Every model family (:mod:`nullcov.models.family`) runs its own diffusers pipeline through the same
+hooks (:class:`nullcov.collection.capture.CrossAttentionCapture`), driven by the sampler drivers of
+:mod:`nullcov.models.sampling` (``trajectory``: the real pipeline call, every UNet call a scheduled step;
+``noised``: the legacy tool's one UNet call per step), with prompt ``i``'s own generator
+(``seed + i``), so results depend on neither shard size, batch size nor device. When only
+``k``/``v`` are collected the job runs the text encoder(s) alone (:func:`collect_text_shard`):
+their inputs are the text states, which depend on neither timestep nor latents, so no UNet, VAE
+or sampler is loaded or run. With CFG only the conditional half of each UNet call is collected,
+unless ``unconditional_branch`` (then both halves, and the negative embedding's text states once
+per prompt). A job whose steps do not fit its memory collects them in chunks (:func:`plan_chunks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nullcov.collection import memory
+from nullcov.collection.accumulators import TorchMoments, exact_matmul
+from nullcov.collection.capture import (
+    CrossAttentionCapture,
+    NonFiniteActivationError,
+    prompt_of_row,
+    text_row_mask,
+    text_rows,
+)
+from nullcov.collection.placement import device_memory_steps
+from nullcov.docs import see
+from nullcov.models.device import module_device, use_device
+from nullcov.models.family import guidance_input, model_family
+from nullcov.models.gpu_lease import lease_device
+from nullcov.models.model import (
+    ModelError,
+    cross_attention_modules,
+    image_resolution,
+    linear_dims,
+    load_pipeline,
+    select_layers,
+)
+from nullcov.models.sampling import COLLECTIONS, ScheduleFileError, configure_scheduler, prompt_generators
+from nullcov.prompts import prompt_set_sha256
+from nullcov.provenance import feature_config, model_fingerprint, package_versions
+from nullcov.statistics.store import TEXT_KEY, write_moments
+
+log = logging.getLogger(__name__)
+
+FEATURE_LINEARS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
+
+
+class PromptTooLongError(ValueError):
+    """A prompt exceeds the tokenizer's limit and ``strict_prompts`` is set."""
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool) -> int:
+    """Count (and log) prompts the tokenizer truncates; with ``strict`` refuse them instead."""
+    limit = tokenizer.model_max_length
+    too_long = []
+    for offset, prompt in enumerate(prompts):
+        length = len(tokenizer(prompt).input_ids)
+        if length > limit:
+            too_long.append((first_index + offset, prompt, length))
+    if too_long and strict:
+        listing = "; ".join(f"prompt {index} has {length} tokens: {prompt!r}" for index, prompt, length in too_long)
+        raise PromptTooLongError(
+            f"strict_prompts: {len(too_long)} prompt(s) exceed the tokenizer's limit of {limit} tokens: {listing}"
+            f"{see('prompt-longer-than-the-tokenizer-limit')}"
+        )
+    for index, prompt, length in too_long:
+        log.warning("prompt %d has %d tokens, over the limit of %d: truncated: %r", index, length, limit, prompt)
+    if too_long:
+        log.warning("%d of %d prompts in this shard are truncated to %d tokens%s", len(too_long), len(prompts), limit,
+                    see("prompt-longer-than-the-tokenizer-limit"))
+    return len(too_long)
+
+
+def selected_linears(collect_features: dict) -> set[str]:
+    linears = {FEATURE_LINEARS[key] for key, wanted in collect_features.items() if wanted}
+    if not linears:
+        raise ValueError("collect_features: every feature (q, k, v, out) is false; nothing to collect"
+                         f"{see('all-features-are-off')}")
+    return linears
+
+
+def text_only(collect_features: dict) -> bool:
+    """Only ``k``/``v`` collected: the text encoder(s) alone give every statistic."""
+    return not (collect_features["q"] or collect_features["out"])
+
+
+def text_mask(tokenizer, prompts: list[str], text_tokens: str, device,
+              unconditional: bool = False) -> torch.Tensor | None:
+    """The mask of the text rows ``text_tokens`` keeps (None: all of them): [B, L], or with
+    ``unconditional`` [2B, L], the negative prompts' ("", as the pipelines encode them) then the prompts'."""
+    if text_tokens == "all":
+        return None
+    texts = [""] * len(prompts) + prompts if unconditional else prompts
+    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    return text_row_mask(tokens.input_ids, tokenizer.eos_token_id, text_tokens).to(device)
+
+
+def encode_text(pipe, prompts: list[str], unconditional: bool = False) -> torch.Tensor:
+    """The conditional text states [B, L, d] the pipeline passes to the UNet for ``prompts``: its own
+    ``encode_prompt`` (SDXL: both encoders' penultimate states, concatenated). With ``unconditional``
+    [2B, L, d]: its negative embedding first (SDXL: zeros, ``force_zeros_for_empty_prompt``), as in
+    the ``[uncond, cond]`` CFG batch."""
+    device = pipe._execution_device
+    encoded = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=unconditional)
+    return torch.cat([encoded[1], encoded[0]]) if unconditional else encoded[0]
+
+
+def check_hookable(layers) -> None:
+    """Refuse layers whose processor uses fused projections (``fuse_qkv_projections``): their
+    ``to_k``/``to_v`` never run. After ``unfuse_qkv_projections()`` they are collected as usual (and
+    the hook-fired check of :class:`CrossAttentionCapture` confirms every linear ran)."""
+    fused = [name for name, module in layers
+             if type(getattr(module, "processor", None)).__name__.startswith("Fused")]
+    if fused:
+        raise ModelError(
+            f"cross-attention layer(s) {fused} run fused projections (to_kv/to_qkv after fuse_qkv_projections): "
+            "their to_k/to_v inputs are not observable; call pipe.unfuse_qkv_projections() first"
+            f"{see('a-selected-linear-did-not-run')}"
+        )
+
+
+def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]:
+    """The selected cross-attention ``(name, module)`` pairs, checked against the schedule file."""
+    modules = dict(cross_attention_modules(pipe.unet))
+    names = select_layers(list(modules), config["cross_attention_layers"])
+    if schedule.get("layers", names) != names:
+        raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}"
+                                f"{see('schedule-and-sampler-disagree')}")
+    return [(name, modules[name]) for name in names]
+
+
+def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int,
+                accumulate: str = "auto") -> list[range]:
+    """The step chunks of a job with ``mem_mb`` of host memory (None: one chunk, every step).
+
+    On a GPU the steps whose accumulators stay on the device (:func:`nullcov.collection.placement.device_steps`
+    under ``accumulate``) come on top of those the host budget holds.
+    """
+    dims = linear_dims(layers, linears)
+    step_bytes = memory.statistics_bytes(dims)
+    if mem_mb is None or not step_bytes:
+        return [range(num_steps)]
+    host_steps = memory.steps_per_chunk(mem_mb * memory.MIB, step_bytes, weights, num_steps)
+    device = module_device(pipe.unet)
+    on_device = device_memory_steps(device, dims, num_steps, accumulate)
+    chunks = memory.step_chunks(num_steps, min(num_steps, host_steps + on_device))
+    unchunked = memory.mem_mb(memory.feature_job_bytes(step_bytes, num_steps, weights))
+    log.info("memory: %d steps x %.1f MiB; mem_mb=%d (unchunked host need %d MB): %d step(s) fit on the host, %d "
+             "on %s: %d chunk(s) of <= %d steps", num_steps, step_bytes / memory.MIB, mem_mb, unchunked, host_steps,
+             on_device, device, len(chunks), max(len(c) for c in chunks))
+    return chunks
+
+
+def check_collection(unet_config, collection: str) -> None:
+    """Refuse ``collection: noised`` for a UNet that needs more than text states to be called directly."""
+    needs = {"added conditioning (SDXL's text_time)": unet_config.addition_embed_type is not None,
+             "a guidance embedding (time_cond_proj_dim, LCM)": guidance_input(unet_config) == "embedding"}
+    if collection == "noised" and any(needs.values()):
+        raise ValueError(
+            "collection: noised calls the UNet with text states only; this model's UNet also needs "
+            f"{' and '.join(what for what, needed in needs.items() if needed)}: use collection: trajectory"
+            f"{see('noised-collection-needs-more-than-text')}"
+        )
+
+
+class _ShardCollection:
+    """One shard's collection, chunk by chunk: its layers, linears, sampler driver and capture."""
+
+    def __init__(self, pipe, prompts: list[str], first_index: int, schedule: dict, config: dict,
+                 capture_class: type, capture_options: dict):
+        self.pipe, self.prompts, self.first_index = pipe, prompts, first_index
+        self.schedule, self.config = schedule, config
+        self.layers = shard_layers(pipe, schedule, config)
+        check_hookable(self.layers)
+        self.linears = selected_linears(config["collect_features"])
+        self.resolution = image_resolution(pipe, config["resolution"])
+        check_collection(pipe.unet.config, config["collection"])
+        self.run = COLLECTIONS[config["collection"]]
+        self.device = module_device(pipe.unet)
+        self.capture_class, self.capture_options = capture_class, capture_options
+        self.text_moments = None
+        self.started = time.perf_counter()
+
+    def capture(self, number: int, chunk: range):
+        """The capture of chunk ``number``: it collects ``chunk``'s steps, the first chunk also the text."""
+        steps = self.schedule["steps"]
+        call_steps = list(chunk) if self.config["collection"] == "noised" else list(range(chunk.stop))
+        return self.capture_class(
+            self.pipe.unet, self.layers, self.linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
+            self.config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
+            unconditional=self.config["unconditional_branch"], **self.capture_options,
+        )
+
+    def chunk(self, number: int, chunks: list[range]):
+        """Run every prompt batch through chunk ``number``'s steps; yield ``(step index, moments)``
+        per step of the chunk, one at a time (:meth:`CrossAttentionCapture.release_steps`)."""
+        chunk, prompts = chunks[number], self.prompts
+        with exact_matmul(), torch.inference_mode(), self.capture(number, chunk) as capture, \
+                tqdm(total=len(prompts), unit="prompt", file=sys.stderr, ascii=True, mininterval=2) as progress:
+            for offset in range(0, len(prompts), self.config["batch_size"]):
+                size = self.batch(capture, offset, chunk)
+                progress.update(size)
+                self.log_progress(number, chunks, offset + size)
+            if number == 0:
+                self.text_moments = capture.text_results()
+            yield from capture.release_steps()
+
+    def batch(self, capture, offset: int, chunk: range) -> int:
+        """Run the prompt batch starting at ``offset`` through the sampler; returns its size."""
+        config = self.config
+        batch = self.prompts[offset : offset + config["batch_size"]]
+        mask = text_mask(self.pipe.tokenizer, batch, config["text_tokens"], self.device, config["unconditional_branch"])
+        capture.begin_batch(batch, self.first_index + offset, mask)
+        generators = prompt_generators(config["seed"], self.first_index + offset, len(batch))
+        self.run(self.pipe, batch, generators, self.schedule, config["guidance_scale"], self.resolution, chunk)
+        capture.end_batch()
+        return len(batch)
+
+    def log_progress(self, number: int, chunks: list[range], prompts_done: int) -> None:
+        chunk, count = chunks[number], len(self.prompts)
+        done = number * count + prompts_done
+        rate = done / (time.perf_counter() - self.started)
+        log.info("chunk %d/%d (steps %d..%d): prompts %d/%d, ETA %.0f s", number + 1, len(chunks), chunk.start,
+                 chunk.stop - 1, prompts_done, count, (len(chunks) * count - done) / rate)
+
+
+def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *, on_step=None,
+                  mem_mb: int | None = None, weights: int = 0, capture_class: type = CrossAttentionCapture,
+                  accumulate: str = "auto", timestep_check: str = "auto"):
+    """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
+
+    ``on_step(index, {key: Moments})``, when given, receives each step as soon as its chunk is
+    done, one at a time, and the returned per-step list is empty (the feature job writes and frees
+    each step). ``mem_mb`` (with the model's ``weights`` bytes) is the job's host-memory budget:
+    when every step's accumulators do not fit it, the steps are collected in chunks
+    (:func:`plan_chunks`), each a replay of the prompt batches with the same seeds, so the
+    results equal an unchunked run. ``capture_class`` is the hook class (a subclass of
+    :class:`CrossAttentionCapture`; the benchmark passes one that also times what the capture does).
+    ``accumulate`` and ``timestep_check`` go to the capture: where its step accumulators live, and
+    when it compares timesteps (see :class:`CrossAttentionCapture`).
+    """
+    run = _ShardCollection(pipe, prompts, first_index, schedule, config, capture_class,
+                           {"accumulate": accumulate, "timestep_check": timestep_check})
+    steps = schedule["steps"]
+    chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate)
+    log.info(
+        "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d, %d chunk(s)",
+        len(prompts), len(steps), len(run.layers), sorted(run.linears), config["collection"], config["batch_size"],
+        run.resolution, run.resolution, len(chunks),
+    )
+    collected = []
+    for number in range(len(chunks)):
+        with contextlib.closing(run.chunk(number, chunks)) as released:
+            for index, moments in released:
+                if on_step is None:
+                    collected.append(moments)
+                else:
+                    on_step(index, moments)
+                del moments
+    return collected, run.text_moments, [name for name, _ in run.layers], run.resolution
+
+
+def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict):
+    """Text moments of a shard from the text encoder(s) alone (the ``to_k``/``to_v`` inputs).
+
+    The same states the UNet's ``to_k``/``to_v`` receive in a full run (the pipeline's own
+    ``encode_prompt`` on the same prompt batch), the same row selection and the same float64
+    accumulation, so ``text.h5`` equals the full run's.
+    """
+    batch_size, moments, unconditional = config["batch_size"], None, config["unconditional_branch"]
+    start = time.perf_counter()
+    log.info("text-only: %d prompts through %s's text encoder(s), batch %d, text_tokens %s%s",
+             len(prompts), type(pipe).__name__, batch_size, config["text_tokens"],
+             ", with the negative embedding (unconditional_branch)" if unconditional else "")
+    with exact_matmul(), torch.inference_mode():
+        for offset in range(0, len(prompts), batch_size):
+            batch = prompts[offset : offset + batch_size]
+            states = encode_text(pipe, batch, unconditional)
+            finite = torch.isfinite(states.reshape(len(states), -1)).all(dim=1).cpu()
+            if not bool(finite.all()):
+                bad, branch = prompt_of_row(int((~finite).nonzero()[0]), len(batch), len(states))
+                raise NonFiniteActivationError(first_index + offset + bad, batch[bad], "text states", "text", branch)
+            mask = text_mask(pipe.tokenizer, batch, config["text_tokens"], states.device, unconditional)
+            rows = text_rows(states, mask)
+            if moments is None:
+                moments = TorchMoments(rows.shape[-1], rows.device)
+            moments.add(rows)
+            done = offset + len(batch)
+            if done == len(prompts) or (offset // batch_size) % 50 == 0:
+                rate = done / (time.perf_counter() - start)
+                log.info("prompts %d/%d, %.1f prompts/s", done, len(prompts), rate)
+    return moments.to_moments()
+
+
+def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
+                    schedule: dict, config: dict, step_paths: dict[str, str], text_path: str | None,
+                    threads: int = 1, mem_mb: int | None = None) -> None:
+    """Collect one shard and write ``step_paths[name]`` per step and ``text_path``.
+
+    ``mem_mb``: the job's host memory (Snakemake's ``resources.mem_mb``); the steps are collected
+    in chunks when they do not all fit (:func:`collect_shard`), each step written and freed as
+    soon as its chunk is done (each file atomically; after a failure in a later chunk the earlier
+    chunks' complete files remain, and Snakemake removes the failed job's output folder).
+
+    On a machine with several GPUs the job leases one (see :mod:`nullcov.models.gpu_lease`) and holds
+    it until the shard is written.
+    """
+    torch.set_num_threads(threads)
+    # The model's content hash reads every weight byte (seconds per GB the first time on a
+    # machine; then cached): a thread does it while the model loads and the prompts run.
+    with lease_device(config["device"], label=f"shard {shard}") as lease, \
+            ThreadPoolExecutor(1, thread_name_prefix="model-fingerprint") as hashing:
+        fingerprint = hashing.submit(model_fingerprint, model_dir)
+        device = use_device(lease.device)
+        log.info("shard %s: prompts %d..%d on device %s (%s)", shard, first_index, first_index + len(prompts) - 1,
+                 device, config["device"])
+        _collect_and_write(fingerprint, device=device, model_spec=model_spec, model_dir=model_dir, prompts=prompts,
+                           first_index=first_index, shard=shard, schedule=schedule, config=config,
+                           step_paths=step_paths, text_path=text_path, mem_mb=mem_mb)
+
+
+def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
+                       config, step_paths, text_path, mem_mb=None) -> None:
+    family = model_family(model_dir)
+    truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
+    only_text = text_only(config["collect_features"])
+    pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
+    if only_text:
+        if step_paths:
+            raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} "
+                             "were asked")
+        layer_names, resolution = schedule.get("layers"), None
+    else:
+        configure_scheduler(pipe, schedule)
+        if step_paths and sorted(step_paths) != sorted(step["name"] for step in schedule["steps"]):
+            raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
+        layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
+        resolution = image_resolution(pipe, config["resolution"])
+    provenance = {
+        "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": None},  # set at the first write
+        "config": feature_config(config),
+        "prompts": {"first_index": first_index, "count": len(prompts), "sha256": prompt_set_sha256(prompts),
+                    "truncated": truncated, "prompts": prompts},
+        "shard": shard,
+        "layers": layer_names,
+        "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
+                "scheduler": None if only_text else schedule["scheduler"]["class"], "family": family.name,
+                "pipeline": family.pipeline, "text_only": only_text},
+        "packages": package_versions(),
+    }
+    writer = _ShardWriter(provenance, fingerprint, schedule["steps"], step_paths)
+    if only_text:
+        text_moments = collect_text_shard(pipe, prompts, first_index, config)
+    else:
+        weights = memory.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
+        _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=writer.write_step,
+                                              mem_mb=mem_mb, weights=weights)
+    if text_path:
+        writer.write_text(text_path, text_moments)
+    log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(writer.written),
+             " and text.h5" if text_path else "", peak_rss_mb())
+
+
+def _check_prompts(model_dir, family, prompts: list[str], first_index: int, strict: bool) -> int:
+    """:func:`check_prompt_lengths` with each of the family's tokenizers, before the model is loaded
+    (``strict_prompts`` fails fast); the most prompts one of them truncates."""
+    from transformers import CLIPTokenizer
+
+    truncated = 0
+    for name in family.tokenizers:
+        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict))
+    return truncated
+
+
+class _ShardWriter:
+    """Writes a shard's files as they come, each with the shard's provenance; the model's fingerprint
+    (hashed in another thread) joins the provenance at the first write."""
+
+    def __init__(self, provenance: dict, fingerprint: Future, steps: list[dict], step_paths: dict[str, str]):
+        self.provenance, self.fingerprint = provenance, fingerprint
+        self.steps, self.step_paths = steps, step_paths
+        self.written: list[str] = []
+
+    def hashed(self) -> dict:
+        self.provenance["model"]["fingerprint"] = self.fingerprint.result()  # waits for the hashing thread
+        return self.provenance
+
+    def write_step(self, index: int, moments: dict) -> None:
+        """``on_step`` of :func:`collect_shard`: write step ``index``'s file (when step files are asked)."""
+        if not self.step_paths:
+            return
+        step = self.steps[index]
+        attrs = {"provenance": self.hashed(), "step": {k: step[k] for k in ("index", "name", "timestep")}}
+        write_moments(self.step_paths[step["name"]], "features", moments, attrs)
+        self.written.append(self.step_paths[step["name"]])
+
+    def write_text(self, path: str, moments) -> None:
+        write_moments(path, "features", {TEXT_KEY: moments}, {"provenance": self.hashed(), "step": "text"})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (:func:`nullcov.measurement.peak_rss_bytes`: exact,
+    unlike a sampled ``benchmark:`` max_rss, which Snakemake polls every 30 s after the first 15 s)."""
+    from nullcov.measurement import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20

@@ -1,0 +1,108 @@
+"""The sampler drivers: how one prompt batch runs through a model's own diffusers pipeline.
+
+Every job that samples goes through here, so each sees the trajectory the feature job collects:
+the feature job (:mod:`nullcov.collection.features`), the attention maps (:mod:`nullcov.report.attention`), the
+fine-tune proof (:mod:`nullcov.proof.experiment`), the validation tests and the benchmarks.
+
+- :func:`configure_scheduler` installs the sampler of ``results/schedule.json`` on a pipeline
+  and checks that it reproduces the file's timesteps.
+- :func:`prompt_generator`: prompt ``i`` (0-based among all prompts) draws its latents and sampler
+  noise from a CPU generator seeded ``seed + i``, so results depend on neither shard size, batch
+  size nor device.
+- :data:`COLLECTIONS`: one driver per ``collection``. ``trajectory`` (default) is the real
+  pipeline call, whose every UNet call is a scheduled step; ``noised`` reproduces the legacy
+  tool: per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding
+  only. Both can stop after a chunk of steps (a chunked feature job replays from the start).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nullcov.docs import see
+from nullcov.models.device import module_device
+from nullcov.models.schedule import build_schedule, make_scheduler
+
+
+class ScheduleFileError(RuntimeError):
+    """results/schedule.json does not describe what this model's sampler does."""
+
+
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """Prompt ``index``'s own CPU generator (latents and sampler noise): seeded ``seed + index``."""
+    return torch.Generator("cpu").manual_seed(seed + index)
+
+
+def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Generator]:
+    """The generators of ``count`` consecutive prompts starting at ``first_index``."""
+    return [prompt_generator(seed, first_index + offset) for offset in range(count)]
+
+
+def configure_scheduler(pipe, schedule: dict) -> None:
+    """Install the schedule's sampler on ``pipe`` and check it reproduces ``schedule``'s steps."""
+    strategy, steps = schedule["strategy"], schedule["num_denoising_steps"]
+    expected = [step["timestep"] for step in schedule["steps"]]
+    rebuilt = [step["timestep"] for step in build_schedule(dict(pipe.scheduler.config), strategy, steps)["steps"]]
+    if rebuilt != expected:
+        raise ScheduleFileError(
+            f"results/schedule.json lists timesteps {expected}, but this model's scheduler config gives {rebuilt} "
+            f"for {strategy!r} with {steps} steps; rerun the schedule rule{see('schedule-and-sampler-disagree')}"
+        )
+    pipe.scheduler = make_scheduler(pipe.scheduler.config, strategy)
+
+
+class _StopAfter:
+    """A ``callback_on_step_end`` that interrupts the pipeline once ``stop`` steps have run
+    (diffusers' ``interrupt``: later steps call nothing)."""
+
+    def __init__(self, stop: int):
+        self.stop = stop
+
+    def __call__(self, pipeline, index, timestep, tensors) -> dict:
+        if index + 1 >= self.stop:
+            pipeline._interrupt = True
+        return {}
+
+
+def run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
+    """The sampler from the first step through ``chunk``'s last (a replay: the same seeds give
+    the same trajectory), interrupted there. ``chunk`` None: every step."""
+    stop = len(schedule["steps"]) if chunk is None else chunk.stop
+    pipe(
+        prompt=prompts,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        height=resolution,
+        width=resolution,
+        output_type="latent",
+        callback_on_step_end=_StopAfter(stop) if stop < len(schedule["steps"]) else None,
+        **schedule["set_timesteps"],
+    )
+
+
+def run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
+    """Per step of ``chunk`` one UNet call; every earlier step's noise is drawn all the same (the
+    generators' state, hence the result, does not depend on the chunking). ``chunk`` None: every step."""
+    chunk = range(len(schedule["steps"])) if chunk is None else chunk
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device, dtype = module_device(pipe.unet), pipe.unet.dtype
+    embeddings, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
+    factor = pipe.vae_scale_factor
+    shape = (len(prompts), pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    for index, step in enumerate(schedule["steps"][: chunk.stop]):
+        clean = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        if index not in chunk:
+            continue
+        alpha = step["alphas_cumprod"]
+        noisy = math.sqrt(alpha) * clean + math.sqrt(1.0 - alpha) * noise
+        timestep = torch.tensor(step["timestep"], device=device)
+        pipe.unet(noisy, timestep, encoder_hidden_states=embeddings, return_dict=False)
+
+
+#: The sampler driver of each ``collection``: ``run(pipe, prompts, generators, schedule,
+#: guidance_scale, resolution, chunk=None)``.
+COLLECTIONS = {"trajectory": run_trajectory, "noised": run_noised}

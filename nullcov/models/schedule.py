@@ -1,0 +1,256 @@
+"""Timestep schedules: which UNet calls are collected, and what each one is called.
+
+A sampler name is a real diffusers scheduler class plus options (diffusers' own A1111 mapping),
+built with ``from_config`` on the model's scheduler config. ``null`` (uniform; also spelt
+``uniform`` or the string ``"null"``, see :func:`canonical_strategy`) and ``early_timestep``
+are explicit timestep lists driven by first-order DPM-Solver++ (equivalent to DDIM), which
+accepts custom ``timesteps``.
+
+Importing this module is cheap (no torch/diffusers); :func:`build_schedule` imports diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from nullcov.docs import see
+from nullcov.files import NULL_WORDS, atomic_path
+from nullcov.provenance import package_versions
+
+# sampler name -> (diffusers scheduler class, options passed to from_config)
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "DPM++ 3M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 3, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {"original_inference_steps": 50}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+}
+# Drives the explicit lists of `null` and `early_timestep`: first-order DPM-Solver++ is DDIM.
+TIMESTEP_LIST_SCHEDULER: tuple[str, dict] = (
+    "DPMSolverMultistepScheduler",
+    {"solver_order": 1, "algorithm_type": "dpmsolver++"},
+)
+TIMESTEP_LIST_STRATEGIES = (None, "early_timestep")
+STRATEGIES: tuple = (*TIMESTEP_LIST_STRATEGIES, *SAMPLERS)
+# Spellings of the uniform strategy (canonical form: None). "null" is what `--config
+# sampler_strategy=null` passes; the other null words come from nullcov.files.NULL_WORDS.
+UNIFORM_NAMES = ("uniform",)
+
+# Bump when the schedule JSON layout or the mapping above changes: invalidates parse-time caches.
+SCHEDULE_FORMAT = 1
+
+# No braces: Snakemake reads `{...}` inside a wildcard constraint as a wildcard.
+NAME_PATTERN = r"(?:timestep_\d\d\d\d|alpha_\d\d+_\d\d\d\d)"
+
+log = logging.getLogger(__name__)
+
+
+class ScheduleError(ValueError):
+    """An invalid strategy, step count or scheduler config."""
+
+
+def canonical_strategy(strategy):
+    """The strategy as the functions below compare it: None for every spelling of uniform.
+
+    ``None``, ``"uniform"`` and the null words (``"null"``, ...) all mean the uniform strategy;
+    any other value is returned unchanged (and :func:`check_strategy` judges it).
+    """
+    if isinstance(strategy, str) and (strategy.strip() in UNIFORM_NAMES or strategy.strip() in NULL_WORDS):
+        return None
+    return strategy
+
+
+def check_strategy(strategy) -> None:
+    if canonical_strategy(strategy) not in STRATEGIES:
+        valid = ", ".join("null (or 'uniform')" if s is None else repr(s) for s in STRATEGIES)
+        raise ScheduleError(f"sampler_strategy {strategy!r} is not known; valid values: {valid}"
+                            f"{see('error-validating-config-file')}")
+
+
+def timestep_list(strategy, num_steps: int, num_train_timesteps: int) -> list[int]:
+    """The explicit timestep list of ``null`` (uniform) or ``early_timestep`` (the noisiest)."""
+    import numpy as np
+
+    strategy = canonical_strategy(strategy)
+    if num_steps <= 0:
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}"
+                            f"{see('error-validating-config-file')}")
+    last = num_train_timesteps - 1
+    if num_steps >= num_train_timesteps:
+        return list(range(last, -1, -1))
+    if strategy is None:
+        return [int(t) for t in np.linspace(last, 0, num_steps).astype(np.int64)]
+    if strategy == "early_timestep":
+        return list(range(last, last - num_steps, -1))
+    raise ScheduleError(f"{strategy!r} is a sampler, not a timestep-list strategy")
+
+
+def step_name(strategy, index: int, timestep: float) -> str:
+    """``timestep_{t:04d}`` for the uniform strategy, else ``alpha_{index:02d}_{round(t):04d}``."""
+    if canonical_strategy(strategy) is None:
+        return f"timestep_{int(round(timestep)):04d}"
+    return f"alpha_{index:02d}_{int(round(timestep)):04d}"
+
+
+def scheduler_choice(strategy) -> tuple[str, dict]:
+    """The diffusers scheduler class name and ``from_config`` options used for a strategy."""
+    check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
+    if strategy in TIMESTEP_LIST_STRATEGIES:
+        return TIMESTEP_LIST_SCHEDULER
+    return SAMPLERS[strategy]
+
+
+def set_timesteps_arguments(strategy, num_steps: int, num_train_timesteps: int) -> dict:
+    """Keyword arguments for both ``scheduler.set_timesteps`` and the pipeline call."""
+    strategy = canonical_strategy(strategy)
+    if strategy in TIMESTEP_LIST_STRATEGIES:
+        return {"timesteps": timestep_list(strategy, num_steps, num_train_timesteps)}
+    if num_steps <= 0:
+        raise ScheduleError(f"num_denoising_steps must be a positive integer, got {num_steps}"
+                            f"{see('error-validating-config-file')}")
+    return {"num_inference_steps": num_steps}
+
+
+def make_scheduler(scheduler_config: dict, strategy):
+    """The configured diffusers scheduler for ``strategy`` (``set_timesteps`` not yet called)."""
+    import diffusers
+
+    class_name, options = scheduler_choice(strategy)
+    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
+
+
+def check_step_limit(scheduler, strategy, num_steps: int) -> None:
+    """Refuse more steps than a distilled sampler's schedule holds (LCM: ``original_inference_steps``).
+
+    LCM picks its timesteps from a grid of ``original_inference_steps`` points, so it cannot
+    take more steps than that; diffusers would fail inside ``set_timesteps`` with a traceback.
+    """
+    limit = getattr(scheduler.config, "original_inference_steps", None)
+    if canonical_strategy(strategy) in TIMESTEP_LIST_STRATEGIES or limit is None or num_steps <= int(limit):
+        return
+    raise ScheduleError(
+        f"sampler_strategy {strategy!r} allows at most {int(limit)} num_denoising_steps (its scheduler's "
+        f"original_inference_steps is {int(limit)}), got num_denoising_steps {num_steps}: set "
+        f"num_denoising_steps to {int(limit)} or fewer, or pick another sampler_strategy"
+        f"{see('sampler-refuses-the-number-of-steps')}"
+    )
+
+
+def build_schedule(scheduler_config: dict, strategy, num_steps: int) -> dict:
+    """Run the real scheduler and describe every UNet call of the trajectory.
+
+    Returns a JSON-able dict: the scheduler class, options, full config, the ``set_timesteps``
+    arguments, and per collected step ``index``, ``name``, exact ``timestep`` (float),
+    ``alphas_cumprod`` (interpolated at the timestep) and ``sigma`` = sqrt((1 - a) / a).
+    """
+    import numpy as np
+
+    check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
+    class_name, options = scheduler_choice(strategy)
+    scheduler = make_scheduler(scheduler_config, strategy)
+    num_train = int(scheduler.config.num_train_timesteps)
+    arguments = set_timesteps_arguments(strategy, num_steps, num_train)
+    check_step_limit(scheduler, strategy, num_steps)
+    try:
+        scheduler.set_timesteps(**arguments)
+    except ValueError as err:  # any other limit of a diffusers scheduler: name the keys at fault
+        raise ScheduleError(
+            f"sampler_strategy {strategy!r} with num_denoising_steps {num_steps} is refused by {class_name}: {err}"
+            f"{see('sampler-refuses-the-number-of-steps')}"
+        ) from err
+    timesteps = [float(t) for t in scheduler.timesteps.double().tolist()]
+    alphas_cumprod = scheduler.alphas_cumprod.double().numpy()
+    steps = []
+    for index, timestep in enumerate(timesteps):
+        alpha = float(np.interp(timestep, np.arange(num_train), alphas_cumprod))
+        steps.append(
+            {
+                "index": index,
+                "name": step_name(strategy, index, timestep),
+                "timestep": timestep,
+                "alphas_cumprod": alpha,
+                "sigma": math.sqrt((1.0 - alpha) / alpha),
+            }
+        )
+    names = [step["name"] for step in steps]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ScheduleError(f"strategy {strategy!r} gives repeated step names {duplicated}"
+                            f"{see('sampler-refuses-the-number-of-steps')}")
+    return {
+        "format": SCHEDULE_FORMAT,
+        "strategy": strategy,
+        "num_denoising_steps": num_steps,
+        "scheduler": {"class": class_name, "options": options, "config": dict(scheduler.config)},
+        "set_timesteps": arguments,
+        "num_train_timesteps": num_train,
+        "steps": steps,
+    }
+
+
+def _cache_key(scheduler_config: dict, strategy, num_steps: int) -> str:
+    try:
+        diffusers_version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        diffusers_version = "not installed"
+    payload = json.dumps(
+        [SCHEDULE_FORMAT, diffusers_version, scheduler_config, strategy, num_steps],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir: str | Path) -> dict:
+    """:func:`build_schedule`, memoised as JSON under ``cache_dir``.
+
+    The Snakefile needs every step name at parse time, and cluster jobs re-parse it; importing
+    diffusers costs seconds, reading this cache milliseconds. The key covers the scheduler
+    config, strategy, step count, diffusers version and :data:`SCHEDULE_FORMAT`.
+    """
+    check_strategy(strategy)
+    strategy = canonical_strategy(strategy)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"schedule-{_cache_key(scheduler_config, strategy, num_steps)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    text = json.dumps(build_schedule(scheduler_config, strategy, num_steps), indent=1, sort_keys=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return json.loads(text)  # the same value a cache hit returns
+
+def write_schedule(path, schedule: dict, layers: list[str], model_spec: str) -> dict:
+    """``results/schedule.json``: the sampler's steps (:func:`nullcov.models.schedule.build_schedule`)
+    plus the cross-attention layers to collect (:func:`nullcov.models.model.select_layers`).
+
+    The workflow computes both when it parses the Snakefile (the layers from the model's UNet
+    config on the meta device), so a bad ``cross_attention_layers`` or sampler fails before any
+    job runs; the ``schedule`` rule only writes them down, inside the Snakemake process.
+    """
+    schedule = dict(schedule) | {"layers": list(layers),
+                                 "provenance": {"model": model_spec, "packages": package_versions()}}
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
+    log.info("%s: %d steps of %s (%s); %d cross-attention layers", path, len(schedule["steps"]),
+             schedule["strategy"], schedule["scheduler"]["class"], len(layers))
+    return schedule
+
+

@@ -1,0 +1,527 @@
+"""The fine-tune proof: does a projected fine-tune learn a new concept and leave the rest of the model alone?
+
+Teaches a model a shape it never saw under a made-up token (:mod:`nullcov.proof.data`: ``a red sks
+on the left`` from a few renders of a cross) by fine-tuning the weights of its cross-attention
+linears (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every ``attn2``), from the same weights,
+data and seeds in every variant (:func:`plan_variants`):
+
+- ``unconstrained``: plain AdamW;
+- ``prior-preservation``: DreamBooth's remedy: class images the base model draws for class
+  prompts (the concept's frame with the trained shapes), their denoising loss added at weight 1;
+- ``projected``: AdamW with :class:`nullcov.training.constraint.NullSpaceConstraint` (gradients projected
+  too), for each threshold, scope (``per-timestep``: each batch's own timestep's projection;
+  ``all-timesteps``: the null space of every scheduled step at once), statistic and CFG branches
+  of the statistics (a results folder each, :mod:`nullcov.proof.statistics`);
+- ``projected-kv``: only ``to_k``/``to_v`` trained and projected, with the run's own setting: their
+  inputs are the frozen text encoder's states, which no update can shift;
+- ``projected-lora``: peft LoRA (rank ``lora_rank``) on the same linears, ``A ← A P``, with the
+  best projected setting (:func:`best_projected`: preservation first).
+
+Each variant trains until the evaluator (:mod:`nullcov.shapes.evaluator`) reads the new shape, in the
+colour and at the position asked, in ``target_fidelity`` of the concept prompts' samples (checked
+every ``eval_every`` steps), or stops at ``max_steps`` and says so: variants are compared at
+matched concept fidelity, not matched steps. Then the preserved prompts are sampled again with the
+same seeds and the statistics' sampler (:class:`Measurement`): evaluator accuracy, pixel change and
+attn2 output movement against the base model. Without an evaluator (a model that is not
+``builtin:shapes``) every variant trains ``fixed_steps`` and only losses, drift and the grid are
+reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nullcov.collection.capture import conditional_rows
+from nullcov.proof import data as proof_data
+from nullcov.proof.null_energy import protected_timesteps
+from nullcov.proof.plan import SCOPES, Variant, plan_variants
+from nullcov.shapes import evaluator
+from nullcov.shapes import grammar as shapes
+
+log = logging.getLogger(__name__)
+
+#: Seeds: concept prompts' samples and class images start here (preserved prompts at 0).
+CONCEPT_SEED_OFFSET = 500_000
+CLASS_SEED_OFFSET = 600_000
+
+
+@dataclass
+class ProofSettings:
+    """The experiment's knobs (config keys ``finetune_*``)."""
+
+    learning_rate: float = 1e-3
+    lora_learning_rate: float = 2e-3
+    lora_rank: int = 4
+    batch_size: int = 4
+    eval_every: int = 10
+    max_steps: int = 300
+    fixed_steps: int = 100
+    target_fidelity: float = 0.8
+    concept_seeds: int = 2
+    instances: int = 8
+    class_images: int = 32
+    prior_weight: float = 1.0
+    seed: int = 0
+    guidance_scale: float = 7.5
+    sample_batch: int = 48
+    evaluate: bool = True
+    #: Share of the training batches whose timestep is drawn from [high_noise_start, T) instead of
+    #: [0, T): the layout is decided at high noise (how builtin:shapes was trained); 0 = uniform.
+    high_noise_fraction: float = 0.5
+    high_noise_start: int = 600
+
+
+@dataclass
+class ConceptData:
+    """Latents and text states the fine-tunes train on (instances; class images for prior preservation)."""
+
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    class_latents: torch.Tensor | None = None
+    class_embeddings: torch.Tensor | None = None
+    class_seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What one variant's training did: the merged plain UNet and its cost."""
+
+    unet: object
+    steps: int
+    seconds: float
+    fidelity: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+class Attn2Drift:
+    """Every attn2 output of a sampling run, per prompt (conditional CFG half): the base run's are
+    kept; after :meth:`compare`, each later run's squared distance to them is summed per prompt."""
+
+    def __init__(self):
+        self.base: list[torch.Tensor] = []
+        self.distance: dict[int, torch.Tensor] = {}  # first prompt of a batch -> per-prompt sums
+        self.energy: dict[int, torch.Tensor] = {}
+        self._recording, self._position, self._first = True, 0, 0
+
+    def hooks(self, unet, first_prompt: int, prompts: int):
+        """A context manager that hooks every attn2 module for one pipeline call on ``prompts`` prompts
+        (:func:`nullcov.collection.hooks.forward_hooks`: removed when it ends, also on an error)."""
+        from nullcov.collection.hooks import Hook, forward_hooks
+        from nullcov.models.model import cross_attention_modules
+
+        self._first, self._prompts = first_prompt, prompts
+        return forward_hooks(Hook(module, self._on_output) for _, module in cross_attention_modules(unet))
+
+    def _on_output(self, module, args, output) -> None:
+        rows = output[conditional_rows(len(output), self._prompts)].detach().float().cpu()
+        if self._recording:
+            self.base.append(rows)
+            return
+        base = self.base[self._position]
+        self._position += 1
+        distance = (rows - base).square().flatten(1).sum(1).double()
+        energy = base.square().flatten(1).sum(1).double()
+        self.distance[self._first] = self.distance.get(self._first, 0) + distance
+        self.energy[self._first] = self.energy.get(self._first, 0) + energy
+
+    def compare(self) -> None:
+        """From now on, compare each run with the recorded base run (call before every later run)."""
+        self._recording, self._position, self.distance, self.energy = False, 0, {}, {}
+
+    def change(self, indices: list[int]) -> float:
+        """``sqrt(Σ‖o − o₀‖² / Σ‖o₀‖²)`` over the prompts ``indices``."""
+        distance = torch.cat([self.distance[key] for key in sorted(self.distance)])[indices]
+        energy = torch.cat([self.energy[key] for key in sorted(self.energy)])[indices]
+        return math.sqrt(float(distance.sum() / energy.sum()))
+
+
+def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings: ProofSettings,
+           drift: Attn2Drift | None = None) -> np.ndarray:
+    """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded ``first_seed + i``,
+    with the schedule's sampler and CFG, in batches of ``settings.sample_batch``."""
+    from nullcov.models.sampling import prompt_generators
+
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for start in range(0, len(captions), settings.sample_batch):
+        batch = captions[start: start + settings.sample_batch]
+        hooked = drift.hooks(pipe.unet, start, len(batch)) if drift is not None else contextlib.nullcontext()
+        with hooked, torch.no_grad():
+            output = pipe(prompt=batch, guidance_scale=settings.guidance_scale, height=resolution,
+                          width=resolution, generator=prompt_generators(first_seed, start, len(batch)),
+                          output_type="np", **schedule["set_timesteps"])
+        images.append(output.images.astype(np.float32))
+    return np.concatenate(images)
+
+
+def concept_prompts(settings: ProofSettings) -> list[tuple[shapes.Scene, str]]:
+    """(scene, caption) of every concept sample: each concept scene ``concept_seeds`` times."""
+    return [(scene, proof_data.concept_caption(scene)) for scene in proof_data.concept_scenes()
+            for _ in range(settings.concept_seeds)]
+
+
+def concept_fidelity(scenes: list[shapes.Scene], images: np.ndarray) -> float:
+    """Share of samples the evaluator reads as the concept's shape, in the colour and at the position asked."""
+    hits = []
+    for scene, image in zip(scenes, images, strict=True):
+        reading = evaluator.read_image(image)
+        hits.append((reading.shape, reading.colour, reading.position) == (scene.shape, scene.colour, scene.position))
+    return float(np.mean(hits))
+
+
+# -- training ---------------------------------------------------------------------------------------
+def encode_renders(pipe, scenes: list[shapes.Scene], seed: int) -> torch.Tensor:
+    """VAE latents (posterior mean x scaling factor) of the scenes rendered at the model's resolution."""
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = np.stack([shapes.render(scene, resolution, noise_seed=seed + i) for i, scene in enumerate(scenes)])
+    return encode_images(pipe, pixels.astype(np.float32) / 255.0)
+
+
+def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
+    """VAE latents of images [N, H, W, 3] in 0..1."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(pipe.device) * 2.0 - 1.0
+    with torch.no_grad():
+        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def text_states(pipe, captions: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.encode_prompt(captions, pipe.device, 1, do_classifier_free_guidance=False)[0]
+
+
+def concept_data(pipe, schedule: dict, settings: ProofSettings, prior: bool) -> ConceptData:
+    """The instances' latents and captions' states; with ``prior``, class images drawn by the base model."""
+    scenes = proof_data.instance_scenes(settings.instances)
+    data = ConceptData(encode_renders(pipe, scenes, settings.seed),
+                       text_states(pipe, [proof_data.concept_caption(scene) for scene in scenes]))
+    if prior:
+        started = time.perf_counter()
+        captions = [scene.caption for scene in proof_data.class_scenes(settings.class_images, settings.seed)]
+        images = sample(pipe, captions, CLASS_SEED_OFFSET, schedule, settings)
+        data.class_latents, data.class_embeddings = encode_images(pipe, images), text_states(pipe, captions)
+        data.class_seconds = time.perf_counter() - started
+    return data
+
+
+def denoising_loss(unet, noise_scheduler, latents, embeddings, timestep: int, generator) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.full((len(latents),), timestep, device=latents.device)
+    prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, embeddings).sample
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(latents, noise, timesteps)
+    return torch.nn.functional.mse_loss(prediction, target)
+
+
+def batch_timestep(settings: ProofSettings, num_train_timesteps: int, generator) -> int:
+    """One batch's timestep: in a ``high_noise_fraction`` share of the batches from
+    ``[high_noise_start, num_train_timesteps)``, otherwise from ``[0, num_train_timesteps)``."""
+    fraction = settings.high_noise_fraction
+    high = fraction > 0 and float(torch.rand((), generator=generator)) < fraction
+    low = settings.high_noise_start if high else 0
+    return int(torch.randint(low, num_train_timesteps, (1,), generator=generator))
+
+
+def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, settings: ProofSettings,
+                  generators: tuple) -> tuple[torch.Tensor, int]:
+    """One batch: instances (and, for prior preservation, class images) at one timestep (:func:`batch_timestep`);
+    returns (loss, timestep). ``generators``: (instances, class images), so the instance batches are
+    the same in every variant."""
+    instances, classes = generators
+    timestep = batch_timestep(settings, noise_scheduler.config.num_train_timesteps, instances)
+    chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=instances)
+    loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], data.embeddings[chosen], timestep, instances)
+    if variant.kind == "prior-preservation":
+        chosen = torch.randint(0, len(data.class_latents), (settings.batch_size,), generator=classes)
+        loss = loss + settings.prior_weight * denoising_loss(
+            unet, noise_scheduler, data.class_latents[chosen], data.class_embeddings[chosen], timestep, classes)
+    return loss, timestep
+
+
+def trainable_unet(base_unet, variant: Variant, settings: ProofSettings):
+    """A copy of the base UNet with the attn2 linears trainable (full; ``projected-kv``: ``to_k`` and
+    ``to_v`` only), or LoRA adapters on them."""
+    from nullcov.training.bank import TEXT_LINEARS
+    from nullcov.training.constraint import find_cross_attention_linears
+
+    unet = copy.deepcopy(base_unet)
+    unet.requires_grad_(False)
+    if variant.kind == "projected-lora":
+        from peft import LoraConfig
+
+        cuda = [unet.device.index or 0] if unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the adapters' initialisation, seeded, whatever ran before
+            torch.manual_seed(settings.seed)
+            unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
+                                        target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+        return unet
+    for item in find_cross_attention_linears(unet):
+        if variant.kind != "projected-kv" or item.linear in TEXT_LINEARS:
+            item.module.weight.requires_grad_(True)
+    return unet
+
+
+def attn2_state(unet) -> dict[str, torch.Tensor]:
+    """The attn2 linears' weights under ``UNet2DConditionModel.state_dict()`` keys (LoRA merged)."""
+    from nullcov.training.constraint import find_cross_attention_linears
+
+    state = {}
+    for item in find_cross_attention_linears(unet):
+        weight = item.module.weight.detach().clone()
+        if item.lora_down:
+            wrapper = next(m for m in unet.modules() if getattr(m, "base_layer", None) is item.module)
+            for name, down in wrapper.lora_A.items():
+                weight += wrapper.scaling[name] * wrapper.lora_B[name].weight.detach() @ down.weight.detach()
+        state[f"{item.name}.weight"] = weight.contiguous()
+    return state
+
+
+def merged_unet(base_unet, state: dict[str, torch.Tensor]):
+    """A plain copy of the base UNet with ``state``'s attn2 weights: what the saved file regenerates."""
+    unet = copy.deepcopy(base_unet)
+    missing = set(state) - set(unet.state_dict())
+    if missing:
+        raise KeyError(f"attn2 weights {sorted(missing)} are not keys of the UNet's state_dict")
+    unet.load_state_dict(state, strict=False)
+    return unet
+
+
+def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
+                  settings: ProofSettings) -> Outcome:
+    """Train ``variant`` until the concept fidelity reaches the target (or for ``fixed_steps`` without
+    an evaluator); returns the merged plain UNet, steps, seconds (class images included) and fidelity."""
+    from diffusers import DDPMScheduler
+
+    from nullcov.training.constraint import NullSpaceConstraint
+
+    started = time.perf_counter()
+    unet = trainable_unet(base_unet, variant, settings)
+    pipe.unet = unet
+    constraint = NullSpaceConstraint(unet, variant.results_dir, mode="nearest") if variant.projected else None
+    lr = settings.lora_learning_rate if variant.kind == "projected-lora" else settings.learning_rate
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generators = (torch.Generator().manual_seed(settings.seed + 2), torch.Generator().manual_seed(settings.seed + 3))
+    every_step = [step["timestep"] for step in schedule["steps"]]
+    cap = settings.max_steps if settings.evaluate else settings.fixed_steps
+    outcome = Outcome(unet=None, steps=0, seconds=0.0, fidelity=math.nan)
+    for step in range(1, cap + 1):
+        loss, timestep = training_loss(unet, noise_scheduler, data, variant, settings, generators)
+        loss.backward()
+        protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
+        if constraint is not None:
+            constraint.project_gradients(protected)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if constraint is not None:
+            constraint.project(protected)
+        outcome.losses.append((step, loss.item()))
+        outcome.steps = step
+        if settings.evaluate and (step % settings.eval_every == 0 or step == cap):
+            outcome.fidelity = evaluate_concept(pipe, schedule, settings)[0]
+            log.info("%s, step %d: concept fidelity %.3f (target %.2f)", variant.name, step, outcome.fidelity,
+                     settings.target_fidelity)
+            if outcome.fidelity >= settings.target_fidelity:
+                break
+    outcome.unet = merged_unet(base_unet, attn2_state(unet))
+    pipe.unet = outcome.unet
+    class_seconds = data.class_seconds if variant.kind == "prior-preservation" else 0.0
+    outcome.seconds = time.perf_counter() - started + class_seconds
+    return outcome
+
+
+def evaluate_concept(pipe, schedule: dict, settings: ProofSettings) -> tuple[float, np.ndarray]:
+    """(fidelity, images) of the concept prompts under the current UNet."""
+    prompts = concept_prompts(settings)
+    images = sample(pipe, [caption for _, caption in prompts], CONCEPT_SEED_OFFSET, schedule, settings)
+    scenes = [scene for scene, _ in prompts]
+    return (concept_fidelity(scenes, images) if settings.evaluate else math.nan), images
+
+
+# -- measuring --------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """The preserved prompts under one UNet: images and, per prompt, which attributes read correctly."""
+
+    images: np.ndarray
+    correct: list[dict[str, bool]]
+
+
+def measure_preserved(pipe, preserved: list[proof_data.PreservedPrompt], schedule: dict, settings: ProofSettings,
+                      drift: Attn2Drift) -> Measurement:
+    images = sample(pipe, [prompt.caption for prompt in preserved], 0, schedule, settings, drift)
+    correct = [evaluator.score(evaluator.read_image(image), prompt.scene) if settings.evaluate else {}
+               for prompt, image in zip(preserved, images, strict=True)]
+    return Measurement(images, correct)
+
+
+def accuracy(measurement: Measurement, indices: list[int], attribute: str | None = None) -> float:
+    """Share correct of ``attribute`` (None: every attribute the prompt asks) over ``indices``."""
+    values = [all(measurement.correct[i].values()) if attribute is None else measurement.correct[i][attribute]
+              for i in indices if attribute is None or attribute in measurement.correct[i]]
+    return float(np.mean(values)) if values and measurement.correct[indices[0]] else math.nan
+
+
+def group_indices(preserved: list[proof_data.PreservedPrompt]) -> dict[str, list[int]]:
+    """Prompt indices per group (``all`` and :data:`nullcov.proof.data.GROUPS`)."""
+    groups = {"all": list(range(len(preserved)))} | {group: [] for group in proof_data.GROUPS}
+    for index, prompt in enumerate(preserved):
+        for group in prompt.groups():
+            groups[group].append(index)
+    return groups
+
+
+def preserved_columns(base: Measurement, after: Measurement, drift: Attn2Drift,
+                      groups: dict[str, list[int]]) -> dict[str, float]:
+    """Accuracy before/after per attribute, and per group the all-correct drop (points), the mean
+    pixel change of the final images and the attn2 output movement."""
+    row = {}
+    for attribute in evaluator.ATTRIBUTES:
+        before, later = accuracy(base, groups["all"], attribute), accuracy(after, groups["all"], attribute)
+        row |= {f"accuracy_before_{attribute}": before, f"accuracy_after_{attribute}": later,
+                f"accuracy_drop_points_{attribute}": 100 * (before - later)}
+    for group, indices in groups.items():
+        if not indices:
+            continue
+        row[f"accuracy_drop_points_{group}"] = 100 * (accuracy(base, indices) - accuracy(after, indices))
+        row[f"pixel_change_{group}"] = float(np.abs(after.images[indices] - base.images[indices]).mean())
+        row[f"attn2_change_{group}"] = drift.change(indices)
+    return row
+
+
+def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[str, float]:
+    """``‖ΔW‖`` over the attn2 weights and, for projected variants, the share of the update outside
+    the null spaces it was projected into: ``‖ΔW − ΔW Q Qᵀ‖ / ‖ΔW‖`` over every attn2 weight together
+    (Frobenius norms summed over the linears; ``Q`` a basis of the union of a linear's null spaces:
+    the one ``P`` of all timesteps, or every step's ``P`` per timestep). Over the whole update, not
+    the worst linear: ``ΔW`` is the merged float32 weight minus the base one, whose rounding
+    (about 6e-8 of ``‖W‖``) is alone more than 1e-5 of a linear whose update is a thousandth of its
+    weight (the proof's LoRA variant had such a ``to_q``)."""
+    from nullcov.statistics.store import TEXT_KEY
+    from nullcov.training.bank import ProjectionBank
+    from nullcov.training.constraint import find_cross_attention_linears
+
+    before, after = attn2_state(base_unet), attn2_state(unet)
+    deltas = {key: (after[key] - before[key]).double() for key in after}
+    row = {"weight_update_norm": math.sqrt(sum(float(d.square().sum()) for d in deltas.values())),
+           "update_outside_null_space": math.nan}
+    if not variant.projected:
+        return row
+    lookup = ProjectionBank(variant.results_dir)
+    every_step = [step["timestep"] for step in schedule["steps"]]
+    sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
+    outside = 0.0
+    for item in find_cross_attention_linears(base_unet):
+        factors = [lookup.text_factor if item.key == TEXT_KEY else lookup.factors(timesteps)[item.key]
+                   for timesteps in sets]
+        basis = union_basis([factor.dense().double() for factor in factors])
+        delta = deltas[f"{item.name}.weight"]
+        outside += float((delta - delta @ basis @ basis.T).square().sum())
+    if row["weight_update_norm"] > 0:
+        row["update_outside_null_space"] = math.sqrt(outside) / row["weight_update_norm"]
+    return row
+
+
+def union_basis(projections: list[torch.Tensor], tolerance: float = 1e-4) -> torch.Tensor:
+    """An orthonormal basis (columns) of the span of the projections' ranges."""
+    stacked = torch.cat(projections, dim=1)
+    left, singular, _ = torch.linalg.svd(stacked, full_matrices=False)
+    return left[:, singular > tolerance * max(float(singular[0]), 1.0)] if len(singular) else left
+
+
+# -- the experiment ---------------------------------------------------------------------------------
+#: The goal's bound on the preserved prompts' accuracy drop (points): a variant within it "preserved".
+PRESERVED_DROP_POINTS = 1.0
+
+
+def best_projected(rows: list[dict]) -> dict:
+    """The projected row to repeat with LoRA, the one closest to the goal: among the variants that
+    preserved (accuracy drop <= :data:`PRESERVED_DROP_POINTS`; all of them if none did), the one that
+    reached the target and moved the preserved prompts' pixels least, or, if none reached it, the one
+    with the highest concept fidelity. Preservation comes first: a projection that learns the concept
+    but moves the rest as much as an unconstrained fine-tune is no better setting to repeat."""
+    projected = [row for row in rows if row["kind"] == "projected"]
+    preserved = [row for row in projected if row["accuracy_drop_points_all"] <= PRESERVED_DROP_POINTS]
+    pool = preserved or projected
+    reached = [row for row in pool if row["reached_target"] == "yes"]
+    if reached:
+        return min(reached, key=lambda row: row["pixel_change_all"])
+    return max(pool, key=lambda row: (np.nan_to_num(row["concept_fidelity"], nan=-1.0), -row["steps"]))
+
+
+@dataclass
+class Baseline:
+    """The base model's measurements every variant is compared with."""
+
+    unet: object
+    preserved: list[proof_data.PreservedPrompt]
+    groups: dict[str, list[int]]
+    measurement: Measurement
+    drift: Attn2Drift
+    concept_fidelity: float
+
+
+def measure_baseline(pipe, schedule: dict, statistics_prompts: list[str], settings: ProofSettings) -> Baseline:
+    preserved = proof_data.preserved_scenes(statistics_prompts)
+    drift = Attn2Drift()
+    measurement = measure_preserved(pipe, preserved, schedule, settings, drift)
+    fidelity, _ = evaluate_concept(pipe, schedule, settings)
+    return Baseline(pipe.unet, preserved, group_indices(preserved), measurement, drift, fidelity)
+
+
+def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, baseline: Baseline,
+                settings: ProofSettings) -> tuple[dict, object]:
+    """Train one variant and measure it; returns (table row, merged UNet)."""
+    outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings)
+    baseline.drift.compare()
+    after = measure_preserved(pipe, baseline.preserved, schedule, settings, baseline.drift)
+    reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
+    row = {"variant": variant.name, "kind": variant.kind, "scope": variant.scope, "threshold": variant.threshold,
+           "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
+           "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
+           "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
+           "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
+    row |= update_columns(baseline.unet, outcome.unet, variant, schedule)
+    row |= preserved_columns(baseline.measurement, after, baseline.drift, baseline.groups)
+    log.info("%s: %s", variant.name, {k: v for k, v in row.items() if not k.startswith("accuracy_before")})
+    pipe.unet = baseline.unet
+    return row, outcome.unet
+
+
+def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs: dict[tuple[str, str, str], Path],
+              settings: ProofSettings, scopes=SCOPES, prior: bool = True, lora: bool = True, on_variant=None,
+              text_only: bool = False):
+    """Every variant of :func:`plan_variants`; ``on_variant(variant, row, unet)`` after each (to save
+    its weights and grid images). ``results_dirs``: the run's own setting first
+    (:func:`nullcov.proof.plan.compared_settings`), which ``projected-kv`` uses. Returns the rows and
+    the base model's concept fidelity."""
+    from dataclasses import replace
+
+    baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
+    data = concept_data(pipe, schedule, settings, prior)
+    rows = []
+    for variant in plan_variants(list(results_dirs), scopes, prior, lora, text_only):
+        if variant.kind == "projected-lora":
+            best = best_projected(rows)
+            key = (best["branches"], best["statistic"], best["threshold"])
+            variant = replace(variant, scope=best["scope"], threshold=key[2], statistic=key[1], branches=key[0])
+        if variant.kind == "projected-kv":  # the first setting: the run's own
+            branches, statistic, threshold = next(iter(results_dirs))
+            variant = replace(variant, threshold=threshold, statistic=statistic, branches=branches)
+        if variant.kind in ("projected", "projected-lora", "projected-kv"):
+            variant = replace(variant, results_dir=results_dirs[(variant.branches, variant.statistic,
+                                                                 variant.threshold)])
+        row, unet = run_variant(pipe, variant, data, schedule, baseline, settings)
+        rows.append(row)
+        if on_variant is not None:
+            on_variant(variant, row, unet)
+    return rows, baseline.concept_fidelity

@@ -1,0 +1,364 @@
+"""The projections of a run, looked up by timestep: ``ProjectionBank(results_dir)``.
+
+One lookup serves both uses. ``get(layer, linear, timestep)`` gives one ``P`` (a float32 torch
+tensor, computed with numpy, an LRU of ``cache_size`` matrices); ``factors(timesteps)`` gives
+every per-timestep projection that protects a training batch, as
+:class:`~nullcov.training.factored_projection.FactoredProjection` on ``device`` (what
+:class:`nullcov.training.constraint.NullSpaceConstraint` applies; an LRU bounded by ``cache_bytes``).
+
+A timestep resolves to a weighted set of scheduled steps. ``nearest``: the stored projection of
+the closest scheduled step. ``interpolate``: the statistics of the two neighbouring steps mixed
+linearly in t, and the null space recomputed with the run's own statistic and threshold, so the
+result is still an orthogonal projection (averaging two ``P`` matrices would not be).
+``to_k``/``to_v`` resolve to the timestep-independent text projection.
+
+Several timesteps (``factors``): the projection is the null space of the **sum** of their
+statistics at the run's absolute threshold τ. Each statistic ``S_t`` is positive semi-definite,
+so every unit vector ``v`` of that null space has ``vᵀ S_t v ≤ vᵀ (Σ_u S_u) v < τ`` for every
+``t`` of the batch: the update is in the null space of each of them (a thinner one than any
+alone). With ``threshold_percent`` the threshold of the summed statistic is that percentile of
+its own spectrum, and the bound holds with that value as τ. Factor sets are cached per integer
+timestep set, keyed by the steps they resolve to, and computed on ``device``
+(``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on the CPU).
+:meth:`ProjectionBank.precompute` fills that cache for every timestep a trainer can draw.
+
+``results_dir`` is a results folder, or the one-file safetensors export
+(``results/export/nullcov_projections.safetensors``, :mod:`nullcov.training.export`): it holds the
+projections, not the statistics, so it serves ``get`` with ``nearest`` only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import OrderedDict
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nullcov.docs import see
+from nullcov.layout import PROJECTION_ENTRY, TEXT_NAME, Results, statistic_key
+from nullcov.statistics.projection import null_space
+from nullcov.statistics.store import TEXT_KEY, read_moments, read_projections
+from nullcov.training.factored_projection import ConstraintError, FactoredProjection, null_space_factor
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+_LINEARS = {"q": "to_q", "to_q": "to_q", "out": "to_out", "to_out": "to_out",
+            "k": "to_k", "to_k": "to_k", "v": "to_v", "to_v": "to_v"}
+#: The linears whose inputs are the text-encoder states: they take the text projection.
+TEXT_LINEARS = ("to_k", "to_v")
+MODES = ("nearest", "interpolate")
+
+#: A timestep's statistic as weights on scheduled steps: ``((step name, weight), ...)``, sorted by name.
+Mixture = tuple[tuple[str, float], ...]
+
+
+class LeastRecentlyUsed:
+    """A cache that drops its least recently used entries beyond ``max_entries`` entries, or beyond
+    ``max_bytes`` bytes (the newest entry always stays)."""
+
+    def __init__(self, max_entries: int | None = None, max_bytes: int | None = None):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict = OrderedDict()  # key -> (value, nbytes)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def get(self, key):
+        """The value of ``key`` (now the most recently used), or None."""
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def put(self, key, value, nbytes: int = 0) -> None:
+        self._entries[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while self._over():
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.nbytes -= dropped
+
+    def _over(self) -> bool:
+        if self.max_entries is not None and len(self._entries) > self.max_entries:
+            return True
+        return self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._entries) > 1
+
+
+def _eigh_device(device: torch.device) -> torch.device:
+    """Where float64 ``eigh`` runs: the device itself unless it lacks float64 (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _read_steps(results_dir: Path, exported: bool) -> list[dict]:
+    """The schedule's steps, from ``schedule.json`` or the export's metadata."""
+    if exported:
+        from nullcov.training.export import read_safetensors_metadata
+
+        return read_safetensors_metadata(results_dir)["schedule"]["steps"]
+    schedule_path = Results(results_dir).schedule
+    if not schedule_path.is_file():
+        raise FileNotFoundError(f"{schedule_path} not found: is {results_dir} a nullcov results folder?"
+                                f"{see('not-a-nullcov-results-folder')}")
+    return json.loads(schedule_path.read_text())["steps"]
+
+
+class ProjectionBank:
+    """The projections of one run (a results folder or its safetensors export), by timestep.
+
+    ``mode`` (``nearest`` or ``interpolate``) is the default of :meth:`get` and the mode of
+    :meth:`factors`; ``device`` is where factors are computed and kept; ``cache_size`` bounds the
+    matrices of :meth:`get` (count), ``cache_bytes`` the factor sets (bytes).
+    """
+
+    def __init__(self, results_dir: str | Path = "results", cache_size: int = 50, *, mode: str = "nearest",
+                 device="cpu", cache_bytes: int = 8 * 1024**3):
+        self.results_dir = Path(results_dir)
+        self.exported = self.results_dir.suffix == SAFETENSORS_SUFFIX
+        self.mode = self._checked_mode(mode)
+        self.device = torch.device(device)
+        self._layout = Results(self.results_dir)
+        steps = _read_steps(self.results_dir, self.exported)
+        order = sorted(range(len(steps)), key=lambda i: (steps[i]["timestep"], i))
+        self._timesteps = [steps[i]["timestep"] for i in order]  # ascending
+        self._names = [steps[i]["name"] for i in order]
+        self._matrices = LeastRecentlyUsed(max_entries=cache_size)  # get(): (key, mixture) -> P
+        self._cache = LeastRecentlyUsed(max_bytes=int(cache_bytes))  # factors(): mixture -> {key: factor}
+        self._mixtures: dict[tuple[int, ...], Mixture] = {}  # integer timesteps -> their factor set's key
+        self._statistics: dict[str, dict[str, np.ndarray]] = {}  # factors(): every step key's statistic
+        self.computed = 0  # factor sets built (cache misses), for tests and benchmarks
+
+    @property
+    def cache_size(self) -> int:
+        return self._matrices.max_entries
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        self._matrices.max_entries = value
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache.max_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self._cache.max_bytes = int(value)
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The scheduled timesteps, ascending."""
+        return list(self._timesteps)
+
+    @property
+    def step_names(self) -> list[str]:
+        """The step names, in the order of :attr:`timesteps`."""
+        return list(self._names)
+
+    # -- one projection (numpy) ------------------------------------------------------------------
+    def get(self, layer: str, linear: str, timestep: float | None = None, mode: str | None = None):
+        """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``."""
+        if linear not in _LINEARS:
+            raise ValueError(f"linear must be one of {sorted(_LINEARS)}, got {linear!r}"
+                             f"{see('argument-not-among-the-allowed-values')}")
+        mode = self.mode if mode is None else self._checked_mode(mode)
+        linear = _LINEARS[linear]
+        if linear in TEXT_LINEARS:
+            return self._matrix(TEXT_KEY, ((TEXT_NAME, 1.0),))
+        if timestep is None:
+            raise ValueError(f"{linear} projections depend on the timestep; pass one"
+                             f"{see('argument-not-among-the-allowed-values')}")
+        return self._matrix(statistic_key(layer, linear), self._mixture((float(timestep),), mode))
+
+    def _matrix(self, key: str, mixture: Mixture) -> torch.Tensor:
+        """``P`` of one key: stored (one step) or the null space of the mixed statistic; cached."""
+        found = self._matrices.get((key, mixture))
+        if found is None:
+            found = self._stored(mixture[0][0], key) if len(mixture) == 1 else self._mixed(key, mixture)
+            self._matrices.put((key, mixture), found)
+        return found
+
+    def _stored(self, name: str, key: str) -> torch.Tensor:
+        if self.exported:
+            from nullcov.training.export import read_safetensors_projection
+
+            return torch.from_numpy(read_safetensors_projection(self.results_dir, name, key))
+        spaces, _ = read_projections(self._layout.projection(name), keys=[key])
+        return torch.from_numpy(spaces[key].projection)
+
+    def _mixed(self, key: str, mixture: Mixture) -> torch.Tensor:
+        parts = [weight * self._read_statistics(name, [key])[key] for name, weight in mixture]
+        settings = self.settings
+        space = null_space(sum(parts[1:], parts[0]), settings["nullspace_threshold"], settings["threshold_percent"])
+        return torch.from_numpy(space.projection)
+
+    # -- from a timestep to scheduled steps ------------------------------------------------------
+    def nearest_index(self, timestep: float) -> int:
+        """Index (into :attr:`timesteps`) of the closest scheduled timestep (the lower one on a tie)."""
+        return min(range(len(self._timesteps)), key=lambda i: (abs(self._timesteps[i] - timestep), i))
+
+    def neighbours(self, timestep: float) -> tuple[int, int, float]:
+        """Indices (into the ascending list) around ``timestep`` and the weight of the upper one."""
+        high = bisect.bisect_left(self._timesteps, timestep)
+        if high == 0:
+            return 0, 0, 0.0
+        if high == len(self._timesteps):
+            return high - 1, high - 1, 0.0
+        if self._timesteps[high] == timestep:
+            return high, high, 0.0
+        low = high - 1
+        t_low, t_high = self._timesteps[low], self._timesteps[high]
+        return low, high, (timestep - t_low) / (t_high - t_low)
+
+    def _step_weights(self, timestep: float, mode: str) -> list[tuple[str, float]]:
+        """The statistic of ``timestep`` as weights on scheduled steps (nearest: one step)."""
+        names = self._names
+        if mode == "nearest":
+            return [(names[self.nearest_index(timestep)], 1.0)]
+        low, high, weight = self.neighbours(timestep)
+        if low == high:
+            return [(names[low], 1.0)]
+        return [(names[low], 1.0 - weight), (names[high], weight)]
+
+    def _mixture(self, timesteps: tuple[float, ...], mode: str) -> Mixture:
+        """The statistic protecting ``timesteps`` as (step name, weight) pairs: the cache key.
+
+        Timesteps sharing one scheduled step (``nearest``) share one entry.
+        """
+        weights: dict[str, float] = {}
+        for t in timesteps:
+            for name, weight in self._step_weights(t, mode):
+                # nearest: each step's statistic once; interpolate: the sum of every t's mixture
+                weights[name] = 1.0 if mode == "nearest" else weights.get(name, 0.0) + weight
+        weights = {name: weight for name, weight in weights.items() if weight > 0}
+        if len(weights) == 1:  # every t has this one step's statistic S: its stored projection protects them all
+            return ((next(iter(weights)), 1.0),)
+        return tuple(sorted(weights.items()))
+
+    def _checked_mode(self, mode: str) -> str:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}{see('argument-not-among-the-allowed-values')}")
+        if mode == "interpolate" and self.exported:
+            raise ValueError(f"{self.results_dir} holds projections, not statistics: mode='interpolate' needs the "
+                             "results folder (its covariance/ files); use mode='nearest'"
+                             f"{see('interpolation-needs-the-results-folder')}")
+        return mode
+
+    # -- what the files hold ---------------------------------------------------------------------
+    @cached_property
+    def _first_step(self) -> tuple[list[str], dict] | None:
+        """The per-timestep keys and the settings that made them (the first step's file), or None."""
+        path = self._layout.projection(self._names[0])
+        if not path.is_file():
+            return None
+        spaces, attrs = read_projections(path)
+        return sorted(spaces), attrs["provenance"][PROJECTION_ENTRY]
+
+    @cached_property
+    def text_factor(self) -> FactoredProjection | None:
+        """The ``to_k``/``to_v`` projection on ``device``, in its cheapest form (None without text.h5)."""
+        path = self._layout.projection(TEXT_NAME)
+        if not path.is_file():
+            return None
+        space = read_projections(path, keys=[TEXT_KEY])[0][TEXT_KEY]
+        return FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
+                                                  _eigh_device(self.device)).to(self.device)
+
+    @property
+    def step_keys(self) -> list[str]:
+        """The per-timestep keys (``<layer>/to_q``, ``<layer>/to_out``); a folder without any projection is refused."""
+        if self._first_step is None:
+            if self.text_factor is None:
+                first = self._layout.projection(self._names[0])
+                raise FileNotFoundError(f"{first.parent} holds neither {first.name} nor {TEXT_NAME}.h5"
+                                        f"{see('not-a-nullcov-results-folder')}")
+            return []
+        return self._first_step[0]
+
+    @property
+    def settings(self) -> dict | None:
+        """The run's ``statistic``, ``nullspace_threshold`` and ``threshold_percent`` (None without step files)."""
+        return None if self._first_step is None else self._first_step[1]
+
+    def _read_statistics(self, name: str, keys: list[str]) -> dict[str, np.ndarray]:
+        """The run's statistic (float64) of ``keys`` in one step's merged moments."""
+        moments, _ = read_moments(self._layout.covariance(name), "covariance", keys=keys)
+        return {key: m.statistic(self.settings["statistic"]) for key, m in moments.items()}
+
+    # -- every per-timestep projection of a batch (torch, factored) ------------------------------
+    def projections(self, timesteps) -> dict[str, torch.Tensor]:
+        """``{<layer>/<to_q|to_out>: P}`` (d × d float32) protecting every timestep in ``timesteps``.
+
+        Formed from the cached :meth:`factors` on each call: for inspection and tests; training
+        applies the factors.
+        """
+        return {key: factor.dense() for key, factor in self.factors(timesteps).items()}
+
+    def factors(self, timesteps) -> dict[str, FactoredProjection]:
+        """``{<layer>/<to_q|to_out>: FactoredProjection}`` protecting every timestep in ``timesteps``
+        (a tensor, list or number; rounded to integers); cached."""
+        if not self.step_keys:
+            raise ConstraintError(f"{self.results_dir} holds no per-timestep projections (collect_features q/out off)"
+                                  f"{see('no-projection-for-a-layer-or-linear')}")
+        values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
+        if not values:
+            raise ValueError("no timesteps given")
+        timesteps = tuple(sorted({round(float(t)) for t in values}))
+        mixture = self._mixtures.get(timesteps)
+        if mixture is None:
+            mixture = self._mixtures[timesteps] = self._mixture(timesteps, self.mode)
+        found = self._cache.get(mixture)
+        if found is None:
+            found = self._stored_factors(mixture[0][0]) if len(mixture) == 1 else self._mixed_factors(mixture)
+            self.computed += 1
+            self._cache.put(mixture, found, sum(factor.nbytes for factor in found.values()))
+        return found
+
+    def precompute(self, timesteps=range(1000)) -> None:
+        """Fill the factor cache for each integer timestep the trainer can draw (one batch = one timestep)."""
+        timesteps = list(timesteps)
+        for t in timesteps:
+            self.factors([t])
+        wanted = {self._mixtures[(round(float(t)),)] for t in timesteps}
+        if not wanted <= set(self._cache):
+            log.warning("precompute: cache_bytes=%d holds only %d of the %d projection sets of these timesteps",
+                        self.cache_bytes, len(wanted & set(self._cache)), len(wanted))
+
+    def _stored_factors(self, name: str) -> dict[str, FactoredProjection]:
+        """The stored projections of one step, factored by the range finder."""
+        where = _eigh_device(self.device)
+        spaces, _ = read_projections(self._layout.projection(name), keys=self.step_keys)
+        return {key: FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
+                                                        where).to(self.device)
+                for key, space in spaces.items()}
+
+    def _mixed_factors(self, mixture: Mixture) -> dict[str, FactoredProjection]:
+        """The null space of the weighted sum of the steps' statistics, per key."""
+        where = _eigh_device(self.device)
+        found = {}
+        for key in self.step_keys:
+            total = None
+            for name, weight in mixture:
+                part = torch.from_numpy(self._step_statistics(name)[key]).to(where) * weight
+                total = part if total is None else total + part
+            found[key] = null_space_factor(total, self.settings["nullspace_threshold"],
+                                           self.settings["threshold_percent"]).to(self.device)
+        return found
+
+    def _step_statistics(self, name: str) -> dict[str, np.ndarray]:
+        """Every per-timestep key's statistic of one step (float64, host; read once)."""
+        if name not in self._statistics:
+            self._statistics[name] = self._read_statistics(name, self.step_keys)
+        return self._statistics[name]

@@ -1,0 +1,211 @@
+"""Null-space-constrained fine-tuning of the UNet's cross-attention linears.
+
+Usage (any optimiser, full fine-tuning or peft-LoRA)::
+
+    constraint = NullSpaceConstraint(unet, "results", mode="nearest")
+    for batch in loader:
+        timesteps = torch.randint(0, 1000, (batch_size,))
+        loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
+        constraint.project(timesteps)          # right after every optimizer.step()
+
+What :meth:`NullSpaceConstraint.project` does to each cross-attention linear (``to_q``, ``to_k``,
+``to_v``, ``to_out.0`` of every ``attn2``):
+
+- **full fine-tuning**: the update the optimiser *applied* since the last projection,
+  ``ΔW = W - W_last`` (Adam's moments, weight decay, clipping: whatever produced it), becomes
+  ``ΔW P``. The projected increments are summed in a float32 buffer ``D`` and the weight is set
+  to ``W_0 + D``, so rounding does not accumulate in the weight. The linear's bias (``to_out.0``
+  has one) cannot be constrained by an input-side projection: ``bias="freeze"`` (default) undoes
+  its updates, ``bias="free"`` leaves it alone.
+- **LoRA** (peft, ``ΔW = s B A``): every adapter's down-projection becomes ``A P``, so the
+  merged update satisfies ``ΔW P = ΔW``. DoRA adapters are refused (their magnitude vector
+  rescales the base weight, which no input-side projection constrains).
+- ``to_q``/``to_out`` use the projection of the batch's timestep(s), ``to_k``/``to_v`` the
+  text projection (their inputs are the text-encoder states, the same at every timestep).
+- ``P`` is applied in the form with the fewest flops
+  (:class:`nullcov.training.factored_projection.FactoredProjection`): at most half the flops of the dense
+  product. The bases are cached with the lookups (from the ``eigh`` for ``interpolate``; from the
+  stored ``P`` by a randomized range finder for ``nearest``), so no step factorises anything.
+
+The projections come from :class:`nullcov.training.bank.ProjectionBank` (``constraint.lookup``):
+``nearest`` uses the stored projection of the closest scheduled step; ``interpolate`` mixes the
+two neighbouring steps' statistics linearly in t and recomputes the null space. Several
+timesteps in one batch get the null space of the **sum** of their statistics, which lies in the
+null space of each of them; passing all scheduled timesteps protects the whole trajectory.
+``constraint.lookup.precompute`` fills the cache for every timestep the trainer can draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nullcov.docs import see
+from nullcov.layout import statistic_key
+from nullcov.models.model import cross_attention_modules
+from nullcov.statistics.store import TEXT_KEY
+from nullcov.training.bank import TEXT_LINEARS, ProjectionBank
+from nullcov.training.factored_projection import ConstraintError, FactoredProjection
+
+CONSTRAINED_LINEARS = ("to_q", "to_k", "to_v", "to_out")
+_PEFT_PREFIXES = ("base_model.model.",)
+BIAS_POLICIES = ("freeze", "free")
+
+
+@dataclass
+class ConstrainedLinear:
+    """One cross-attention linear: its results key and what :meth:`NullSpaceConstraint.project` touches."""
+
+    layer: str
+    linear: str  # to_q, to_k, to_v, to_out
+    module: torch.nn.Module  # the nn.Linear (the base layer under a LoRA wrapper)
+    lora_down: list[torch.nn.Parameter] = field(default_factory=list)  # peft lora_A weights
+    full: bool = False  # the base weight itself is trained
+    initial: torch.Tensor | None = None  # W_0 (full fine-tuning; float32)
+    applied: torch.Tensor | None = None  # D = W - W_0, every projected increment summed (float32)
+    last: torch.Tensor | None = None  # W after the last projection (float32)
+    bias: torch.Tensor | None = None  # the bias to restore (bias="freeze")
+
+    @property
+    def key(self) -> str:
+        return TEXT_KEY if self.linear in TEXT_LINEARS else statistic_key(self.layer, self.linear)
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.linear}" + (".0" if self.linear == "to_out" else "")
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _PEFT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def find_cross_attention_linears(unet) -> list[ConstrainedLinear]:
+    """``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every cross-attention module, plain or peft-LoRA."""
+    found = []
+    for layer, attention in cross_attention_modules(unet):
+        for linear in CONSTRAINED_LINEARS:
+            module = attention.to_out[0] if linear == "to_out" else getattr(attention, linear)
+            item = ConstrainedLinear(layer=_strip_prefix(layer), linear=linear, module=module)
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+                dora = [name for name, on in getattr(module, "use_dora", {}).items() if on]
+                if dora:
+                    raise ConstraintError(f"{item.name}: DoRA adapter(s) {dora} cannot be null-space constrained; "
+                                          f"use plain LoRA (use_dora=False){see('linear-cannot-be-constrained')}")
+                item.lora_down = [adapter.weight for adapter in module.lora_A.values()]
+                item.module = module.base_layer
+            if not isinstance(item.module, torch.nn.Linear):
+                raise ConstraintError(f"{item.name} is a {type(item.module).__name__}, not a torch.nn.Linear"
+                                      f"{see('linear-cannot-be-constrained')}")
+            item.full = item.module.weight.requires_grad
+            found.append(item)
+    if not found:
+        raise ConstraintError("the model has no cross-attention modules (is_cross_attention); is it a UNet?"
+                              f"{see('nothing-to-constrain')}")
+    return found
+
+
+class NullSpaceConstraint:
+    """Keeps every trained cross-attention update in the null space of the preserved inputs.
+
+    ``unet``: a diffusers UNet (or a peft model wrapping one); ``results_dir``: a nullcov results
+    folder (``schedule.json``, ``projections/``, and ``covariance/`` for ``interpolate`` or batches
+    of several timesteps). Linears with nothing trainable are left alone; a trainable one without
+    a projection in the results (a layer or feature that was not collected) is an error.
+    """
+
+    def __init__(self, unet, results_dir: str | Path = "results", mode: str = "nearest", device=None,
+                 cache_bytes: int = 8 * 1024**3, bias: str = "freeze"):
+        if bias not in BIAS_POLICIES:
+            raise ValueError(f"bias must be one of {BIAS_POLICIES}, got {bias!r}"
+                             f"{see('argument-not-among-the-allowed-values')}")
+        linears = find_cross_attention_linears(unet)
+        if device is None:
+            device = linears[0].module.weight.device
+        self.lookup = ProjectionBank(results_dir, mode=mode, device=device, cache_bytes=cache_bytes)
+        text, step_keys = self.lookup.text_factor, self.lookup.step_keys  # read now: a folder without any fails here
+        self.linears = [item for item in linears if item.full or item.lora_down
+                        or (item.module.bias is not None and item.module.bias.requires_grad)]
+        if not self.linears:
+            raise ConstraintError("no cross-attention linear has a trainable weight or LoRA adapter"
+                                  f"{see('nothing-to-constrain')}")
+        missing = [item.name for item in self.linears
+                   if (item.key == TEXT_KEY and text is None) or (item.key != TEXT_KEY and item.key not in step_keys)]
+        if missing:
+            raise ConstraintError(
+                f"{results_dir} has no projection for the trainable linear(s) {missing}: collect them "
+                "(config keys cross_attention_layers, collect_features) or freeze them (requires_grad_(False))"
+                f"{see('no-projection-for-a-layer-or-linear')}"
+            )
+        self.bias = bias
+        self.snapshot()
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Take the current weights as the reference ``W_0`` (called by the constructor)."""
+        for item in self.linears:
+            weight = item.module.weight
+            if item.full:
+                item.initial = weight.detach().to(torch.float32, copy=True)
+                item.applied = torch.zeros_like(weight, dtype=torch.float32)
+                item.last = item.initial.clone()
+            if self.bias == "freeze" and item.module.bias is not None and item.module.bias.requires_grad:
+                item.bias = item.module.bias.detach().clone()
+
+    @torch.no_grad()
+    def project(self, timesteps) -> None:
+        """Project what the optimiser applied since the last call; ``timesteps`` of the batch just trained.
+
+        Each ``P`` is applied in its cheapest form (:class:`FactoredProjection`); the only
+        full-size temporary per linear is the increment ``W − W_last`` (float32 weights).
+        """
+        for item, factor in self._factors(timesteps):
+            if item.full:
+                weight = item.module.weight
+                increment = torch.sub(weight, item.last) if weight.dtype == torch.float32 \
+                    else weight.to(torch.float32).sub_(item.last)
+                factor.accumulate_(item.applied, increment)  # D += ΔW P
+                if weight.dtype == torch.float32:
+                    torch.add(item.initial, item.applied, out=weight)  # W = W_0 + D
+                else:
+                    weight.copy_(item.initial + item.applied)
+                item.last.copy_(weight)
+            for down in item.lora_down:
+                factor.project_(down)  # A ← A P
+            if item.bias is not None:
+                item.module.bias.copy_(item.bias)
+
+    @torch.no_grad()
+    def project_gradients(self, timesteps) -> None:
+        """``grad ← grad P`` for every constrained weight and LoRA ``A``: call it after
+        ``loss.backward()`` and before ``optimizer.step()`` (optional; ``project()`` stays the guarantee).
+
+        ``project()`` alone keeps the applied update in the null space, but Adam's moments then
+        still hold the gradient's components outside it, and the projected step need not descend:
+        on the tiny model's fine-tune proof, AdamW with ``project()`` alone did not reach the
+        unconstrained run's concept loss in 200 steps, with this too it did in 40
+        (the earlier random-model proof). Linears without a gradient (frozen, or not reached by
+        the loss) are skipped.
+        """
+        for item, factor in self._factors(timesteps):
+            parameters = ([item.module.weight] if item.full else []) + item.lora_down
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    factor.project_(parameter.grad)
+
+    def _factors(self, timesteps) -> list[tuple[ConstrainedLinear, FactoredProjection]]:
+        """Each constrained linear with the projection of ``timesteps`` it gets (text: ``to_k``/``to_v``)."""
+        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
+        return [(item, self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]) for item in self.linears]
+
+    def factor_for(self, item: ConstrainedLinear, timesteps) -> FactoredProjection:
+        """The projection ``project(timesteps)`` applies to ``item``, in the form it applies it."""
+        return self.lookup.text_factor if item.key == TEXT_KEY else self.lookup.factors(timesteps)[item.key]
+
+    def projection_for(self, item: ConstrainedLinear, timesteps) -> torch.Tensor:
+        """The projection ``project(timesteps)`` applies to ``item`` (d × d)."""
+        return self.factor_for(item, timesteps).dense()

@@ -1,0 +1,248 @@
+"""Model dims, memory per job and the run plan, from configs alone: before any GPU work.
+
+The dims of every hooked linear come from the UNet's ``config.json`` through a UNet built on
+the meta device (no weights read, no memory), cached as JSON under ``resources/cache/`` (the
+Snakefile needs them at parse time and cluster jobs re-parse it; importing diffusers costs
+seconds, the cache milliseconds). From them: the bytes of one step's statistics, what a feature
+job holds in host memory for ``k`` steps at once, how many steps fit a job's ``mem_mb`` (the job
+then collects its steps in chunks, see :func:`step_chunks`), every rule's ``mem_mb``, and the
+run plan (:func:`run_plan`, :func:`format_plan`; rule ``plan``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from nullcov.collection.memory import (
+    MIB,
+    feature_job_bytes,
+    mem_mb,
+    statistics_bytes,
+    step_chunks,
+    steps_per_chunk,
+)
+from nullcov.docs import PLANNING, see
+from nullcov.layout import statistic_key
+from nullcov.measurement import human_bytes
+
+#: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
+#: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
+MERGE_STEPS = 3
+#: Host memory of a projection job: the statistic, the eigendecomposition's vectors and
+#: workspace, and ``P`` (float32), per matrix, over a whole step file: ~3 steps' worth.
+PROJECTION_STEPS = 3
+#: Interpreter with numpy, h5py and torch imported (CPU jobs).
+CPU_JOB_OVERHEAD_BYTES = 512 * MIB
+#: Copies of the model's weights the fine-tune proof holds beyond a feature job's need: the base
+#: UNet kept, the one trained and the merged one.
+FINETUNE_WEIGHT_COPIES = 3
+#: SLURM ``runtime`` of a feature job (rules ``features``, ``validation_inputs``), in minutes:
+#: :data:`FEATURE_JOB_BASE_MINUTES` to start and load the model, plus one minute per
+#: :data:`PROMPT_TIMESTEPS_PER_MINUTE` prompt-timesteps (5 per second: half the ~10 per second
+#: of a GPU, so generous), times the attempt (a retry gets double).
+FEATURE_JOB_BASE_MINUTES = 15
+PROMPT_TIMESTEPS_PER_MINUTE = 300
+#: Steps per leakage job (rule ``leakage``, CPU: one ``eigh`` per layer/linear and step); the
+#: text file rides with the last chunk.
+LEAKAGE_STEPS_PER_JOB = 25
+DIMS_FORMAT = 1
+
+
+# -- model dims -------------------------------------------------------------------------------------
+def unet_config(model_spec: str, model_dir: str | Path) -> dict:
+    """The UNet's config: a builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
+    from nullcov.models.model import BUILTIN_MODELS
+
+    if model_spec in BUILTIN_MODELS:
+        from nullcov.models.tiny_model import tiny_unet_config
+
+        return tiny_unet_config(BUILTIN_MODELS[model_spec][0])
+    path = Path(model_dir) / "unet" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model {model_spec!r}: cannot read the UNet config {path}: {err}"
+                         f"{see('unet-config-cannot-be-read')}") from None
+
+
+def _meta_dims(config: dict) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from nullcov.models.model import cross_attention_modules, hooked_linear
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    # The text states' width is to_k's input width (to_v's is the same).
+    widths = {"to_q": "to_q", "to_out": "to_out", "text": "to_k"}
+    layers = {
+        name: {entry: int(hooked_linear(module, linear).in_features) for entry, linear in widths.items()}
+        for name, module in cross_attention_modules(unet)
+    }
+    return {"format": DIMS_FORMAT, "layers": layers, "unet_parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def model_dims(config: dict, cache_dir: str | Path | None = None) -> dict:
+    """``{"layers": {module: {"to_q": d, "to_out": d, "text": d}}, "unet_parameters": n}`` for a
+    UNet config, in module order; memoised under ``cache_dir`` (keyed by the config and the
+    diffusers version)."""
+    if cache_dir is None:
+        return _meta_dims(config)
+    from importlib.metadata import version
+
+    key = hashlib.sha256(
+        json.dumps([DIMS_FORMAT, version("diffusers"), config], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / f"dims-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    dims = _meta_dims(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(dims, indent=1))
+    os.replace(temporary, path)
+    return dims
+
+
+def step_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
+    """``{statistic_key(layer, linear): d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
+    linears = [linear for feature, linear in (("q", "to_q"), ("out", "to_out")) if collect_features[feature]]
+    return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
+
+
+def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
+    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``."""
+    from nullcov.statistics.store import TEXT_KEY
+
+    if not (collect_features["k"] or collect_features["v"]) or not layers:
+        return {}
+    return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
+
+
+def replayed_calls(collection: str, chunks: list[range]) -> int:
+    """UNet calls per prompt batch over all chunks: ``trajectory`` replays the sampler from the
+    start to each chunk's last step; ``noised`` calls only the chunk's steps."""
+    if collection == "noised":
+        return sum(len(chunk) for chunk in chunks)
+    return sum(chunk.stop for chunk in chunks)
+
+
+def feature_job_mem_mb(step_bytes: int, num_steps: int, weights: int, max_mem_mb: int) -> int:
+    """A feature job's ``mem_mb``: what it needs holding every step, at most ``max_mem_mb`` (then it
+    collects in chunks), and at least what one step needs."""
+    unchunked = mem_mb(feature_job_bytes(step_bytes, num_steps, weights))
+    single = mem_mb(feature_job_bytes(step_bytes, min(num_steps, 1), weights))
+    return max(min(unchunked, max_mem_mb), single)
+
+
+def merge_mem_mb(step_bytes: int) -> int:
+    """A merge job's ``mem_mb`` for files of ``step_bytes`` of float64 statistics (in memory)."""
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + MERGE_STEPS * step_bytes)
+
+
+def projection_mem_mb(step_bytes: int) -> int:
+    """A projection job's ``mem_mb`` for one file of ``step_bytes`` of float64 statistics (in memory)."""
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * step_bytes)
+
+
+def finetune_mem_mb(feature_mem_mb: int, weights: int) -> int:
+    """The fine-tune proof's ``mem_mb``: a feature job's (it may collect the other CFG-branch
+    statistics) plus :data:`FINETUNE_WEIGHT_COPIES` more copies of the model's weights."""
+    return feature_mem_mb + mem_mb(FINETUNE_WEIGHT_COPIES * weights)
+
+
+def feature_job_minutes(prompt_timesteps: int, attempt: int = 1) -> int:
+    """A feature job's SLURM ``runtime`` for ``prompt_timesteps`` (prompts × steps), times ``attempt``."""
+    return attempt * (FEATURE_JOB_BASE_MINUTES + prompt_timesteps // PROMPT_TIMESTEPS_PER_MINUTE)
+
+
+def projection_file_bytes(dims: dict[str, int]) -> int:
+    """``P`` (float32 d×d) and the eigenvalues (float64 d) per key."""
+    return sum(4 * d * d + 8 * d for d in dims.values())
+
+
+# -- the run plan ------------------------------------------------------------------------------------
+def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dict, num_steps: int,
+             collection: str, shards: list[int], validation_prompts: int, weights: int, feature_mem_mb: int,
+             throughput: float, jobs_per_rule: dict[str, int], merge_groups: int = 0) -> dict:
+    """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard;
+    ``merge_groups``: partial-sum folders (rule ``merge_group``) when shards are merged in groups."""
+    per_step = step_dims(dims, layers, collect_features)
+    per_text = text_dims(dims, layers, collect_features)
+    from nullcov.statistics.store import moments_file_bytes
+
+    step_file, text_file = moments_file_bytes(per_step), moments_file_bytes(per_text)
+    step_memory = statistics_bytes(per_step)
+    steps_written = num_steps if per_step else 0
+    per_chunk = steps_per_chunk(feature_mem_mb * MIB, step_memory, weights, num_steps) if per_step else num_steps
+    chunks = step_chunks(num_steps, per_chunk)
+    prompts = sum(shards)
+    calls = replayed_calls(collection, chunks)
+    prompt_timesteps = (prompts + validation_prompts) * calls
+    return {
+        "model": model,
+        "layers": len(layers),
+        "step_keys": len(per_step),
+        "steps": num_steps,
+        "prompts": prompts,
+        "validation_prompts": validation_prompts,
+        "shards": len(shards),
+        "jobs": jobs_per_rule,
+        "bytes": {
+            "step file": step_file,
+            "text file": text_file,
+            "shard scratch": len(shards) * (steps_written * step_file + text_file),
+            "partial sums (merge groups)": merge_groups * (steps_written * step_file + text_file),
+            "merged moments": steps_written * step_file + text_file,
+            "projections": steps_written * projection_file_bytes(per_step) + projection_file_bytes(per_text),
+        },
+        "memory_mb": {
+            "features": feature_mem_mb,
+            "covariance": merge_mem_mb(max(step_memory, statistics_bytes(per_text))),
+            "projection": projection_mem_mb(max(step_memory, statistics_bytes(per_text))),
+        },
+        "feature_chunks": {"steps_per_chunk": per_chunk, "chunks": len(chunks), "unet_calls_per_batch": calls,
+                           "unchunked_mem_mb": mem_mb(feature_job_bytes(step_memory, num_steps, weights))},
+        "weights": weights,
+        "throughput": throughput,
+        "gpu_hours": prompt_timesteps / throughput / 3600,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
+    chunks = plan["feature_chunks"]
+    lines = [
+        (
+            f"nullcov plan: {plan['model']}: {plan['prompts']} prompts in {plan['shards']} shards "
+            f"(+{plan['validation_prompts']} validation) x {plan['steps']} steps, {plan['layers']} layers, "
+            f"{plan['step_keys']} per-step matrices"
+        ),
+        "",
+        "jobs per rule:",
+        *(f"  {rule:<26} {count}" for rule, count in plan["jobs"].items()),
+        "",
+        "disk:",
+        *(f"  {name:<26} {human_bytes(value)}" for name, value in plan["bytes"].items()),
+        "",
+        "peak host memory per job (mem_mb):",
+        *(f"  {rule:<26} {value} MB" for rule, value in plan["memory_mb"].items()),
+        (
+            f"  feature job unchunked would need {chunks['unchunked_mem_mb']} MB; "
+            f"with {plan['memory_mb']['features']} MB it collects {chunks['steps_per_chunk']} steps per pass "
+            f"in {chunks['chunks']} chunk(s) "
+            f"({chunks['unet_calls_per_batch']} UNet calls per prompt batch for {plan['steps']} steps)"
+        ),
+        f"  model weights {human_bytes(plan['weights'])}",
+        "",
+        (
+            f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
+            "(config gpu_prompt_timesteps_per_second)"
+        ),
+        "",
+        f"what each line means: {PLANNING}",
+    ]
+    return "\n".join(lines) + "\n"

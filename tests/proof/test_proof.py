@@ -1,0 +1,319 @@
+"""The fine-tune proof, short: what must hold by construction (the measured outcome is in docs/finetune-proof.md)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nullcov.models.model import BUILTIN_SHAPES_DIR, load_pipeline
+from nullcov.prompts import read_prompts
+from nullcov.proof import data as proof_data
+from nullcov.shapes import grammar as shapes
+
+from conftest import REPO, base_config, planned_jobs, write_config
+
+STATISTICS_PROMPTS = read_prompts(REPO / "config/prompts/shapes-demo.txt")[:8]
+
+
+def build_results(root, model_dir, prompts, num_steps=3, model_spec="builtin:shapes"):
+    """A results folder of the shipped model's statistics (schedule, covariance, projections), in process."""
+    from nullcov.models.model import cross_attention_layer_names, scheduler_config
+    from nullcov.models.schedule import build_schedule, write_schedule
+    from nullcov.proof.statistics import collect_statistics
+    from nullcov.statistics.jobs import projection_job
+
+    results = root / "results"
+    schedule = write_schedule(results / "schedule.json",
+                              build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
+                              cross_attention_layer_names(model_dir), model_spec)
+    collect_statistics(results, model_spec=model_spec, model_dir=str(model_dir), prompts=prompts,
+                       schedule=schedule, config=base_config(num_denoising_steps=num_steps, batch_size=len(prompts)))
+    for covariance in sorted((results / "covariance").glob("*.h5")):
+        projection_job(covariance, results / "projections" / covariance.name, "second_moment", 0.02, None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def proof_run(tmp_path_factory):
+    """One projected variant (all timesteps, the run's own projections) and its LoRA twin, small caps."""
+    from nullcov.proof.experiment import ProofSettings
+    from nullcov.proof.job import finetune_proof_job
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("proof")
+    results = build_results(root, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS)
+    schedule = json.loads((results / "schedule.json").read_text())
+    out = root / "finetune"
+    settings = ProofSettings(max_steps=12, eval_every=6, concept_seeds=1, instances=4, learning_rate=1e-3)
+    config = base_config(num_denoising_steps=3) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
+               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
+    rows = finetune_proof_job(model_spec="builtin:shapes", model_dir=str(BUILTIN_SHAPES_DIR), results_dir=results,
+                              schedule=schedule, statistics_prompts=STATISTICS_PROMPTS, config=config,
+                              settings=settings, outputs=outputs, scopes=["all-timesteps"],
+                              statistics=["second_moment"], branches=[False], thresholds=[(0.02, None)], prior=False,
+                              lora=True, text_only=True)
+    return {"rows": rows, "out": out, "schedule": schedule, "settings": settings, "results": results}
+
+
+def test_projected_updates_stay_in_their_null_space(proof_run):
+    from nullcov.proof.report import WEIGHTS_FILE, load_weights
+
+    rows = {row["variant"]: row for row in proof_run["rows"]}
+    assert list(rows) == ["unconstrained", "projected-all-timesteps-0.02-second_moment-conditional", "projected-kv",
+                          "projected-lora"]
+    assert np.isnan(rows["unconstrained"]["update_outside_null_space"])
+    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-kv", "projected-lora"):
+        row = rows[name]
+        assert row["weight_update_norm"] > 0, name
+        assert row["update_outside_null_space"] <= 1e-5, name
+    kv = load_weights(proof_run["out"] / "projected-kv" / WEIGHTS_FILE)
+    base = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet.state_dict()
+    for key, weight in kv.items():  # to_q and to_out as the base model has them; to_k, to_v trained
+        assert torch.equal(weight, base[key]) == (".to_q." in key or ".to_out." in key), key
+    from nullcov.proof.experiment import (  # the measure sees an update it did not project
+        Variant,
+        merged_unet,
+        update_columns,
+    )
+
+    unet = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet
+    key = next(k for k in kv if ".to_q." in k)
+    noise = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0))
+    moved = merged_unet(unet, {key: base[key] + 1e-3 * noise})
+    check = Variant("check", "projected", "all-timesteps", results_dir=proof_run["results"])
+    columns = update_columns(unet, moved, check, proof_run["schedule"])
+    assert columns["update_outside_null_space"] > 0.5, columns
+    lora = rows["projected-lora"]
+    assert (lora["scope"], lora["threshold"], lora["statistic"], lora["branches"]) == \
+        ("all-timesteps", "0.02", "second_moment", "conditional")  # the only projected setting was the best
+
+
+def test_rows_report_every_column_and_the_table_reads_back(proof_run):
+    import csv
+
+    from nullcov.proof.report import COLUMNS
+
+    with open(proof_run["out"] / "variants.tsv", newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t"))
+    assert [row["variant"] for row in table] == [row["variant"] for row in proof_run["rows"]]
+    assert list(table[0]) == list(COLUMNS)
+    for row in proof_run["rows"]:
+        assert 0 <= row["concept_fidelity"] <= 1 and row["reached_target"] in ("yes", "no")
+        assert row["steps"] <= 12 and row["seconds"] > 0
+        for group in ("all", *proof_data.GROUPS):
+            assert row[f"pixel_change_{group}"] >= 0 and row[f"attn2_change_{group}"] >= 0, group
+        for attribute in ("colour", "shape", "position"):
+            assert 0 <= row[f"accuracy_before_{attribute}"] <= 1
+    assert (proof_run["out"] / "variants.png").stat().st_size > 10_000
+    assert (proof_run["out"] / "grid.png").stat().st_size > 10_000
+
+
+def test_null_energy_table_equals_a_direct_computation_on_the_text_side(proof_run):
+    """``null_energy.tsv`` has a row per setting, scope, group, CFG half and kind; its ``to_kv`` shares
+    (the text encoder's states, the same at every timestep and seed) equal ``‖X P‖² / ‖X‖²``
+    computed directly from each group's captions and the run's text projection."""
+    import csv
+
+    from nullcov.proof.energy import COLUMNS, GROUPS, PARTS, group_captions
+    from nullcov.proof.experiment import ProofSettings, text_states
+    from nullcov.proof.null_energy import ENERGY_KINDS
+    from nullcov.training.bank import ProjectionBank
+
+    with open(proof_run["out"] / "null_energy.tsv", newline="") as handle:
+        table = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(table[0]) == list(COLUMNS)
+    assert len(table) == 1 * 1 * len(GROUPS) * len(PARTS) * len(ENERGY_KINDS)  # one setting, one scope
+    assert {(row["branches"], row["statistic"], row["threshold"], row["scope"]) for row in table} == {
+        ("conditional", "second_moment", "0.02", "all-timesteps")}
+    assert all(0 <= float(row["null_share"]) <= 1 and float(row["energy"]) > 0 for row in table)
+    pipe = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+    projection = ProjectionBank(proof_run["results"]).text_factor.dense().double()
+    preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
+    captions = group_captions(preserved, ProofSettings(concept_seeds=proof_run["settings"].concept_seeds))
+    assert list(captions) == list(GROUPS)  # the statistics' prompts include preserved ones, and others do not
+    for group, part in [(group, "conditional") for group in GROUPS] + [("concept", "unconditional")]:
+        states = text_states(pipe, captions[group] if part == "conditional" else [""]).double().reshape(-1, 64)
+        expected = float((states @ projection).square().sum() / states.square().sum())
+        row = next(r for r in table if r["group"] == group and r["part"] == part and r["kind"] == "to_kv")
+        assert float(row["null_share"]) == pytest.approx(expected, rel=1e-4), (group, part)
+
+
+def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
+    from nullcov.models.model import cross_attention_layer_names
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.proof.job import grid_captions, sample_grid
+    from nullcov.proof.report import WEIGHTS_FILE, load_weights
+
+    grid = np.load(proof_run["out"] / "grid.npz")
+    assert list(grid["captions"]) == grid_captions()
+    pipe = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+    configure_scheduler(pipe, proof_run["schedule"])
+    base = sample_grid(pipe, proof_run["schedule"], proof_run["settings"])
+    assert np.array_equal(base, grid["base"])
+    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-lora"):
+        weights = load_weights(proof_run["out"] / name / WEIGHTS_FILE)
+        layers = len(cross_attention_layer_names(BUILTIN_SHAPES_DIR))
+        assert all(".attn2.to_" in key for key in weights) and len(weights) == 4 * layers
+        fresh = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+        configure_scheduler(fresh, proof_run["schedule"])
+        fresh.unet.load_state_dict(weights, strict=False)
+        assert np.array_equal(sample_grid(fresh, proof_run["schedule"], proof_run["settings"]), grid[name]), name
+        assert not np.array_equal(grid[name], grid["base"]), name
+
+
+def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
+    from nullcov.proof.experiment import ProofSettings, batch_timestep
+
+    def draw(fraction, count=2000):
+        generator = torch.Generator().manual_seed(0)
+        return np.array([batch_timestep(ProofSettings(high_noise_fraction=fraction), 1000, generator)
+                         for _ in range(count)])
+
+    uniform, half = draw(0.0), draw(0.5)
+    assert uniform.min() >= 0 and uniform.max() < 1000 and abs((uniform >= 600).mean() - 0.4) < 0.04
+    assert half.max() < 1000 and abs((half >= 600).mean() - (0.5 + 0.5 * 0.4)) < 0.04
+    assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
+
+
+def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
+    from nullcov.proof.plan import threshold_settings
+    from nullcov.workflow.config import finetune_variant_names
+
+    config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1, 0.02],
+              "finetune_threshold_percents": [50], "unconditional_branch": False}
+    assert threshold_settings(config) == [(0.02, None), (0.1, None), (0.0, 50.0)]
+    from nullcov.proof.plan import own_setting  # what projected-kv uses: the run's branches, first statistic
+
+    assert own_setting(config | {"unconditional_branch": True}, ["covariance", "second_moment"],
+                       threshold_settings(config)) == ("both", "covariance", "0.02")
+    config |= {"finetune_branches": [False], "finetune_statistics": ["second_moment"], "finetune_scopes":
+               ["per-timestep"], "finetune_prior_preservation": False, "finetune_lora_rank": 0,
+               "finetune_text_only": True}
+    assert finetune_variant_names(config) == [
+        "unconstrained", *(f"projected-per-timestep-{t}-second_moment-conditional" for t in ("0.02", "0.1", "p50")),
+        "projected-kv"]
+
+
+def test_each_knob_is_compared_against_the_runs_own_setting():
+    """The projected variants: the run's own setting, then each other CFG-branch setting, statistic and
+    threshold with the other two knobs at the run's own (not every combination)."""
+    from nullcov.proof.plan import compared_settings, threshold_settings
+    from nullcov.workflow.config import finetune_variant_names
+
+    config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [0.1],
+              "finetune_threshold_percents": [50], "unconditional_branch": False,
+              "finetune_branches": [False, True], "finetune_statistics": ["second_moment", "covariance"],
+              "finetune_scopes": ["per-timestep", "all-timesteps"], "finetune_prior_preservation": True,
+              "finetune_lora_rank": 4, "finetune_text_only": True}
+    own = ("conditional", "second_moment", "0.02")
+    assert compared_settings(own, [False, True], ["second_moment", "covariance"], threshold_settings(config)) == [
+        own, ("both", "second_moment", "0.02"), ("conditional", "covariance", "0.02"),
+        ("conditional", "second_moment", "0.1"), ("conditional", "second_moment", "p50")]
+    names = finetune_variant_names(config)
+    assert len(names) == 2 + 5 * 2 + 2 and len(set(names)) == len(names)
+    assert names[:3] == ["unconstrained", "prior-preservation",
+                         "projected-per-timestep-0.02-second_moment-conditional"]
+    assert "projected-all-timesteps-0.02-covariance-conditional" in names
+    assert "projected-all-timesteps-0.1-second_moment-both" not in names  # two knobs off the run's own
+    assert names[-2:] == ["projected-kv", "projected-lora"]
+
+
+def test_lora_adapters_start_from_the_seed_whatever_ran_before():
+    from nullcov.proof.experiment import ProofSettings, Variant, trainable_unet
+
+    base = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu").unet
+    variant = Variant("projected-lora", "projected-lora")
+
+    def adapters(global_seed, seed=0):
+        torch.manual_seed(global_seed)
+        unet = trainable_unet(base, variant, ProofSettings(seed=seed))
+        return [p.detach().clone() for name, p in unet.named_parameters() if "lora_A" in name]
+
+    first = adapters(1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, adapters(2), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, adapters(1, seed=5), strict=True))
+
+
+def test_lora_repeats_the_projected_setting_closest_to_the_goal():
+    """Preservation first (accuracy drop <= 1 point), then reaching the target with the least pixel
+    change, then concept fidelity; without any preserving variant, the same over all of them."""
+    from nullcov.proof.experiment import best_projected
+
+    def row(name, drop, reached, pixels, fidelity, kind="projected"):
+        return {"variant": name, "kind": kind, "accuracy_drop_points_all": drop, "reached_target": reached,
+                "pixel_change_all": pixels, "concept_fidelity": fidelity, "steps": 200}
+
+    leaky = row("leaky", 25.0, "yes", 0.04, 0.84)
+    rows = [row("unconstrained", 27.0, "yes", 0.05, 0.81, kind="unconstrained"), leaky,
+            row("slow", -1.4, "no", 0.018, 0.50), row("slower", -2.1, "no", 0.020, 0.34)]
+    assert best_projected(rows)["variant"] == "slow"
+    assert best_projected(rows + [row("good", 0.5, "yes", 0.03, 0.81)])["variant"] == "good"
+    assert best_projected([leaky, row("leakier", 30.0, "no", 0.05, 0.9)])["variant"] == "leaky"
+    assert best_projected([row("a", float("nan"), "-", 0.01, float("nan")),
+                           row("b", float("nan"), "-", 0.02, float("nan"))])["variant"] == "a"  # no evaluator
+
+
+def test_concept_and_preserved_prompts():
+    instances = proof_data.instance_scenes(8)
+    assert {s.colour for s in instances} == set(shapes.COLOURS)
+    assert {s.position for s in instances} == set(shapes.POSITIONS)
+    assert proof_data.CONCEPT_SHAPE in shapes.UNSEEN_SHAPES
+    assert all(s.shape == proof_data.CONCEPT_SHAPE for s in instances)
+    assert proof_data.concept_caption(instances[0]) == "a red sks on the left"
+    preserved = proof_data.preserved_scenes(STATISTICS_PROMPTS)
+    assert len(preserved) == 144 and all(p.scene.shape in shapes.SHAPES for p in preserved)
+    assert sum(p.in_statistics for p in preserved) == sum(
+        caption in {p.caption for p in preserved} for caption in STATISTICS_PROMPTS)
+    assert {p.caption for p in preserved}.isdisjoint(proof_data.concept_caption(s) for s in instances)
+
+
+def test_the_rule_plans_every_variant_and_refuses_what_it_cannot_constrain(tmp_path):
+    from conftest import snakemake
+
+    prompts = STATISTICS_PROMPTS[:4]
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True)
+    jobs = planned_jobs(tmp_path)
+    assert ("finetune_proof", "results/report/finetune/variants.tsv") in jobs
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True,
+                 collect_features={"q": True, "k": True, "v": True, "out": False})
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    assert refused.returncode != 0 and "finetune_proof constrains every attn2 linear" in refused.stderr + refused.stdout
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True, guidance_scale=1.0)
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    assert "finetune_branches includes true" in refused.stderr + refused.stdout
+
+
+def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_path, tiny_model_dir, caplog):
+    """Any other model (here the random tiny one): no evaluator, so fixed steps, NaN fidelity and
+    accuracy, the drift and the grid still measured; prior preservation draws its class images."""
+    import logging
+
+    from nullcov.proof.experiment import ProofSettings
+    from nullcov.proof.job import finetune_proof_job
+
+    results = build_results(tmp_path, tiny_model_dir, STATISTICS_PROMPTS[:4], num_steps=2, model_spec="builtin:tiny")
+    schedule = json.loads((results / "schedule.json").read_text())
+    out = tmp_path / "finetune"
+    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
+               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
+    config = base_config(num_denoising_steps=2) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    with caplog.at_level(logging.WARNING, logger="nullcov.proof.job"):
+        rows = finetune_proof_job(
+            model_spec="builtin:tiny", model_dir=str(tiny_model_dir), results_dir=results, schedule=schedule,
+            statistics_prompts=STATISTICS_PROMPTS[:4], config=config,
+            settings=ProofSettings(fixed_steps=3, class_images=4, concept_seeds=1, instances=2), outputs=outputs,
+            scopes=["per-timestep"], statistics=["covariance"], branches=[False],
+            thresholds=[(0.02, None), (0.0, 50.0)], prior=True, lora=False)
+    assert "no evaluator reads its images" in caplog.text
+    assert [row["variant"] for row in rows] == ["unconstrained", "prior-preservation",
+                                                "projected-per-timestep-0.02-covariance-conditional",
+                                                "projected-per-timestep-p50-covariance-conditional"]
+    for row in rows:
+        assert row["steps"] == 3 and np.isnan(row["concept_fidelity"]) and row["reached_target"] == "-"
+        assert np.isnan(row["accuracy_drop_points_all"]) and row["pixel_change_all"] > 0
+    assert rows[1]["seconds"] > 0 and all(row["update_outside_null_space"] <= 1e-5 for row in rows[2:])
+    assert (out / "prior-preservation" / "unet_attn2.safetensors").is_file()
+    energy = (out / "null_energy.tsv").read_text().splitlines()  # measured without an evaluator too
+    assert len(energy) == 1 + 2 * 3 * 2 * 3  # header; 2 settings x 3 groups x 2 CFG halves x 3 kinds
