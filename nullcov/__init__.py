@@ -4,7 +4,7 @@ One subpackage per stage, each importing only the stages below it (``tests/test_
 checks every import, the lazy ones too):
 
 1. the top-level modules every stage uses: :mod:`.docs`, :mod:`.files`, :mod:`.layout`,
-   :mod:`.joblog`, :mod:`.prompts`, :mod:`.provenance`, :mod:`.measurement`;
+   :mod:`.joblog`, :mod:`.prompts`, :mod:`.provenance`, :mod:`.measurement`, :mod:`.schema`;
 2. :mod:`.models`: families and their vocabulary, loading, schedules, samplers, devices;
 3. :mod:`.statistics`: moments, null spaces, the HDF5 store, merges (no torch);
 4. :mod:`.collection`: hooks, capture, accumulators, the feature job;

@@ -1,13 +1,14 @@
 """Writing and reading plain files, one way for every module: an atomic file (:func:`atomic_path`),
-an atomic folder (:func:`atomic_folder`), JSON (:func:`write_json`, :func:`read_json`) and TSV
-tables (:func:`write_tsv`, :func:`read_tsv`). A file that exists is always complete: a crash or an
-error leaves the old file (or none), never half of a new one. No dependency beyond the standard
-library, so every stage can import it.
+an atomic folder (:func:`atomic_folder`), text (:func:`write_text`), JSON (:func:`write_json`,
+:func:`read_json`) and TSV tables (:func:`write_tsv`, :func:`read_tsv`). A file that exists is always
+complete: a crash or an error leaves the old file (or none), never half of a new one. No dependency
+beyond the standard library, so every stage can import it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -53,6 +54,39 @@ def atomic_folder(path: str | Path):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` as UTF-8 in ``path``, written atomically (:func:`atomic_path`); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | Path, data, *, newline: bool = False, **json_kwargs) -> Path:
+    """``data`` as ``json.dumps(data, **json_kwargs)`` (``newline``: plus a final newline), written
+    atomically; returns the path. The text is made before the file is opened, so a value JSON cannot
+    hold (or any error) leaves the old file as it was."""
+    return write_text(path, json.dumps(data, **json_kwargs) + ("\n" if newline else ""))
+
+
+def read_json(path: str | Path):
+    """The JSON value in ``path``. A missing or unreadable file raises ``OSError`` (naming it); text
+    that is not UTF-8 JSON raises ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_tsv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a tab-separated table with a header line, as ``{column: text}``."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
 
 
 def write_tsv(path: str | Path, rows: list[dict], columns) -> None:

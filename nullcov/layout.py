@@ -1,5 +1,5 @@
-"""The results folder's layout: where each stage writes its files, how a statistic is keyed inside
-them, and the provenance entry a projection file carries.
+"""The results folder's layout: where each stage writes its files, and the provenance entry a
+projection file carries.
 
 One place for what the rules declare (``rules/*.smk`` build their paths from these names) and
 what the package reads (:class:`Results`): a reader given a results folder asks this module for a
@@ -18,10 +18,17 @@ file instead of joining path parts itself.
       validation/                   leakage check (rules leakage, validation_report)
       export/                       trainer formats (rules export_*)
       report/                       figures, tables, the fine-tune proof (rules report_*, finetune_proof)
+      proof/statistics/<branches>/  the fine-tune proof's statistics of the other CFG-branch setting:
+                                    features/shard_0000/ (rule proof_features; scratch), covariance/<step>.h5
+                                    (rules proof_covariance, proof_covariance_text)
+      proof/projections/<branches>/<statistic>/<threshold>/<step>.h5
+                                    projections of a setting the proof compares that the run did not make
+                                    (rules proof_projection, proof_projection_text)
 
-Inside every ``<step>.h5`` a statistic is keyed :func:`statistic_key` (``<layer>/<linear>``), the
-text states once under :data:`nullcov.statistics.store.TEXT_KEY`. Importing this module is cheap (no numpy,
-no torch): the Snakefile imports it at parse time.
+Inside every ``<step>.h5`` a statistic is keyed :func:`nullcov.models.family.statistic_key`
+(``<layer>/<linear>``), the text states once under :data:`nullcov.models.family.TEXT_KEY`: what a
+model family hooks and how it is keyed is the family's vocabulary (:mod:`nullcov.models.family`).
+Importing this module is cheap (no numpy, no torch): the Snakefile imports it at parse time.
 """
 
 from __future__ import annotations
@@ -51,21 +58,10 @@ GROUP_PREFIX = "group_"
 FINETUNE = f"{REPORT}/finetune"
 #: A fine-tune proof variant's attn2 weights, in ``<FINETUNE>/<variant>/``.
 FINETUNE_WEIGHTS = "unet_attn2.safetensors"
+#: The fine-tune proof's own statistics and projections (rules/finetune.smk).
+PROOF = "proof"
 #: The attribute of a projection file's provenance that holds the settings that made it.
 PROJECTION_ENTRY = "projection"
-
-
-def statistic_key(layer: str, linear: str) -> str:
-    """The key of one linear's statistic inside a step file: ``<layer>/<linear>``."""
-    return f"{layer}/{linear}"
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``(layer, linear)`` of a :func:`statistic_key` (the layer holds dots, never ``/``)."""
-    layer, _, linear = key.rpartition("/")
-    if not layer:
-        raise ValueError(f"statistic key {key!r} is not '<layer>/<linear>'")
-    return layer, linear
 
 
 def projection_settings(statistic: str, nullspace_threshold: float, threshold_percent: float | None) -> dict:
@@ -175,3 +171,38 @@ class Results:
     def finetune(self, *parts: str) -> Path:
         """A file of the fine-tune proof's outputs."""
         return self.root.joinpath(FINETUNE, *parts)
+
+    def proof_statistics(self, branches: str) -> Results:
+        """The fine-tune proof's statistics of one CFG-branch setting (``conditional``, ``both``) that
+        the run did not collect: a results folder of its own (its :meth:`shard` ``0000`` and
+        :meth:`covariance`)."""
+        return Results(self.root / PROOF / "statistics" / branches)
+
+    def proof_projection(self, branches: str, statistic: str, threshold: str, name: str) -> Path:
+        """A projection of one step (or :data:`TEXT_NAME`) at a setting the fine-tune proof compares
+        (``threshold``: its label, ``0.02`` or ``p50``) that the run's own projections are not made with."""
+        return step_file(self.root / PROOF / "projections" / branches / statistic / threshold, name)
+
+
+class DeclaredFiles:
+    """A run's files given one by one, as a rule declares them, read like a results folder
+    (:class:`Results`): the schedule, and each step's (and :data:`TEXT_NAME`'s) merged moments and
+    projections, named by their file names (:func:`step_name`). A step whose file was not declared
+    has None.
+    """
+
+    def __init__(self, schedule: str | Path, covariance=(), projections=()):
+        self.schedule = Path(schedule)
+        self._covariance = {step_name(path): Path(path) for path in covariance}
+        self._projections = {step_name(path): Path(path) for path in projections}
+
+    def covariance(self, name: str) -> Path | None:
+        """Merged moments of one step (or :data:`TEXT_NAME`), None if not declared."""
+        return self._covariance.get(name)
+
+    def projection(self, name: str) -> Path | None:
+        """Null-space projections of one step (or :data:`TEXT_NAME`), None if not declared."""
+        return self._projections.get(name)
+
+    def __str__(self) -> str:
+        return f"the declared files of {self.schedule}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -135,12 +134,9 @@ def header(script: str, argv: list[str] | None = None, *, torch_threads: int | N
 def write_record(path: str | Path, record: dict) -> Path:
     """Write ``record`` as indented JSON to ``path``, atomically (a crash leaves the previous file or none);
     the header's keys must be there. Returns the path."""
-    from nullcov.files import atomic_path
+    from nullcov.files import write_json
 
     missing = [key for key in HEADER_KEYS if key not in record]
     if missing:
         raise ValueError(f"{path}: a measurement record needs {', '.join(missing)} (nullcov.measurement.header)")
-    path = Path(path)
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return path
+    return write_json(path, record, newline=True, indent=1, default=str)

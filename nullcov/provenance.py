@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
-import os
 from pathlib import Path
 
 import nullcov
+from nullcov.files import read_json, write_json
 
 # Config keys whose values change the collected features. Shards, merges and projections that
 # disagree on any of them must never be combined. Keys absent here (prompts_per_shard,
@@ -58,7 +57,7 @@ def model_files(model_dir: str | Path) -> list[Path]:
     folders it names (unet, text_encoder, tokenizer, scheduler, ...), sorted."""
     model_dir = Path(model_dir)
     index = model_dir / "model_index.json"
-    components = [name for name, value in json.loads(index.read_text()).items()
+    components = [name for name, value in read_json(index).items()
                   if not name.startswith("_") and isinstance(value, list)]
     files = [index]
     for component in sorted(components):
@@ -77,8 +76,8 @@ def file_sha256(path: str | Path, cache_path: str | Path | None = HASH_CACHE) ->
     cache: dict[str, str] = {}
     if cache_path is not None and Path(cache_path).is_file():
         try:
-            cache = json.loads(Path(cache_path).read_text())
-        except (OSError, json.JSONDecodeError):
+            cache = read_json(cache_path)
+        except (OSError, ValueError):
             cache = {}  # a damaged cache only costs re-hashing
     if key in cache:
         return cache[key]
@@ -88,11 +87,7 @@ def file_sha256(path: str | Path, cache_path: str | Path | None = HASH_CACHE) ->
             digest.update(chunk)
     if cache_path is not None:
         cache[key] = digest.hexdigest()
-        cache_path = Path(cache_path)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_path.with_name(f".{cache_path.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps(cache, sort_keys=True, indent=0))
-        os.replace(temporary, cache_path)  # concurrent jobs: the last writer wins, no torn file
+        write_json(cache_path, cache, sort_keys=True, indent=0)  # concurrent jobs: the last writer wins, no torn file
     return digest.hexdigest()
 
 

@@ -1,4 +1,5 @@
 # Config validation, derived constants, input functions and wildcard constraints.
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from nullcov import docs as nc_docs
 from nullcov.models import gpu_lease as nc_gpu_lease
 from nullcov import joblog as nc_joblog
 from nullcov import layout as nc_layout
+from nullcov.models import family as nc_family
 from nullcov.models import model as nc_model
 from nullcov.collection import memory as nc_memory
 from nullcov.workflow import plan as nc_plan
@@ -47,7 +49,7 @@ if not any(config["collect_features"].values()):
 
 try:
     PROMPTS = nc_prompts.read_prompts(config["prompts"])
-    MODEL_DIR = nc_model.resolve_model_dir(config["model"])
+    MODEL_DIR = nc_model.workflow_path(nc_model.resolve_model_dir(config["model"]))
     SCHEDULER_CONFIG = nc_model.scheduler_config(config["model"])
     SCHEDULE = nc_schedule.cached_schedule(
         SCHEDULER_CONFIG,
@@ -88,8 +90,9 @@ MERGE_GROUPS = [
 ]
 MERGE_KIND = "partial" if len(MERGE_GROUPS) > 1 else "features"
 PROMPT_SHA256 = nc_prompts.prompt_set_sha256(PROMPTS)
-COLLECT_STEPS = config["collect_features"]["q"] or config["collect_features"]["out"]
-COLLECT_TEXT = config["collect_features"]["k"] or config["collect_features"]["v"]
+# Per-step linears (q/out) and text linears (k/v) by their collect_features names (nullcov.models.family).
+COLLECT_STEPS = bool(nc_family.CROSS_ATTENTION.step_linears(config["collect_features"]))
+COLLECT_TEXT = nc_family.CROSS_ATTENTION.collects_text(config["collect_features"])
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
 STEP_FILE_NAMES = STEP_NAMES if COLLECT_STEPS else []
 SHARD_FILE_NAMES = STEP_FILE_NAMES + ([nc_layout.TEXT_NAME] if COLLECT_TEXT else [])
@@ -285,33 +288,47 @@ try:
 except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
-# The fine-tune proof's variants (rules/finetune.smk) and its settings (nullcov.proof.experiment.ProofSettings).
-FINETUNE_VARIANTS = nc_config.finetune_variant_names(config) if config["finetune_proof"] else []
-FINETUNE_SETTINGS = {
-    "learning_rate": config["finetune_learning_rate"],
-    "high_noise_fraction": config["finetune_high_noise_fraction"],
-    "lora_learning_rate": config["finetune_lora_learning_rate"],
-    "lora_rank": config["finetune_lora_rank"],
-    "max_steps": config["finetune_max_steps"],
-    "fixed_steps": config["finetune_steps"],
-    "target_fidelity": config["finetune_target_fidelity"],
-    "eval_every": config["finetune_eval_every"],
-    "seed": config["seed"],
-    "guidance_scale": config["guidance_scale"],
-    "scopes": config["finetune_scopes"],
-    "statistics": config["finetune_statistics"],
-    "branches": config["finetune_branches"],
-    "thresholds": nc_proof_plan.threshold_settings(config),
-    "prior": config["finetune_prior_preservation"],
-    "text_only": config["finetune_text_only"],
+# The fine-tune proof, planned once (nullcov.proof.plan.ProofPlan; rules/finetune.smk): its settings,
+# the projection settings it compares with the files that serve each (the run's own, or those of the
+# rules proof_features, proof_covariance and proof_projection), the run's own setting and the variants.
+FINETUNE_PLAN = nc_proof_plan.plan_proof(config, RESULTS, SHARD_FILE_NAMES)
+# The proof's statistics of another CFG-branch setting: one shard of every prompt (first index 0: the run's seeds).
+PROOF_SHARD = "0000"
+PROOF_THRESHOLDS = FINETUNE_PLAN.threshold_values()  # label -> (nullspace_threshold, threshold_percent)
+PROOF_WILDCARDS = {  # constraints of the proof's statistics rules: the values the plan compares
+    "branches": "|".join(nc_proof_plan.UNCONDITIONAL_BRANCH),
+    "statistic": "|".join(sorted({setting.statistic for setting in FINETUNE_PLAN.compared})),
+    "threshold": "|".join(re.escape(label) for label in PROOF_THRESHOLDS),
 }
+
+
+def proof_features_config(wildcards):
+    """The feature config of the proof's statistics: the run's, with the CFG branches of the setting."""
+    return feature_config(config) | {"unconditional_branch": nc_proof_plan.UNCONDITIONAL_BRANCH[wildcards.branches]}
+
+
+def proof_features_minutes(wildcards, attempt):
+    """SLURM runtime of the proof's feature job: every prompt x step (nullcov.workflow.plan.feature_job_minutes)."""
+    return nc_plan.feature_job_minutes(len(PROMPTS) * len(STEP_NAMES), attempt)
+
+
+def proof_projection_input(wildcards):
+    """The merged moments a proof projection is made of: those of its compared setting (the run's or the proof's)."""
+    setting = FINETUNE_PLAN.setting((wildcards.branches, wildcards.statistic, wildcards.threshold))
+    return setting.file("covariance", wildcards.get("name", nc_layout.TEXT_NAME))
+
+
+def proof_threshold(wildcards, index):
+    """nullspace_threshold (0) or threshold_percent (1) of a proof projection's threshold label."""
+    return PROOF_THRESHOLDS[wildcards.threshold][index]
+
+
 LEAKAGE_PARTS = nc_validation.step_parts(SHARD_FILE_NAMES, nc_plan.LEAKAGE_STEPS_PER_JOB) if VALIDATION_PROMPTS else []
 STEP_TIMESTEPS = {step["name"]: step["timestep"] for step in SCHEDULE["steps"]}
 REPORT_FIGURES = {  # figure kind -> path (rule report_figures)
     **{
         f"spectra_{linear}": str(RESULTS.report("spectra", f"{linear}.png"))
-        for feature, linear in (("q", "to_q"), ("out", "to_out"))
-        if config["collect_features"][feature]
+        for linear in nc_family.CROSS_ATTENTION.step_linears(config["collect_features"])
     },
     **({"spectra_text": str(RESULTS.report("spectra", "text.png"))} if COLLECT_TEXT else {}),
     **({"null_dim": str(RESULTS.report("null_dim.png"))} if COLLECT_STEPS else {}),

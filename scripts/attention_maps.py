@@ -1,11 +1,10 @@
 """Snakemake adapter: cross-attention maps of a few prompts (nullcov.report.attention.run_attention_job)."""
-import json
 import sys
-from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.joblog import logging_to
+from nullcov.models.schedule import read_schedule
 from nullcov.report.attention import run_attention_job
 from nullcov.report.plotting import keep_matplotlib_cache_in_workdir
 
@@ -17,7 +16,7 @@ with logging_to(snakemake.log[0]):
         model_dir=snakemake.params.model_dir,
         prompts=list(snakemake.params.prompts),
         prompt_indices=list(snakemake.params.prompt_indices),
-        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        schedule=read_schedule(snakemake.input.schedule),
         config=dict(snakemake.params.config) | {key: snakemake.config[key] for key in RUN_KEYS},
         layer_selection=snakemake.params.layers,
         step_indices=list(snakemake.params.step_indices),

@@ -1,16 +1,15 @@
 """Snakemake adapter: NullBooth's covariance_matrices layout (nullcov.training.export.export_nullbooth)."""
-import json
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.joblog import logging_to
 from nullcov.layout import step_name
+from nullcov.models.schedule import read_schedule
 from nullcov.training.export import export_nullbooth
 
 with logging_to(snakemake.log[0]):
-    with open(snakemake.input.schedule) as handle:
-        layers = json.load(handle)["layers"]
+    layers = read_schedule(snakemake.input.schedule)["layers"]
     export_nullbooth(
         {step_name(path): path for path in snakemake.input.steps},
         snakemake.output[0],

@@ -3,7 +3,6 @@
 Also runs the validation prompts (rule validation_inputs): same job, its own shard name and
 first prompt index (which sets the seeds).
 """
-import json
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ sys.path.insert(0, f"{snakemake.scriptdir}/..")
 from nullcov.collection.features import run_feature_job
 from nullcov.joblog import logging_to
 from nullcov.layout import TEXT_NAME, step_file
+from nullcov.models.schedule import read_schedule
 
 with logging_to(snakemake.log[0]):
     folder = Path(snakemake.output[0])
@@ -23,7 +23,7 @@ with logging_to(snakemake.log[0]):
         prompts=list(snakemake.params.prompts),
         first_index=snakemake.params.first_index,
         shard=snakemake.params.shard,
-        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        schedule=read_schedule(snakemake.input.schedule),
         config=dict(snakemake.params.config)
         | {key: snakemake.config[key] for key in ("batch_size", "device", "strict_prompts")},
         step_paths=paths,

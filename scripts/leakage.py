@@ -1,11 +1,10 @@
 """Snakemake adapter: leakage of random projected updates for a chunk of steps (nullcov.report.validation)."""
-import json
 import sys
-from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.joblog import logging_to
+from nullcov.models.schedule import read_schedule
 from nullcov.report.validation import leakage_job
 
 with logging_to(snakemake.log[0]):
@@ -15,7 +14,7 @@ with logging_to(snakemake.log[0]):
         projection_paths=list(snakemake.input.projections),
         validation_dir=snakemake.input.validation,
         output_path=snakemake.output[0],
-        schedule=json.loads(Path(snakemake.input.schedule).read_text()),
+        schedule=read_schedule(snakemake.input.schedule),
         statistic=snakemake.params.statistic,
         thresholds=list(snakemake.params.thresholds),
         updates=snakemake.params.updates,

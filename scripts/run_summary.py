@@ -1,16 +1,16 @@
 """Snakemake adapter: the run summary table (nullcov.report.run_summary.summary_rows), TSV and HTML."""
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, f"{snakemake.scriptdir}/..")
 
 from nullcov.joblog import logging_to
+from nullcov.models.schedule import read_schedule
 from nullcov.report import run_summary
 from nullcov.statistics.store import read_spectra
 
 with logging_to(snakemake.log[0]):
-    schedule = json.loads(Path(snakemake.input.schedule).read_text())
+    schedule = read_schedule(snakemake.input.schedule)
     provenance = run_summary.read_provenance(Path(snakemake.input.first_shard) / snakemake.params.shard_file_name)
     spectra = {path: read_spectra(path) for path in snakemake.input.projections}
     rows = run_summary.summary_rows(

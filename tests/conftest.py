@@ -120,7 +120,7 @@ def pytest_terminal_summary(terminalreporter):
             if report.when != "call" and outcome != "error" and not (outcome == "skipped" and report.when == "setup"):
                 continue
             for marker in ("fault", "bad_input"):
-                if marker in report.keywords:
+                if marker in getattr(report, "keywords", {}):
                     counts.setdefault(marker, {}).setdefault(outcome, set()).add(report.nodeid)
     for marker, label in (("fault", "fault cases"), ("bad_input", "bad-input cases")):
         outcomes = {outcome: len(ids) for outcome, ids in counts.get(marker, {}).items()}

@@ -1,3 +1,5 @@
+"""Prompt files (encodings, comments, blank lines, errors naming the file and line), the prompt-set hash, shards
+and `prompts_per_shard: auto`."""
 import pytest
 
 from nullcov.prompts import PromptFileError, prompt_set_sha256, read_prompts, split_into_shards

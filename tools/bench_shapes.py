@@ -2,8 +2,10 @@
 
 Samples the 240 prompts of :func:`nullcov.shapes.evaluation.evaluation_scenes` (every colour x shape x
 position in each of the grammar's 4 templates) with the workflow's default sampler (DPM++ 2M
-Karras, 20 steps, the config's CFG scale), reads each image with :mod:`nullcov.shapes.evaluator`, and
-reports accuracy per attribute and, per cross-attention layer, how much of the colour and shape
+Karras, 20 steps, the config's CFG scale; the one image sampler,
+:func:`nullcov.models.sampling.sample_images`, through :func:`nullcov.shapes.evaluation.evaluate`), reads
+each image with :mod:`nullcov.shapes.evaluator`, and reports accuracy per attribute
+(:func:`nullcov.shapes.evaluator.accuracy`) and, per cross-attention layer, how much of the colour and shape
 words' attention lands on the object (ratio to the object's share of the image). The evaluator's
 own accuracy on held-out renders (clean, noisy, blurred) is measured first, in the same run.
 

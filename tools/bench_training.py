@@ -47,10 +47,11 @@ def rank_deficient_moments(rng: np.random.Generator, dim: int):
 
 def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
     """schedule.json, covariance/ and projections/ of SD-1.5's shapes from random rank-deficient inputs."""
-    from nullcov.layout import TEXT_NAME, Results, statistic_key
+    from nullcov.layout import TEXT_NAME, Results
+    from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
     from nullcov.models.model import cross_attention_modules
     from nullcov.statistics.jobs import projection_job
-    from nullcov.statistics.store import TEXT_KEY, write_moments
+    from nullcov.statistics.store import write_moments
 
     rng = np.random.default_rng(seed)
     results = Results(root / "results")
@@ -61,7 +62,7 @@ def synthetic_results(root: Path, unet, seed: int = 0) -> Path:
     layers = cross_attention_modules(unet)
     for name, _ in STEPS:
         found = {statistic_key(layer, linear): rank_deficient_moments(rng, module.to_q.in_features)
-                 for layer, module in layers for linear in ("to_q", "to_out")}
+                 for layer, module in layers for linear in CROSS_ATTENTION.per_step}
         write_moments(results.covariance(name), "covariance", found, attrs)
     write_moments(results.covariance(TEXT_NAME), "covariance",
                   {TEXT_KEY: rank_deficient_moments(rng, layers[0][1].to_k.in_features)}, attrs)
@@ -85,7 +86,7 @@ def stored_projections(results: Path) -> dict[str, dict[str, torch.Tensor]]:
 @torch.no_grad()
 def dense_project(constraint, projections: dict[str, torch.Tensor]) -> None:
     """The previous ``NullSpaceConstraint.project`` body: every linear multiplied by the dense ``P``."""
-    from nullcov.statistics.store import TEXT_KEY
+    from nullcov.models.family import TEXT_KEY
 
     for item in constraint.linears:
         projection = projections[TEXT_KEY if item.key == TEXT_KEY else item.key]

@@ -130,7 +130,8 @@ def run_ours(pipe, prompts: list[str], schedule: dict, config: dict, timings: di
 
 def write_our_scratch(step_moments, text_moments, schedule: dict, folder: Path, steps_to_write=None) -> dict:
     """Write the shard's per-step files as the feature job does; their bytes and seconds."""
-    from nullcov.statistics.store import TEXT_KEY, write_moments
+    from nullcov.models.family import TEXT_KEY
+    from nullcov.statistics.store import write_moments
 
     folder.mkdir(parents=True, exist_ok=True)
     attrs = {"provenance": {"benchmark": True}}

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
+import architecture_docs  # noqa: E402  (tools/: the module, tool and test tables)
 import workflow_docs  # noqa: E402  (tools/: the rule graph and the config reference)
 
 DOCS = REPO / "docs"
@@ -137,7 +138,9 @@ def _training_command(command: str) -> str:
     """The recorded training command as a user would type it; an ``--out`` elsewhere than the shipped
     folder (a scratch folder it was copied from) is named as such, not by its temporary path."""
     words = command.split()
-    module = next((i for i, word in enumerate(words) if word.endswith(("train_shapes.py", "nullcov.shapes.train"))), -1)
+    # The module as recorded: nullcov.train_shapes (before the package's stages) or nullcov.shapes.train.
+    trainers = ("train_shapes.py", "nullcov.train_shapes", "shapes/train.py", "nullcov.shapes.train")
+    module = next((i for i, word in enumerate(words) if word.endswith(trainers)), -1)
     arguments = words[module + 1:]
     shown, skip = [], False
     for index, word in enumerate(arguments):
@@ -667,6 +670,7 @@ def _proof_ablation(record: dict) -> str:
 
 RENDERERS = {
     "rulegraph": workflow_docs.rulegraph,
+    "modules": architecture_docs.modules,
     "config-reference": workflow_docs.config_reference,
     "proof-table": proof_table,
     "proof-goal": proof_goal,

@@ -38,11 +38,10 @@ from nullcov.collection.accumulators import (
 from nullcov.collection.hooks import Hook, forward_hooks
 from nullcov.collection.placement import device_steps
 from nullcov.docs import see
-from nullcov.layout import statistic_key
 from nullcov.models.device import module_device
-from nullcov.models.model import LINEARS, hooked_linear, linear_dims
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.model import hooked_linear, linear_dims
 from nullcov.statistics.moments import Moments
-from nullcov.statistics.store import TEXT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,6 @@ class HookNotFiredError(RuntimeError):
 
 
 TEXT_TOKENS = ("all", "prompt", "eos")
-#: The linears that receive the text states (collected once per prompt, not per step).
-TEXT_LINEARS = frozenset({"to_k", "to_v"})
 #: When :class:`CrossAttentionCapture` compares a UNet call's timestep with the schedule.
 TIMESTEP_CHECKS = ("auto", "batch")
 
@@ -97,8 +94,9 @@ def _labelled(label: str):
 class CrossAttentionCapture:
     """Collects moments of the selected layers' inputs at every scheduled UNet call.
 
-    ``layers`` are ``(module_name, Attention)`` pairs; ``linears`` a subset of ``to_q``,
-    ``to_out`` (per step) and ``to_k``/``to_v`` (both mean: the text states, stored once).
+    ``layers`` are ``(module_name, Attention)`` pairs; ``linears`` a subset of the hooked linears
+    (:data:`nullcov.models.family.CROSS_ATTENTION`): ``to_q``, ``to_out`` (per step) and
+    ``to_k``/``to_v`` (the text linears; either means: the text states, stored once).
     ``timesteps`` are the schedule's, in call order. Use as a context manager (removes hooks).
     ``accumulate``: ``auto`` (each step's float64 accumulator on the device while it fits, see
     :func:`nullcov.collection.placement.device_steps`; the rest on the host), ``device`` or ``host`` (all steps).
@@ -130,7 +128,7 @@ class CrossAttentionCapture:
         self.timestep_check = timestep_check
         self.dims = linear_dims(layers, linears)
         self.keys = list(self.dims)
-        self.collect_text = bool(TEXT_LINEARS & set(linears))
+        self.collect_text = bool(set(CROSS_ATTENTION.text) & set(linears))
         self.accumulate_text = self.collect_text and text
         self.collect_steps = list(range(len(self.timesteps)) if collect_steps is None else collect_steps)
         self.call_steps = list(range(len(self.timesteps)) if call_steps is None else call_steps)
@@ -140,8 +138,8 @@ class CrossAttentionCapture:
         self._lay_out_keys()
         self.device_steps = self._plan(accumulate)
         # every hooked linear must run on every UNet call (checked in the UNet's post-hook)
-        self.hooked = [statistic_key(name, linear) for name, _ in layers for linear in LINEARS
-                       if linear in linears or (self.collect_text and linear in TEXT_LINEARS)]
+        self.hooked = [statistic_key(name, linear) for name, _ in layers for linear in CROSS_ATTENTION.hooked
+                       if linear in linears or (self.collect_text and linear in CROSS_ATTENTION.text)]
         self.text_moments: TorchMoments | None = None
         self._fired: set[str] = set()
         self._batch = None
@@ -177,12 +175,12 @@ class CrossAttentionCapture:
         (``to_q``, ``to_out``) and, when the text states are collected, of ``to_k``/``to_v``."""
         hooks = [Hook(unet, self._on_unet_call, before=True, with_kwargs=True), Hook(unet, self._after_unet_call)]
         for name, module in layers:
-            for linear in LINEARS:
+            for linear in CROSS_ATTENTION.hooked:
                 key = statistic_key(name, linear)
                 if key in self.dims:
                     hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_step_input, key),
                                       before=True))
-                elif self.collect_text and linear in TEXT_LINEARS:
+                elif self.collect_text and linear in CROSS_ATTENTION.text:
                     hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_text_input, key),
                                       before=True))
         return hooks

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ from nullcov.collection.capture import (
 from nullcov.collection.placement import device_memory_steps
 from nullcov.docs import see
 from nullcov.models.device import module_device, use_device
-from nullcov.models.family import guidance_input, model_family
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, guidance_input, model_family
 from nullcov.models.gpu_lease import lease_device
 from nullcov.models.model import (
     ModelError,
@@ -49,11 +50,9 @@ from nullcov.models.model import (
 from nullcov.models.sampling import COLLECTIONS, ScheduleFileError, configure_scheduler, prompt_generators
 from nullcov.prompts import prompt_set_sha256
 from nullcov.provenance import feature_config, model_fingerprint, package_versions
-from nullcov.statistics.store import TEXT_KEY, write_moments
+from nullcov.statistics.store import write_moments
 
 log = logging.getLogger(__name__)
-
-FEATURE_LINEARS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out"}
 
 
 class PromptTooLongError(ValueError):
@@ -83,7 +82,8 @@ def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict
 
 
 def selected_linears(collect_features: dict) -> set[str]:
-    linears = {FEATURE_LINEARS[key] for key, wanted in collect_features.items() if wanted}
+    """The linears ``collect_features`` (a ``collect_features`` name -> bool) asks for."""
+    linears = {CROSS_ATTENTION.feature_linears[key] for key, wanted in collect_features.items() if wanted}
     if not linears:
         raise ValueError("collect_features: every feature (q, k, v, out) is false; nothing to collect"
                          f"{see('all-features-are-off')}")
@@ -91,8 +91,8 @@ def selected_linears(collect_features: dict) -> set[str]:
 
 
 def text_only(collect_features: dict) -> bool:
-    """Only ``k``/``v`` collected: the text encoder(s) alone give every statistic."""
-    return not (collect_features["q"] or collect_features["out"])
+    """Only ``k``/``v`` (text linears) collected: the text encoder(s) alone give every statistic."""
+    return not CROSS_ATTENTION.step_linears(collect_features)
 
 
 def text_mask(tokenizer, prompts: list[str], text_tokens: str, device,
@@ -349,7 +349,8 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
         resolution = image_resolution(pipe, config["resolution"])
     provenance = {
-        "model": {"spec": model_spec, "path": str(model_dir), "fingerprint": None},  # set at the first write
+        # The folder where it lay (the workflow may name it relatively); the fingerprint is set at the first write.
+        "model": {"spec": model_spec, "path": os.path.abspath(model_dir), "fingerprint": None},
         "config": feature_config(config),
         "prompts": {"first_index": first_index, "count": len(prompts), "sha256": prompt_set_sha256(prompts),
                     "truncated": truncated, "prompts": prompts},

@@ -12,12 +12,13 @@ manifest (the shipped model has one) is checked against it before use.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 from pathlib import Path
 
 from nullcov.docs import see
-from nullcov.layout import statistic_key
+from nullcov.files import read_json
+from nullcov.models.family import CROSS_ATTENTION, statistic_key
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
@@ -33,15 +34,20 @@ BUILTIN_SHAPES = "builtin:shapes"
 BUILTIN_SHAPES_DIR = Path(__file__).resolve().parent.parent / "builtin" / "shapes"
 #: ``sha256sum -c`` manifest a model folder may carry; nullcov checks it before using the folder.
 MANIFEST = "SHA256SUMS"
-LINEARS = ("to_q", "to_k", "to_v", "to_out")
-#: The linears whose inputs change with the timestep (one statistic per step); ``to_k``/``to_v``
-#: take the text states.
-STEP_LINEARS = ("to_q", "to_out")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class ModelError(ValueError):
     """The configured model cannot be found or is not a Stable Diffusion folder."""
+
+
+def workflow_path(model_dir: Path) -> Path:
+    """The model folder as the workflow's rules name it (inputs, params): the shipped model relative to
+    the working directory, like the workflow's other inputs, so that a checkout copied or moved with its
+    ``results/`` (rsync to a cluster's scratch) plans nothing new; any other folder as it was given."""
+    if Path(model_dir).resolve() == BUILTIN_SHAPES_DIR:
+        return Path(os.path.relpath(BUILTIN_SHAPES_DIR))
+    return Path(model_dir)
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -128,7 +134,7 @@ def scheduler_config(spec: str) -> dict:
         from nullcov.models.tiny_model import SCHEDULER_CONFIGS
 
         return dict(SCHEDULER_CONFIGS[BUILTIN_MODELS[spec][0]])
-    return json.loads((resolve_model_dir(spec) / "scheduler" / "scheduler_config.json").read_text())
+    return read_json(resolve_model_dir(spec) / "scheduler" / "scheduler_config.json")
 
 
 def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: bool = False):
@@ -140,7 +146,7 @@ def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: boo
 
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
-    index = json.loads((model_dir / "model_index.json").read_text())
+    index = read_json(model_dir / "model_index.json")
     skipped = {}
     if "safety_checker" in index:
         skipped |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -168,16 +174,18 @@ def cross_attention_modules(unet) -> list[tuple[str, object]]:
 
 
 def hooked_linear(attention, linear: str):
-    """The ``torch.nn.Linear`` that :data:`LINEARS` names ``linear`` in an attention module
-    (``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is dropout)."""
-    return attention.to_out[0] if linear == "to_out" else getattr(attention, linear)
+    """The ``torch.nn.Linear`` that :data:`nullcov.models.family.CROSS_ATTENTION` names ``linear`` in an
+    attention module (``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is dropout)."""
+    module = getattr(attention, linear)
+    return module[0] if linear in CROSS_ATTENTION.indexed else module
 
 
 def linear_dims(layers, linears) -> dict[str, int]:
-    """``{statistic_key(layer, linear): input width}`` of the per-step linears (:data:`STEP_LINEARS`)
-    among ``linears``, for the ``(name, attention module)`` pairs ``layers``, in layer order."""
+    """``{statistic_key(layer, linear): input width}`` of the per-step linears
+    (:attr:`~nullcov.models.family.Linears.per_step`) among ``linears``, for the ``(name, attention
+    module)`` pairs ``layers``, in layer order."""
     return {statistic_key(name, linear): int(hooked_linear(module, linear).in_features)
-            for name, module in layers for linear in STEP_LINEARS if linear in linears}
+            for name, module in layers for linear in CROSS_ATTENTION.per_step if linear in linears}
 
 
 def cross_attention_layer_names(model_dir: str | Path) -> list[str]:

@@ -13,16 +13,21 @@ fine-tune proof (:mod:`nullcov.proof.experiment`), the validation tests and the 
   pipeline call, whose every UNet call is a scheduled step; ``noised`` reproduces the legacy
   tool: per step a Gaussian latent noised to the timestep, one UNet call, conditional embedding
   only. Both can stop after a chunk of steps (a chunked feature job replays from the start).
+- :func:`sample_images`: the images the pipeline draws for one batch of prompts (the whole
+  trajectory, decoded): the one image sampler of the proof, the attention maps and the shapes
+  benchmark, with an optional UNet other than the pipeline's for the call.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from nullcov.docs import see
 from nullcov.models.device import module_device
+from nullcov.models.model import image_resolution
 from nullcov.models.schedule import build_schedule, make_scheduler
 
 
@@ -106,3 +111,33 @@ def run_noised(pipe, prompts, generators, schedule, guidance_scale, resolution, 
 #: The sampler driver of each ``collection``: ``run(pipe, prompts, generators, schedule,
 #: guidance_scale, resolution, chunk=None)``.
 COLLECTIONS = {"trajectory": run_trajectory, "noised": run_noised}
+
+
+def sample_images(pipe, prompts: list[str], generators: list[torch.Generator], schedule: dict, guidance_scale: float,
+                  resolution: int | None = None, *, unet=None) -> np.ndarray:
+    """Images [N, H, W, 3] (float32, 0..1) the pipeline draws for one batch of ``prompts``.
+
+    Prompt ``j`` draws its latents and sampler noise from ``generators[j]`` (:func:`prompt_generator`),
+    the installed scheduler (:func:`configure_scheduler`) runs ``schedule``'s timesteps with CFG
+    ``guidance_scale``, at ``resolution`` pixels square (None: the UNet's native size), and the
+    pipeline decodes the final latents. ``unet`` (None: ``pipe.unet``) denoises this call only: the
+    pipeline's own UNet is put back afterwards, also on an error.
+    """
+    own = pipe.unet
+    if unet is not None:
+        pipe.unet = unet
+    try:
+        side = image_resolution(pipe, resolution)
+        output = pipe(
+            prompt=prompts,
+            guidance_scale=guidance_scale,
+            height=side,
+            width=side,
+            generator=generators,
+            output_type="np",
+            **schedule["set_timesteps"],
+        )
+    finally:
+        if unet is not None:
+            pipe.unet = own
+    return output.images.astype(np.float32)

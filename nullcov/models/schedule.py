@@ -16,11 +16,10 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from nullcov.docs import see
-from nullcov.files import NULL_WORDS, atomic_path
+from nullcov.files import NULL_WORDS, read_json, write_json
 from nullcov.provenance import package_versions
 
 # sampler name -> (diffusers scheduler class, options passed to from_config)
@@ -229,13 +228,10 @@ def cached_schedule(scheduler_config: dict, strategy, num_steps: int, cache_dir:
     cache_dir = Path(cache_dir)
     path = cache_dir / f"schedule-{_cache_key(scheduler_config, strategy, num_steps)}.json"
     if path.exists():
-        return json.loads(path.read_text())
-    text = json.dumps(build_schedule(scheduler_config, strategy, num_steps), indent=1, sort_keys=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-    return json.loads(text)  # the same value a cache hit returns
+        return read_json(path)
+    write_json(path, build_schedule(scheduler_config, strategy, num_steps), indent=1, sort_keys=True)
+    return read_json(path)  # the same value a cache hit returns
+
 
 def write_schedule(path, schedule: dict, layers: list[str], model_spec: str) -> dict:
     """``results/schedule.json``: the sampler's steps (:func:`nullcov.models.schedule.build_schedule`)
@@ -247,10 +243,26 @@ def write_schedule(path, schedule: dict, layers: list[str], model_spec: str) -> 
     """
     schedule = dict(schedule) | {"layers": list(layers),
                                  "provenance": {"model": model_spec, "packages": package_versions()}}
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(schedule, indent=1, sort_keys=True))
+    write_json(path, schedule, indent=1, sort_keys=True)
     log.info("%s: %d steps of %s (%s); %d cross-attention layers", path, len(schedule["steps"]),
              schedule["strategy"], schedule["scheduler"]["class"], len(layers))
     return schedule
 
 
+def read_schedule(path) -> dict:
+    """``results/schedule.json`` as :func:`write_schedule` wrote it. A missing file raises
+    ``FileNotFoundError``, one that is not a JSON object with a list of ``steps`` :class:`ScheduleError`;
+    both name the file and the command that writes it again."""
+    path = Path(path)
+    fix = f"the workflow's schedule rule writes it: snakemake --cores all --force {path}"
+    try:
+        schedule = read_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist; {fix}") from None
+    except OSError as err:
+        raise ScheduleError(f"{path} cannot be read ({err.strerror or err}); {fix}") from None
+    except ValueError as err:
+        raise ScheduleError(f"{err}; {fix}") from None
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("steps"), list):
+        raise ScheduleError(f"{path} is not a nullcov schedule (no list of steps); {fix}")
+    return schedule

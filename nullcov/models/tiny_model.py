@@ -26,10 +26,11 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
+
+from nullcov.files import write_json, write_text
 
 #: Stable Diffusion 1.5's ``scheduler/scheduler_config.json``, verbatim. Written by hand
 #: (not via ``save_pretrained``) so that no newer defaults such as ``timestep_spacing``
@@ -205,11 +206,10 @@ def learn_bpe_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]
     return merges
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as UTF-8 JSON with sorted keys, fixed indent and a final newline."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    path.write_text(text, encoding="utf-8")
+def write_model_json(path: Path, obj: dict) -> None:
+    """``obj`` as every JSON file of a model folder is written: UTF-8, sorted keys, indent 2, a final
+    newline (atomically, :func:`nullcov.files.write_json`)."""
+    write_json(path, obj, newline=True, sort_keys=True, indent=2, ensure_ascii=False)
 
 
 def write_tokenizer(folder: Path, words: list[str] | None = None, num_merges: int = NUM_MERGES) -> int:
@@ -219,11 +219,11 @@ def write_tokenizer(folder: Path, words: list[str] | None = None, num_merges: in
     symbols = bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    write_json(folder / "vocab.json", {tok: i for i, tok in enumerate(tokens)})
+    write_model_json(folder / "vocab.json", {tok: i for i, tok in enumerate(tokens)})
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(folder / "merges.txt", "\n".join(lines) + "\n")
     specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
-    write_json(folder / "special_tokens_map.json", specials)
+    write_model_json(folder / "special_tokens_map.json", specials)
     config = {
         **specials,
         "add_prefix_space": False,
@@ -232,7 +232,7 @@ def write_tokenizer(folder: Path, words: list[str] | None = None, num_merges: in
         "model_max_length": MAX_LENGTH,
         "tokenizer_class": "CLIPTokenizer",
     }
-    write_json(folder / "tokenizer_config.json", config)
+    write_model_json(folder / "tokenizer_config.json", config)
     return len(tokens)
 
 
@@ -279,7 +279,7 @@ def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_H
              for k, v in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    write_json(folder / "config.json", config)
+    write_model_json(folder / "config.json", config)
 
 
 SD2_TEXT_HIDDEN_SIZE = 48  # SD-2.x: 1024
@@ -390,8 +390,8 @@ def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
     with atomic_folder(out_dir) as tmp:
         from diffusers import __version__ as diffusers_version
 
-        write_json(tmp / "model_index.json", model_index(family, diffusers_version))
-        write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
+        write_model_json(tmp / "model_index.json", model_index(family, diffusers_version))
+        write_model_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
         vocab_size = write_tokenizer(tmp / "tokenizer")
         if family == "sdxl":
             write_tokenizer(tmp / "tokenizer_2")

@@ -23,7 +23,7 @@ import time
 from nullcov.proof import experiment as proof
 from nullcov.proof.data import PreservedPrompt
 from nullcov.proof.null_energy import ENERGY_KINDS, null_energy
-from nullcov.proof.plan import Variant
+from nullcov.proof.plan import ProjectionSetting
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +41,42 @@ def group_captions(preserved: list[PreservedPrompt], settings: proof.ProofSettin
     return {group: captions for group, captions in groups.items() if captions}
 
 
-def energy_rows(pipe, schedule: dict, folders: dict[tuple[str, str, str], object], scopes: list[str],
+def energy_rows(pipe, schedule: dict, compared: list[ProjectionSetting], scopes: list[str],
                 preserved: list[PreservedPrompt], settings: proof.ProofSettings) -> list[dict]:
-    """One row (:data:`COLUMNS`) per projection setting (``folders``: ``{(branches, statistic,
-    threshold): results folder}``), scope, group, CFG half and linear kind; every group is sampled
-    once, under every setting's and scope's probe at a time."""
+    """One row (:data:`COLUMNS`) per projection setting (``compared``, each with its declared files),
+    scope, group, CFG half and linear kind; every group is sampled once with the base model's
+    weights, under every setting's and scope's probe at a time."""
     from nullcov.training.constraint import NullSpaceConstraint
 
-    base = pipe.unet
-    # every attn2 weight trainable, so that each constraint takes every attn2 linear (nothing is trained)
-    pipe.unet = proof.trainable_unet(base, Variant("null-energy", "projected"), settings)
+    # a copy of the base UNet trainable as a projected variant's, so that each constraint takes
+    # every attn2 linear (nothing is trained)
+    probed = proof.trainable_unet(pipe.unet, "projected", settings)
     every_step = [step["timestep"] for step in schedule["steps"]]
-    constraints = {key: NullSpaceConstraint(pipe.unet, folder, mode="nearest") for key, folder in folders.items()}
-    probes = [(key, scope, constraint) for key, constraint in constraints.items() for scope in scopes]
+    probes = [(setting.key, scope, constraint) for setting in compared
+              for constraint in [NullSpaceConstraint.from_files(probed, setting.schedule, setting.covariance,
+                                                                setting.projections, mode="nearest")]
+              for scope in scopes]
     rows = []
-    try:
-        for group, captions in group_captions(preserved, settings).items():
-            started = time.perf_counter()
-            totals = [{part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in PARTS} for _ in probes]
-            for start in range(0, len(captions), settings.sample_batch):
-                batch = captions[start: start + settings.sample_batch]
-                with contextlib.ExitStack() as stack:
-                    sums = [stack.enter_context(null_energy(pipe.unet, constraint, scope, every_step, len(batch)))
-                            for _, scope, constraint in probes]
-                    proof.sample(pipe, batch, start, schedule, settings)
-                for total, found in zip(totals, sums, strict=True):
-                    for part in PARTS:
-                        for kind in ENERGY_KINDS:
-                            total[part][kind][0] += found[part][kind][0]
-                            total[part][kind][1] += found[part][kind][1]
-            for ((branches, statistic, threshold), scope, _), total in zip(probes, totals, strict=True):
-                rows += [{"branches": branches, "statistic": statistic, "threshold": threshold, "scope": scope,
-                          "group": group, "part": part, "kind": kind, "null_energy": null, "energy": energy,
-                          "null_share": null / energy if energy else float("nan")}
-                         for part in PARTS for kind in ENERGY_KINDS for null, energy in [total[part][kind]]]
-            log.info("null-space energy of the %s prompts (%d) under %d projection(s) x scope(s): %.0f s", group,
-                     len(captions), len(probes), time.perf_counter() - started)
-    finally:
-        pipe.unet = base
+    for group, captions in group_captions(preserved, settings).items():
+        started = time.perf_counter()
+        totals = [{part: {kind: [0.0, 0.0] for kind in ENERGY_KINDS} for part in PARTS} for _ in probes]
+        for start in range(0, len(captions), settings.sample_batch):
+            batch = captions[start: start + settings.sample_batch]
+            with contextlib.ExitStack() as stack:
+                sums = [stack.enter_context(null_energy(probed, constraint, scope, every_step, len(batch)))
+                        for _, scope, constraint in probes]
+                proof.sample(pipe, batch, start, schedule, settings, unet=probed)
+            for total, found in zip(totals, sums, strict=True):
+                for part in PARTS:
+                    for kind in ENERGY_KINDS:
+                        total[part][kind][0] += found[part][kind][0]
+                        total[part][kind][1] += found[part][kind][1]
+        for ((branches, statistic, threshold), scope, _), total in zip(probes, totals, strict=True):
+            rows += [{"branches": branches, "statistic": statistic, "threshold": threshold, "scope": scope,
+                      "group": group, "part": part, "kind": kind, "null_energy": null, "energy": energy,
+                      "null_share": null / energy if energy else float("nan")}
+                     for part in PARTS for kind in ENERGY_KINDS for null, energy in [total[part][kind]]]
+        log.info("null-space energy of the %s prompts (%d) under %d projection(s) x scope(s): %.0f s", group,
+                 len(captions), len(probes), time.perf_counter() - started)
     return rows
 

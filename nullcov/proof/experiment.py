@@ -3,7 +3,7 @@
 Teaches a model a shape it never saw under a made-up token (:mod:`nullcov.proof.data`: ``a red sks
 on the left`` from a few renders of a cross) by fine-tuning the weights of its cross-attention
 linears (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every ``attn2``), from the same weights,
-data and seeds in every variant (:func:`plan_variants`):
+data and seeds in every variant (planned from the config: :func:`nullcov.proof.plan.plan_proof`):
 
 - ``unconstrained``: plain AdamW;
 - ``prior-preservation``: DreamBooth's remedy: class images the base model draws for class
@@ -11,7 +11,7 @@ data and seeds in every variant (:func:`plan_variants`):
 - ``projected``: AdamW with :class:`nullcov.training.constraint.NullSpaceConstraint` (gradients projected
   too), for each threshold, scope (``per-timestep``: each batch's own timestep's projection;
   ``all-timesteps``: the null space of every scheduled step at once), statistic and CFG branches
-  of the statistics (a results folder each, :mod:`nullcov.proof.statistics`);
+  of the statistics (the declared files of each, :class:`nullcov.proof.plan.ProjectionSetting`);
 - ``projected-kv``: only ``to_k``/``to_v`` trained and projected, with the run's own setting: their
   inputs are the frozen text encoder's states, which no update can shift;
 - ``projected-lora``: peft LoRA (rank ``lora_rank``) on the same linears, ``A ← A P``, with the
@@ -25,6 +25,9 @@ same seeds and the statistics' sampler (:class:`Measurement`): evaluator accurac
 attn2 output movement against the base model. Without an evaluator (a model that is not
 ``builtin:shapes``) every variant trains ``fixed_steps`` and only losses, drift and the grid are
 reported.
+
+The pipeline keeps the base model's UNet throughout: every function that trains, samples or
+measures another UNet takes it as an argument.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import contextlib
 import copy
 import logging
 import math
+import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ import torch
 from nullcov.collection.capture import conditional_rows
 from nullcov.proof import data as proof_data
 from nullcov.proof.null_energy import protected_timesteps
-from nullcov.proof.plan import SCOPES, Variant, plan_variants
+from nullcov.proof.plan import ProofPlan, ProofSettings, Variant
 from nullcov.shapes import evaluator
 from nullcov.shapes import grammar as shapes
 
@@ -52,32 +55,6 @@ log = logging.getLogger(__name__)
 #: Seeds: concept prompts' samples and class images start here (preserved prompts at 0).
 CONCEPT_SEED_OFFSET = 500_000
 CLASS_SEED_OFFSET = 600_000
-
-
-@dataclass
-class ProofSettings:
-    """The experiment's knobs (config keys ``finetune_*``)."""
-
-    learning_rate: float = 1e-3
-    lora_learning_rate: float = 2e-3
-    lora_rank: int = 4
-    batch_size: int = 4
-    eval_every: int = 10
-    max_steps: int = 300
-    fixed_steps: int = 100
-    target_fidelity: float = 0.8
-    concept_seeds: int = 2
-    instances: int = 8
-    class_images: int = 32
-    prior_weight: float = 1.0
-    seed: int = 0
-    guidance_scale: float = 7.5
-    sample_batch: int = 48
-    evaluate: bool = True
-    #: Share of the training batches whose timestep is drawn from [high_noise_start, T) instead of
-    #: [0, T): the layout is decided at high noise (how builtin:shapes was trained); 0 = uniform.
-    high_noise_fraction: float = 0.5
-    high_noise_start: int = 600
 
 
 @dataclass
@@ -146,21 +123,20 @@ class Attn2Drift:
 
 
 def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings: ProofSettings,
-           drift: Attn2Drift | None = None) -> np.ndarray:
+           drift: Attn2Drift | None = None, unet=None) -> np.ndarray:
     """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded ``first_seed + i``,
-    with the schedule's sampler and CFG, in batches of ``settings.sample_batch``."""
-    from nullcov.models.sampling import prompt_generators
+    with the schedule's sampler and CFG, in batches of ``settings.sample_batch``
+    (:func:`nullcov.models.sampling.sample_images`; ``unet`` None: ``pipe.unet``)."""
+    from nullcov.models.sampling import prompt_generators, sample_images
 
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser = pipe.unet if unet is None else unet
     images = []
     for start in range(0, len(captions), settings.sample_batch):
         batch = captions[start: start + settings.sample_batch]
-        hooked = drift.hooks(pipe.unet, start, len(batch)) if drift is not None else contextlib.nullcontext()
+        hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
         with hooked, torch.no_grad():
-            output = pipe(prompt=batch, guidance_scale=settings.guidance_scale, height=resolution,
-                          width=resolution, generator=prompt_generators(first_seed, start, len(batch)),
-                          output_type="np", **schedule["set_timesteps"])
-        images.append(output.images.astype(np.float32))
+            images.append(sample_images(pipe, batch, prompt_generators(first_seed, start, len(batch)), schedule,
+                                        settings.guidance_scale, unet=unet))
     return np.concatenate(images)
 
 
@@ -247,25 +223,26 @@ def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, se
     return loss, timestep
 
 
-def trainable_unet(base_unet, variant: Variant, settings: ProofSettings):
-    """A copy of the base UNet with the attn2 linears trainable (full; ``projected-kv``: ``to_k`` and
-    ``to_v`` only), or LoRA adapters on them."""
-    from nullcov.training.bank import TEXT_LINEARS
+def trainable_unet(base_unet, kind: str, settings: ProofSettings):
+    """A copy of the base UNet trainable as a variant of ``kind`` trains it: the attn2 linears (full;
+    ``projected-kv``: ``to_k`` and ``to_v`` only), or LoRA adapters on them (``projected-lora``)."""
+    from nullcov.models.family import CROSS_ATTENTION
     from nullcov.training.constraint import find_cross_attention_linears
 
     unet = copy.deepcopy(base_unet)
     unet.requires_grad_(False)
-    if variant.kind == "projected-lora":
+    if kind == "projected-lora":
         from peft import LoraConfig
 
         cuda = [unet.device.index or 0] if unet.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the adapters' initialisation, seeded, whatever ran before
             torch.manual_seed(settings.seed)
+            linears = "|".join(re.escape(CROSS_ATTENTION.module_path(linear)) for linear in CROSS_ATTENTION.hooked)
             unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
-                                        target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)"))
+                                        target_modules=rf".*attn2\.({linears})"))  # to_q|to_k|to_v|to_out\.0
         return unet
     for item in find_cross_attention_linears(unet):
-        if variant.kind != "projected-kv" or item.linear in TEXT_LINEARS:
+        if kind != "projected-kv" or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
     return unet
 
@@ -297,16 +274,18 @@ def merged_unet(base_unet, state: dict[str, torch.Tensor]):
 
 def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
                   settings: ProofSettings) -> Outcome:
-    """Train ``variant`` until the concept fidelity reaches the target (or for ``fixed_steps`` without
-    an evaluator); returns the merged plain UNet, steps, seconds (class images included) and fidelity."""
+    """Train ``variant`` from ``base_unet`` until the concept fidelity reaches the target (or for
+    ``fixed_steps`` without an evaluator); returns the merged plain UNet, steps, seconds (class
+    images included) and fidelity. ``pipe`` (its own UNet untouched) samples the trained UNet."""
     from diffusers import DDPMScheduler
 
     from nullcov.training.constraint import NullSpaceConstraint
 
     started = time.perf_counter()
-    unet = trainable_unet(base_unet, variant, settings)
-    pipe.unet = unet
-    constraint = NullSpaceConstraint(unet, variant.results_dir, mode="nearest") if variant.projected else None
+    unet = trainable_unet(base_unet, variant.kind, settings)
+    setting = variant.setting
+    constraint = NullSpaceConstraint.from_files(unet, setting.schedule, setting.covariance, setting.projections,
+                                                mode="nearest") if variant.projected else None
     lr = settings.lora_learning_rate if variant.kind == "projected-lora" else settings.learning_rate
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -327,22 +306,21 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
         outcome.losses.append((step, loss.item()))
         outcome.steps = step
         if settings.evaluate and (step % settings.eval_every == 0 or step == cap):
-            outcome.fidelity = evaluate_concept(pipe, schedule, settings)[0]
+            outcome.fidelity = evaluate_concept(pipe, unet, schedule, settings)[0]
             log.info("%s, step %d: concept fidelity %.3f (target %.2f)", variant.name, step, outcome.fidelity,
                      settings.target_fidelity)
             if outcome.fidelity >= settings.target_fidelity:
                 break
     outcome.unet = merged_unet(base_unet, attn2_state(unet))
-    pipe.unet = outcome.unet
     class_seconds = data.class_seconds if variant.kind == "prior-preservation" else 0.0
     outcome.seconds = time.perf_counter() - started + class_seconds
     return outcome
 
 
-def evaluate_concept(pipe, schedule: dict, settings: ProofSettings) -> tuple[float, np.ndarray]:
-    """(fidelity, images) of the concept prompts under the current UNet."""
+def evaluate_concept(pipe, unet, schedule: dict, settings: ProofSettings) -> tuple[float, np.ndarray]:
+    """(fidelity, images) of the concept prompts under ``unet`` (None: the pipeline's)."""
     prompts = concept_prompts(settings)
-    images = sample(pipe, [caption for _, caption in prompts], CONCEPT_SEED_OFFSET, schedule, settings)
+    images = sample(pipe, [caption for _, caption in prompts], CONCEPT_SEED_OFFSET, schedule, settings, unet=unet)
     scenes = [scene for scene, _ in prompts]
     return (concept_fidelity(scenes, images) if settings.evaluate else math.nan), images
 
@@ -356,19 +334,13 @@ class Measurement:
     correct: list[dict[str, bool]]
 
 
-def measure_preserved(pipe, preserved: list[proof_data.PreservedPrompt], schedule: dict, settings: ProofSettings,
-                      drift: Attn2Drift) -> Measurement:
-    images = sample(pipe, [prompt.caption for prompt in preserved], 0, schedule, settings, drift)
+def measure_preserved(pipe, unet, preserved: list[proof_data.PreservedPrompt], schedule: dict,
+                      settings: ProofSettings, drift: Attn2Drift) -> Measurement:
+    """The preserved prompts sampled under ``unet`` (None: the pipeline's), their attn2 outputs into ``drift``."""
+    images = sample(pipe, [prompt.caption for prompt in preserved], 0, schedule, settings, drift, unet=unet)
     correct = [evaluator.score(evaluator.read_image(image), prompt.scene) if settings.evaluate else {}
                for prompt, image in zip(preserved, images, strict=True)]
     return Measurement(images, correct)
-
-
-def accuracy(measurement: Measurement, indices: list[int], attribute: str | None = None) -> float:
-    """Share correct of ``attribute`` (None: every attribute the prompt asks) over ``indices``."""
-    values = [all(measurement.correct[i].values()) if attribute is None else measurement.correct[i][attribute]
-              for i in indices if attribute is None or attribute in measurement.correct[i]]
-    return float(np.mean(values)) if values and measurement.correct[indices[0]] else math.nan
 
 
 def group_indices(preserved: list[proof_data.PreservedPrompt]) -> dict[str, list[int]]:
@@ -383,16 +355,19 @@ def group_indices(preserved: list[proof_data.PreservedPrompt]) -> dict[str, list
 def preserved_columns(base: Measurement, after: Measurement, drift: Attn2Drift,
                       groups: dict[str, list[int]]) -> dict[str, float]:
     """Accuracy before/after per attribute, and per group the all-correct drop (points), the mean
-    pixel change of the final images and the attn2 output movement."""
+    pixel change of the final images and the attn2 output movement (:func:`nullcov.shapes.evaluator.accuracy`;
+    NaN without the evaluator)."""
     row = {}
     for attribute in evaluator.ATTRIBUTES:
-        before, later = accuracy(base, groups["all"], attribute), accuracy(after, groups["all"], attribute)
+        before, later = (evaluator.accuracy([run.correct[i] for i in groups["all"]], attribute)
+                         for run in (base, after))
         row |= {f"accuracy_before_{attribute}": before, f"accuracy_after_{attribute}": later,
                 f"accuracy_drop_points_{attribute}": 100 * (before - later)}
     for group, indices in groups.items():
         if not indices:
             continue
-        row[f"accuracy_drop_points_{group}"] = 100 * (accuracy(base, indices) - accuracy(after, indices))
+        before, later = (evaluator.accuracy([run.correct[i] for i in indices]) for run in (base, after))
+        row[f"accuracy_drop_points_{group}"] = 100 * (before - later)
         row[f"pixel_change_{group}"] = float(np.abs(after.images[indices] - base.images[indices]).mean())
         row[f"attn2_change_{group}"] = drift.change(indices)
     return row
@@ -406,7 +381,7 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[st
     the worst linear: ``ΔW`` is the merged float32 weight minus the base one, whose rounding
     (about 6e-8 of ``‖W‖``) is alone more than 1e-5 of a linear whose update is a thousandth of its
     weight (the proof's LoRA variant had such a ``to_q``)."""
-    from nullcov.statistics.store import TEXT_KEY
+    from nullcov.models.family import TEXT_KEY
     from nullcov.training.bank import ProjectionBank
     from nullcov.training.constraint import find_cross_attention_linears
 
@@ -416,7 +391,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[st
            "update_outside_null_space": math.nan}
     if not variant.projected:
         return row
-    lookup = ProjectionBank(variant.results_dir)
+    setting = variant.setting
+    lookup = ProjectionBank.from_files(setting.schedule, setting.covariance, setting.projections)
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
@@ -471,10 +447,11 @@ class Baseline:
 
 
 def measure_baseline(pipe, schedule: dict, statistics_prompts: list[str], settings: ProofSettings) -> Baseline:
+    """The pipeline's own UNet, the base model, measured."""
     preserved = proof_data.preserved_scenes(statistics_prompts)
     drift = Attn2Drift()
-    measurement = measure_preserved(pipe, preserved, schedule, settings, drift)
-    fidelity, _ = evaluate_concept(pipe, schedule, settings)
+    measurement = measure_preserved(pipe, None, preserved, schedule, settings, drift)
+    fidelity, _ = evaluate_concept(pipe, None, schedule, settings)
     return Baseline(pipe.unet, preserved, group_indices(preserved), measurement, drift, fidelity)
 
 
@@ -483,7 +460,7 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
     """Train one variant and measure it; returns (table row, merged UNet)."""
     outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings)
     baseline.drift.compare()
-    after = measure_preserved(pipe, baseline.preserved, schedule, settings, baseline.drift)
+    after = measure_preserved(pipe, outcome.unet, baseline.preserved, schedule, settings, baseline.drift)
     reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
     row = {"variant": variant.name, "kind": variant.kind, "scope": variant.scope, "threshold": variant.threshold,
            "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
@@ -493,33 +470,24 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
     row |= update_columns(baseline.unet, outcome.unet, variant, schedule)
     row |= preserved_columns(baseline.measurement, after, baseline.drift, baseline.groups)
     log.info("%s: %s", variant.name, {k: v for k, v in row.items() if not k.startswith("accuracy_before")})
-    pipe.unet = baseline.unet
     return row, outcome.unet
 
 
-def run_proof(pipe, schedule: dict, statistics_prompts: list[str], results_dirs: dict[tuple[str, str, str], Path],
-              settings: ProofSettings, scopes=SCOPES, prior: bool = True, lora: bool = True, on_variant=None,
-              text_only: bool = False):
-    """Every variant of :func:`plan_variants`; ``on_variant(variant, row, unet)`` after each (to save
-    its weights and grid images). ``results_dirs``: the run's own setting first
-    (:func:`nullcov.proof.plan.compared_settings`), which ``projected-kv`` uses. Returns the rows and
-    the base model's concept fidelity."""
-    from dataclasses import replace
-
+def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPlan, on_variant=None):
+    """Every variant of the plan, in its order; ``on_variant(variant, row, unet)`` after each (to save
+    its weights and grid images). ``projected-lora`` takes the best projected setting
+    (:func:`best_projected`) once the projected variants have run. Returns the rows and the base
+    model's concept fidelity."""
+    settings = plan.settings
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
+    prior = any(variant.kind == "prior-preservation" for variant in plan.variants)
     data = concept_data(pipe, schedule, settings, prior)
     rows = []
-    for variant in plan_variants(list(results_dirs), scopes, prior, lora, text_only):
+    for variant in plan.variants:
         if variant.kind == "projected-lora":
             best = best_projected(rows)
-            key = (best["branches"], best["statistic"], best["threshold"])
-            variant = replace(variant, scope=best["scope"], threshold=key[2], statistic=key[1], branches=key[0])
-        if variant.kind == "projected-kv":  # the first setting: the run's own
-            branches, statistic, threshold = next(iter(results_dirs))
-            variant = replace(variant, threshold=threshold, statistic=statistic, branches=branches)
-        if variant.kind in ("projected", "projected-lora", "projected-kv"):
-            variant = replace(variant, results_dir=results_dirs[(variant.branches, variant.statistic,
-                                                                 variant.threshold)])
+            variant = replace(variant, scope=best["scope"],
+                              setting=plan.setting((best["branches"], best["statistic"], best["threshold"])))
         row, unet = run_variant(pipe, variant, data, schedule, baseline, settings)
         rows.append(row)
         if on_variant is not None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from nullcov.collection.hooks import Hook, forward_hooks
+from nullcov.models.family import CROSS_ATTENTION
 from nullcov.proof.plan import SCOPES
 
 ENERGY_KINDS = ("to_q", "to_kv", "to_out")  # linear kinds as reported; to_kv: to_k and to_v share the text projection
@@ -29,7 +30,7 @@ def protected_timesteps(scope: str, timestep: int, every_step: list[float]) -> l
 
 def kind_of(item) -> str:
     """The linear's kind as reported (:data:`ENERGY_KINDS`)."""
-    return "to_kv" if item.linear in ("to_k", "to_v") else item.linear
+    return "to_kv" if item.linear in CROSS_ATTENTION.text else item.linear
 
 
 @contextmanager

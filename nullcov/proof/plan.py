@@ -1,13 +1,83 @@
-"""The fine-tune proof's variants, planned from the config alone (no torch: the Snakefile reads it at parse time)."""
+"""The fine-tune proof planned once, from the config alone, at parse time (no torch): :class:`ProofPlan`.
+
+The Snakefile plans the proof (:func:`plan_proof`) and hands the plan to the ``finetune_proof``
+job as one param (:meth:`ProofPlan.to_dict`, :meth:`ProofPlan.from_dict`): the training settings
+(:class:`ProofSettings`), the projection settings the proof compares with the declared files that
+serve each (:class:`ProjectionSetting`), which of them is the run's own, and every variant in the
+order it runs (:class:`Variant`). The rules that make the settings' files (rules/finetune.smk:
+``proof_features``, ``proof_covariance``, ``proof_projection``) and the job's inputs come from the
+same plan, so the job reads the files it declares and plans nothing itself.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import functools
+from dataclasses import asdict, dataclass, field
+
+from nullcov.layout import Results, step_name
+from nullcov.schema import schema_default
 
 SCOPES = ("per-timestep", "all-timesteps")
 #: ``unconditional_branch`` of the statistics -> how the table names it.
 BRANCH_LABELS = {False: "conditional", True: "both"}
+#: A :data:`BRANCH_LABELS` label -> the ``unconditional_branch`` its statistics are collected with.
+UNCONDITIONAL_BRANCH = {label: both for both, label in BRANCH_LABELS.items()}
+#: :class:`ProofSettings` field -> the config key it is planned from.
+CONFIG_KEYS = {
+    "learning_rate": "finetune_learning_rate",
+    "lora_learning_rate": "finetune_lora_learning_rate",
+    "lora_rank": "finetune_lora_rank",
+    "eval_every": "finetune_eval_every",
+    "max_steps": "finetune_max_steps",
+    "fixed_steps": "finetune_steps",
+    "target_fidelity": "finetune_target_fidelity",
+    "seed": "seed",
+    "guidance_scale": "guidance_scale",
+    "high_noise_fraction": "finetune_high_noise_fraction",
+}
+
+
+def _configured(name: str):
+    """A field of a config key: its default is the key's in config/schema.yaml (no second copy here)."""
+    return field(default_factory=functools.partial(schema_default, CONFIG_KEYS[name]))
+
+
+@dataclass(frozen=True)
+class ProofSettings:
+    """The experiment's knobs: those of config keys (:data:`CONFIG_KEYS`, planned by
+    :meth:`from_config`; left out, the schema's default), then the experiment's own."""
+
+    learning_rate: float = _configured("learning_rate")
+    lora_learning_rate: float = _configured("lora_learning_rate")
+    lora_rank: int = _configured("lora_rank")
+    eval_every: int = _configured("eval_every")
+    max_steps: int = _configured("max_steps")
+    fixed_steps: int = _configured("fixed_steps")
+    target_fidelity: float = _configured("target_fidelity")
+    seed: int = _configured("seed")
+    guidance_scale: float = _configured("guidance_scale")
+    #: Share of the training batches whose timestep is drawn from [high_noise_start, T) instead of
+    #: [0, T): the layout is decided at high noise (how builtin:shapes was trained); 0 = uniform.
+    high_noise_fraction: float = _configured("high_noise_fraction")
+    #: Whether an evaluator reads the images (the model is builtin:shapes): else every variant
+    #: trains ``fixed_steps`` and the evaluator's columns are NaN.
+    evaluate: bool = True
+    batch_size: int = 4
+    concept_seeds: int = 2
+    instances: int = 8
+    class_images: int = 32
+    prior_weight: float = 1.0
+    sample_batch: int = 48
+    high_noise_start: int = 600
+
+    @classmethod
+    def from_config(cls, config: dict) -> ProofSettings:
+        """The settings of a workflow config: its ``finetune_*`` keys, ``seed``, ``guidance_scale``,
+        and ``evaluate`` when the model is builtin:shapes."""
+        from nullcov.models.model import BUILTIN_SHAPES
+
+        return cls(**{name: config[key] for name, key in CONFIG_KEYS.items()},
+                   evaluate=config["model"] == BUILTIN_SHAPES)
 
 
 def threshold_settings(config: dict) -> list[tuple[float, float | None]]:
@@ -52,36 +122,172 @@ def threshold_label(nullspace_threshold: float, threshold_percent: float | None)
 
 
 @dataclass(frozen=True)
+class ProjectionSetting:
+    """One projection setting the proof compares (CFG branches of the statistics, statistic,
+    threshold) and the declared files that serve it: the schedule, the merged moments of those
+    statistics and the projections made at this setting (every step's and text's; paths as the
+    rules declare them, relative to the workflow's working directory)."""
+
+    branches: str
+    statistic: str
+    threshold: str
+    nullspace_threshold: float
+    threshold_percent: float | None
+    schedule: str = ""
+    covariance: tuple[str, ...] = ()
+    projections: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(branches, statistic, threshold label): how the table names the setting."""
+        return self.branches, self.statistic, self.threshold
+
+    def file(self, kind: str, name: str) -> str:
+        """The ``covariance`` or ``projections`` file of one step (or text) at this setting."""
+        return next(path for path in getattr(self, kind) if step_name(path) == name)
+
+
+@dataclass(frozen=True)
 class Variant:
-    """One fine-tune. ``results_dir``: the projections of a projected variant."""
+    """One fine-tune: its name, kind, scope and projection setting (None: not projected; the
+    ``projected-lora`` variant gets the best projected one once the projected variants have run,
+    :func:`nullcov.proof.experiment.best_projected`)."""
 
     name: str
     kind: str
     scope: str = "-"
-    threshold: str = "-"
-    statistic: str = "-"
-    branches: str = "-"
-    results_dir: Path | None = None
+    setting: ProjectionSetting | None = None
 
     @property
     def projected(self) -> bool:
-        return self.results_dir is not None
+        return self.setting is not None
+
+    @property
+    def branches(self) -> str:
+        return self.setting.branches if self.setting is not None else "-"
+
+    @property
+    def statistic(self) -> str:
+        return self.setting.statistic if self.setting is not None else "-"
+
+    @property
+    def threshold(self) -> str:
+        return self.setting.threshold if self.setting is not None else "-"
 
 
-def plan_variants(settings_keys: list[tuple[str, str, str]], scopes=SCOPES, prior: bool = True,
-                  lora: bool = True, text_only: bool = True) -> list[Variant]:
-    """Every variant in the order they run. ``settings_keys``: the projection settings (branches,
-    statistic, threshold) that have a results folder; the LoRA variant's setting is chosen after the
-    projected runs (:func:`best_projected`), so it is planned without one. ``text_only``: the
-    ``projected-kv`` variant, which trains only ``to_k``/``to_v`` (whose inputs, the frozen text
-    encoder's states, no update can shift) with the first setting (the run's own)."""
+@dataclass(frozen=True)
+class ProofPlan:
+    """The whole proof, planned from the config: settings, compared projection settings (the run's
+    own first), the run's own setting's key, and the variants in the order they run."""
+
+    settings: ProofSettings
+    scopes: tuple[str, ...]
+    compared: tuple[ProjectionSetting, ...]
+    own: tuple[str, str, str]
+    variants: tuple[Variant, ...]
+
+    def setting(self, key: tuple[str, str, str]) -> ProjectionSetting:
+        """The compared setting of ``key`` (branches, statistic, threshold label)."""
+        found = [setting for setting in self.compared if setting.key == tuple(key)]
+        if not found:
+            raise KeyError(f"the proof compares no projection setting {tuple(key)}")
+        return found[0]
+
+    @property
+    def names(self) -> list[str]:
+        """The variants' names, in the order they run (and their weights are declared)."""
+        return [variant.name for variant in self.variants]
+
+    def files(self, kind: str) -> list[str]:
+        """Every compared setting's ``covariance`` or ``projections`` files, each once: the job's inputs."""
+        return list(dict.fromkeys(path for setting in self.compared for path in getattr(setting, kind)))
+
+    def threshold_values(self) -> dict[str, tuple[float, float | None]]:
+        """Threshold label -> (nullspace_threshold, threshold_percent) of every compared setting."""
+        return {s.threshold: (s.nullspace_threshold, s.threshold_percent) for s in self.compared}
+
+    def to_dict(self) -> dict:
+        """The plan as plain data (a Snakemake param): variants name their setting by its key."""
+        compared = [asdict(setting) | {"covariance": list(setting.covariance),
+                                       "projections": list(setting.projections)} for setting in self.compared]
+        variants = [{"name": v.name, "kind": v.kind, "scope": v.scope,
+                     "setting": list(v.setting.key) if v.setting is not None else None} for v in self.variants]
+        return {"settings": asdict(self.settings), "scopes": list(self.scopes), "compared": compared,
+                "own": list(self.own), "variants": variants}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProofPlan:
+        """The plan of :meth:`to_dict`'s data."""
+        compared = tuple(ProjectionSetting(**(dict(setting) | {"covariance": tuple(setting["covariance"]),
+                                                                "projections": tuple(setting["projections"])}))
+                         for setting in data["compared"])
+        by_key = {setting.key: setting for setting in compared}
+        variants = tuple(Variant(v["name"], v["kind"], v["scope"],
+                                 by_key[tuple(v["setting"])] if v["setting"] is not None else None)
+                         for v in data["variants"])
+        return cls(ProofSettings(**data["settings"]), tuple(data["scopes"]), compared, tuple(data["own"]), variants)
+
+
+def compared_projection_settings(config: dict, results: Results | None = None,
+                                 names: list[str] = ()) -> list[ProjectionSetting]:
+    """Every setting the proof compares (:func:`compared_settings`, the run's own first) with the
+    files that serve it under ``results`` (None: without files), for the step files ``names``
+    (the step names and :data:`nullcov.layout.TEXT_NAME`).
+
+    Statistics: the run's own for its own CFG branches, else the proof's
+    (:meth:`nullcov.layout.Results.proof_statistics`, rules ``proof_features`` and
+    ``proof_covariance``). Projections: the run's own where they are made at this very setting
+    (its branches, ``statistic``, ``nullspace_threshold`` and ``threshold_percent``), else the
+    proof's (:meth:`nullcov.layout.Results.proof_projection`, rule ``proof_projection``).
+    """
+    thresholds = threshold_settings(config)
+    values = {threshold_label(*setting): setting for setting in thresholds}
+    statistics = list(config["finetune_statistics"])
+    own = own_setting(config, statistics, thresholds)
+    run_branches = own[0]
+    settings = []
+    for branches, statistic, label in compared_settings(own, config["finetune_branches"], statistics, thresholds):
+        setting = ProjectionSetting(branches, statistic, label, *values[label])
+        if results is not None:
+            made = branches == run_branches and (statistic, *values[label]) == (
+                config["statistic"], config["nullspace_threshold"], config["threshold_percent"])
+            source = results if branches == run_branches else results.proof_statistics(branches)
+            projections = [results.projection(name) if made else
+                           results.proof_projection(branches, statistic, label, name) for name in names]
+            setting = ProjectionSetting(branches, statistic, label, *values[label], schedule=str(results.schedule),
+                                        covariance=tuple(str(source.covariance(name)) for name in names),
+                                        projections=tuple(map(str, projections)))
+        settings.append(setting)
+    return settings
+
+
+def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Variant]:
+    """Every variant in the order they run: ``unconstrained``, ``prior-preservation``
+    (``finetune_prior_preservation``), one ``projected`` variant per compared setting and scope,
+    ``projected-kv`` (``finetune_text_only``: trains only ``to_k``/``to_v``, whose inputs, the
+    frozen text encoder's states, no update can shift, with the run's own setting), and
+    ``projected-lora`` (``finetune_lora_rank`` > 0), whose setting is chosen after the projected
+    runs (:func:`nullcov.proof.experiment.best_projected`), so it is planned without one."""
+    thresholds = threshold_settings(config)
+    own = own_setting(config, list(config["finetune_statistics"]), thresholds)
     variants = [Variant("unconstrained", "unconstrained")]
-    if prior:
+    if config["finetune_prior_preservation"]:
         variants.append(Variant("prior-preservation", "prior-preservation"))
-    variants += [Variant(f"projected-{scope}-{threshold}-{statistic}-{branches}", "projected", scope, threshold,
-                         statistic, branches) for branches, statistic, threshold in settings_keys for scope in scopes]
-    if text_only:
-        variants.append(Variant("projected-kv", "projected-kv", scope="per-timestep"))
-    if lora:
+    variants += [Variant(f"projected-{scope}-{setting.threshold}-{setting.statistic}-{setting.branches}",
+                         "projected", scope, setting) for setting in compared for scope in config["finetune_scopes"]]
+    if config["finetune_text_only"]:
+        variants.append(Variant("projected-kv", "projected-kv", "per-timestep",
+                                next(setting for setting in compared if setting.key == own)))
+    if config["finetune_lora_rank"] > 0:
         variants.append(Variant("projected-lora", "projected-lora"))
     return variants
+
+
+def plan_proof(config: dict, results: Results, names: list[str]) -> ProofPlan:
+    """The proof of a validated workflow config, its files under ``results`` for the step files
+    ``names`` (:func:`compared_projection_settings`)."""
+    compared = compared_projection_settings(config, results, names)
+    thresholds = threshold_settings(config)
+    own = own_setting(config, list(config["finetune_statistics"]), thresholds)
+    return ProofPlan(ProofSettings.from_config(config), tuple(config["finetune_scopes"]), tuple(compared), own,
+                     tuple(plan_variants(config, compared)))

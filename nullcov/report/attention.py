@@ -8,7 +8,8 @@ selected UNet calls the probabilities are ``softmax(scale · Q Kᵀ)`` per head 
 ``attn.norm_q``/``norm_k`` applied as diffusers does), averaged over heads, conditional half of
 the CFG batch only. Nothing in the forward pass changes: the trajectory is the feature job's.
 
-The pipeline call is the feature job's (:data:`nullcov.models.sampling.COLLECTIONS`), with the same
+The pipeline call is the feature job's (:data:`nullcov.models.sampling.COLLECTIONS`; ``trajectory``
+through :func:`nullcov.models.sampling.sample_images`, which also decodes the images), with the same
 generators: prompt ``i`` (its index in the training prompt file) is seeded ``seed + i``.
 """
 
@@ -16,23 +17,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import itertools
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nullcov.collection.capture import conditional_rows
 from nullcov.collection.hooks import Hook, forward_hooks
-from nullcov.files import atomic_path
 from nullcov.models.device import use_device
 from nullcov.models.gpu_lease import lease_device
 from nullcov.models.model import cross_attention_modules, image_resolution, load_pipeline, select_layers
-from nullcov.models.sampling import COLLECTIONS, configure_scheduler, prompt_generator
+from nullcov.models.sampling import COLLECTIONS, configure_scheduler, prompt_generator, sample_images
+from nullcov.prompts import prompt_set_sha256
+from nullcov.provenance import feature_config, model_fingerprint, package_versions
+from nullcov.statistics.store import read_arrays, write_arrays
 
 log = logging.getLogger(__name__)
+
+#: The store kind (``nullcov_kind``) of ``attention_maps.h5``.
+ATTENTION_KIND = "attention"
 
 
 class AttentionProbe:
@@ -136,28 +141,12 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     return labels
 
 
-class _FinalLatents:
-    """Keeps the last ``scheduler.step`` output (the final latents of a trajectory)."""
-
-    def __init__(self, scheduler):
-        self.scheduler, self.step, self.latents = scheduler, scheduler.step, None
-
-    def __enter__(self):
-        self.scheduler.step = self._step
-        return self
-
-    def _step(self, *args, **kwargs):
-        output = self.step(*args, **kwargs)
-        self.latents = output[0] if isinstance(output, tuple) else output.prev_sample
-        return output
-
-    def __exit__(self, *exc):
-        del self.scheduler.step  # the instance attribute; the class method shows again
-
-
 def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], schedule: dict, config: dict,
                            layer_names: list[str], step_indices: list[int]) -> dict:
     """Run the feature job's pipeline call on ``prompts`` and return their attention maps.
+
+    The ``trajectory`` collection draws the images with :func:`nullcov.models.sampling.sample_images`
+    (the same trajectory, decoded); ``noised`` runs its driver and draws none.
 
     Returns ``{"maps": {(prompt position, step index, layer): float32 [tokens, h, w]},
     "tokens": [labels per prompt], "images": float [P, H, W, 3] in 0..1 or None}`` where the
@@ -167,7 +156,7 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
     layers = [(name, modules[name]) for name in layer_names]
     resolution = image_resolution(pipe, config["resolution"])
     latent = resolution // pipe.vae_scale_factor
-    run = COLLECTIONS[config["collection"]]
+    run = sample_images if config["collection"] == "trajectory" else COLLECTIONS[config["collection"]]
     batch_size = config["batch_size"]
     tokens = [prompt_tokens(pipe.tokenizer, prompt) for prompt in prompts]
     maps, images = {}, []
@@ -177,14 +166,13 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
             indices = prompt_indices[offset : offset + batch_size]
             generators = [prompt_generator(config["seed"], index) for index in indices]
             probe.begin_batch(len(batch))
-            with _FinalLatents(pipe.scheduler) as final:
-                run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)
+            drawn = run(pipe, batch, generators, schedule, config["guidance_scale"], resolution)
             calls = probe.end_batch()
             if calls != len(schedule["steps"]):
                 expected = len(schedule["steps"])
                 raise RuntimeError(f"the UNet was called {calls} times; the schedule has {expected} steps")
-            if config["collection"] == "trajectory" and final.latents is not None:
-                images.append(decode(pipe, final.latents))
+            if drawn is not None:
+                images.append(drawn)
             log.info("attention maps: prompts %d/%d", offset + len(batch), len(prompts))
         found = probe.result()
     for (step, layer), probabilities in found.items():
@@ -196,12 +184,6 @@ def collect_attention_maps(pipe, prompts: list[str], prompt_indices: list[int], 
     return {"maps": maps, "tokens": tokens, "images": np.concatenate(images) if images else None}
 
 
-def decode(pipe, latents: torch.Tensor) -> np.ndarray:
-    """Final latents -> images [B, H, W, 3] in 0..1 (the pipeline's own VAE decode and postprocess)."""
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
-
-
 def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: list[int], schedule: dict, config: dict,
                       layer_selection, step_indices: list[int], figure_paths: dict, data_path, threads: int = 1):
     """The attention-map job: maps of every (prompt, step, layer), one PNG grid per (prompt, step).
@@ -209,9 +191,9 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
     ``prompts[j]`` is the prompt whose index in the prompt file is ``prompt_indices[j]`` (its
     seed is ``seed + prompt_indices[j]``, as in the feature job).
 
-    ``figure_paths[(prompt index, step name)]`` is the PNG path; ``data_path`` an HDF5 file
-    with the maps (group ``prompt_{i:04d}/{step}/{layer}``, dataset ``maps`` [tokens, h, w],
-    attribute ``tokens``).
+    ``figure_paths[(prompt index, step name)]`` is the PNG path; ``data_path`` the HDF5 file of
+    the maps (:func:`write_maps`: datasets ``prompt_{i:04d}/{step}/{layer}/maps`` [tokens, h, w],
+    checksummed, with provenance).
     """
     from nullcov.report.figures_attention import attention_figure
 
@@ -227,7 +209,8 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
         layer_names = select_layers(available, layer_selection)
         selected = list(prompts)
         found = collect_attention_maps(pipe, selected, prompt_indices, schedule, config, layer_names, step_indices)
-        write_maps(data_path, found, prompt_indices, selected, schedule, step_indices, layer_names)
+        provenance = attention_provenance(model_dir, selected, prompt_indices, config, device, schedule)
+        write_maps(data_path, found, prompt_indices, selected, schedule, step_indices, layer_names, provenance)
         steps = schedule["steps"]
         for position, index in enumerate(prompt_indices):
             for step in step_indices:
@@ -240,38 +223,54 @@ def run_attention_job(*, model_dir: str, prompts: list[str], prompt_indices: lis
         log.info("wrote %d attention figures", len(figure_paths))
 
 
-def write_maps(path, found, prompt_indices, prompts, schedule, step_indices, layer_names) -> None:
-    import h5py
+def attention_provenance(model_dir, prompts: list[str], prompt_indices: list[int], config: dict, device: str,
+                         schedule: dict) -> dict:
+    """What made an attention-maps file: the model (path, fingerprint), the feature config, the prompts
+    and their indices (the seeds), the run's device, batch size and sampler, the packages."""
+    return {
+        "model": {"path": str(model_dir), "fingerprint": model_fingerprint(model_dir)},
+        "config": feature_config(config),
+        "prompts": {"indices": list(prompt_indices), "count": len(prompts), "sha256": prompt_set_sha256(prompts),
+                    "prompts": list(prompts)},
+        "run": {"device": str(device), "batch_size": config["batch_size"], "scheduler": schedule["scheduler"]["class"]},
+        "packages": package_versions(),
+    }
 
-    with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["nullcov_kind"] = "attention"
-            for position, index in enumerate(prompt_indices):
-                group = handle.create_group(f"prompt_{index:04d}")
-                group.attrs["prompt"] = prompts[position]
-                group.attrs["tokens"] = json.dumps(found["tokens"][position])
-                for step in step_indices:
-                    step_group = group.create_group(schedule["steps"][step]["name"])
-                    step_group.attrs["timestep"] = schedule["steps"][step]["timestep"]
-                    for layer in layer_names:
-                        maps = found["maps"][(position, step, layer)]
-                        step_group.create_group(layer).create_dataset("maps", data=maps)
-                if found["images"] is not None:
-                    group.create_dataset("image", data=found["images"][position].astype(np.float32))
+
+def write_maps(path, found, prompt_indices, prompts, schedule, step_indices, layer_names, provenance: dict) -> None:
+    """``attention_maps.h5`` through the store (:func:`nullcov.statistics.store.write_arrays`, kind
+    ``attention``: atomic, checksummed, with ``provenance``): datasets ``prompt_{i:04d}/{step}/{layer}/maps``
+    (float32 [tokens, h, w]) and ``prompt_{i:04d}/image`` (float32 [H, W, 3], trajectory collection only);
+    JSON attributes ``prompts`` (``index``, ``prompt``, ``tokens`` of each), ``steps`` (``index``, ``name``,
+    ``timestep``) and ``layers``."""
+    names = {step: schedule["steps"][step]["name"] for step in step_indices}
+    arrays = {}
+    for position, index in enumerate(prompt_indices):
+        for step, layer in itertools.product(step_indices, layer_names):
+            arrays[f"prompt_{index:04d}/{names[step]}/{layer}/maps"] = found["maps"][(position, step, layer)]
+        if found["images"] is not None:
+            arrays[f"prompt_{index:04d}/image"] = found["images"][position].astype(np.float32)
+    prompt_entries = [{"index": index, "prompt": prompts[position], "tokens": found["tokens"][position]}
+                      for position, index in enumerate(prompt_indices)]
+    steps = [{"index": step, "name": names[step], "timestep": schedule["steps"][step]["timestep"]}
+             for step in step_indices]
+    attrs = {"provenance": provenance, "prompts": prompt_entries, "steps": steps, "layers": list(layer_names)}
+    write_arrays(path, ATTENTION_KIND, arrays, attrs)
 
 
 def read_maps(path) -> dict:
-    """``{(prompt index, step name, layer): maps}`` and tokens per prompt index, from :func:`write_maps`."""
-    import h5py
-
-    maps, tokens = {}, {}
-    with h5py.File(Path(path), "r") as handle:
-        for prompt_name, group in handle.items():
-            index = int(prompt_name.split("_")[1])
-            tokens[index] = json.loads(group.attrs["tokens"])
-            for step_name, step_group in group.items():
-                if isinstance(step_group, h5py.Dataset):
-                    continue
-                for layer, layer_group in step_group.items():
-                    maps[(index, step_name, layer)] = layer_group["maps"][()]
-    return {"maps": maps, "tokens": tokens}
+    """From :func:`write_maps`, validated by the store (:func:`nullcov.statistics.store.read_arrays`: a
+    damaged file raises ``StatisticsFileError`` naming it): ``maps`` ``{(prompt index, step name, layer):
+    maps}``, ``tokens`` and ``images`` per prompt index, and the ``provenance``."""
+    arrays, attrs = read_arrays(path, ATTENTION_KIND)
+    maps, images = {}, {}
+    for name, array in arrays.items():
+        prompt_name, *rest = name.split("/")
+        index = int(prompt_name.removeprefix("prompt_"))
+        if rest == ["image"]:
+            images[index] = array
+        else:
+            step_name, layer, _ = rest
+            maps[(index, step_name, layer)] = array
+    tokens = {entry["index"]: entry["tokens"] for entry in attrs["prompts"]}
+    return {"maps": maps, "tokens": tokens, "images": images, "provenance": attrs["provenance"]}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import re
 
-STEP_LINEARS = ("to_q", "to_out")
-TEXT_LABEL = "text (to_k/to_v)"
+from nullcov.models.family import CROSS_ATTENTION
+
+#: The label of the text states' statistic (the text linears' input), next to the per-step linears' names.
+TEXT_LABEL = f"text ({CROSS_ATTENTION.text_label})"
 MANY_LAYERS = 24  # above this (SDXL: 70 layers) layer x timestep heatmaps get thinner rows and smaller labels
 _LAYER = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}

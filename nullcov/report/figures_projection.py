@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nullcov.layout import TEXT_NAME, split_key, statistic_key
+from nullcov.layout import TEXT_NAME
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, split_key, statistic_key
 from nullcov.report.figures_layers import (
     MANY_LAYERS,
-    STEP_LINEARS,
     layer_order,
     layer_step_axes,
     layers_height,
@@ -20,10 +20,9 @@ from nullcov.report.figures_layers import (
 )
 from nullcov.report.plotting import pyplot, save
 from nullcov.statistics import store
-from nullcov.statistics.store import TEXT_KEY
 
-#: Figure kinds of rule report_figures that draw one linear's spectra: kind -> linear.
-SPECTRA_FIGURES = {"spectra_to_q": "to_q", "spectra_to_out": "to_out"}
+#: Figure kinds of rule report_figures that draw one linear's spectra: kind -> linear (``spectra_to_q``: ``to_q``).
+SPECTRA_FIGURES = {f"spectra_{linear}": linear for linear in CROSS_ATTENTION.per_step}
 
 
 def projection_figures(figures: dict, schedule_steps: list[dict], projection_files: list, step_names: list[str],
@@ -89,7 +88,7 @@ def text_spectrum_figure(path, entry: dict) -> None:
     _spectrum_panel(ax, [entry], ["text"], ["tab:blue"])
     ax.set_xlabel("eigenvalue rank (1 = largest)")
     ax.set_ylabel("eigenvalue (log)")
-    ax.set_title(f"Spectrum of the text-encoder states (to_k/to_v input), d={entry['d']}\n"
+    ax.set_title(f"Spectrum of the text-encoder states ({CROSS_ATTENTION.text_label} input), d={entry['d']}\n"
                  "shaded: below the threshold = null space")
     fig.tight_layout()
     save(fig, path)
@@ -133,7 +132,7 @@ def _spectrum_panel(ax, entries: list[dict], labels: list[str], colors) -> None:
 def null_dim_figure(path, steps: list[dict], spectra: list[dict[str, dict]], text: dict | None) -> None:
     """Heatmaps layers x timesteps of ``null_dim`` (top) and ``null_dim / d`` (bottom), per linear."""
     plt = pyplot()
-    linears = [linear for linear in STEP_LINEARS if any(split_key(key)[1] == linear for key in spectra[0])]
+    linears = [linear for linear in CROSS_ATTENTION.per_step if any(split_key(key)[1] == linear for key in spectra[0])]
     layers = sorted({split_key(key)[0] for key in spectra[0]}, key=layer_order)
     width = max(4.5, 0.42 * len(steps) + 2.2)
     fig, axes = plt.subplots(2, len(linears), figsize=(width * len(linears), layers_height(len(layers)) * 2 + 2.4),
@@ -168,6 +167,6 @@ def _null_dim_panel(fig, ax, values: np.ndarray, title: str, fmt: str, vmax: flo
 def _null_dim_title(text: dict | None) -> str:
     title = "Null-space dimension per layer and timestep"
     if text is not None:
-        title += (f"   |   text projection (to_k/to_v, all timesteps): null_dim {text['null_dim']} of "
-                  f"d={text['d']} ({text['null_dim'] / text['d']:.0%})")
+        title += (f"   |   text projection ({CROSS_ATTENTION.text_label}, all timesteps): "
+                  f"null_dim {text['null_dim']} of d={text['d']} ({text['null_dim'] / text['d']:.0%})")
     return title

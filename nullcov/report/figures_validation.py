@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nullcov.report.figures_layers import STEP_LINEARS, TEXT_LABEL, layer_order, layer_step_axes, layers_height
+from nullcov.models.family import CROSS_ATTENTION
+from nullcov.report.figures_layers import TEXT_LABEL, layer_order, layer_step_axes, layers_height
 from nullcov.report.plotting import pyplot, save
 from nullcov.report.validation import TEXT_LAYER
 
@@ -37,7 +38,8 @@ def _tau_label(configured: list[dict]) -> str:
 def leakage_tradeoff_figure(path, rows: list[dict]) -> None:
     """Leakage against null_dim/d as the threshold sweeps, per linear (median and 10–90 % band)."""
     plt = pyplot()
-    linears = [label for label in (*STEP_LINEARS, TEXT_LABEL) if any(_linear_label(row) == label for row in rows)]
+    linears = [label for label in (*CROSS_ATTENTION.per_step, TEXT_LABEL)
+               if any(_linear_label(row) == label for row in rows)]
     fig, axes = plt.subplots(1, len(linears), figsize=(4.6 * len(linears), 4.2), squeeze=False)
     for ax, linear in zip(axes[0], linears, strict=True):
         _tradeoff_panel(ax, linear, [row for row in rows if _linear_label(row) == linear])
@@ -125,7 +127,7 @@ def leakage_heatmap_figure(path, rows: list[dict], steps: list[dict]) -> None:
     plt = pyplot()
     configured = [row for row in rows if row["configured"]]
     step_rows = [row for row in configured if row["layer"] != TEXT_LAYER]
-    linears = [linear for linear in STEP_LINEARS if any(row["linear"] == linear for row in step_rows)]
+    linears = [linear for linear in CROSS_ATTENTION.per_step if any(row["linear"] == linear for row in step_rows)]
     if not linears:  # only the text inputs were collected (collect_features q and out false)
         _no_step_inputs_figure(plt, path)
         return
@@ -193,5 +195,6 @@ def _heatmap_title(configured: list[dict]) -> str:
     if text_rows:
         validation = np.mean([row["leakage_validation"] for row in text_rows])
         training = np.mean([row["leakage_training"] for row in text_rows])
-        title += f"\ntext projection (to_k/to_v): validation {validation:.3g}, training {training:.3g}"
+        title += (f"\ntext projection ({CROSS_ATTENTION.text_label}): validation {validation:.3g}, "
+                  f"training {training:.3g}")
     return title

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
 from nullcov.docs import OUTPUTS
-from nullcov.files import atomic_path
-from nullcov.layout import split_key
+from nullcov.files import atomic_path, read_tsv, write_text
 from nullcov.measurement import human_bytes
-from nullcov.report.figures_layers import STEP_LINEARS, TEXT_LABEL
-from nullcov.statistics.store import TEXT_KEY
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, split_key
+from nullcov.report.figures_layers import TEXT_LABEL
+from nullcov.statistics.store import read_attrs
 
 Row = tuple[str, str, str]
 _STYLE = ("body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse}"
@@ -35,8 +34,7 @@ def read_benchmark(path, column: str = "s") -> float | None:
     path = Path(path)
     if not path.is_file():
         return None
-    with open(path, newline="") as handle:
-        values = [row[column] for row in csv.DictReader(handle, delimiter="\t")]
+    values = [row[column] for row in read_tsv(path)]
     numbers = [float(value) for value in values if value not in ("", "-", "NA")]
     return sum(numbers) / len(numbers) if numbers else None
 
@@ -49,12 +47,10 @@ def folder_bytes(path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else 0
 
 
-def read_provenance(path) -> dict:
-    """The ``provenance`` attribute of a nullcov HDF5 file."""
-    import h5py
-
-    with h5py.File(Path(path), "r") as handle:
-        return json.loads(handle.attrs["provenance"])
+def read_provenance(path, kind: str = "features") -> dict:
+    """The ``provenance`` of a nullcov HDF5 file of ``kind`` (default a shard's), read by the store
+    (:func:`nullcov.statistics.store.read_attrs`: kind, format and attribute checksum checked)."""
+    return read_attrs(path, kind)["provenance"]
 
 
 def projection_statistics(spectra_by_name: dict[str, dict[str, dict]]) -> dict[str, str]:
@@ -64,7 +60,7 @@ def projection_statistics(spectra_by_name: dict[str, dict[str, dict]]) -> dict[s
         for key, entry in spectra.items():
             linear = TEXT_LABEL if key == TEXT_KEY else split_key(key)[1]
             fractions.setdefault(linear, []).append(entry["null_dim"] / entry["d"])
-    order = [*STEP_LINEARS, TEXT_LABEL]
+    order = [*CROSS_ATTENTION.per_step, TEXT_LABEL]
     return {f"null_dim / d, {linear}": f"mean {np.mean(values):.1%}, range {min(values):.1%}–{max(values):.1%} "
             f"over {len(values)} matri{'x' if len(values) == 1 else 'ces'}"
             for linear, values in sorted(fractions.items(), key=lambda item: order.index(item[0]))}
@@ -167,8 +163,7 @@ def write_summary(rows: list[Row], tsv_path, html_path) -> None:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
             writer.writerow(("section", "item", "value"))
             writer.writerows(rows)
-    with atomic_path(html_path) as temporary:
-        temporary.write_text(summary_html(rows), encoding="utf-8")
+    write_text(html_path, summary_html(rows))
 
 
 def summary_html(rows: list[Row]) -> str:

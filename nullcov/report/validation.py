@@ -29,7 +29,6 @@ No torch: this module runs in CPU jobs.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import zlib
@@ -38,12 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from nullcov.docs import see
-from nullcov.files import write_tsv
-from nullcov.layout import split_key, step_file, step_name
+from nullcov.files import read_tsv, write_tsv
+from nullcov.layout import step_file, step_name
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, split_key
 from nullcov.prompts import read_prompts
 from nullcov.statistics.moments import Moments
 from nullcov.statistics.projection import NullSpace, symmetric_eigh
-from nullcov.statistics.store import TEXT_KEY, read_moments, read_projections
+from nullcov.statistics.store import read_moments, read_projections
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ COLUMNS = (
     "step", "timestep", "layer", "linear", "d", "threshold", "configured", "null_dim", "draw",
     "n_training", "n_validation", "leakage_validation", "leakage_training", "training_bound",
 )
-TEXT_LAYER, TEXT_LINEAR = "text", "to_k/to_v"
+TEXT_LAYER, TEXT_LINEAR = "text", CROSS_ATTENTION.text_label
 
 
 class ValidationConfigError(ValueError):
@@ -168,7 +168,7 @@ def leakage_of_key(key: str, training: Moments, validation: Moments, statistic: 
 
 def _layer_and_linear(key: str) -> tuple[str, str]:
     """A table row's ``layer`` and ``linear``: the text states' own names, a statistic key split
-    (:func:`nullcov.layout.split_key`), or a key without a layer as the linear alone."""
+    (:func:`nullcov.models.family.split_key`), or a key without a layer as the linear alone."""
     if key == TEXT_KEY:
         return TEXT_LAYER, TEXT_LINEAR
     return split_key(key) if "/" in key else ("", key)
@@ -234,15 +234,13 @@ _INTEGER_COLUMNS = {"d", "configured", "null_dim", "draw", "n_training", "n_vali
 
 def read_table(path) -> list[dict]:
     """Rows of a leakage table, numbers parsed."""
-    rows = []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            for column in COLUMNS:
-                if column in _INTEGER_COLUMNS:
-                    row[column] = int(row[column])
-                elif column not in ("step", "layer", "linear"):
-                    row[column] = float(row[column])
-            rows.append(row)
+    rows = read_tsv(path)
+    for row in rows:
+        for column in COLUMNS:
+            if column in _INTEGER_COLUMNS:
+                row[column] = int(row[column])
+            elif column not in ("step", "layer", "linear"):
+                row[column] = float(row[column])
     return rows
 
 

@@ -1,9 +1,11 @@
 """What a shapes-world model draws, read by :mod:`nullcov.shapes.evaluator`: accuracy per attribute and where
 its words' cross-attention lands.
 
-:func:`evaluate` samples each prompt with the workflow's own sampler driver
-(:func:`nullcov.report.attention.collect_attention_maps`: the schedule's scheduler, CFG, prompt ``i``
-seeded ``seed + i``), reads each final image and, for every cross-attention layer, measures how
+:func:`evaluate` samples each prompt with the workflow's one image sampler
+(:func:`nullcov.models.sampling.sample_images`: the schedule's scheduler, CFG, prompt ``i`` seeded
+``seed + i``), through :func:`nullcov.report.attention.collect_attention_maps`, which records the
+attention on the way; it reads each final image (accuracy per attribute:
+:func:`nullcov.shapes.evaluator.accuracy`) and, for every cross-attention layer, measures how
 much of the colour word's and the shape word's attention (averaged over the sampler's steps)
 falls inside the object the image shows, against the object's share of the image:
 ``ratio = share inside / mask fraction`` (1 = no better than uniform).
@@ -58,12 +60,13 @@ def evaluate(pipe, scenes: list[shapes.Scene], schedule: dict, config: dict) -> 
     steps = list(range(len(schedule["steps"])))
     prompts = [scene.caption for scene in scenes]
     found = collect_attention_maps(pipe, prompts, list(range(len(prompts))), schedule, config, layers, steps)
-    rows, attention = [], {layer: {word: [] for word in ATTENDED} for layer in layers}
+    rows, scores, attention = [], [], {layer: {word: [] for word in ATTENDED} for layer in layers}
     for position, scene in enumerate(scenes):
         reading = evaluator.read_image(found["images"][position])
+        scores.append(evaluator.score(reading, scene))
         rows.append({"prompt": scene.caption, "seed": config["seed"] + position,
                      **{f"read_{name}": getattr(reading, name) for name in evaluator.ATTRIBUTES},
-                     **{f"correct_{name}": ok for name, ok in evaluator.score(reading, scene).items()}})
+                     **{f"correct_{name}": ok for name, ok in scores[-1].items()}})
         if not reading.found:
             continue
         tokens = found["tokens"][position]
@@ -72,18 +75,9 @@ def evaluate(pipe, scenes: list[shapes.Scene], schedule: dict, config: dict) -> 
             for layer in layers:
                 word_map = np.mean([found["maps"][(position, step, layer)][token] for step in steps], axis=0)
                 attention[layer][word_kind].append(attention_on_object(word_map, reading.mask))
-    return {"rows": rows, "images": found["images"], "accuracy": accuracy(rows),
+    accuracy = {name: evaluator.accuracy(scores, name) for name in evaluator.ATTRIBUTES}
+    return {"rows": rows, "images": found["images"], "accuracy": accuracy | {"all": evaluator.accuracy(scores)},
             "attention": summarise_attention(attention)}
-
-
-def accuracy(rows: list[dict]) -> dict[str, float]:
-    """Fraction correct per attribute (size over the prompts that name it), and all-correct."""
-    result = {}
-    for name in evaluator.ATTRIBUTES:
-        values = [row[f"correct_{name}"] for row in rows if f"correct_{name}" in row]
-        result[name] = float(np.mean(values)) if values else float("nan")
-    result["all"] = float(np.mean([all(v for k, v in row.items() if k.startswith("correct_")) for row in rows]))
-    return result
 
 
 def summarise_attention(attention: dict) -> dict:

@@ -10,12 +10,14 @@
   render of each shape in :data:`nullcov.shapes.grammar.ALL_SHAPES` (unseen shapes included); nearest wins.
 
 :func:`read_image` returns a :class:`Reading`; :func:`score` compares it with the scene a caption asks
-for. The accuracy on held-out renders (clean, noisy, blurred) is measured by
+for; :func:`accuracy` is the share of prompts read correctly (the shapes benchmark's and the fine-tune
+proof's). The accuracy on held-out renders (clean, noisy, blurred) is measured by
 :func:`render_accuracy` and reported by ``make bench-shapes``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -167,6 +169,15 @@ def score(reading: Reading, scene: shapes.Scene) -> dict[str, bool]:
     if scene.names_size:
         correct["size"] = reading.size == scene.size
     return correct
+
+
+def accuracy(scores: list[dict[str, bool]], attribute: str | None = None) -> float:
+    """Share of the prompts read correctly, from their :func:`score` (one per prompt): ``attribute``
+    over the prompts that ask for it (size: those whose caption names one), or with None every
+    attribute each prompt asks for (all correct). NaN when no prompt counts (``{}``: not read)."""
+    values = [all(correct.values()) if attribute is None else correct[attribute]
+              for correct in scores if correct and (attribute is None or attribute in correct)]
+    return float(np.mean(values)) if values else math.nan
 
 
 #: Gaussian blur radius (px) of the templates' soft copies, and of the ``blur`` degradation the

@@ -34,12 +34,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nullcov.files import write_text
 from nullcov.models.model import BUILTIN_SHAPES_DIR, MANIFEST
 from nullcov.models.tiny_model import (
     TINY_SCHEDULER_CONFIG,
     model_index,
     text_encoder_config,
-    write_json,
+    write_model_json,
     write_tokenizer,
 )
 from nullcov.shapes import grammar as shapes
@@ -264,7 +265,7 @@ def write_manifest(folder: Path) -> None:
     """``SHA256SUMS`` (``sha256sum -c`` format) over every other file of the folder."""
     lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(folder).as_posix()}"
              for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST]
-    (folder / MANIFEST).write_text("\n".join(lines) + "\n")
+    write_text(folder / MANIFEST, "\n".join(lines) + "\n")
 
 
 def _versions() -> dict:
@@ -282,8 +283,8 @@ def save_model(out_dir: Path, settings: ShapesTraining, vae, text_encoder, unet,
 
     out_dir = Path(out_dir).resolve()
     with atomic_folder(out_dir) as tmp:
-        write_json(tmp / "model_index.json", model_index("sd1", diffusers_version))
-        write_json(tmp / "scheduler" / "scheduler_config.json", SHAPES_SCHEDULER_CONFIG)
+        write_model_json(tmp / "model_index.json", model_index("sd1", diffusers_version))
+        write_model_json(tmp / "scheduler" / "scheduler_config.json", SHAPES_SCHEDULER_CONFIG)
         write_tokenizer(tmp / "tokenizer", shapes.vocabulary(), num_merges=10_000)
         # diffusers loads float16 weights as float32 unless asked otherwise; transformers keeps the stored
         # dtype, so the (small) text encoder is stored in float32 for a plain from_pretrained to work.
@@ -291,7 +292,7 @@ def save_model(out_dir: Path, settings: ShapesTraining, vae, text_encoder, unet,
                                     ("text_encoder", text_encoder, torch.float32)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
             module.to(torch.float32)
-        write_json(tmp / TRAINING_RECORD, record)
+        write_model_json(tmp / TRAINING_RECORD, record)
         write_manifest(tmp)
     return out_dir
 

@@ -1,4 +1,4 @@
-"""Job-level entry points behind the Snakemake scripts (schedule, merge, projection).
+"""The merge and projection jobs behind the Snakemake scripts (rules merge_group, covariance, projection).
 
 The Snakemake scripts only unpack ``snakemake.input/output/params`` and call these. None of
 them imports torch or diffusers.

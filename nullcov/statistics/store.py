@@ -2,8 +2,8 @@
 
 Layout: one group per layer module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``)
 with one subgroup per linear (``to_q``, ``to_out``); the text files hold one group
-``encoder_hidden_states``. A key is the slash-joined path, e.g. ``<layer>/to_q``
-(:func:`nullcov.layout.statistic_key`). Root attributes:
+``encoder_hidden_states`` (:data:`nullcov.models.family.TEXT_KEY`). A key is the slash-joined path, e.g.
+``<layer>/to_q`` (:func:`nullcov.models.family.statistic_key`). Root attributes:
 ``nullcov_kind``, ``nullcov_format`` and JSON ``provenance`` (plus ``step`` for per-timestep files).
 No pickle: only numeric datasets and string attributes are written or read.
 
@@ -14,6 +14,9 @@ Moments groups hold ``count`` [1] (int64), ``shift`` [d], ``sum`` [d] = ``Σ(x -
 ``sum_outer`` [d(d+1)/2] = the upper triangle (row-major, ``numpy.triu_indices``) of
 ``Σ(x - shift)(x - shift)ᵀ``, all float64: half the bytes of the full matrix, read back full.
 Files without checksums (format 1, written by older nullcov) are refused.
+
+Other HDF5 files of a run (the attention maps, kind ``attention``) are named float arrays with the
+same attributes, checksums and checks (:func:`write_arrays`, :func:`read_arrays`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from nullcov.layout import GROUP_PREFIX, SHARD_PREFIX
 from nullcov.statistics.moments import Moments
 from nullcov.statistics.projection import NullSpace
 
-TEXT_KEY = "encoder_hidden_states"
 FORMAT = 2
 MOMENT_DATASETS = ("count", "shift", "sum", "sum_outer")
 PROJECTION_DATASETS = ("P", "eigenvalues", "null_dim", "threshold")
@@ -122,7 +124,7 @@ def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]
             handle.attrs[name] = text
         handle.attrs["nullcov_attrs_sha256"] = _attrs_sha256(texts)
         for key in sorted(groups):
-            group = handle.create_group(key)
+            group = handle.require_group(key) if key else handle
             for name, value in groups[key].items():
                 _checksummed(group, name, value)
 
@@ -209,6 +211,13 @@ def _statistic_groups(path: Path, handle: h5py.File, datasets: tuple[str, ...]) 
     return groups
 
 
+def _check_format(path: Path, found_format) -> None:
+    if found_format is not None and found_format != FORMAT:
+        raise StatisticsFileError(
+            path, f"file format {found_format!r}, this nullcov reads format {FORMAT} (checksummed); "
+            f"regenerate it with: {regenerate_command(path)}", see("statistics-file-of-an-older-nullcov"))
+
+
 def _open(path, kind: str, datasets: tuple[str, ...]):
     """Open a file, check kind, format and attributes; returns (handle, attrs, groups)."""
     path = Path(path)
@@ -216,10 +225,7 @@ def _open(path, kind: str, datasets: tuple[str, ...]):
     try:
         attrs, found_format = _checked_attrs(path, handle, kind)
         groups = _statistic_groups(path, handle, datasets)
-        if found_format is not None and found_format != FORMAT:
-            raise StatisticsFileError(
-                path, f"file format {found_format!r}, this nullcov reads format {FORMAT} (checksummed); "
-                f"regenerate it with: {regenerate_command(path)}", see("statistics-file-of-an-older-nullcov"))
+        _check_format(path, found_format)
         return handle, attrs, groups
     except BaseException:
         handle.close()
@@ -338,3 +344,69 @@ def read_projections(path, keys=None) -> tuple[dict[str, NullSpace], dict]:
             threshold=float(data["threshold"][0]),
         )
     return spaces, attrs
+
+
+# -- named float arrays (the attention maps) ----------------------------------------------------
+def write_arrays(path, kind: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Named float arrays (``"<group>/.../<dataset>"`` -> array) and JSON ``attrs`` (``provenance``
+    among them) as a nullcov file of ``kind``, written as the statistics files are: atomically, every
+    dataset Fletcher32-checksummed (a scalar as a 1-element array), the attributes under
+    ``nullcov_attrs_sha256``. :func:`read_arrays` reads it back."""
+    if "provenance" not in attrs:
+        raise StatisticsFileError(path, "refusing to write a file without a provenance attribute")
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind != "f" or value.size == 0:
+            raise StatisticsFileError(path, f"refusing to write {name!r}: {value.dtype} {list(value.shape)}, "
+                                      "only non-empty float arrays are stored")
+        key, _, dataset = name.rpartition("/")
+        groups.setdefault(key, {})[dataset] = value
+    _write(path, kind, attrs, groups)
+
+
+def _datasets(path: Path, handle: h5py.File) -> dict[str, h5py.Dataset]:
+    """Every dataset of the file by its path, in HDF5's (alphabetical) order."""
+    found: dict[str, h5py.Dataset] = {}
+
+    def keep(name: str, obj) -> None:  # returns None: visititems stops at the first other value
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj
+
+    try:
+        handle.visititems(keep)
+    except (OSError, RuntimeError, KeyError) as err:
+        raise StatisticsFileError(path, f"corrupted HDF5 content ({err}); "
+                                  f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
+    if not found:
+        raise StatisticsFileError(path, "holds no datasets", CORRUPTED)
+    return found
+
+
+def read_arrays(path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every array of a :func:`write_arrays` file of ``kind`` (``{name: array}``) and its attributes,
+    checked as the statistics files are: kind, attribute checksum and format; then float dtypes and the
+    Fletcher32 filter of every dataset before any data is read; then each read verifies its checksum."""
+    path = Path(path)
+    with _open_file(path) as handle:
+        attrs, found_format = _checked_attrs(path, handle, kind)
+        _check_format(path, found_format)
+        datasets = _datasets(path, handle)
+        for name, dataset in datasets.items():
+            if dataset.dtype.kind != "f":
+                raise StatisticsFileError(path, f"dataset {name!r} has dtype {dataset.dtype}, expected floats; "
+                                          f"regenerate it with: {regenerate_command(path)}", CORRUPTED)
+            if not dataset.fletcher32:
+                raise StatisticsFileError(
+                    path, f"dataset {name!r} carries no checksum (a file of an older nullcov, or not written by "
+                    f"nullcov); regenerate it with: {regenerate_command(path)}",
+                    see("statistics-file-of-an-older-nullcov"))
+        arrays = {}
+        for name, dataset in datasets.items():
+            try:
+                arrays[name] = dataset[()]
+            except OSError as err:
+                raise StatisticsFileError(
+                    path, f"dataset {name!r} fails its checksum or cannot be read, the file is corrupted ({err}); "
+                    f"regenerate it with: {regenerate_command(path)}", CORRUPTED) from None
+    return arrays, attrs

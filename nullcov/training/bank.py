@@ -24,13 +24,14 @@ timestep set, keyed by the steps they resolve to, and computed on ``device``
 
 ``results_dir`` is a results folder, or the one-file safetensors export
 (``results/export/nullcov_projections.safetensors``, :mod:`nullcov.training.export`): it holds the
-projections, not the statistics, so it serves ``get`` with ``nearest`` only.
+projections, not the statistics, so it serves ``get`` with ``nearest`` only. Or the files one by
+one, wherever they lie, as a rule declares them: :meth:`ProjectionBank.from_files` (the schedule
+file and lists of merged moments and projection files, :class:`nullcov.layout.DeclaredFiles`).
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 from collections import OrderedDict
 from functools import cached_property
@@ -40,19 +41,17 @@ import numpy as np
 import torch
 
 from nullcov.docs import see
-from nullcov.layout import PROJECTION_ENTRY, TEXT_NAME, Results, statistic_key
+from nullcov.layout import PROJECTION_ENTRY, TEXT_NAME, DeclaredFiles, Results, step_file_name
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.schedule import read_schedule
 from nullcov.statistics.projection import null_space
-from nullcov.statistics.store import TEXT_KEY, read_moments, read_projections
+from nullcov.statistics.store import read_moments, read_projections
 from nullcov.training.factored_projection import ConstraintError, FactoredProjection, null_space_factor
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
-_LINEARS = {"q": "to_q", "to_q": "to_q", "out": "to_out", "to_out": "to_out",
-            "k": "to_k", "to_k": "to_k", "v": "to_v", "to_v": "to_v"}
-#: The linears whose inputs are the text-encoder states: they take the text projection.
-TEXT_LINEARS = ("to_k", "to_v")
 MODES = ("nearest", "interpolate")
 
 #: A timestep's statistic as weights on scheduled steps: ``((step name, weight), ...)``, sorted by name.
@@ -103,34 +102,42 @@ def _eigh_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def _read_steps(results_dir: Path, exported: bool) -> list[dict]:
+def _read_steps(results_dir: Path | DeclaredFiles, exported: bool) -> list[dict]:
     """The schedule's steps, from ``schedule.json`` or the export's metadata."""
     if exported:
         from nullcov.training.export import read_safetensors_metadata
 
         return read_safetensors_metadata(results_dir)["schedule"]["steps"]
-    schedule_path = Results(results_dir).schedule
+    declared = isinstance(results_dir, DeclaredFiles)
+    schedule_path = results_dir.schedule if declared else Results(results_dir).schedule
     if not schedule_path.is_file():
-        raise FileNotFoundError(f"{schedule_path} not found: is {results_dir} a nullcov results folder?"
-                                f"{see('not-a-nullcov-results-folder')}")
-    return json.loads(schedule_path.read_text())["steps"]
+        where = "the declared schedule file" if declared else f"is {results_dir} a nullcov results folder?"
+        raise FileNotFoundError(f"{schedule_path} not found: {where}{see('not-a-nullcov-results-folder')}")
+    return read_schedule(schedule_path)["steps"]
+
+
+def _existing(path: Path | None) -> Path | None:
+    """``path`` if it is a file, else None (also for a step whose file was not declared)."""
+    return path if path is not None and path.is_file() else None
 
 
 class ProjectionBank:
-    """The projections of one run (a results folder or its safetensors export), by timestep.
+    """The projections of one run (a results folder, its safetensors export, or its files as
+    :class:`~nullcov.layout.DeclaredFiles`: :meth:`from_files`), by timestep.
 
     ``mode`` (``nearest`` or ``interpolate``) is the default of :meth:`get` and the mode of
     :meth:`factors`; ``device`` is where factors are computed and kept; ``cache_size`` bounds the
     matrices of :meth:`get` (count), ``cache_bytes`` the factor sets (bytes).
     """
 
-    def __init__(self, results_dir: str | Path = "results", cache_size: int = 50, *, mode: str = "nearest",
-                 device="cpu", cache_bytes: int = 8 * 1024**3):
-        self.results_dir = Path(results_dir)
-        self.exported = self.results_dir.suffix == SAFETENSORS_SUFFIX
+    def __init__(self, results_dir: str | Path | DeclaredFiles = "results", cache_size: int = 50, *,
+                 mode: str = "nearest", device="cpu", cache_bytes: int = 8 * 1024**3):
+        declared = isinstance(results_dir, DeclaredFiles)
+        self.results_dir = results_dir if declared else Path(results_dir)
+        self.exported = not declared and self.results_dir.suffix == SAFETENSORS_SUFFIX
         self.mode = self._checked_mode(mode)
         self.device = torch.device(device)
-        self._layout = Results(self.results_dir)
+        self._layout = results_dir if declared else Results(self.results_dir)
         steps = _read_steps(self.results_dir, self.exported)
         order = sorted(range(len(steps)), key=lambda i: (steps[i]["timestep"], i))
         self._timesteps = [steps[i]["timestep"] for i in order]  # ascending
@@ -140,6 +147,15 @@ class ProjectionBank:
         self._mixtures: dict[tuple[int, ...], Mixture] = {}  # integer timesteps -> their factor set's key
         self._statistics: dict[str, dict[str, np.ndarray]] = {}  # factors(): every step key's statistic
         self.computed = 0  # factor sets built (cache misses), for tests and benchmarks
+
+    @classmethod
+    def from_files(cls, schedule: str | Path, covariance=(), projections=(), cache_size: int = 50,
+                   **options) -> ProjectionBank:
+        """The projections of a run's files, wherever they lie (a rule's declared inputs): its
+        ``schedule.json``, merged moments and projection files, each named ``<step>.h5`` or
+        ``text.h5`` (:func:`nullcov.layout.step_name`). The same bank as the results folder that
+        holds them; ``options``: ``mode``, ``device``, ``cache_bytes``."""
+        return cls(DeclaredFiles(schedule, covariance, projections), cache_size, **options)
 
     @property
     def cache_size(self) -> int:
@@ -170,12 +186,13 @@ class ProjectionBank:
     # -- one projection (numpy) ------------------------------------------------------------------
     def get(self, layer: str, linear: str, timestep: float | None = None, mode: str | None = None):
         """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``."""
-        if linear not in _LINEARS:
-            raise ValueError(f"linear must be one of {sorted(_LINEARS)}, got {linear!r}"
+        names = CROSS_ATTENTION.names  # q or to_q, ...
+        if linear not in names:
+            raise ValueError(f"linear must be one of {sorted(names)}, got {linear!r}"
                              f"{see('argument-not-among-the-allowed-values')}")
         mode = self.mode if mode is None else self._checked_mode(mode)
-        linear = _LINEARS[linear]
-        if linear in TEXT_LINEARS:
+        linear = names[linear]
+        if linear in CROSS_ATTENTION.text:  # their inputs are the text states: the text projection
             return self._matrix(TEXT_KEY, ((TEXT_NAME, 1.0),))
         if timestep is None:
             raise ValueError(f"{linear} projections depend on the timestep; pass one"
@@ -195,7 +212,7 @@ class ProjectionBank:
             from nullcov.training.export import read_safetensors_projection
 
             return torch.from_numpy(read_safetensors_projection(self.results_dir, name, key))
-        spaces, _ = read_projections(self._layout.projection(name), keys=[key])
+        spaces, _ = read_projections(self._file("projection", name), keys=[key])
         return torch.from_numpy(spaces[key].projection)
 
     def _mixed(self, key: str, mixture: Mixture) -> torch.Tensor:
@@ -257,11 +274,19 @@ class ProjectionBank:
         return mode
 
     # -- what the files hold ---------------------------------------------------------------------
+    def _file(self, kind: str, name: str) -> Path:
+        """The ``projection`` or ``covariance`` file of one step (or text); an undeclared one is refused."""
+        path = getattr(self._layout, kind)(name)
+        if path is None:
+            raise FileNotFoundError(f"{self.results_dir} include no {kind} file of {name}"
+                                    f"{see('not-a-nullcov-results-folder')}")
+        return path
+
     @cached_property
     def _first_step(self) -> tuple[list[str], dict] | None:
         """The per-timestep keys and the settings that made them (the first step's file), or None."""
-        path = self._layout.projection(self._names[0])
-        if not path.is_file():
+        path = _existing(self._layout.projection(self._names[0]))
+        if path is None:
             return None
         spaces, attrs = read_projections(path)
         return sorted(spaces), attrs["provenance"][PROJECTION_ENTRY]
@@ -269,8 +294,8 @@ class ProjectionBank:
     @cached_property
     def text_factor(self) -> FactoredProjection | None:
         """The ``to_k``/``to_v`` projection on ``device``, in its cheapest form (None without text.h5)."""
-        path = self._layout.projection(TEXT_NAME)
-        if not path.is_file():
+        path = _existing(self._layout.projection(TEXT_NAME))
+        if path is None:
             return None
         space = read_projections(path, keys=[TEXT_KEY])[0][TEXT_KEY]
         return FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
@@ -282,7 +307,8 @@ class ProjectionBank:
         if self._first_step is None:
             if self.text_factor is None:
                 first = self._layout.projection(self._names[0])
-                raise FileNotFoundError(f"{first.parent} holds neither {first.name} nor {TEXT_NAME}.h5"
+                where = self.results_dir if first is None else first.parent
+                raise FileNotFoundError(f"{where} holds neither {step_file_name(self._names[0])} nor {TEXT_NAME}.h5"
                                         f"{see('not-a-nullcov-results-folder')}")
             return []
         return self._first_step[0]
@@ -294,7 +320,7 @@ class ProjectionBank:
 
     def _read_statistics(self, name: str, keys: list[str]) -> dict[str, np.ndarray]:
         """The run's statistic (float64) of ``keys`` in one step's merged moments."""
-        moments, _ = read_moments(self._layout.covariance(name), "covariance", keys=keys)
+        moments, _ = read_moments(self._file("covariance", name), "covariance", keys=keys)
         return {key: m.statistic(self.settings["statistic"]) for key, m in moments.items()}
 
     # -- every per-timestep projection of a batch (torch, factored) ------------------------------
@@ -339,7 +365,7 @@ class ProjectionBank:
     def _stored_factors(self, name: str) -> dict[str, FactoredProjection]:
         """The stored projections of one step, factored by the range finder."""
         where = _eigh_device(self.device)
-        spaces, _ = read_projections(self._layout.projection(name), keys=self.step_keys)
+        spaces, _ = read_projections(self._file("projection", name), keys=self.step_keys)
         return {key: FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
                                                         where).to(self.device)
                 for key, space in spaces.items()}

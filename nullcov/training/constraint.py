@@ -3,6 +3,8 @@
 Usage (any optimiser, full fine-tuning or peft-LoRA)::
 
     constraint = NullSpaceConstraint(unet, "results", mode="nearest")
+    # or the same files as a rule declares them, wherever they lie:
+    # NullSpaceConstraint.from_files(unet, schedule, covariance_files, projection_files, mode="nearest")
     for batch in loader:
         timesteps = torch.randint(0, 1000, (batch_size,))
         loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -43,13 +45,12 @@ from pathlib import Path
 import torch
 
 from nullcov.docs import see
-from nullcov.layout import statistic_key
-from nullcov.models.model import cross_attention_modules
-from nullcov.statistics.store import TEXT_KEY
-from nullcov.training.bank import TEXT_LINEARS, ProjectionBank
+from nullcov.layout import DeclaredFiles
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.model import cross_attention_modules, hooked_linear
+from nullcov.training.bank import ProjectionBank
 from nullcov.training.factored_projection import ConstraintError, FactoredProjection
 
-CONSTRAINED_LINEARS = ("to_q", "to_k", "to_v", "to_out")
 _PEFT_PREFIXES = ("base_model.model.",)
 BIAS_POLICIES = ("freeze", "free")
 
@@ -70,11 +71,11 @@ class ConstrainedLinear:
 
     @property
     def key(self) -> str:
-        return TEXT_KEY if self.linear in TEXT_LINEARS else statistic_key(self.layer, self.linear)
+        return TEXT_KEY if self.linear in CROSS_ATTENTION.text else statistic_key(self.layer, self.linear)
 
     @property
     def name(self) -> str:
-        return f"{self.layer}.{self.linear}" + (".0" if self.linear == "to_out" else "")
+        return f"{self.layer}.{CROSS_ATTENTION.module_path(self.linear)}"
 
 
 def _strip_prefix(name: str) -> str:
@@ -88,8 +89,8 @@ def find_cross_attention_linears(unet) -> list[ConstrainedLinear]:
     """``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every cross-attention module, plain or peft-LoRA."""
     found = []
     for layer, attention in cross_attention_modules(unet):
-        for linear in CONSTRAINED_LINEARS:
-            module = attention.to_out[0] if linear == "to_out" else getattr(attention, linear)
+        for linear in CROSS_ATTENTION.hooked:
+            module = hooked_linear(attention, linear)
             item = ConstrainedLinear(layer=_strip_prefix(layer), linear=linear, module=module)
             if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
                 dora = [name for name, on in getattr(module, "use_dora", {}).items() if on]
@@ -114,12 +115,13 @@ class NullSpaceConstraint:
 
     ``unet``: a diffusers UNet (or a peft model wrapping one); ``results_dir``: a nullcov results
     folder (``schedule.json``, ``projections/``, and ``covariance/`` for ``interpolate`` or batches
-    of several timesteps). Linears with nothing trainable are left alone; a trainable one without
-    a projection in the results (a layer or feature that was not collected) is an error.
+    of several timesteps), or the same files one by one (:meth:`from_files`). Linears with nothing
+    trainable are left alone; a trainable one without a projection in the results (a layer or
+    feature that was not collected) is an error.
     """
 
-    def __init__(self, unet, results_dir: str | Path = "results", mode: str = "nearest", device=None,
-                 cache_bytes: int = 8 * 1024**3, bias: str = "freeze"):
+    def __init__(self, unet, results_dir: str | Path | DeclaredFiles = "results", mode: str = "nearest",
+                 device=None, cache_bytes: int = 8 * 1024**3, bias: str = "freeze"):
         if bias not in BIAS_POLICIES:
             raise ValueError(f"bias must be one of {BIAS_POLICIES}, got {bias!r}"
                              f"{see('argument-not-among-the-allowed-values')}")
@@ -143,6 +145,14 @@ class NullSpaceConstraint:
             )
         self.bias = bias
         self.snapshot()
+
+    @classmethod
+    def from_files(cls, unet, schedule: str | Path, covariance=(), projections=(), **options) -> NullSpaceConstraint:
+        """The constraint of a run's files, wherever they lie (a rule's declared inputs): its
+        ``schedule.json``, merged moments and projection files (:meth:`ProjectionBank.from_files`);
+        the same constraint as the results folder that holds them. ``options``: ``mode``,
+        ``device``, ``cache_bytes``, ``bias``."""
+        return cls(unet, DeclaredFiles(schedule, covariance, projections), **options)
 
     @torch.no_grad()
     def snapshot(self) -> None:

@@ -25,15 +25,20 @@ import numpy as np
 
 from nullcov.docs import see
 from nullcov.files import atomic_path
-from nullcov.layout import statistic_key
-from nullcov.statistics.store import TEXT_KEY, read_moments, read_projections
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.schedule import read_schedule
+from nullcov.statistics.store import read_moments, read_projections
 
 log = logging.getLogger(__name__)
 
 EXPORTS = ("nullbooth", "safetensors")
 SAFETENSORS_FORMAT = "nullcov-projections/1"
-NULLBOOTH_STEP_FEATURES = {"to_q": "q", "to_out": "out"}
-NULLBOOTH_TEXT_FEATURES = ("k", "v")
+#: NullBooth names a statistic by the config's ``collect_features`` name of its linear: per-step
+#: linear -> name (``{"to_q": "q", "to_out": "out"}``), and the names of the text linears (``k``, ``v``).
+NULLBOOTH_STEP_FEATURES = {linear: feature for feature, linear in CROSS_ATTENTION.features
+                           if linear in CROSS_ATTENTION.per_step}
+NULLBOOTH_TEXT_FEATURES = tuple(feature for feature, linear in CROSS_ATTENTION.features
+                                if linear in CROSS_ATTENTION.text)
 
 
 def parse_exports(value) -> list[str]:
@@ -124,6 +129,7 @@ def export_safetensors(schedule_path: str | Path, projection_files: dict[str, st
             tensors[f"{name}/{key}/eigenvalues"] = np.asarray(space.eigenvalues, dtype=np.float64)
             tensors[f"{name}/{key}/null_dim"] = np.array(space.null_dim, dtype=np.int64)
             tensors[f"{name}/{key}/threshold"] = np.array(space.threshold, dtype=np.float64)
+    read_schedule(schedule_path)  # refuses a missing or damaged schedule, naming it
     metadata = {
         "format": SAFETENSORS_FORMAT,
         "schedule": Path(schedule_path).read_text(),

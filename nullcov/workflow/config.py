@@ -10,6 +10,7 @@ import numpy as np
 from nullcov.docs import see
 from nullcov.files import NULL_WORDS
 from nullcov.models.family import guidance_input
+from nullcov.schema import schema_defaults as schema_defaults  # the schema's defaults: nullcov.schema
 
 
 def nullable_keys(schema: dict) -> list[str]:
@@ -63,11 +64,6 @@ def select_prompts(num_prompts: int, selection) -> list[int]:
     return list(dict.fromkeys(indices))
 
 
-def schema_defaults(schema: dict) -> dict:
-    """Every top-level key's ``default`` from the config schema: the config of an empty config file."""
-    return {key: spec["default"] for key, spec in schema.get("properties", {}).items() if "default" in spec}
-
-
 def check_unconditional_branch(config: dict, unet_config: dict) -> None:
     """``unconditional_branch: true`` needs UNet calls with an unconditional half: a CFG batch
     (``guidance_scale`` > 1) of the real sampler (``collection: trajectory``) on a UNet that takes
@@ -106,12 +102,7 @@ def check_finetune_proof(config: dict, unet_config: dict) -> None:
 
 
 def finetune_variant_names(config: dict) -> list[str]:
-    """The fine-tune proof's variants (:func:`nullcov.proof.experiment.plan_variants`) from the config alone."""
-    from nullcov.proof.plan import compared_settings, own_setting, plan_variants, threshold_settings
+    """The fine-tune proof's variants (:func:`nullcov.proof.plan.plan_variants`) from the config alone."""
+    from nullcov.proof.plan import compared_projection_settings, plan_variants
 
-    thresholds = threshold_settings(config)
-    keys = compared_settings(own_setting(config, config["finetune_statistics"], thresholds),
-                             config["finetune_branches"], config["finetune_statistics"], thresholds)
-    variants = plan_variants(keys, config["finetune_scopes"], config["finetune_prior_preservation"],
-                             config["finetune_lora_rank"] > 0, config["finetune_text_only"])
-    return [variant.name for variant in variants]
+    return [variant.name for variant in plan_variants(config, compared_projection_settings(config))]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from nullcov.collection.memory import (
@@ -25,8 +24,9 @@ from nullcov.collection.memory import (
     steps_per_chunk,
 )
 from nullcov.docs import PLANNING, see
-from nullcov.layout import statistic_key
+from nullcov.files import read_json, write_json
 from nullcov.measurement import human_bytes
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
 
 #: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
 #: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
@@ -62,7 +62,7 @@ def unet_config(model_spec: str, model_dir: str | Path) -> dict:
         return tiny_unet_config(BUILTIN_MODELS[model_spec][0])
     path = Path(model_dir) / "unet" / "config.json"
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"model {model_spec!r}: cannot read the UNet config {path}: {err}"
                          f"{see('unet-config-cannot-be-read')}") from None
@@ -76,8 +76,8 @@ def _meta_dims(config: dict) -> dict:
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    # The text states' width is to_k's input width (to_v's is the same).
-    widths = {"to_q": "to_q", "to_out": "to_out", "text": "to_k"}
+    # The text states' width is the first text linear's input width (to_k's; to_v's is the same).
+    widths = {**{linear: linear for linear in CROSS_ATTENTION.per_step}, "text": CROSS_ATTENTION.text[0]}
     layers = {
         name: {entry: int(hooked_linear(module, linear).in_features) for entry, linear in widths.items()}
         for name, module in cross_attention_modules(unet)
@@ -98,26 +98,21 @@ def model_dims(config: dict, cache_dir: str | Path | None = None) -> dict:
     ).hexdigest()[:16]
     path = Path(cache_dir) / f"dims-{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path)
     dims = _meta_dims(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(dims, indent=1))
-    os.replace(temporary, path)
+    write_json(path, dims, indent=1)
     return dims
 
 
 def step_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
     """``{statistic_key(layer, linear): d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
-    linears = [linear for feature, linear in (("q", "to_q"), ("out", "to_out")) if collect_features[feature]]
+    linears = CROSS_ATTENTION.step_linears(collect_features)
     return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
 
 
 def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
     """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``."""
-    from nullcov.statistics.store import TEXT_KEY
-
-    if not (collect_features["k"] or collect_features["v"]) or not layers:
+    if not CROSS_ATTENTION.collects_text(collect_features) or not layers:
         return {}
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
 

@@ -10,16 +10,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_capture import RawInputs, assert_close_to_float64
 
 from nullcov.collection.capture import HookNotFiredError
 from nullcov.collection.features import collect_shard, collect_text_shard
-from nullcov.models.family import model_family
+from nullcov.models.family import TEXT_KEY, model_family
 from nullcov.models.model import ModelError, load_pipeline
 from nullcov.models.sampling import configure_scheduler
 from nullcov.models.schedule import build_schedule
-from nullcov.statistics.store import TEXT_KEY, read_moments
+from nullcov.statistics.store import read_moments
 
+from brute_force import RawInputs, assert_close_to_float64
 from conftest import base_config, planned_jobs, snakemake, write_config
 
 # family -> (the sampler its users run, number of attn2 layers of the tiny model, text state width)

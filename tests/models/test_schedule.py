@@ -112,3 +112,32 @@ def test_lcm_step_limit_is_its_original_inference_steps():
     assert len(nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, "LCM", limit)["steps"]) == limit
     with pytest.raises(nc_schedule.ScheduleError, match=rf"'LCM' allows at most {limit} num_denoising_steps"):
         nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, "LCM", limit + 1)
+
+
+def test_write_schedule_and_read_schedule_round_trip(tmp_path):
+    built = nc_schedule.build_schedule(TINY_SCHEDULER_CONFIG, "Euler", 3)
+    path = tmp_path / "results" / "schedule.json"
+    written = nc_schedule.write_schedule(path, built, ["layer.attn2"], "builtin:tiny")
+    assert nc_schedule.read_schedule(path) == json.loads(json.dumps(written))
+    assert path.read_text() == json.dumps(written, indent=1, sort_keys=True)  # the format tests and exports see
+    assert [p.name for p in path.parent.iterdir()] == ["schedule.json"]  # written atomically, nothing left beside
+
+
+@pytest.mark.parametrize(
+    "content, error, message",
+    [
+        (None, FileNotFoundError, "does not exist"),
+        ('{"steps": [', nc_schedule.ScheduleError, "is not valid JSON"),
+        ('{"format": 1}', nc_schedule.ScheduleError, "is not a nullcov schedule"),
+        ("[1, 2]", nc_schedule.ScheduleError, "is not a nullcov schedule"),
+    ],
+)
+def test_read_schedule_fails_naming_the_file_and_the_rule_that_writes_it(tmp_path, content, error, message):
+    path = tmp_path / "results" / "schedule.json"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    with pytest.raises(error, match=message) as info:
+        nc_schedule.read_schedule(path)
+    assert str(path) in str(info.value)
+    assert f"schedule rule writes it: snakemake --cores all --force {path}" in str(info.value)

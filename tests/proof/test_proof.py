@@ -18,6 +18,7 @@ STATISTICS_PROMPTS = read_prompts(REPO / "config/prompts/shapes-demo.txt")[:8]
 
 def build_results(root, model_dir, prompts, num_steps=3, model_spec="builtin:shapes"):
     """A results folder of the shipped model's statistics (schedule, covariance, projections), in process."""
+    from nullcov.layout import Results
     from nullcov.models.model import cross_attention_layer_names, scheduler_config
     from nullcov.models.schedule import build_schedule, write_schedule
     from nullcov.proof.statistics import collect_statistics
@@ -27,17 +28,45 @@ def build_results(root, model_dir, prompts, num_steps=3, model_spec="builtin:sha
     schedule = write_schedule(results / "schedule.json",
                               build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
                               cross_attention_layer_names(model_dir), model_spec)
-    collect_statistics(results, model_spec=model_spec, model_dir=str(model_dir), prompts=prompts,
+    collect_statistics(Results(results), model_spec=model_spec, model_dir=str(model_dir), prompts=prompts,
                        schedule=schedule, config=base_config(num_denoising_steps=num_steps, batch_size=len(prompts)))
     for covariance in sorted((results / "covariance").glob("*.h5")):
         projection_job(covariance, results / "projections" / covariance.name, "second_moment", 0.02, None)
     return results
 
 
+def proof_config(num_steps, **overrides) -> dict:
+    """A validated workflow config of the proof: the schema's defaults, the statistics of
+    :func:`build_results` (second_moment, 0.02), ``overrides`` (config keys)."""
+    import yaml
+
+    from nullcov.schema import SCHEMA, schema_defaults
+
+    return (schema_defaults(yaml.safe_load(SCHEMA.read_text())) | base_config(num_denoising_steps=num_steps)
+            | {"statistic": "second_moment", "nullspace_threshold": 0.02, "threshold_percent": None} | overrides)
+
+
+def planned_proof(results, config: dict, model_dir, prompts, **settings):
+    """The proof of ``config`` on ``results`` (:func:`nullcov.proof.plan.plan_proof`, as the Snakefile plans
+    it), ``settings`` over its ProofSettings; every file it declares made (as its rules make them)."""
+    from dataclasses import replace
+
+    from nullcov.layout import TEXT_NAME, Results
+    from nullcov.models.schedule import read_schedule
+    from nullcov.proof.plan import plan_proof
+    from nullcov.proof.statistics import make_planned_files
+
+    schedule = read_schedule(Results(results).schedule)
+    plan = plan_proof(config, Results(results), [step["name"] for step in schedule["steps"]] + [TEXT_NAME])
+    plan = replace(plan, settings=replace(plan.settings, **settings))
+    make_planned_files(plan, model_spec=config["model"], model_dir=str(model_dir), prompts=prompts,
+                       schedule=schedule, config=config)
+    return plan
+
+
 @pytest.fixture(scope="module")
 def proof_run(tmp_path_factory):
     """One projected variant (all timesteps, the run's own projections) and its LoRA twin, small caps."""
-    from nullcov.proof.experiment import ProofSettings
     from nullcov.proof.job import finetune_proof_job
 
     torch.set_num_threads(2)
@@ -45,16 +74,18 @@ def proof_run(tmp_path_factory):
     results = build_results(root, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS)
     schedule = json.loads((results / "schedule.json").read_text())
     out = root / "finetune"
-    settings = ProofSettings(max_steps=12, eval_every=6, concept_seeds=1, instances=4, learning_rate=1e-3)
-    config = base_config(num_denoising_steps=3) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    config = proof_config(
+        3, model="builtin:shapes", finetune_max_steps=12, finetune_eval_every=6, finetune_learning_rate=1e-3,
+        finetune_lora_learning_rate=2e-3, finetune_lora_rank=4, finetune_scopes=["all-timesteps"],
+        finetune_statistics=["second_moment"], finetune_branches=[False], finetune_nullspace_thresholds=[],
+        finetune_threshold_percents=[], finetune_prior_preservation=False, finetune_text_only=True)
+    plan = planned_proof(results, config, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS, concept_seeds=1, instances=4)
     outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
                "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
-    rows = finetune_proof_job(model_spec="builtin:shapes", model_dir=str(BUILTIN_SHAPES_DIR), results_dir=results,
-                              schedule=schedule, statistics_prompts=STATISTICS_PROMPTS, config=config,
-                              settings=settings, outputs=outputs, scopes=["all-timesteps"],
-                              statistics=["second_moment"], branches=[False], thresholds=[(0.02, None)], prior=False,
-                              lora=True, text_only=True)
-    return {"rows": rows, "out": out, "schedule": schedule, "settings": settings, "results": results}
+    rows = finetune_proof_job(model_dir=str(BUILTIN_SHAPES_DIR), plan=plan.to_dict(), schedule=schedule,
+                              statistics_prompts=STATISTICS_PROMPTS, device=config["device"], outputs=outputs)
+    return {"rows": rows, "out": out, "schedule": schedule, "settings": plan.settings, "results": results,
+            "plan": plan}
 
 
 def test_projected_updates_stay_in_their_null_space(proof_run):
@@ -82,7 +113,7 @@ def test_projected_updates_stay_in_their_null_space(proof_run):
     key = next(k for k in kv if ".to_q." in k)
     noise = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0))
     moved = merged_unet(unet, {key: base[key] + 1e-3 * noise})
-    check = Variant("check", "projected", "all-timesteps", results_dir=proof_run["results"])
+    check = Variant("check", "projected", "all-timesteps", setting=proof_run["plan"].setting(proof_run["plan"].own))
     columns = update_columns(unet, moved, check, proof_run["schedule"])
     assert columns["update_outside_null_space"] > 0.5, columns
     lora = rows["projected-lora"]
@@ -228,7 +259,7 @@ def test_lora_adapters_start_from_the_seed_whatever_ran_before():
 
     def adapters(global_seed, seed=0):
         torch.manual_seed(global_seed)
-        unet = trainable_unet(base, variant, ProofSettings(seed=seed))
+        unet = trainable_unet(base, variant.kind, ProofSettings(seed=seed))
         return [p.detach().clone() for name, p in unet.named_parameters() if "lora_A" in name]
 
     first = adapters(1)
@@ -285,12 +316,79 @@ def test_the_rule_plans_every_variant_and_refuses_what_it_cannot_constrain(tmp_p
     assert "finetune_branches includes true" in refused.stderr + refused.stdout
 
 
+def test_the_plan_round_trips_through_its_dict_form_and_names_its_files():
+    """One plan (the Snakefile's FINETUNE_PLAN, the job's param): through plain data (JSON) and back
+    unchanged; the run's own setting stated explicitly; each setting's files the run's or the proof's."""
+    from nullcov.layout import Results
+    from nullcov.proof.plan import ProofPlan, plan_proof
+    from nullcov.workflow.config import finetune_variant_names
+
+    config = proof_config(10, model="builtin:shapes", finetune_branches=[False, True])
+    names = ["alpha_00_0999", "alpha_01_0500", "text"]
+    plan = plan_proof(config, Results("results"), names)
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert ProofPlan.from_dict(data) == plan and ProofPlan.from_dict(data).to_dict() == data
+    assert plan.names == finetune_variant_names(config)
+    assert plan.settings.max_steps == config["finetune_max_steps"] and plan.settings.evaluate
+    assert plan.own == ("conditional", "second_moment", "0.02") == plan.compared[0].key
+    kv = next(variant for variant in plan.variants if variant.kind == "projected-kv")
+    assert kv.setting is plan.setting(plan.own) and kv.scope == "per-timestep"
+    lora = next(variant for variant in plan.variants if variant.kind == "projected-lora")
+    assert lora.setting is None and not lora.projected  # chosen once the projected variants have run
+    own, both = plan.setting(plan.own), plan.setting(("both", "second_moment", "0.02"))
+    assert own.projections == tuple(f"results/projections/{name}.h5" for name in names)
+    assert own.covariance == tuple(f"results/covariance/{name}.h5" for name in names)
+    assert both.covariance == tuple(f"results/proof/statistics/both/covariance/{name}.h5" for name in names)
+    assert both.projections == tuple(f"results/proof/projections/both/second_moment/0.02/{name}.h5" for name in names)
+    p50 = plan.setting(("conditional", "second_moment", "p50"))
+    assert (p50.nullspace_threshold, p50.threshold_percent, p50.covariance) == (0.0, 50.0, own.covariance)
+    assert p50.projections[0] == "results/proof/projections/conditional/second_moment/p50/alpha_00_0999.h5"
+    assert plan.files("covariance") == [*own.covariance, *both.covariance]
+
+
+def test_the_rule_runs_the_plan_the_snakefile_planned(tmp_path):
+    """A dry run with finetune_proof on: the finetune_proof job gets the plan as one param, declares
+    its files as inputs and one weights file per planned variant; the proof's statistics rules make
+    the files the run does not (the other CFG-branch setting's, the other settings' projections)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from nullcov.proof.plan import ProofPlan
+    from nullcov.workflow.config import finetune_variant_names
+
+    config = write_config(tmp_path, STATISTICS_PROMPTS[:4], model="builtin:shapes", finetune_proof=True)
+    subprocess.run([sys.executable, str(REPO / "tools" / "dag_dump.py"), str(tmp_path / "dag.json"), "--snakefile",
+                    str(REPO / "Snakefile"), "--configfile", str(config)], cwd=tmp_path, check=True,
+                   capture_output=True, text=True)
+    jobs = json.loads((tmp_path / "dag.json").read_text())
+    proof_job = next(job for job in jobs if job["rule"] == "finetune_proof")
+    plan = ProofPlan.from_dict(proof_job["params"]["plan"])
+    assert not {"settings", "variants", "config"} & set(proof_job["params"])  # one plan, not several params
+    assert plan.names == finetune_variant_names(yaml.safe_load(config.read_text()))
+    weights = sorted(path for path in proof_job["output"] if path.endswith("unet_attn2.safetensors"))
+    assert weights == sorted(f"results/report/finetune/{name}/unet_attn2.safetensors" for name in plan.names)
+    declared = set(plan.files("covariance") + plan.files("projections"))
+    assert declared == {path for path in proof_job["input"] if path.endswith(".h5")}
+    made = {path: job["rule"] for job in jobs for path in job["output"]}
+    assert {made[path] for path in declared} == {"covariance", "covariance_text", "projection", "projection_text",
+                                                 "proof_covariance", "proof_covariance_text", "proof_projection",
+                                                 "proof_projection_text"}
+    features = [job for job in jobs if job["rule"] == "proof_features"]
+    assert [job["wildcards"] for job in features] == [{"branches": "both"}]
+    assert features[0]["params"]["config"]["unconditional_branch"] is True
+    assert features[0]["params"]["prompts"] == STATISTICS_PROMPTS[:4] and features[0]["params"]["first_index"] == 0
+    p50 = next(job for job in jobs if job["rule"] == "proof_projection" and job["wildcards"]["threshold"] == "p50")
+    assert p50["input"] == [f"results/covariance/{p50['wildcards']['name']}.h5"]
+    assert (p50["params"]["nullspace_threshold"], p50["params"]["threshold_percent"]) == (0.0, 50.0)
+
+
 def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_path, tiny_model_dir, caplog):
     """Any other model (here the random tiny one): no evaluator, so fixed steps, NaN fidelity and
     accuracy, the drift and the grid still measured; prior preservation draws its class images."""
     import logging
 
-    from nullcov.proof.experiment import ProofSettings
     from nullcov.proof.job import finetune_proof_job
 
     results = build_results(tmp_path, tiny_model_dir, STATISTICS_PROMPTS[:4], num_steps=2, model_spec="builtin:tiny")
@@ -298,14 +396,16 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
     out = tmp_path / "finetune"
     outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
                "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
-    config = base_config(num_denoising_steps=2) | {"nullspace_threshold": 0.02, "threshold_percent": None}
+    config = proof_config(
+        2, model="builtin:tiny", finetune_steps=3, finetune_learning_rate=1e-3, finetune_scopes=["per-timestep"],
+        finetune_statistics=["covariance"], finetune_branches=[False], finetune_nullspace_thresholds=[],
+        finetune_threshold_percents=[50], finetune_prior_preservation=True, finetune_lora_rank=0,
+        finetune_text_only=False)
+    plan = planned_proof(results, config, tiny_model_dir, STATISTICS_PROMPTS[:4], class_images=4, concept_seeds=1,
+                         instances=2)
     with caplog.at_level(logging.WARNING, logger="nullcov.proof.job"):
-        rows = finetune_proof_job(
-            model_spec="builtin:tiny", model_dir=str(tiny_model_dir), results_dir=results, schedule=schedule,
-            statistics_prompts=STATISTICS_PROMPTS[:4], config=config,
-            settings=ProofSettings(fixed_steps=3, class_images=4, concept_seeds=1, instances=2), outputs=outputs,
-            scopes=["per-timestep"], statistics=["covariance"], branches=[False],
-            thresholds=[(0.02, None), (0.0, 50.0)], prior=True, lora=False)
+        rows = finetune_proof_job(model_dir=str(tiny_model_dir), plan=plan, schedule=schedule,
+                                  statistics_prompts=STATISTICS_PROMPTS[:4], device=config["device"], outputs=outputs)
     assert "no evaluator reads its images" in caplog.text
     assert [row["variant"] for row in rows] == ["unconstrained", "prior-preservation",
                                                 "projected-per-timestep-0.02-covariance-conditional",

@@ -7,7 +7,16 @@ import torch
 from nullcov.models.model import cross_attention_modules
 from nullcov.models.sampling import configure_scheduler
 from nullcov.models.schedule import build_schedule
-from nullcov.report.attention import AttentionProbe, collect_attention_maps, grid_shape, prompt_tokens
+from nullcov.models.tiny_model import TINY_SCHEDULER_CONFIG
+from nullcov.report.attention import (
+    AttentionProbe,
+    collect_attention_maps,
+    grid_shape,
+    prompt_tokens,
+    read_maps,
+    write_maps,
+)
+from nullcov.statistics.store import StatisticsFileError
 
 from conftest import base_config
 
@@ -114,3 +123,67 @@ def test_tokens_and_grids(tiny_pipe):
     assert grid_shape(32, 8, 16) == (4, 8)
     with pytest.raises(ValueError, match="do not form a grid"):
         grid_shape(60, 16, 16)
+
+
+def _written_maps(path, images=True):
+    """A small attention_maps.h5 of prompts 3 and 7 at steps 0 and 2 of a 3-step schedule, two layers."""
+    rng = np.random.default_rng(4)
+    schedule = build_schedule(TINY_SCHEDULER_CONFIG, "Euler", 3)
+    layers = ["down.attn2", "mid.attn2"]
+    found = {"maps": {(position, step, layer): rng.random((4, 8, 8), dtype=np.float32)
+                      for position in (0, 1) for step in (0, 2) for layer in layers},
+             "tokens": [["<bos>", "a", "cat", "<eos>"], ["<bos>", "a", "dog", "<eos>"]],
+             "images": rng.random((2, 16, 16, 3)) if images else None}
+    provenance = {"model": {"path": "m", "fingerprint": "f"}, "prompts": {"indices": [3, 7]}}
+    write_maps(path, found, [3, 7], ["a cat", "a dog"], schedule, [0, 2], layers, provenance)
+    return found, schedule, layers
+
+
+def test_maps_file_round_trips_through_the_store(tmp_path):
+    path = tmp_path / "attention_maps.h5"
+    found, schedule, layers = _written_maps(path)
+    stored = read_maps(path)
+    names = [step["name"] for step in schedule["steps"]]
+    assert sorted(stored["maps"]) == sorted((index, names[step], layer) for index in (3, 7) for step in (0, 2)
+                                            for layer in layers)
+    for position, index in enumerate((3, 7)):
+        assert stored["tokens"][index] == found["tokens"][position]
+        np.testing.assert_array_equal(stored["images"][index], found["images"][position].astype(np.float32))
+        for step in (0, 2):
+            for layer in layers:
+                np.testing.assert_array_equal(stored["maps"][(index, names[step], layer)],
+                                              found["maps"][(position, step, layer)])
+    assert stored["provenance"]["model"]["fingerprint"] == "f"
+    assert [p.name for p in tmp_path.iterdir()] == ["attention_maps.h5"]  # atomic: nothing left beside it
+
+
+def test_a_flipped_byte_in_the_maps_file_is_refused_naming_file_and_fix(tmp_path):
+    import h5py
+
+    path = tmp_path / "attention_maps.h5"
+    _, schedule, layers = _written_maps(path, images=False)
+    key = f"prompt_0007/{schedule['steps'][2]['name']}/{layers[1]}"
+    with h5py.File(path, "r") as handle:
+        info = handle[key]["maps"].id.get_chunk_info(0)
+    with open(path, "r+b") as handle:
+        handle.seek(info.byte_offset + info.size // 2)
+        original = handle.read(4)
+        handle.seek(info.byte_offset + info.size // 2)
+        handle.write(bytes(b ^ 0xFF for b in original))
+    with pytest.raises(StatisticsFileError, match="fails its checksum") as info:
+        read_maps(path)
+    assert str(path) in str(info.value) and f"snakemake --cores all --force {path}" in str(info.value)
+
+
+def test_a_maps_file_of_an_older_nullcov_is_refused(tmp_path):
+    """attention_maps.h5 as nullcov wrote it before the store: plain datasets, no provenance or checksums."""
+    import h5py
+
+    path = tmp_path / "attention_maps.h5"
+    with h5py.File(path, "w") as handle:
+        handle.attrs["nullcov_kind"] = "attention"
+        group = handle.create_group("prompt_0001")
+        group.attrs["tokens"] = '["<bos>", "<eos>"]'
+        group.create_group("alpha_00_0999/down.attn2").create_dataset("maps", data=np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(StatisticsFileError, match="attention_maps.h5"):
+        read_maps(path)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
+from nullcov.models.family import TEXT_KEY
 from nullcov.report.figures_layers import layer_order, short_layer
-from nullcov.statistics.store import TEXT_KEY, read_projections, read_spectra
+from nullcov.statistics.store import read_projections, read_spectra
 from nullcov.workflow.config import select_prompts, select_steps
 
 from conftest import REPO, planned_jobs, snakemake, write_config

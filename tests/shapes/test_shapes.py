@@ -97,6 +97,31 @@ def test_evaluator_finds_nothing_in_a_blank_image_and_scores_it_wrong():
     assert evaluator.read_image(blank.astype(np.float32) / 255.0).shape == evaluator.NONE
 
 
+def test_accuracy_counts_the_attributes_read_correctly_in_renders():
+    """Renders scored against the caption asked: one attribute wrong in each of three, a blank image,
+    one all correct; size counts only where the caption names one, a prompt not read (``{}``) nowhere."""
+    scene = shapes.Scene
+    drawn_and_asked = [  # (rendered, asked); template 1 names the size
+        (scene("red", "circle", "on the left", "large", 1), scene("red", "circle", "on the left", "large", 1)),
+        (scene("blue", "square", "at the top", "small", 1), scene("blue", "square", "at the top", "large", 1)),
+        (scene("green", "triangle", "on the right", "large"), scene("yellow", "triangle", "on the right", "large")),
+        (scene("red", "star", "at the bottom", "large", 2), scene("red", "circle", "at the bottom", "large", 2)),
+        (None, scene("blue", "circle", "on the left", "small", 3)),
+    ]
+    scores = []
+    for index, (drawn, asked) in enumerate(drawn_and_asked):
+        image = np.full((shapes.RESOLUTION, shapes.RESOLUTION, 3), shapes.BACKGROUND, dtype=np.uint8) \
+            if drawn is None else shapes.render(drawn, noise_seed=index)
+        scores.append(evaluator.score(evaluator.read_image(image), asked))
+    assert [sorted(name for name, ok in correct.items() if not ok) for correct in scores] == \
+        [[], ["size"], ["colour"], ["shape"], ["colour", "position", "shape"]]
+    expected = {"colour": 3 / 5, "shape": 3 / 5, "position": 4 / 5, "size": 1 / 2}
+    assert {name: evaluator.accuracy(scores, name) for name in evaluator.ATTRIBUTES} == pytest.approx(expected)
+    assert evaluator.accuracy(scores) == pytest.approx(1 / 5)  # every attribute asked: the first only
+    assert evaluator.accuracy(scores + [{}, {}]) == pytest.approx(1 / 5)
+    assert np.isnan(evaluator.accuracy([{}, {}])) and np.isnan(evaluator.accuracy(scores[2:], "size"))
+
+
 def test_attention_on_object_against_a_brute_force_sum():
     rng = np.random.default_rng(0)
     word_map = rng.random((4, 4))

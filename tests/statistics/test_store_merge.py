@@ -15,8 +15,10 @@ from nullcov.statistics.store import (
     StatisticsFileError,
     _checksummed,
     moments_file_bytes,
+    read_arrays,
     read_moments,
     read_projections,
+    write_arrays,
     write_moments,
     write_projections,
 )
@@ -310,3 +312,58 @@ def test_a_changed_provenance_attribute_fails_its_checksum(tmp_path):
     with pytest.raises(StatisticsFileError, match="attributes .* fail their checksum") as info:
         read_moments(path, "features")
     assert f"snakemake --cores all --force {path.parent}" in str(info.value)
+
+
+def _arrays():
+    rng = np.random.default_rng(9)
+    return {"prompt_0001/alpha_00_0999/layer.attn2/maps": rng.random((5, 8, 8), dtype=np.float32),
+            "prompt_0001/image": rng.random((16, 16, 3)).astype(np.float32),
+            "top": np.float64(2.5)}
+
+
+def test_named_arrays_round_trip_checksummed_with_their_attributes(tmp_path):
+    arrays = _arrays()
+    attrs = {"provenance": {"model": {"path": "m"}}, "prompts": [{"index": 1, "tokens": ["<bos>", "ü"]}]}
+    write_arrays(tmp_path / "a.h5", "attention", arrays, attrs)
+    read, read_attrs = read_arrays(tmp_path / "a.h5", "attention")
+    assert sorted(read) == sorted(arrays) and read_attrs == attrs
+    for name, array in arrays.items():
+        assert read[name].dtype == array.dtype
+        np.testing.assert_array_equal(read[name], np.asarray(array).reshape(read[name].shape))
+    assert read["top"].shape == (1,)  # a scalar is stored as a 1-element array, checksummed too
+    with h5py.File(tmp_path / "a.h5", "r") as handle:
+        assert handle.attrs["nullcov_kind"] == "attention" and "nullcov_attrs_sha256" in handle.attrs
+        assert all(handle[name].fletcher32 for name in arrays)
+    with pytest.raises(StatisticsFileError, match="expected a nullcov 'projection' file, found kind 'attention'"):
+        read_arrays(tmp_path / "a.h5", "projection")
+
+
+def test_named_arrays_refuse_what_they_do_not_store(tmp_path):
+    with pytest.raises(StatisticsFileError, match="without a provenance attribute"):
+        write_arrays(tmp_path / "a.h5", "attention", _arrays(), {})
+    with pytest.raises(StatisticsFileError, match="only non-empty float arrays"):
+        write_arrays(tmp_path / "a.h5", "attention", {"g/d": np.arange(3)}, {"provenance": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flipped_bytes_in_named_arrays_stop_the_reader_naming_file_and_fix(tmp_path):
+    path = tmp_path / "attention_maps.h5"
+    write_arrays(path, "attention", _arrays(), {"provenance": {"x": 1}})
+    _flip_data_bytes(path, "prompt_0001/alpha_00_0999/layer.attn2", "maps")
+    with pytest.raises(StatisticsFileError, match="fails its checksum") as info:
+        read_arrays(path, "attention")
+    assert str(path) in str(info.value) and f"snakemake --cores all --force {path}" in str(info.value)
+
+
+def test_named_arrays_with_a_changed_attribute_or_without_checksums_are_refused(tmp_path):
+    path = tmp_path / "a.h5"
+    write_arrays(path, "attention", _arrays(), {"provenance": {"prompt": "a cat"}})
+    with h5py.File(path, "a") as handle:
+        handle.attrs["provenance"] = handle.attrs["provenance"].replace("a cat", "a car")
+    with pytest.raises(StatisticsFileError, match="attributes .* fail their checksum"):
+        read_arrays(path, "attention")
+    write_arrays(path, "attention", _arrays(), {"provenance": {"x": 1}})
+    with h5py.File(path, "a") as handle:  # a plain dataset slipped in: no Fletcher32
+        handle["prompt_0002/image"] = np.zeros((2, 2, 3), dtype=np.float32)
+    with pytest.raises(StatisticsFileError, match="'prompt_0002/image' carries no checksum"):
+        read_arrays(path, "attention")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from nullcov.layout import TEXT_NAME, Results, shard_folder, split_key, statistic_key
+from nullcov.layout import TEXT_NAME, Results, shard_folder
+from nullcov.models.family import TEXT_KEY, split_key, statistic_key
 
 from conftest import DEMO_PROMPTS, planned_jobs, write_config
 
@@ -230,6 +231,50 @@ def test_lookups_are_cached_per_integer_timestep_and_match_the_bank(results):
     assert len(small._cache) == 1 and small.computed == 3
 
 
+def test_bank_and_constraint_from_declared_files_equal_the_results_folders(results, tiny_model_dir, tmp_path):
+    """ProjectionBank and NullSpaceConstraint from the files a rule declares, wherever they lie (here
+    copied under other folder names), serve what the results folder that holds them serves; a
+    file that was not declared is missing, not looked up beside the others."""
+    import json
+    import shutil
+
+    from nullcov.training.bank import ProjectionBank
+    from nullcov.training.constraint import ConstraintError, NullSpaceConstraint
+
+    folder = Results(results)
+    names = [step["name"] for step in json.loads(folder.schedule.read_text())["steps"]] + [TEXT_NAME]
+    (tmp_path / "moments").mkdir()
+    (tmp_path / "p").mkdir()
+    schedule = shutil.copyfile(folder.schedule, tmp_path / "steps.json")
+    covariance = [shutil.copyfile(folder.covariance(name), tmp_path / "moments" / f"{name}.h5") for name in names]
+    projections = [shutil.copyfile(folder.projection(name), tmp_path / "p" / f"{name}.h5") for name in names]
+    for mode in ("nearest", "interpolate"):
+        declared = ProjectionBank.from_files(schedule, covariance, projections, mode=mode)
+        bank = ProjectionBank(results, mode=mode)
+        assert (declared.timesteps, declared.step_names, declared.step_keys, declared.settings) == \
+            (bank.timesteps, bank.step_names, bank.step_keys, bank.settings)
+        layer, linear = split_key(bank.step_keys[0])
+        for t in (0, 333, 999):
+            assert torch.equal(declared.get(layer, linear, t), bank.get(layer, linear, t))
+        assert torch.equal(declared.get(layer, "to_k"), bank.get(layer, "to_k"))
+        for timesteps in ([500], bank.timesteps):
+            found, expected = declared.projections(timesteps), bank.projections(timesteps)
+            assert found.keys() == expected.keys()
+            assert all(torch.equal(found[key], expected[key]) for key in expected), (mode, timesteps)
+        assert torch.equal(declared.text_factor.dense(), bank.text_factor.dense())
+    unet, same = trainable_unet(tiny_model_dir), trainable_unet(tiny_model_dir)
+    constraint = NullSpaceConstraint.from_files(unet, schedule, covariance, projections, mode="nearest")
+    reference = NullSpaceConstraint(same, results, mode="nearest")
+    assert [item.name for item in constraint.linears] == [item.name for item in reference.linears]
+    for item, other in zip(constraint.linears, reference.linears, strict=True):
+        for timesteps in ([10], bank.timesteps):
+            assert torch.equal(constraint.projection_for(item, timesteps), reference.projection_for(other, timesteps))
+    with pytest.raises(ConstraintError, match=r"attn2\.to_k.*freeze them"):  # text.h5 not declared
+        NullSpaceConstraint.from_files(trainable_unet(tiny_model_dir), schedule, covariance, projections[:-1])
+    with pytest.raises(FileNotFoundError, match="include no covariance file"):  # the statistics not declared
+        ProjectionBank.from_files(schedule, [], projections).factors(bank.timesteps)
+
+
 def test_projection_overhead_per_training_step_on_the_tiny_model(results, tiny_model_dir):
     """Overhead of project() against the training step itself (printed; the README quotes it)."""
     from nullcov.training.constraint import NullSpaceConstraint
@@ -284,7 +329,7 @@ def nullbooth_loader(folder, threshold):
 def test_nullbooth_export_gives_nullbooths_loader_the_same_null_spaces(results, tmp_path):
     import json
 
-    from nullcov.statistics.store import TEXT_KEY, read_projections
+    from nullcov.statistics.store import read_projections
     from nullcov.training.export import export_nullbooth
 
     schedule = json.loads(Results(results).schedule.read_text())
@@ -310,7 +355,7 @@ def test_nullbooth_export_of_a_text_only_run_has_k_and_v_for_every_scheduled_ste
     """A text-only run has no step files, but NullBooth's trainer looks k/v up per step."""
     import json
 
-    from nullcov.statistics.store import TEXT_KEY, read_projections
+    from nullcov.statistics.store import read_projections
     from nullcov.training.export import export_nullbooth
 
     schedule = json.loads(Results(results).schedule.read_text())
@@ -460,7 +505,7 @@ def test_null_energy_of_the_statistics_own_prompts_is_their_statistics_share(req
     from nullcov.models.sampling import configure_scheduler
     from nullcov.proof.experiment import ProofSettings, sample
     from nullcov.proof.null_energy import ENERGY_KINDS, null_energy
-    from nullcov.statistics.store import TEXT_KEY, read_moments
+    from nullcov.statistics.store import read_moments
     from nullcov.training.constraint import NullSpaceConstraint
 
     results = request.getfixturevalue("results_both_branches" if unconditional else "results")

@@ -5,10 +5,11 @@ import pytest
 
 from nullcov.collection import memory
 from nullcov.collection.features import collect_shard
+from nullcov.models.family import TEXT_KEY
 from nullcov.models.model import BUILTIN_TINY, cross_attention_modules
 from nullcov.models.sampling import configure_scheduler
 from nullcov.models.schedule import build_schedule
-from nullcov.statistics.store import TEXT_KEY, moments_file_bytes
+from nullcov.statistics.store import moments_file_bytes
 from nullcov.workflow import plan
 
 from conftest import base_config

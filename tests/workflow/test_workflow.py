@@ -11,8 +11,11 @@ import pytest
 import yaml
 
 from nullcov import layout
+from nullcov.models import family
+from nullcov.models.family import TEXT_KEY
 from nullcov.models.tiny_model import TINY_SCHEDULER_CONFIG
-from nullcov.statistics.store import TEXT_KEY, read_moments, read_projections
+from nullcov.prompts import read_prompts
+from nullcov.statistics.store import read_moments, read_projections
 from nullcov.training.bank import ProjectionBank
 
 from conftest import planned_jobs, snakemake, write_config
@@ -188,30 +191,42 @@ def test_the_layout_names_the_paths_the_rules_write():
     assert str(results.group(1)) == str(results.group("0001")) == "results/partial/group_0001"
     assert str(results.validation_features) == "results/validation/features"
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    assert layout.split_key(layout.statistic_key(layer, "to_q")) == (layer, "to_q")
+    assert family.split_key(family.statistic_key(layer, "to_q")) == (layer, "to_q")
     assert layout.step_name(layout.step_file(results.shard(0), "alpha_00_0999")) == "alpha_00_0999"
 
 
 def test_proof_statistics_link_the_run_projections_made_at_their_setting(finished, tmp_path):
-    """The fine-tune proof's folders (from the rule's declared files): the run's own projections where
-    their provenance records the setting, recomputed for any other setting."""
-    from nullcov.proof.statistics import StatisticsFiles, project_statistics
+    """The fine-tune proof's planned files (nullcov.proof.plan.plan_proof, the rule's declared inputs):
+    the run's own projections where they are made at the setting, made by the proof's projection rule
+    (its function, here into tmp_path) for any other setting."""
+    from pathlib import Path
+
+    from nullcov.proof.plan import plan_proof
+    from nullcov.statistics.jobs import projection_job
 
     results = layout.Results(finished / "results")
     names = [*_step_names(finished), layout.TEXT_NAME]
-    files = StatisticsFiles.declared(results.schedule, [results.covariance(name) for name in names],
-                                     [results.projection(name) for name in names])
-    same = layout.Results(project_statistics(files, tmp_path / "same", "second_moment", 0.02, None))
-    other = layout.Results(project_statistics(files, tmp_path / "other", "second_moment", 0.0, 50.0))
+    config = yaml.safe_load((finished / "config.yaml").read_text()) | {
+        "finetune_branches": [False], "finetune_statistics": ["second_moment"], "finetune_nullspace_thresholds": [],
+        "finetune_threshold_percents": [50]}
+    plan = plan_proof(config, results, names)
+    same, other = plan.compared
+    assert (same.key, other.key) == (("conditional", "second_moment", "0.02"), ("conditional", "second_moment", "p50"))
+    made = {name: tmp_path / Path(other.file("projections", name)).relative_to(results.root) for name in names}
+    for name in names:  # what rule proof_projection runs
+        projection_job(other.file("covariance", name), made[name], other.statistic, other.nullspace_threshold,
+                       other.threshold_percent)
     for name in names:
-        assert same.projection(name).resolve() == results.projection(name).resolve()
-        assert same.covariance(name).resolve() == other.covariance(name).resolve() == results.covariance(name)
-        assert not other.projection(name).is_symlink()
-        spaces, attrs = read_projections(other.projection(name))
+        assert Path(same.file("projections", name)).resolve() == results.projection(name).resolve()
+        assert Path(same.file("covariance", name)).resolve() == Path(other.file("covariance", name)).resolve() \
+            == results.covariance(name)
+        assert not made[name].is_symlink()
+        spaces, attrs = read_projections(made[name])
         assert attrs["provenance"]["projection"] == {"statistic": "second_moment", "nullspace_threshold": 0.0,
                                                      "threshold_percent": 50.0}
         assert spaces.keys() == read_projections(results.projection(name))[0].keys()
-    assert ProjectionBank(other.root).step_names == ProjectionBank(results.root).step_names
+    assert ProjectionBank.from_files(other.schedule, other.covariance, made.values()).step_names == \
+        ProjectionBank(results.root).step_names
 
 
 def test_projection_bank(finished):
@@ -293,3 +308,42 @@ def test_null_on_the_command_line_means_null(tmp_path, demo_prompts):
     assert any(out == "results/projections/timestep_0499.h5" for _, out in from_file)  # sampler_strategy: null
     write_config(tmp_path, demo_prompts[:2], **nullable)
     assert sorted(planned_jobs(tmp_path, "--config", *(f"{key}=null" for key in nullable))) == sorted(from_file)
+
+
+def test_a_checkout_moved_with_its_results_plans_nothing(tmp_path):
+    """The shipped model is named relative to the working directory like every other input: a finished
+    run's checkout, moved elsewhere (as rsync to a cluster's scratch would), has nothing to do."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    checkout = tmp_path / "first" / "nullcov"
+    checkout.mkdir(parents=True)
+    for part in ("Snakefile", "rules", "scripts", "config", "report", "envs", "nullcov"):
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, checkout / part)
+    prompts = read_prompts(REPO / "config/prompts/shapes-demo.txt")[:2]
+    (checkout / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (checkout / "run.yaml").write_text(yaml.safe_dump({
+        "model": "builtin:shapes", "prompts": "prompts.txt", "num_denoising_steps": 2, "device": "cpu",
+        "validation_prompts": None, "attention_prompts": 0, "report_steps": 1,
+    }))
+
+    def run(folder, *args):
+        command = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "run.yaml", *args]
+        env = {**os.environ, "PYTHONPATH": str(folder)}  # the copy's package, as a cluster job sees it
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    run(checkout)
+    moved = tmp_path / "elsewhere" / "deeper" / "nullcov"
+    moved.parent.mkdir(parents=True)
+    shutil.move(checkout, moved)
+    output = run(moved, "--dry-run")
+    assert "Nothing to be done" in output, output

@@ -1,0 +1,68 @@
+"""nullcov.files: atomic files and folders, JSON and TSV written and read one way."""
+
+import json
+
+import pytest
+
+from nullcov.files import atomic_folder, atomic_path, read_json, read_tsv, write_json, write_text, write_tsv
+
+
+def test_write_json_writes_what_json_dumps_gives_and_read_json_reads_it_back(tmp_path):
+    data = {"b": [1, 2.5, None], "a": "ü"}
+    path = write_json(tmp_path / "deep" / "x.json", data, indent=1, sort_keys=True)
+    assert path == tmp_path / "deep" / "x.json"
+    assert path.read_bytes() == json.dumps(data, indent=1, sort_keys=True).encode()  # byte for byte: caches compare
+    assert read_json(path) == data
+    write_json(path, data, newline=True, sort_keys=True, indent=2, ensure_ascii=False)
+    assert path.read_text(encoding="utf-8") == json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]  # no temporary left beside it
+
+
+def test_a_failed_write_json_leaves_the_old_file(tmp_path):
+    path = write_json(tmp_path / "x.json", {"old": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"new": object()})  # not JSON: fails before the file is touched
+    assert read_json(path) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_an_error_inside_atomic_path_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_text(tmp_path / "x.txt", "old\n")
+    with pytest.raises(RuntimeError), atomic_path(path) as temporary:
+        temporary.write_text("half of the new")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_an_error_inside_atomic_folder_leaves_the_old_folder(tmp_path):
+    folder = tmp_path / "model"
+    with atomic_folder(folder) as temporary:
+        write_text(temporary / "a.txt", "old")
+    with pytest.raises(RuntimeError), atomic_folder(folder) as temporary:
+        write_text(temporary / "a.txt", "new")
+        raise RuntimeError("crash while writing")
+    assert (folder / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_read_json_names_the_file_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        read_json(tmp_path / "missing.json")
+    broken = write_text(tmp_path / "broken.json", '{"steps": [')
+    with pytest.raises(ValueError, match=f"{broken} is not valid JSON"):
+        read_json(broken)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'"\xe9"')
+    with pytest.raises(ValueError, match=f"{latin} is not valid JSON"):
+        read_json(latin)
+
+
+def test_tsv_round_trip(tmp_path):
+    rows = [{"step": "alpha_00_0999", "value": 0.1, "count": 3}, {"step": "text", "value": 1e-300, "count": 0}]
+    write_tsv(tmp_path / "t.tsv", rows, ["step", "value", "count"])
+    assert (tmp_path / "t.tsv").read_text().splitlines()[0] == "step\tvalue\tcount"
+    read = read_tsv(tmp_path / "t.tsv")
+    assert read == [{"step": "alpha_00_0999", "value": "0.1", "count": "3"},
+                    {"step": "text", "value": "1e-300", "count": "0"}]
+    assert float(read[1]["value"]) == 1e-300  # floats as repr: exact
