@@ -65,7 +65,7 @@ def test_ours_is_the_feature_jobs_collect_shard(tiny_pipe, demo_prompts, monkeyp
 def test_case_config_is_the_schema_defaults_with_the_case(tmp_path):
     import yaml
 
-    from nullcov.workflow.config import schema_defaults
+    from nullcov.schema import schema_defaults
 
     case = _tiny_case(steps=2, prompts=3, batch_size=2)
     config = benchmark.case_config(case)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's nullcov, whatever is installed
 
 from nullcov.measurement import peak_rss_bytes  # noqa: E402
-from nullcov.workflow.config import schema_defaults  # noqa: E402
+from nullcov.schema import schema_defaults  # noqa: E402
 
 GPU_MEMORY_TARGET = 20e9  # the GPU study's target: peak GPU memory at batch 8, every layer and q/k/v/out
 

@@ -10,7 +10,6 @@ import numpy as np
 from nullcov.docs import see
 from nullcov.files import NULL_WORDS
 from nullcov.models.family import guidance_input
-from nullcov.schema import schema_defaults as schema_defaults  # the schema's defaults: nullcov.schema
 
 
 def nullable_keys(schema: dict) -> list[str]:
