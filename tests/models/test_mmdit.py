@@ -125,6 +125,26 @@ def _branch_rows(call: dict, key: str, calls_per_step: int, call_index: int, bra
     return [x], ["cond"]
 
 
+def _brute_force_rows(pipe, family_name, config, key, calls, found, batches, calls_per_step, branches) -> np.ndarray:
+    """The rows of ``key`` the statistics should hold at one step: the collected branches' rows of every
+    call, with ``text_tokens: prompt`` only the real text tokens (single blocks: then every image row)."""
+    parts = []
+    stream = key.split("/")[1]
+    for (b, c), call in zip(calls, found, strict=True):
+        blocks, names = _branch_rows(call, key, calls_per_step, c, branches, len(batches[b]))
+        for block, branch in zip(blocks, names, strict=True):
+            texts = batches[b] if branch == "cond" else [""] * len(batches[b])
+            if config["text_tokens"] != "prompt" or stream in ("image", "image_out"):
+                parts.append(block.reshape(-1, block.shape[-1]))
+                continue
+            length = pipe.tokenizer_max_length + 256 if family_name.startswith("sd3") else 512
+            mask = _real_mask(pipe, texts, length)
+            if stream.startswith("single"):  # text rows first, then every image row
+                mask = torch.cat([mask, torch.ones(len(texts), block.shape[1] - length, dtype=torch.bool)], dim=1)
+            parts.append(block[mask])
+    return torch.cat(parts).numpy()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_streams_equal_brute_force(mmdit_dirs, case, record_property):
     """Every collected stream's moments at every step within 1e-6 (relative to the largest entry) of
@@ -158,22 +178,7 @@ def test_streams_equal_brute_force(mmdit_dirs, case, record_property):
         keys = [key for key in found[0] if "/" in key and key.split("/")[1] in config["streams"]]
         assert {_nullcov_key(key) for key in keys} == set(steps[step_index])
         for key in keys:
-            parts = []
-            for (b, c), call in zip(calls, found, strict=True):
-                blocks, names = _branch_rows(call, key, calls_per_step, c, branches, len(batches[b]))
-                for block, branch in zip(blocks, names, strict=True):
-                    texts = batches[b] if branch == "cond" else [""] * len(batches[b])
-                    if config["text_tokens"] == "prompt" and key.split("/")[1] in ("text", "text_out", "single",
-                                                                                     "single_out"):
-                        length = pipe.tokenizer_max_length + 256 if family_name.startswith("sd3") else 512
-                        mask = _real_mask(pipe, texts, length)
-                        if key.split("/")[1].startswith("single"):  # text rows first, then every image row
-                            mask = torch.cat([mask, torch.ones(len(texts), block.shape[1] - length, dtype=torch.bool)],
-                                             dim=1)
-                        parts.append(block[mask])
-                    else:
-                        parts.append(block.reshape(-1, block.shape[-1]))
-            rows = torch.cat(parts).numpy()
+            rows = _brute_force_rows(pipe, family_name, config, key, calls, found, batches, calls_per_step, branches)
             moments = steps[step_index][_nullcov_key(key)]
             assert moments.count == rows.shape[0]
             reference = rows.T @ rows
@@ -287,10 +292,23 @@ def _diffusers_test_folder(root, kind):
     joint and 2 single blocks), text encoders from transformers' configs: not nullcov's builder."""
     import string
 
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
-                              T5EncoderModel, T5TokenizerFast)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
 
     from nullcov.models.tiny_model import write_tokenizer
 
@@ -300,9 +318,10 @@ def _diffusers_test_folder(root, kind):
     vocab += [(c, -6.0) for c in string.ascii_lowercase + string.punctuation]
     t5_tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
     torch.manual_seed(0)
-    clip = {"bos_token_id": len(clip_tokenizer) - 2, "eos_token_id": len(clip_tokenizer) - 1, "hidden_size": 32,
-            "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5, "vocab_size": len(clip_tokenizer),
-            "hidden_act": "gelu", "projection_dim": 32, "pad_token_id": len(clip_tokenizer) - 1}
+    size = len(clip_tokenizer)
+    clip = {"bos_token_id": size - 2, "eos_token_id": size - 1, "hidden_size": 32, "intermediate_size": 37,
+            "num_attention_heads": 4, "num_hidden_layers": 5, "vocab_size": size, "hidden_act": "gelu",
+            "projection_dim": 32, "pad_token_id": size - 1}
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4,
                                  num_layers=2, is_encoder_decoder=False))
     scheduler = FlowMatchEulerDiscreteScheduler()
