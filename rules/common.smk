@@ -50,6 +50,7 @@ if not any(config["collect_features"].values()):
 try:
     PROMPTS = nc_prompts.read_prompts(config["prompts"])
     MODEL_DIR = nc_model.workflow_path(nc_model.resolve_model_dir(config["model"]))
+    nc_plan.check_workflow_family(config["model"], MODEL_DIR)
     SCHEDULER_CONFIG = nc_model.scheduler_config(config["model"])
     SCHEDULE = nc_schedule.cached_schedule(
         SCHEDULER_CONFIG,

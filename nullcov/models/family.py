@@ -13,11 +13,14 @@ down here, read from the model folder's JSON files alone (no torch, no weights):
 - the scheduler's ``prediction_type`` (every sampler is built ``from_config`` on the model's own
   scheduler config, so it carries over).
 
-Anything else (SD3, FLUX, PixArt: a ``transformer/`` with joint attention, no UNet
-cross-attention; unknown pipeline classes) is refused before any job runs.
+The MMDiT families (``sd3``: SD3 and SD3.5, ``flux``: FLUX.1 dev and schnell) have a
+``transformer/`` instead: no UNet cross-attention, but joint blocks whose image and text streams are
+hooked (:data:`JOINT_ATTENTION`; FLUX's single blocks: :data:`SINGLE_BLOCK`), keyed by the module
+path of each stream's first linear. Anything else (PixArt and other transformers, unknown pipeline
+classes) is refused before any job runs.
 
 It is also the one vocabulary of what is hooked and how it is stored: a family's :class:`Linears`
-(:attr:`Family.linears`; every current family hooks the UNet cross-attention linears,
+(per :class:`LayerKind`, :attr:`Family.kinds`; the UNet families hook the cross-attention linears,
 :data:`CROSS_ATTENTION`) names the linears of each hooked attention module, which of them take the
 text states (collected once per prompt under :data:`TEXT_KEY`) and which get one statistic per
 step (keyed :func:`statistic_key`, ``<layer>/<linear>``), and the config's ``collect_features``

@@ -269,7 +269,8 @@ def build_schedule(scheduler_config: dict, strategy, num_steps: int, flow: dict 
     if is_flow_matching(scheduler_config):
         if flow is None:
             raise ScheduleError("a flow-matching schedule depends on the resolution: build_schedule needs flow="
-                                "{pipeline, resolution, image_seq_len}")
+                                "{pipeline, resolution, image_seq_len} (nullcov.models.sampling.flow_of(pipe, "
+                                f"resolution)){see('sampler-does-not-apply-to-flow-matching')}")
         return build_flow_schedule(scheduler_config, strategy, num_steps, flow)
     check_strategy(strategy)
     strategy = canonical_strategy(strategy)

@@ -52,6 +52,25 @@ DIMS_FORMAT = 1
 
 
 # -- model dims -------------------------------------------------------------------------------------
+def check_workflow_family(model_spec: str, model_dir: str | Path) -> None:
+    """Refuse a transformer model (SD3, FLUX) before anything is planned: their statistics are collected
+    through the Python API (:func:`nullcov.collection.features.collect_shard` with the model's family),
+    while the workflow's plan, merges' inputs, report, exports and proof are written for UNets."""
+    from nullcov.models.model import BUILTIN_MODELS, ModelError, denoiser_name
+    from nullcov.models.tiny_model import TRANSFORMER_FAMILIES
+
+    if model_spec in BUILTIN_MODELS:
+        transformer = BUILTIN_MODELS[model_spec][0] in TRANSFORMER_FAMILIES
+    else:
+        transformer = denoiser_name(read_json(Path(model_dir) / "model_index.json")) == "transformer"
+    if transformer:
+        raise ModelError(
+            f"model {model_spec!r} is a transformer (SD3/FLUX): the workflow does not run transformer families yet; "
+            "collect their statistics with nullcov.collection.features.collect_shard(..., family=model_family(folder)) "
+            f"as docs/model-families.md shows{see('workflow-does-not-run-transformer-families-yet')}"
+        )
+
+
 def unet_config(model_spec: str, model_dir: str | Path) -> dict:
     """The UNet's config: a builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
     from nullcov.models.model import BUILTIN_MODELS

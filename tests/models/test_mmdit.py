@@ -368,3 +368,16 @@ def test_a_folder_saved_from_diffusers_test_configs_loads_and_collects(tmp_path,
     expected_out = joint - 1 if kind == "sd3" else joint
     assert sum(key.endswith("/attn.to_add_out") for key in steps[0]) == expected_out
     assert all(np.isfinite(m.sum_outer).all() and m.count > 0 for m in steps[0].values())
+
+
+def test_the_workflow_refuses_transformer_families(tmp_path, demo_prompts):
+    """Before anything is planned, naming the Python API (the workflow's plan, merges and report are UNet-only)."""
+    from conftest import snakemake, write_config
+
+    write_config(tmp_path, demo_prompts[:2], model="builtin:tiny-flux", sampler_strategy="Euler")
+    result = snakemake(tmp_path, "--dry-run", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text
+    assert "invalid configuration: model 'builtin:tiny-flux' is a transformer (SD3/FLUX): the workflow does not " \
+           "run transformer families yet" in text, text[-3000:]
+    assert "workflow-does-not-run-transformer-families-yet" in text
