@@ -412,6 +412,10 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
 def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
                        config, step_paths, text_path, mem_mb=None) -> None:
     family = model_family(model_dir)
+    if family.denoiser == "transformer":  # the workflow refuses them at parse time (nullcov.workflow.plan)
+        raise ModelError(f"model {model_spec!r} is a transformer ({family.name}): the feature job of the workflow does "
+                         "not run transformer families yet; call collect_shard(..., family=model_family(folder))"
+                         f"{see('workflow-does-not-run-transformer-families-yet')}")
     truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
     only_text = text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
