@@ -189,9 +189,12 @@ FUSED = ("to_qkv", "to_added_qkv", "to_kv")
 def check_unfused(transformer) -> None:
     """Refuse a transformer whose attention runs fused projections (``fuse_qkv_projections``: ``to_qkv``,
     ``to_added_qkv``): its ``to_q``/``add_q_proj`` never run, so their inputs cannot be observed."""
+    linear = _linear_class()
     fused = [f"{name}.{attribute}" for name, module in transformer.named_modules() for attribute in FUSED
-             if getattr(module, "fused_projections", False) or isinstance(getattr(module, attribute, None),
-                                                                           _linear_class())]
+             if isinstance(getattr(module, attribute, None), linear)]
+    fused += [f"{name} (fused_projections)" for name, module in transformer.named_modules()
+              if getattr(module, "fused_projections", False) is True
+              and not any(isinstance(getattr(module, attribute, None), linear) for attribute in FUSED)]
     if fused:
         raise ModelError(
             f"the transformer runs fused QKV projections ({fused[0]}"
