@@ -35,8 +35,9 @@ from nullcov.collection.capture import (
     text_rows,
 )
 from nullcov.collection.placement import device_memory_steps
-from nullcov.collection.tokens import token_masks
+from nullcov.collection.tokens import max_sequence_length, token_masks
 from nullcov.docs import see
+from nullcov.files import read_json
 from nullcov.models.device import module_device, use_device
 from nullcov.models.family import CROSS_ATTENTION, DEFAULT_STREAMS, TEXT_KEY, Family, guidance_input, model_family
 from nullcov.models.gpu_lease import lease_device
@@ -63,9 +64,11 @@ class PromptTooLongError(ValueError):
     """A prompt exceeds the tokenizer's limit and ``strict_prompts`` is set."""
 
 
-def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool) -> int:
-    """Count (and log) prompts the tokenizer truncates; with ``strict`` refuse them instead."""
-    limit = tokenizer.model_max_length
+def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool,
+                         limit: int | None = None) -> int:
+    """Count (and log) prompts the tokenizer truncates at ``limit`` (None: its ``model_max_length``); with
+    ``strict`` refuse them instead."""
+    limit = limit or tokenizer.model_max_length
     too_long = []
     for offset, prompt in enumerate(prompts):
         length = len(tokenizer(prompt).input_ids)
@@ -412,12 +415,9 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
 def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
                        config, step_paths, text_path, mem_mb=None) -> None:
     family = model_family(model_dir)
-    if family.denoiser == "transformer":  # the workflow refuses them at parse time (nullcov.workflow.plan)
-        raise ModelError(f"model {model_spec!r} is a transformer ({family.name}): the feature job of the workflow does "
-                         "not run transformer families yet; call collect_shard(..., family=model_family(folder))"
-                         f"{see('workflow-does-not-run-transformer-families-yet')}")
+    transformer = family.denoiser == "transformer"
     truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
-    only_text = text_only(config["collect_features"])
+    only_text = not transformer and text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
     if only_text:
         if step_paths:
@@ -428,7 +428,7 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         configure_scheduler(pipe, schedule)
         if step_paths and sorted(step_paths) != sorted(step["name"] for step in schedule["steps"]):
             raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
-        layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
+        layer_names = [name for name, _ in shard_layers(pipe, schedule, config, family)]
         resolution = image_resolution(pipe, config["resolution"])
     provenance = {
         # The folder where it lay (the workflow may name it relatively); the fingerprint is set at the first write.
@@ -441,15 +441,18 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
                 "scheduler": None if only_text else schedule["scheduler"]["class"], "family": family.name,
                 "pipeline": family.pipeline, "text_only": only_text},
+        # a transformer's: real and padding text tokens of the prompts and of the negative prompts
+        **({"text_tokens": text_token_counts(pipe, prompts)} if transformer else {}),
         "packages": package_versions(),
     }
     writer = _ShardWriter(provenance, fingerprint, schedule["steps"], step_paths)
     if only_text:
         text_moments = collect_text_shard(pipe, prompts, first_index, config)
     else:
-        weights = memory.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
+        parameters = sum(p.numel() for p in denoiser(pipe).parameters())
+        weights = memory.weights_bytes(model_dir, {"unet_parameters": parameters})
         _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=writer.write_step,
-                                              mem_mb=mem_mb, weights=weights)
+                                              mem_mb=mem_mb, weights=weights, family=family if transformer else None)
     if text_path:
         writer.write_text(text_path, text_moments)
     log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(writer.written),
@@ -458,14 +461,30 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
 
 def _check_prompts(model_dir, family, prompts: list[str], first_index: int, strict: bool) -> int:
     """:func:`check_prompt_lengths` with each of the family's tokenizers, before the model is loaded
-    (``strict_prompts`` fails fast); the most prompts one of them truncates."""
-    from transformers import CLIPTokenizer
+    (``strict_prompts`` fails fast); the most prompts one of them truncates. A T5 tokenizer (SD3,
+    FLUX) is checked against the pipeline's ``max_sequence_length``."""
+    import diffusers
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     truncated = 0
+    index = read_json(Path(model_dir) / "model_index.json")
     for name in family.tokenizers:
-        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
-        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict))
+        if index[name][1].startswith("T5"):
+            tokenizer = T5TokenizerFast.from_pretrained(Path(model_dir) / name, local_files_only=True)
+            limit = max_sequence_length(getattr(diffusers, family.pipeline))
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+            limit = None
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict, limit))
     return truncated
+
+
+def text_token_counts(pipe, prompts: list[str]) -> dict:
+    """Real and padding tokens of the text sequences a transformer receives (:mod:`nullcov.collection.tokens`),
+    for the prompts and for as many negative prompts (``""``)."""
+    masks = token_masks(pipe, prompts, "cpu")
+    return {branch: {"real": int(masks[key].sum()), "padding": int((~masks[key]).sum())}
+            for branch, key in (("prompts", "cond"), ("negative", "uncond"))}
 
 
 class _ShardWriter:

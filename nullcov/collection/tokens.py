@@ -18,9 +18,10 @@ from nullcov.collection.capture import text_row_mask
 
 
 def max_sequence_length(pipe) -> int:
-    """The T5 length the pipeline pads to: its ``__call__``'s default ``max_sequence_length``
-    (SD3: 256, FLUX: 512), which nullcov's pipeline calls keep."""
-    return int(inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default)
+    """The T5 length the pipeline (an instance or its class) pads to: its ``__call__``'s default
+    ``max_sequence_length`` (SD3: 256, FLUX: 512), which nullcov's pipeline calls keep."""
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    return int(inspect.signature(cls.__call__).parameters["max_sequence_length"].default)
 
 
 def _t5_mask(tokenizer, texts: list[str], length: int) -> torch.Tensor:

@@ -426,6 +426,7 @@ SD3_CLIP_HIDDEN_SIZE = 16  # SD3: CLIP-L 768 + CLIP-G 1280, concatenated (2048, 
 SD3_CLIP_PROJECTION_DIM = 32  # SD3: 768 + 1280 pooled -> pooled_projection_dim 2048
 T5_D_MODEL = 32  # SD3 and FLUX: T5-XXL, 4096 (joint_attention_dim)
 T5_MAX_LENGTH = 512
+TINY_TRANSFORMER_VAE_BLOCKS = (8, 8)  # vae_scale_factor 2
 
 
 def tiny_transformer_config(family: str) -> dict:
@@ -483,7 +484,7 @@ def _write_transformer(root: Path, family: str) -> None:
     cls(**tiny_transformer_config(family)).save_pretrained(root / "transformer", safe_serialization=True)
     torch.manual_seed(SEED)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, latent_channels=1 if flux else 4,
-                        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=1,
+                        block_out_channels=TINY_TRANSFORMER_VAE_BLOCKS, layers_per_block=1, norm_num_groups=1,
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)

@@ -370,14 +370,41 @@ def test_a_folder_saved_from_diffusers_test_configs_loads_and_collects(tmp_path,
     assert all(np.isfinite(m.sum_outer).all() and m.count > 0 for m in steps[0].values())
 
 
-def test_the_workflow_refuses_transformer_families(tmp_path, demo_prompts):
-    """Before anything is planned, naming the Python API (the workflow's plan, merges and report are UNet-only)."""
+@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-sd3"])
+def test_workflow_runs_features_covariance_projection(tmp_path, demo_prompts, model):
+    """The workflow on a tiny transformer: sigma-keyed steps, one merged statistic and projection per step
+    holding every stream of every block (no text.h5: the text stream is per step); the report parts
+    that read UNet keys are off (and refused when asked for)."""
+    from nullcov.layout import ROOT, TEXT_NAME, Results
+    from nullcov.statistics.store import read_moments
+
     from conftest import snakemake, write_config
 
-    write_config(tmp_path, demo_prompts[:2], model="builtin:tiny-flux", sampler_strategy="Euler")
-    result = snakemake(tmp_path, "--dry-run", check=False)
-    text = result.stdout + result.stderr
-    assert result.returncode != 0, text
-    assert "invalid configuration: model 'builtin:tiny-flux' is a transformer (SD3/FLUX): the workflow does not " \
-           "run transformer families yet" in text, text[-3000:]
-    assert "workflow-does-not-run-transformer-families-yet" in text
+    write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", num_denoising_steps=2,
+                 resolution=RESOLUTION, text_tokens="prompt")
+    dry = snakemake(tmp_path, "--dry-run").stdout
+    assert "features" in dry and "projection" in dry and "report_figures" not in dry
+    snakemake(tmp_path)
+    schedule = json.loads((tmp_path / ROOT / "schedule.json").read_text())
+    flux = model.endswith("flux")
+    assert schedule["flow_matching"]["resolution"] == RESOLUTION
+    assert [step["name"][:9] for step in schedule["steps"]] == ["sigma_00_", "sigma_01_"]
+    assert schedule["layers"] == ["transformer_blocks.0", "transformer_blocks.1"] + (
+        ["single_transformer_blocks.0", "single_transformer_blocks.1"] if flux else [])
+    expected = {f"transformer_blocks.{i}/{linear}" for i in range(2)
+                for linear in ("attn.to_q", "attn.add_q_proj", "attn.to_out", "attn.to_add_out")}
+    if flux:
+        expected |= {f"single_transformer_blocks.{i}/attn.to_q" for i in range(2)}
+    else:
+        expected.remove("transformer_blocks.1/attn.to_add_out")  # SD3's last block is context_pre_only
+    results = Results(tmp_path / ROOT)
+    assert not results.covariance(TEXT_NAME).exists()
+    for step in schedule["steps"]:
+        moments = read_moments(results.covariance(step["name"]), "covariance")[0]
+        assert set(moments) == expected and all(m.count > 0 for m in moments.values())
+        assert results.projection(step["name"]).is_file()
+    write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", attention_prompts=2)
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "invalid configuration: attention_prompts: 2: the validation" in text, text
+    assert "report-parts-do-not-run-transformer-families-yet" in text
