@@ -111,9 +111,10 @@ BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUI
 # Model dims from the UNet config (a meta-device UNet, cached: no weights read) -> every job's memory.
 try:
     if TRANSFORMER:
-        nc_plan.check_transformer_config(config)
+        nc_plan.check_transformer_config(config, nc_plan.is_flux(config["model"], MODEL_DIR))
         UNET_DIMS = nc_plan.transformer_dims(config["model"], MODEL_DIR)
     else:
+        nc_plan.check_unet_config(config)
         UNET_CONFIG = nc_plan.unet_config(config["model"], MODEL_DIR)
         nc_config.check_unconditional_branch(config, UNET_CONFIG)
         nc_config.check_finetune_proof(config, UNET_CONFIG)

@@ -67,9 +67,30 @@ def is_transformer(model_spec: str, model_dir: str | Path) -> bool:
 UNET_ONLY_KEYS = {"validation_prompts": None, "attention_prompts": 0, "exports": [], "finetune_proof": False}
 
 
-def check_transformer_config(config: dict) -> None:
+def check_transformer_config(config: dict, flux: bool) -> None:
     """Refuse, for an SD3/FLUX model, the parts of the workflow that do not run transformers yet
-    (validation, attention maps, exports, the fine-tune proof): their values must be off."""
+    (validation, attention maps, exports, the fine-tune proof: their values must be off), and the
+    feature settings its feature jobs would refuse (:func:`nullcov.collection.features.selected_streams`):
+    the UNet's ``collect_features``, ``collection: noised``, ``text_tokens: eos``, ``true_cfg_scale``
+    for SD3, ``unconditional_branch`` without a negative branch."""
+    default_features = {feature: True for feature, _ in CROSS_ATTENTION.features}
+    negative = config["true_cfg_scale"] > 1 if flux else config["guidance_scale"] > 1
+    refused = [
+        (config["collect_features"] != default_features, "collect_features selects a UNet's attn2 linears: select "
+         f"with streams{see('collection-keys-of-another-family')}"),
+        (config["collection"] != "trajectory", "collection: noised calls a UNet directly: use collection: trajectory"
+         f"{see('noised-collection-needs-more-than-text')}"),
+        (config["text_tokens"] == "eos", "text_tokens: eos is a UNet's option: use all or prompt"
+         f"{see('text_tokens-eos-with-a-transformer')}"),
+        (not flux and config["true_cfg_scale"] != 1, "true_cfg_scale is FLUX's negative call: SD3 batches its CFG "
+         f"branches (guidance_scale){see('collection-keys-of-another-family')}"),
+        (config["unconditional_branch"] and not negative,
+         "unconditional_branch: true needs a negative branch (FLUX: true_cfg_scale > 1; SD3: guidance_scale > 1)"
+         f"{see('no-unconditional-half-for-unconditional_branch')}"),
+    ]
+    for wrong, message in refused:
+        if wrong:
+            raise ValueError(f"model of family {'flux' if flux else 'sd3'}: {message}")
     on = {key: config[key] for key, off in UNET_ONLY_KEYS.items() if config[key] != off}
     if on:
         settings = " ".join(f"{key}={'null' if off is None else off}" for key, off in UNET_ONLY_KEYS.items()
@@ -79,6 +100,25 @@ def check_transformer_config(config: dict) -> None:
             f"and fine-tune proof do not run SD3/FLUX models yet (features, merges and projections do); turn them "
             f"off: --config {settings}{see('report-parts-do-not-run-transformer-families-yet')}"
         )
+
+
+def check_unet_config(config: dict) -> None:
+    """Refuse a transformer's selection keys (``streams``, ``true_cfg_scale``) for a UNet model."""
+    from nullcov.models.family import DEFAULT_STREAMS
+
+    if list(config["streams"]) != list(DEFAULT_STREAMS) or config["true_cfg_scale"] != 1:
+        raise ValueError("streams and true_cfg_scale select a transformer's (SD3, FLUX) streams and negative call; "
+                         "this model is a UNet: select with collect_features"
+                         f"{see('collection-keys-of-another-family')}")
+
+
+def is_flux(model_spec: str, model_dir: str | Path) -> bool:
+    """Whether a transformer model is FLUX (else SD3)."""
+    from nullcov.models.model import BUILTIN_MODELS
+
+    if model_spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model_spec][0].startswith("flux")
+    return read_json(Path(model_dir) / "model_index.json")["_class_name"] == "FluxPipeline"
 
 
 def transformer_config(model_spec: str, model_dir: str | Path) -> tuple[str, dict, int]:

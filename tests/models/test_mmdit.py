@@ -408,3 +408,20 @@ def test_workflow_runs_features_covariance_projection(tmp_path, demo_prompts, mo
     text = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "invalid configuration: attention_prompts: 2: the validation" in text, text
     assert "report-parts-do-not-run-transformer-families-yet" in text
+
+
+@pytest.mark.parametrize(("model", "overrides", "message"), [
+    ("builtin:tiny-flux", {"collection": "noised"}, "collection: noised calls a UNet directly"),
+    ("builtin:tiny-flux", {"unconditional_branch": True}, "unconditional_branch: true needs a negative branch"),
+    ("builtin:tiny-sd3", {"true_cfg_scale": 2.0}, "true_cfg_scale is FLUX's negative call"),
+    ("builtin:tiny-sd3", {"text_tokens": "eos"}, "text_tokens: eos is a UNet's option"),
+    ("builtin:tiny", {"streams": ["image"]}, "this model is a UNet: select with collect_features"),
+])
+def test_the_workflow_refuses_settings_of_the_other_kind_of_family(tmp_path, demo_prompts, model, overrides, message):
+    """Before any job starts, what a feature job would refuse."""
+    from conftest import snakemake, write_config
+
+    write_config(tmp_path, demo_prompts[:2], model=model, sampler_strategy="Euler", **overrides)
+    result = snakemake(tmp_path, "--dry-run", check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid configuration: " in text and message in text, text[-3000:]
