@@ -50,12 +50,15 @@ if not any(config["collect_features"].values()):
 try:
     PROMPTS = nc_prompts.read_prompts(config["prompts"])
     MODEL_DIR = nc_model.workflow_path(nc_model.resolve_model_dir(config["model"]))
+    # SD3/FLUX (nullcov.models.family): blocks and streams instead of attn2 linears, sigma-keyed steps.
+    TRANSFORMER = nc_plan.is_transformer(config["model"], MODEL_DIR)
     SCHEDULER_CONFIG = nc_model.scheduler_config(config["model"])
     SCHEDULE = nc_schedule.cached_schedule(
         SCHEDULER_CONFIG,
         config["sampler_strategy"],
         config["num_denoising_steps"],
         cache_dir="resources/cache/schedules",
+        flow=(nc_plan.flow_plan(config["model"], MODEL_DIR, config["resolution"]) if TRANSFORMER else None),
     )
 except (nc_prompts.PromptFileError, nc_model.ModelError, nc_schedule.ScheduleError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
@@ -91,8 +94,14 @@ MERGE_GROUPS = [
 MERGE_KIND = "partial" if len(MERGE_GROUPS) > 1 else "features"
 PROMPT_SHA256 = nc_prompts.prompt_set_sha256(PROMPTS)
 # Per-step linears (q/out) and text linears (k/v) by their collect_features names (nullcov.models.family).
-COLLECT_STEPS = bool(nc_family.CROSS_ATTENTION.step_linears(config["collect_features"]))
-COLLECT_TEXT = nc_family.CROSS_ATTENTION.collects_text(config["collect_features"])
+# A transformer's selection is its streams, all per step (no text.h5).
+SELECTION = config["streams"] if TRANSFORMER else config["collect_features"]
+COLLECT_STEPS = TRANSFORMER or bool(nc_family.CROSS_ATTENTION.step_linears(config["collect_features"]))
+COLLECT_TEXT = not TRANSFORMER and nc_family.CROSS_ATTENTION.collects_text(config["collect_features"])
+# The feature jobs' config: the keys that change the statistics (a transformer's streams too).
+FEATURE_CONFIG = feature_config(config) | (
+    {key: config[key] for key in ("streams", "true_cfg_scale")} if TRANSFORMER else {}
+)
 # Files each feature job writes: one per scheduled step (q/out inputs) and text.h5 (k/v inputs).
 STEP_FILE_NAMES = STEP_NAMES if COLLECT_STEPS else []
 SHARD_FILE_NAMES = STEP_FILE_NAMES + ([nc_layout.TEXT_NAME] if COLLECT_TEXT else [])
@@ -101,15 +110,20 @@ BUILTIN_FAMILIES = {Path(folder).name: family for family, folder in nc_model.BUI
 
 # Model dims from the UNet config (a meta-device UNet, cached: no weights read) -> every job's memory.
 try:
-    UNET_CONFIG = nc_plan.unet_config(config["model"], MODEL_DIR)
-    nc_config.check_unconditional_branch(config, UNET_CONFIG)
-    nc_config.check_finetune_proof(config, UNET_CONFIG)
-    UNET_DIMS = nc_plan.model_dims(UNET_CONFIG, cache_dir="resources/cache/dims")
+    if TRANSFORMER:
+        nc_plan.check_transformer_config(config, nc_plan.is_flux(config["model"], MODEL_DIR))
+        UNET_DIMS = nc_plan.transformer_dims(config["model"], MODEL_DIR)
+    else:
+        nc_plan.check_unet_config(config)
+        UNET_CONFIG = nc_plan.unet_config(config["model"], MODEL_DIR)
+        nc_config.check_unconditional_branch(config, UNET_CONFIG)
+        nc_config.check_finetune_proof(config, UNET_CONFIG)
+        UNET_DIMS = nc_plan.model_dims(UNET_CONFIG, cache_dir="resources/cache/dims")
     LAYERS = nc_model.select_layers(list(UNET_DIMS["layers"]), config["cross_attention_layers"])
 except (ValueError, nc_model.ModelError) as err:
     raise WorkflowError(f"invalid configuration: {err}")
-STEP_DIMS = nc_plan.step_dims(UNET_DIMS, LAYERS, config["collect_features"])
-TEXT_DIMS = nc_plan.text_dims(UNET_DIMS, LAYERS, config["collect_features"])
+STEP_DIMS = nc_plan.step_dims(UNET_DIMS, LAYERS, SELECTION)
+TEXT_DIMS = nc_plan.text_dims(UNET_DIMS, LAYERS, SELECTION)
 WEIGHTS_BYTES = nc_memory.weights_bytes(MODEL_DIR, UNET_DIMS)
 FEATURE_MEM_MB = nc_plan.feature_job_mem_mb(
     nc_memory.statistics_bytes(STEP_DIMS),
@@ -354,7 +368,10 @@ ATTENTION_LABEL_CHARS = 60
 
 
 def report_outputs():
-    """Every figure and table of the report (all of them are outputs of rules in `all`)."""
+    """Every figure and table of the report (all of them are outputs of rules in `all`); none for an
+    SD3/FLUX model yet (its figures read UNet keys)."""
+    if TRANSFORMER:
+        return []
     outputs = list(REPORT_FIGURES.values()) + [SUMMARY_OUTPUTS["html"]]
     if TRAINING_CURVE:
         outputs.append(TRAINING_CURVE)
@@ -455,7 +472,7 @@ def run_plan():
         model=config["model"],
         dims=UNET_DIMS,
         layers=LAYERS,
-        collect_features=config["collect_features"],
+        collect_features=SELECTION,
         num_steps=len(STEP_NAMES),
         collection=config["collection"],
         shards=[len(shard) for shard in SHARDS],

@@ -30,6 +30,6 @@ rule features:
         model=config["model"],
         model_dir=str(MODEL_DIR),
         # Only the keys that change the statistics: editing batch_size or device reruns nothing.
-        config=feature_config(config),
+        config=FEATURE_CONFIG,
     script:
         "../scripts/features.py"

@@ -40,7 +40,7 @@ from nullcov.collection.placement import device_steps
 from nullcov.docs import see
 from nullcov.models.device import module_device
 from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
-from nullcov.models.model import hooked_linear, linear_dims
+from nullcov.models.model import hooked_linear, layer_linears
 from nullcov.statistics.moments import Moments
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class HookNotFiredError(RuntimeError):
 
 
 TEXT_TOKENS = ("all", "prompt", "eos")
+#: ``text_tokens`` a transformer family takes: every text row (T5's padding too), or the real tokens only.
+TRANSFORMER_TEXT_TOKENS = ("all", "prompt")
 #: When :class:`CrossAttentionCapture` compares a UNet call's timestep with the schedule.
 TIMESTEP_CHECKS = ("auto", "batch")
 
@@ -112,13 +114,26 @@ class CrossAttentionCapture:
     accelerator once per prompt batch, in :meth:`end_batch` (reading it at the call would wait for
     the device), and any other at the call; ``batch`` compares every tensor timestep in
     :meth:`end_batch`, as on an accelerator.
+
+    ``vocabulary``: what is hooked, a :class:`~nullcov.models.family.Linears` for every layer (default
+    :data:`~nullcov.models.family.CROSS_ATTENTION`) or the run's :class:`~nullcov.models.family.Family`
+    (each layer's kind's; a transformer family: ``unet`` is the transformer, ``layers`` its blocks,
+    ``linears`` the ``collect_features``/stream names, and the timestep it receives is the schedule's
+    divided by the family's ``timestep_divisor``). A transformer's inputs whose rows are text tokens
+    keep, with ``text_tokens: prompt``, only the real tokens (the masks of :meth:`begin_batch`).
+    ``calls_per_step``: 2 for FLUX's ``true_cfg_scale`` (a conditional, then a negative call per
+    step; the negative one is collected with ``unconditional`` only).
     """
 
     def __init__(self, unet, layers, linears, timesteps: list[float], step_names: list[str], text_tokens: str,
                  accumulate: str = "auto", collect_steps=None, call_steps=None, text: bool = True,
-                 unconditional: bool = False, timestep_check: str = "auto"):
-        if text_tokens not in TEXT_TOKENS:
-            raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
+                 unconditional: bool = False, timestep_check: str = "auto", vocabulary=CROSS_ATTENTION,
+                 calls_per_step: int = 1):
+        self.transformer = getattr(vocabulary, "denoiser", "unet") == "transformer"
+        allowed = TRANSFORMER_TEXT_TOKENS if self.transformer else TEXT_TOKENS
+        if text_tokens not in allowed:
+            raise ValueError(f"text_tokens must be one of {', '.join(allowed)}, got {text_tokens!r}"
+                             + (see("text_tokens-eos-with-a-transformer") if self.transformer else ""))
         if timestep_check not in TIMESTEP_CHECKS:
             raise ValueError(f"timestep_check must be one of {', '.join(TIMESTEP_CHECKS)}, got {timestep_check!r}")
         self.timesteps = list(timesteps)
@@ -126,9 +141,16 @@ class CrossAttentionCapture:
         self.text_tokens = text_tokens
         self.unconditional = unconditional
         self.timestep_check = timestep_check
-        self.dims = linear_dims(layers, linears)
+        self.timestep_divisor = float(getattr(vocabulary, "timestep_divisor", 1.0))
+        self.calls_per_step = calls_per_step
+        self.layout = layer_linears(layers, linears, vocabulary)
+        self.dims = {statistic_key(name, linear): int(hooked_linear(module, linear, vocab).in_features)
+                     for name, module, vocab, chosen in self.layout for linear in chosen}
+        self.token_kinds = {statistic_key(name, linear): vocab.token_kind(linear)
+                            for name, _, vocab, chosen in self.layout for linear in chosen}
+        self.token_counts = {"real": 0, "padding": 0}  # text tokens of the collected prompts (transformers)
         self.keys = list(self.dims)
-        self.collect_text = bool(set(CROSS_ATTENTION.text) & set(linears))
+        self.collect_text = any(set(vocab.text) & set(vocab.chosen(linears)) for _, _, vocab, _ in self.layout)
         self.accumulate_text = self.collect_text and text
         self.collect_steps = list(range(len(self.timesteps)) if collect_steps is None else collect_steps)
         self.call_steps = list(range(len(self.timesteps)) if call_steps is None else call_steps)
@@ -137,11 +159,16 @@ class CrossAttentionCapture:
         self.device = module_device(unet)
         self._lay_out_keys()
         self.device_steps = self._plan(accumulate)
-        # every hooked linear must run on every UNet call (checked in the UNet's post-hook)
-        self.hooked = [statistic_key(name, linear) for name, _ in layers for linear in CROSS_ATTENTION.hooked
-                       if linear in linears or (self.collect_text and linear in CROSS_ATTENTION.text)]
+        # every hooked linear must run on every UNet call (checked in the UNet's post-hook), and the
+        # linears that share a statistic's input (a transformer's to_k/to_v, proj_mlp) must receive it
+        self.hooked = [statistic_key(name, hooked) for name, module, vocab, chosen in self.layout
+                       for linear in vocab.hooked
+                       if linear in chosen or (self.collect_text and linear in vocab.text
+                                               and hooked_linear(module, linear, vocab) is not None)
+                       for hooked in (vocab.sharing(linear) if linear in chosen else (linear,))]
         self.text_moments: TorchMoments | None = None
         self._fired: set[str] = set()
+        self._inputs: dict[str, torch.Tensor] = {}  # per call: the input of each shared-input statistic
         self._batch = None
         self._call = None  # per UNet call: staging buffer and the keys written into it (host steps)
         self._host = None
@@ -172,17 +199,21 @@ class CrossAttentionCapture:
 
     def _hooks(self, unet, layers) -> list[Hook]:
         """The UNet's pre- and post-hook, then per layer the pre-hooks of its collected linears
-        (``to_q``, ``to_out``) and, when the text states are collected, of ``to_k``/``to_v``."""
+        (``to_q``, ``to_out``; a transformer's streams and the linears sharing their inputs) and, when
+        the text states are collected, of ``to_k``/``to_v``."""
         hooks = [Hook(unet, self._on_unet_call, before=True, with_kwargs=True), Hook(unet, self._after_unet_call)]
-        for name, module in layers:
-            for linear in CROSS_ATTENTION.hooked:
+        for name, module, vocab, _ in self.layout:
+            for linear in vocab.hooked:
                 key = statistic_key(name, linear)
                 if key in self.dims:
-                    hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_step_input, key),
-                                      before=True))
-                elif self.collect_text and linear in CROSS_ATTENTION.text:
-                    hooks.append(Hook(hooked_linear(module, linear), functools.partial(self._on_text_input, key),
-                                      before=True))
+                    hooks.append(Hook(hooked_linear(module, linear, vocab),
+                                      functools.partial(self._on_step_input, key), before=True))
+                    for shared in vocab.sharing(linear)[1:]:
+                        hooks.append(Hook(hooked_linear(module, shared, vocab), functools.partial(
+                            self._on_shared_input, key, statistic_key(name, shared)), before=True))
+                elif self.collect_text and linear in vocab.text:
+                    hooks.append(Hook(hooked_linear(module, linear, vocab),
+                                      functools.partial(self._on_text_input, key), before=True))
         return hooks
 
     def __enter__(self):
@@ -196,10 +227,23 @@ class CrossAttentionCapture:
         self._opened.close()
 
     # -- per batch ------------------------------------------------------------------------------
-    def begin_batch(self, prompts: list[str], first_prompt_index: int, text_mask: torch.Tensor | None) -> None:
+    def begin_batch(self, prompts: list[str], first_prompt_index: int, text_mask: torch.Tensor | None,
+                    token_masks: dict | None = None) -> None:
         """Start a prompt batch; ``text_mask`` marks the text rows kept (``prompt``/``eos`` modes), one
-        row per collected text (B; with ``unconditional`` 2B: the negative prompts', then the prompts')."""
+        row per collected text (B; with ``unconditional`` 2B: the negative prompts', then the prompts').
+        ``token_masks`` (transformers): ``{"cond": [B, L], "uncond": [B, L]}``, the real (not padding)
+        tokens of the text sequence the transformer receives, for the prompts and the negative prompts:
+        counted always, applied with ``text_tokens: prompt``."""
+        if self.transformer:
+            if token_masks is None:
+                raise ValueError("a transformer's capture needs the batch's token_masks")
+            for branch in ("cond", "uncond") if self.unconditional else ("cond",):
+                real = int(token_masks[branch].sum())
+                self.token_counts["real"] += real
+                self.token_counts["padding"] += token_masks[branch].numel() - real
         self._batch = {
+            "token_masks": token_masks,
+            "token_mask": None,  # this call's mask of the collected rows' text tokens (None: keep all)
             "prompts": prompts,
             "first_index": first_prompt_index,
             "size": len(prompts),
@@ -217,10 +261,11 @@ class CrossAttentionCapture:
         if self._host is not None:
             self._host.drain()
         self._check_deferred_timesteps(batch)
-        if batch["calls"] != len(self.call_steps):
+        if batch["calls"] != len(self.call_steps) * self.calls_per_step:
             raise ScheduleMismatchError(
                 f"the UNet was called {batch['calls']} times for this prompt batch, but the schedule has "
                 f"{len(self.call_steps)} steps"
+                + (f" of {self.calls_per_step} calls" if self.calls_per_step > 1 else "")
                 + ("" if len(self.call_steps) == len(self.timesteps) else " in this chunk")
                 + see("schedule-and-sampler-disagree")
             )
@@ -250,10 +295,14 @@ class CrossAttentionCapture:
 
     # -- hooks ----------------------------------------------------------------------------------
     def _check_timestep(self, step: int, found: float) -> None:
+        """Compare a call's timestep with the schedule's (a FLUX transformer receives ``t / 1000``:
+        ``timestep_divisor``)."""
         expected = self.timesteps[step]
-        if abs(found - expected) > 1e-3 * max(1.0, abs(expected)):
+        if abs(found * self.timestep_divisor - expected) > 1e-3 * max(1.0, abs(expected)):
+            scaled = (f" (x {self.timestep_divisor:g} = {found * self.timestep_divisor})"
+                      if self.timestep_divisor != 1 else "")
             raise ScheduleMismatchError(
-                f"UNet call {step} ran at timestep {found}, but results/schedule.json says {expected} "
+                f"UNet call {step} ran at timestep {found}{scaled}, but results/schedule.json says {expected} "
                 f"({self.step_names[step]}); the schedule and the sampler disagree"
                 f"{see('schedule-and-sampler-disagree')}"
             )
@@ -269,28 +318,55 @@ class CrossAttentionCapture:
         batch = self._batch
         if batch is None:
             raise RuntimeError("UNet called outside begin_batch()/end_batch()")
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        hidden = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        sample, timestep, hidden = self._call_inputs(args, kwargs)
         call = batch["calls"]
-        if call >= len(self.call_steps):
+        if call >= len(self.call_steps) * self.calls_per_step:
             raise ScheduleMismatchError(f"the UNet was called more than the {len(self.call_steps)} scheduled times"
-                                        f"{see('schedule-and-sampler-disagree')}")
-        step = self.call_steps[call]
+                                        + (f" x {self.calls_per_step}" if self.calls_per_step > 1 else "")
+                                        + see("schedule-and-sampler-disagree"))
+        step, branch = self.call_steps[call // self.calls_per_step], call % self.calls_per_step
         if self._defers(timestep):
             batch["timesteps"].append((step, timestep.detach()))  # compared in end_batch: no sync here
         else:
             self._check_timestep(step, float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep))
-        batch["rows"] = collected_rows(sample.shape[0], batch["size"], self.unconditional, self.step_names[step])
+        if self.calls_per_step > 1:  # FLUX true CFG: each call is one branch of B rows
+            batch["rows"] = conditional_rows(sample.shape[0], batch["size"])
+            collected = branch == 0 or self.unconditional
+        else:
+            batch["rows"] = collected_rows(sample.shape[0], batch["size"], self.unconditional, self.step_names[step])
+            collected = True
         batch["calls"] = call + 1
-        batch["step"] = step if step in self._steps else None  # None: a replayed step, not collected
+        # None: a replayed step, or the negative call of true CFG without unconditional_branch
+        batch["step"] = step if step in self._steps and collected else None
         batch["encoder_hidden_states"] = hidden
+        if self.transformer:
+            batch["token_mask"] = self._token_mask(sample.shape[0], batch["rows"], "uncond" if branch else "cond")
         self._fired = set()
+        self._inputs = {}
         self._call = None
-        if self._host is not None and step in self._steps and not self._steps[step].on_device:
+        if self._host is not None and batch["step"] is not None and not self._steps[step].on_device:
             self._call = {"buffer": self._host.begin_call(), "written": set()}
         if self.accumulate_text and call == 0:
             self._add_text(step, hidden[batch["rows"]])
+
+    def _call_inputs(self, args, kwargs) -> tuple:
+        """``(latents, timestep, text states)`` of a UNet call (``sample``, ``timestep``,
+        ``encoder_hidden_states``) or a transformer call (``hidden_states``, ...)."""
+        if self.transformer:
+            return (args[0] if args else kwargs["hidden_states"], kwargs["timestep"],
+                    args[1] if len(args) > 1 else kwargs["encoder_hidden_states"])
+        return (args[0] if args else kwargs["sample"], args[1] if len(args) > 1 else kwargs["timestep"],
+                args[2] if len(args) > 2 else kwargs["encoder_hidden_states"])
+
+    def _token_mask(self, rows_in_call: int, rows, branch: str) -> torch.Tensor | None:
+        """The real-token mask [R, L] of this call's collected rows (None: ``text_tokens: all``). A CFG
+        batch ``[uncond, cond]`` (SD3) takes the negative prompts' masks, then the prompts'."""
+        masks = self._batch["token_masks"]
+        if self.text_tokens == "all":
+            return None
+        if rows_in_call == 2 * self._batch["size"] and self.calls_per_step == 1:
+            return torch.cat([masks["uncond"], masks["cond"]])[rows]
+        return masks[branch][rows]
 
     def _add_text(self, step: int, states: torch.Tensor) -> None:
         """Add the collected text states of a prompt batch (its first UNet call's) to the text moments."""
@@ -320,7 +396,7 @@ class CrossAttentionCapture:
         if not not_fired:
             return
         batch = self._batch
-        step = self.call_steps[batch["calls"] - 1]
+        step = self.call_steps[(batch["calls"] - 1) // self.calls_per_step]
         raise HookNotFiredError(
             f"{not_fired[0]} did not run on UNet call {step} ({self.step_names[step]}) of the "
             f"prompt batch starting at prompt {batch['first_index']}"
@@ -337,7 +413,7 @@ class CrossAttentionCapture:
         return flat[offset : offset + dim * dim].view(dim, dim)
 
     @_labelled("nullcov:layer hook")
-    def _add_inputs(self, key: str, step: int, inputs: torch.Tensor) -> None:
+    def _add_inputs(self, key: str, step: int, inputs: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Add a hook's conditional inputs [B, ..., d] to step ``step``'s moments of ``key``.
 
         The per-prompt column sums double as the non-finite check (no extra pass over the inputs,
@@ -352,12 +428,14 @@ class CrossAttentionCapture:
         first = accumulator.counts[key] == 0
         shift = accumulator.shifts[offset : offset + dim]
         if first:  # moments about this step's first batch mean (see nullcov.statistics.moments)
-            shift.copy_(centring_shift(inputs.reshape(-1, dim)))
+            shift.copy_(centring_shift(inputs.reshape(-1, dim) if keep is None else inputs[keep]))
         inputs = centred(inputs, shift).reshape(inputs.shape[0], -1, dim)
+        if keep is not None:  # only the kept rows (a transformer's real text tokens) count
+            inputs = inputs * keep.unsqueeze(-1)
         per_prompt = column_sums(inputs, dim=1)  # [B, d]
         self._batch["nonfinite"].append((step, key, per_prompt.sum(dim=1, dtype=torch.float64)))
         accumulator.sums[offset : offset + dim].add_(per_prompt.sum(dim=0, dtype=torch.float64))
-        rows = inputs.reshape(-1, dim)
+        rows = inputs.reshape(-1, dim) if keep is None else inputs[keep]
         accumulator.counts[key] += rows.shape[0]
         if accumulator.on_device:
             accumulate(self._outer_view(accumulator.outer, key), gram(rows), first)
@@ -375,11 +453,49 @@ class CrossAttentionCapture:
             call["written"].add(key)
 
     def _on_step_input(self, key: str, module, args) -> None:
-        """The pre-hook of a collected ``to_q``/``to_out``: its collected rows join the running step."""
+        """The pre-hook of a collected ``to_q``/``to_out`` (a transformer's stream): its collected rows
+        join the running step (a stream's text rows: the real tokens only, with ``text_tokens: prompt``)."""
         batch = self._batch
         self._fired.add(key)
-        if batch["step"] is not None:
-            self._add_inputs(key, batch["step"], args[0][batch["rows"]])
+        if self.transformer:
+            self._same_input(key, key, args[0])
+        if batch["step"] is None:
+            return
+        inputs = args[0][batch["rows"]]
+        keep = self._kept_rows(key, inputs) if self.transformer else None
+        self._add_inputs(key, batch["step"], inputs, keep)
+
+    def _kept_rows(self, key: str, inputs: torch.Tensor) -> torch.Tensor | None:
+        """[R, N] mask of the rows of a transformer input that are kept (None: all): its text tokens'
+        real ones (``text`` rows), followed by every image row (``text+image``, FLUX's single blocks)."""
+        mask, kind = self._batch["token_mask"], self.token_kinds[key]
+        if mask is None or kind == "image":
+            return None
+        length = mask.shape[1]
+        if kind == "text" and inputs.shape[1] != length or inputs.shape[1] < length:
+            raise TextInputMismatchError(
+                f"{key} receives {inputs.shape[1]} rows per prompt, but the prompt's text sequence has {length} "
+                f"tokens{see('text-input-is-not-the-encoder-hidden-states')}")
+        if kind == "text":
+            return mask
+        image = torch.ones(mask.shape[0], inputs.shape[1] - length, dtype=torch.bool, device=mask.device)
+        return torch.cat([mask, image], dim=1)
+
+    def _same_input(self, key: str, linear_key: str, inputs: torch.Tensor) -> None:
+        """The linears that share a statistic (``to_q``/``to_k``/``to_v``, ``proj_mlp``) receive the same
+        input on a call (whichever runs first sets it), else :class:`TextInputMismatchError`."""
+        seen = self._inputs.setdefault(key, inputs)
+        if seen is inputs or (seen.shape == inputs.shape and torch.equal(seen, inputs)):
+            return
+        raise TextInputMismatchError(
+            f"{linear_key} receives an input other than {key}'s: nullcov stores one statistic for the linears "
+            f"that share an input and cannot represent this model{see('text-input-is-not-the-encoder-hidden-states')}"
+        )
+
+    def _on_shared_input(self, key: str, linear_key: str, module, args) -> None:
+        """The pre-hook of a linear that shares ``key``'s input (a transformer's ``to_k``, ``proj_mlp``)."""
+        self._fired.add(linear_key)
+        self._same_input(key, linear_key, args[0])
 
     def _on_text_input(self, key: str, module, args) -> None:
         """The pre-hook of a ``to_k``/``to_v``: its input must be the UNet's ``encoder_hidden_states``."""

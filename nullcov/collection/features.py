@@ -35,17 +35,22 @@ from nullcov.collection.capture import (
     text_rows,
 )
 from nullcov.collection.placement import device_memory_steps
+from nullcov.collection.tokens import max_sequence_length, token_masks
 from nullcov.docs import see
+from nullcov.files import read_json
 from nullcov.models.device import module_device, use_device
-from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, guidance_input, model_family
+from nullcov.models.family import CROSS_ATTENTION, DEFAULT_STREAMS, TEXT_KEY, Family, guidance_input, model_family
 from nullcov.models.gpu_lease import lease_device
 from nullcov.models.model import (
     ModelError,
+    check_unfused,
     cross_attention_modules,
+    denoiser,
     image_resolution,
     linear_dims,
     load_pipeline,
     select_layers,
+    transformer_layers,
 )
 from nullcov.models.sampling import COLLECTIONS, ScheduleFileError, configure_scheduler, prompt_generators
 from nullcov.prompts import prompt_set_sha256
@@ -59,9 +64,11 @@ class PromptTooLongError(ValueError):
     """A prompt exceeds the tokenizer's limit and ``strict_prompts`` is set."""
 
 
-def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool) -> int:
-    """Count (and log) prompts the tokenizer truncates; with ``strict`` refuse them instead."""
-    limit = tokenizer.model_max_length
+def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict: bool,
+                         limit: int | None = None) -> int:
+    """Count (and log) prompts the tokenizer truncates at ``limit`` (None: its ``model_max_length``); with
+    ``strict`` refuse them instead."""
+    limit = limit or tokenizer.model_max_length
     too_long = []
     for offset, prompt in enumerate(prompts):
         length = len(tokenizer(prompt).input_ids)
@@ -79,6 +86,29 @@ def check_prompt_lengths(tokenizer, prompts: list[str], first_index: int, strict
         log.warning("%d of %d prompts in this shard are truncated to %d tokens%s", len(too_long), len(prompts), limit,
                     see("prompt-longer-than-the-tokenizer-limit"))
     return len(too_long)
+
+
+def selected_streams(config: dict, family: Family) -> set[str]:
+    """The streams (``streams``: ``image``, ``text``, ...) a transformer family's run collects;
+    refuse the keys of the other kind of family (``collect_features``, ``true_cfg_scale`` > 1 for SD3)."""
+    default_features = {feature: True for feature, _ in CROSS_ATTENTION.features}
+    if family.denoiser == "unet":
+        if tuple(config.get("streams", DEFAULT_STREAMS)) != DEFAULT_STREAMS or config.get("true_cfg_scale", 1) != 1:
+            raise ValueError(f"streams and true_cfg_scale select the streams and the negative call of a transformer "
+                             f"(SD3, FLUX); this model ({family.name}) is a UNet: select with collect_features"
+                             f"{see('collection-keys-of-another-family')}")
+        return set()
+    if config["collect_features"] != default_features:
+        raise ValueError(f"collect_features selects the linears of a UNet's attn2; this model ({family.name}) is a "
+                         f"transformer: select with streams ({', '.join(DEFAULT_STREAMS)}, single_out)"
+                         f"{see('collection-keys-of-another-family')}")
+    if config["true_cfg_scale"] != 1 and family.name != "flux":
+        raise ValueError(f"true_cfg_scale {config['true_cfg_scale']} adds FLUX's negative call; {family.name} batches "
+                         f"its CFG branches (guidance_scale){see('collection-keys-of-another-family')}")
+    streams = set(config["streams"])
+    if not streams:
+        raise ValueError(f"streams: the list is empty; nothing to collect{see('all-features-are-off')}")
+    return streams
 
 
 def selected_linears(collect_features: dict) -> set[str]:
@@ -131,9 +161,13 @@ def check_hookable(layers) -> None:
         )
 
 
-def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]:
-    """The selected cross-attention ``(name, module)`` pairs, checked against the schedule file."""
-    modules = dict(cross_attention_modules(pipe.unet))
+def shard_layers(pipe, schedule: dict, config: dict, family: Family | None = None) -> list[tuple[str, object]]:
+    """The selected cross-attention ``(name, module)`` pairs (a transformer family: its blocks),
+    checked against the schedule file."""
+    if family is not None and family.denoiser == "transformer":
+        modules = dict(transformer_layers(pipe.transformer, family.kinds))
+    else:
+        modules = dict(cross_attention_modules(pipe.unet))
     names = select_layers(list(modules), config["cross_attention_layers"])
     if schedule.get("layers", names) != names:
         raise ScheduleFileError(f"results/schedule.json lists layers {schedule['layers']}, this model gives {names}"
@@ -142,18 +176,19 @@ def shard_layers(pipe, schedule: dict, config: dict) -> list[tuple[str, object]]
 
 
 def plan_chunks(pipe, layers, linears: set[str], num_steps: int, mem_mb: int | None, weights: int,
-                accumulate: str = "auto") -> list[range]:
+                accumulate: str = "auto", vocabulary=CROSS_ATTENTION) -> list[range]:
     """The step chunks of a job with ``mem_mb`` of host memory (None: one chunk, every step).
 
     On a GPU the steps whose accumulators stay on the device (:func:`nullcov.collection.placement.device_steps`
-    under ``accumulate``) come on top of those the host budget holds.
+    under ``accumulate``) come on top of those the host budget holds. ``vocabulary``: the run's
+    (:class:`CrossAttentionCapture`).
     """
-    dims = linear_dims(layers, linears)
+    dims = linear_dims(layers, linears, vocabulary)
     step_bytes = memory.statistics_bytes(dims)
     if mem_mb is None or not step_bytes:
         return [range(num_steps)]
     host_steps = memory.steps_per_chunk(mem_mb * memory.MIB, step_bytes, weights, num_steps)
-    device = module_device(pipe.unet)
+    device = module_device(denoiser(pipe))
     on_device = device_memory_steps(device, dims, num_steps, accumulate)
     chunks = memory.step_chunks(num_steps, min(num_steps, host_steps + on_device))
     unchunked = memory.mem_mb(memory.feature_job_bytes(step_bytes, num_steps, weights))
@@ -179,28 +214,62 @@ class _ShardCollection:
     """One shard's collection, chunk by chunk: its layers, linears, sampler driver and capture."""
 
     def __init__(self, pipe, prompts: list[str], first_index: int, schedule: dict, config: dict,
-                 capture_class: type, capture_options: dict):
+                 capture_class: type, capture_options: dict, family: Family | None = None):
         self.pipe, self.prompts, self.first_index = pipe, prompts, first_index
         self.schedule, self.config = schedule, config
-        self.layers = shard_layers(pipe, schedule, config)
-        check_hookable(self.layers)
-        self.linears = selected_linears(config["collect_features"])
+        self.family = family
+        self.transformer = family is not None and family.denoiser == "transformer"
+        self.layers = shard_layers(pipe, schedule, config, family)
         self.resolution = image_resolution(pipe, config["resolution"])
-        check_collection(pipe.unet.config, config["collection"])
+        self.run_options, self.calls_per_step = {}, 1
+        if self.transformer:
+            check_unfused(pipe.transformer)
+            self.linears = selected_streams(config, family)
+            self._check_transformer_run()
+        else:
+            check_hookable(self.layers)
+            self.linears = selected_linears(config["collect_features"])
+            check_collection(pipe.unet.config, config["collection"])
+        self.vocabulary = family if self.transformer else CROSS_ATTENTION
         self.run = COLLECTIONS[config["collection"]]
-        self.device = module_device(pipe.unet)
+        self.device = module_device(denoiser(pipe))
         self.capture_class, self.capture_options = capture_class, capture_options
         self.text_moments = None
+        self.token_counts = {"real": 0, "padding": 0}
         self.started = time.perf_counter()
+
+    def _check_transformer_run(self) -> None:
+        """A transformer run: the trajectory collection, at the schedule's resolution; FLUX's true CFG
+        (``true_cfg_scale`` > 1) is two calls per step, and ``unconditional_branch`` needs a negative branch."""
+        config, family = self.config, self.family
+        if config["collection"] != "trajectory":
+            raise ValueError(f"collection: {config['collection']} calls a UNet directly; a transformer ({family.name}) "
+                             f"is collected along its pipeline's trajectory: use collection: trajectory"
+                             f"{see('noised-collection-needs-more-than-text')}")
+        flow = self.schedule.get("flow_matching")
+        if flow is None or flow["resolution"] != self.resolution:
+            raise ScheduleFileError(
+                f"results/schedule.json was built for resolution {None if flow is None else flow['resolution']}, "
+                f"but this run samples at {self.resolution}: a flow-matching schedule depends on the resolution; "
+                f"rerun the schedule rule{see('schedule-and-sampler-disagree')}")
+        true_cfg = family.name == "flux" and config["true_cfg_scale"] > 1
+        if true_cfg:
+            self.run_options, self.calls_per_step = {"true_cfg_scale": config["true_cfg_scale"]}, 2
+        negative = true_cfg or (family.guidance == "cfg" and config["guidance_scale"] > 1)
+        if config["unconditional_branch"] and not negative:
+            raise ValueError(
+                f"unconditional_branch: true, but this {family.name} run has no negative branch (FLUX: set "
+                f"true_cfg_scale > 1; SD3: guidance_scale > 1){see('no-unconditional-half-for-unconditional_branch')}")
 
     def capture(self, number: int, chunk: range):
         """The capture of chunk ``number``: it collects ``chunk``'s steps, the first chunk also the text."""
         steps = self.schedule["steps"]
         call_steps = list(chunk) if self.config["collection"] == "noised" else list(range(chunk.stop))
+        extra = {"vocabulary": self.family, "calls_per_step": self.calls_per_step} if self.transformer else {}
         return self.capture_class(
-            self.pipe.unet, self.layers, self.linears, [s["timestep"] for s in steps], [s["name"] for s in steps],
-            self.config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps, text=number == 0,
-            unconditional=self.config["unconditional_branch"], **self.capture_options,
+            denoiser(self.pipe), self.layers, self.linears, [s["timestep"] for s in steps],
+            [s["name"] for s in steps], self.config["text_tokens"], collect_steps=list(chunk), call_steps=call_steps,
+            text=number == 0, unconditional=self.config["unconditional_branch"], **self.capture_options, **extra,
         )
 
     def chunk(self, number: int, chunks: list[range]):
@@ -215,16 +284,22 @@ class _ShardCollection:
                 self.log_progress(number, chunks, offset + size)
             if number == 0:
                 self.text_moments = capture.text_results()
+                self.token_counts = dict(capture.token_counts)
             yield from capture.release_steps()
 
     def batch(self, capture, offset: int, chunk: range) -> int:
         """Run the prompt batch starting at ``offset`` through the sampler; returns its size."""
         config = self.config
         batch = self.prompts[offset : offset + config["batch_size"]]
-        mask = text_mask(self.pipe.tokenizer, batch, config["text_tokens"], self.device, config["unconditional_branch"])
-        capture.begin_batch(batch, self.first_index + offset, mask)
+        if self.transformer:
+            capture.begin_batch(batch, self.first_index + offset, None, token_masks(self.pipe, batch, self.device))
+        else:
+            mask = text_mask(self.pipe.tokenizer, batch, config["text_tokens"], self.device,
+                             config["unconditional_branch"])
+            capture.begin_batch(batch, self.first_index + offset, mask)
         generators = prompt_generators(config["seed"], self.first_index + offset, len(batch))
-        self.run(self.pipe, batch, generators, self.schedule, config["guidance_scale"], self.resolution, chunk)
+        self.run(self.pipe, batch, generators, self.schedule, config["guidance_scale"], self.resolution, chunk,
+                 **self.run_options)
         capture.end_batch()
         return len(batch)
 
@@ -238,7 +313,8 @@ class _ShardCollection:
 
 def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, config: dict, *, on_step=None,
                   mem_mb: int | None = None, weights: int = 0, capture_class: type = CrossAttentionCapture,
-                  accumulate: str = "auto", timestep_check: str = "auto"):
+                  accumulate: str = "auto", timestep_check: str = "auto", family: Family | None = None,
+                  summary: dict | None = None):
     """Moments of the selected layers for a shard: (per-step dicts, text moments, layer names, resolution).
 
     ``on_step(index, {key: Moments})``, when given, receives each step as soon as its chunk is
@@ -249,12 +325,15 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     results equal an unchunked run. ``capture_class`` is the hook class (a subclass of
     :class:`CrossAttentionCapture`; the benchmark passes one that also times what the capture does).
     ``accumulate`` and ``timestep_check`` go to the capture: where its step accumulators live, and
-    when it compares timesteps (see :class:`CrossAttentionCapture`).
+    when it compares timesteps (see :class:`CrossAttentionCapture`). ``family``: the model's
+    (:func:`nullcov.models.family.model_family`), needed for a transformer (SD3, FLUX: its blocks are the
+    layers, ``streams`` the selection); None: a UNet. ``summary``, when given, receives
+    ``text_token_counts`` (a transformer's real and padding text tokens of the collected prompts).
     """
     run = _ShardCollection(pipe, prompts, first_index, schedule, config, capture_class,
-                           {"accumulate": accumulate, "timestep_check": timestep_check})
+                           {"accumulate": accumulate, "timestep_check": timestep_check}, family)
     steps = schedule["steps"]
-    chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate)
+    chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate, run.vocabulary)
     log.info(
         "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d, %d chunk(s)",
         len(prompts), len(steps), len(run.layers), sorted(run.linears), config["collection"], config["batch_size"],
@@ -269,6 +348,8 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
                 else:
                     on_step(index, moments)
                 del moments
+    if summary is not None:
+        summary["text_token_counts"] = run.token_counts
     return collected, run.text_moments, [name for name, _ in run.layers], run.resolution
 
 
@@ -334,8 +415,9 @@ def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], firs
 def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, prompts, first_index, shard, schedule,
                        config, step_paths, text_path, mem_mb=None) -> None:
     family = model_family(model_dir)
+    transformer = family.denoiser == "transformer"
     truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
-    only_text = text_only(config["collect_features"])
+    only_text = not transformer and text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
     if only_text:
         if step_paths:
@@ -346,7 +428,7 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         configure_scheduler(pipe, schedule)
         if step_paths and sorted(step_paths) != sorted(step["name"] for step in schedule["steps"]):
             raise ValueError(f"outputs {sorted(step_paths)} do not match the schedule's steps")
-        layer_names = [name for name, _ in shard_layers(pipe, schedule, config)]
+        layer_names = [name for name, _ in shard_layers(pipe, schedule, config, family)]
         resolution = image_resolution(pipe, config["resolution"])
     provenance = {
         # The folder where it lay (the workflow may name it relatively); the fingerprint is set at the first write.
@@ -359,15 +441,18 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         "run": {"device": device, "batch_size": config["batch_size"], "resolution": resolution,
                 "scheduler": None if only_text else schedule["scheduler"]["class"], "family": family.name,
                 "pipeline": family.pipeline, "text_only": only_text},
+        # a transformer's: real and padding text tokens of the prompts and of the negative prompts
+        **({"text_tokens": text_token_counts(pipe, prompts)} if transformer else {}),
         "packages": package_versions(),
     }
     writer = _ShardWriter(provenance, fingerprint, schedule["steps"], step_paths)
     if only_text:
         text_moments = collect_text_shard(pipe, prompts, first_index, config)
     else:
-        weights = memory.weights_bytes(model_dir, {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())})
+        parameters = sum(p.numel() for p in denoiser(pipe).parameters())
+        weights = memory.weights_bytes(model_dir, {"unet_parameters": parameters})
         _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=writer.write_step,
-                                              mem_mb=mem_mb, weights=weights)
+                                              mem_mb=mem_mb, weights=weights, family=family if transformer else None)
     if text_path:
         writer.write_text(text_path, text_moments)
     log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(writer.written),
@@ -376,14 +461,30 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
 
 def _check_prompts(model_dir, family, prompts: list[str], first_index: int, strict: bool) -> int:
     """:func:`check_prompt_lengths` with each of the family's tokenizers, before the model is loaded
-    (``strict_prompts`` fails fast); the most prompts one of them truncates."""
-    from transformers import CLIPTokenizer
+    (``strict_prompts`` fails fast); the most prompts one of them truncates. A T5 tokenizer (SD3,
+    FLUX) is checked against the pipeline's ``max_sequence_length``."""
+    import diffusers
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     truncated = 0
+    index = read_json(Path(model_dir) / "model_index.json")
     for name in family.tokenizers:
-        tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
-        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict))
+        if index[name][1].startswith("T5"):
+            tokenizer = T5TokenizerFast.from_pretrained(Path(model_dir) / name, local_files_only=True)
+            limit = max_sequence_length(getattr(diffusers, family.pipeline))
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(Path(model_dir) / name, local_files_only=True)
+            limit = None
+        truncated = max(truncated, check_prompt_lengths(tokenizer, prompts, first_index, strict, limit))
     return truncated
+
+
+def text_token_counts(pipe, prompts: list[str]) -> dict:
+    """Real and padding tokens of the text sequences a transformer receives (:mod:`nullcov.collection.tokens`),
+    for the prompts and for as many negative prompts (``""``)."""
+    masks = token_masks(pipe, prompts, "cpu")
+    return {branch: {"real": int(masks[key].sum()), "padding": int((~masks[key]).sum())}
+            for branch, key in (("prompts", "cond"), ("negative", "uncond"))}
 
 
 class _ShardWriter:

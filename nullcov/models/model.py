@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nullcov.docs import see
 from nullcov.files import read_json
-from nullcov.models.family import CROSS_ATTENTION, statistic_key
+from nullcov.models.family import CROSS_ATTENTION, OPTIONAL_COMPONENTS, Linears, statistic_key
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
@@ -28,6 +28,10 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "builtin:tiny-sd2": ("sd2", "resources/models/tiny-sd2"),
     "builtin:tiny-sdxl": ("sdxl", "resources/models/tiny-sdxl"),
     "builtin:tiny-lcm": ("lcm", "resources/models/tiny-lcm"),
+    "builtin:tiny-sd3": ("sd3", "resources/models/tiny-sd3"),
+    "builtin:tiny-sd35": ("sd35", "resources/models/tiny-sd35"),
+    "builtin:tiny-flux": ("flux", "resources/models/tiny-flux"),
+    "builtin:tiny-flux-schnell": ("flux-schnell", "resources/models/tiny-flux-schnell"),
 }
 #: The trained toy model, shipped with the package (loaded like any local folder).
 BUILTIN_SHAPES = "builtin:shapes"
@@ -85,17 +89,18 @@ def resolve_model_dir(spec: str) -> Path:
 
 
 def check_model_dir(path: Path) -> None:
-    """A diffusers folder of a supported family (SD3/FLUX and unknown pipelines are refused)."""
+    """A diffusers folder of a supported family (unknown pipelines are refused)."""
     from nullcov.models.family import UnsupportedModelError, check_supported
 
     if not (path / "model_index.json").is_file():
         raise ModelError(f"model folder {str(path)!r} lacks model_index.json: not a diffusers Stable Diffusion folder"
                          f"{see('model-folder-lacks-a-file')}")
     try:
-        check_supported(path)
+        index = check_supported(path)
     except UnsupportedModelError as err:
         raise ModelError(str(err)) from None
-    for required in ("unet/config.json", "scheduler/scheduler_config.json"):
+    denoiser = "transformer" if "unet" not in index and "transformer" in index else "unet"
+    for required in (f"{denoiser}/config.json", "scheduler/scheduler_config.json"):
         if not (path / required).is_file():
             raise ModelError(f"model folder {str(path)!r} lacks {required}: not a diffusers Stable Diffusion folder"
                              f"{see('model-folder-lacks-a-file')}")
@@ -152,20 +157,80 @@ def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: boo
         skipped |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if "image_encoder" in index:
         skipped["image_encoder"] = None
+    for name in OPTIONAL_COMPONENTS.get(index.get("_class_name"), ()):  # SD3 without T5: passed as None
+        if not index.get(name) or index[name][0] is None:
+            skipped[name] = None
     if text_only:
-        skipped |= {"unet": None, "vae": None, "scheduler": None}
+        skipped |= {denoiser_name(index): None, "vae": None, "scheduler": None}
     pipe = DiffusionPipeline.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), local_files_only=True, use_safetensors=True, **skipped
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe, "transformer", None) is not None:
+        check_unfused(pipe.transformer)
     return pipe
+
+
+def denoiser_name(index: dict) -> str:
+    """The pipeline component that denoises (the one nullcov hooks): ``unet`` or ``transformer``."""
+    return "transformer" if "unet" not in index and "transformer" in index else "unet"
+
+
+def denoiser(pipe):
+    """The pipeline's UNet, or its transformer (SD3, FLUX)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+FUSED = ("to_qkv", "to_added_qkv", "to_kv")
+
+
+def check_unfused(transformer) -> None:
+    """Refuse a transformer whose attention runs fused projections (``fuse_qkv_projections``: ``to_qkv``,
+    ``to_added_qkv``): its ``to_q``/``add_q_proj`` never run, so their inputs cannot be observed."""
+    linear = _linear_class()
+    fused = [f"{name}.{attribute}" for name, module in transformer.named_modules() for attribute in FUSED
+             if isinstance(getattr(module, attribute, None), linear)]
+    fused += [f"{name} (fused_projections)" for name, module in transformer.named_modules()
+              if getattr(module, "fused_projections", False) is True
+              and not any(isinstance(getattr(module, attribute, None), linear) for attribute in FUSED)]
+    if fused:
+        raise ModelError(
+            f"the transformer runs fused QKV projections ({fused[0]}"
+            + (f" and {len(fused) - 1} more" if len(fused) > 1 else "")
+            + "): the inputs of to_q/to_k/to_v and add_q_proj/add_k_proj/add_v_proj are not observable. "
+            "Unfuse them first (pipe.transformer.unfuse_qkv_projections(), or pipe.unfuse_qkv_projections()), "
+            f"or save the model without fusing{see('transformer-runs-fused-qkv-projections')}"
+        )
+
+
+def _linear_class():
+    import torch
+
+    return torch.nn.Linear
 
 
 def image_resolution(pipe, configured: int | None) -> int:
     """Image side in pixels: ``configured`` (config key ``resolution``), or the model's native size
-    (``unet.config.sample_size x vae_scale_factor``) when it is None."""
-    return configured or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    (``unet.config.sample_size x vae_scale_factor``; a transformer's ``sample_size`` likewise, FLUX's
+    pipeline default 128 x ``vae_scale_factor``) when it is None."""
+    if configured:
+        return configured
+    if getattr(pipe, "unet", None) is None and type(pipe).__name__ == "FluxPipeline":
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    return denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+def image_sequence_length(pipeline: str, transformer_config, vae_scale_factor: int, resolution: int) -> int:
+    """The number of image tokens the transformer sees at ``resolution`` pixels square (FLUX: 2x2 latent
+    patches; SD3: ``patch_size``), as the pipelines compute it for their dynamic shift."""
+    latent = resolution // vae_scale_factor
+    if pipeline == "FluxPipeline":
+        latent = 2 * (resolution // (vae_scale_factor * 2))
+        return (latent // 2) * (latent // 2)
+    patch = int(transformer_config["patch_size"])
+    return (latent // patch) * (latent // patch)
 
 
 def cross_attention_modules(unet) -> list[tuple[str, object]]:
@@ -173,19 +238,71 @@ def cross_attention_modules(unet) -> list[tuple[str, object]]:
     return [(name, module) for name, module in unet.named_modules() if getattr(module, "is_cross_attention", False)]
 
 
-def hooked_linear(attention, linear: str):
-    """The ``torch.nn.Linear`` that :data:`nullcov.models.family.CROSS_ATTENTION` names ``linear`` in an
-    attention module (``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is dropout)."""
-    module = getattr(attention, linear)
-    return module[0] if linear in CROSS_ATTENTION.indexed else module
+def hooked_linear(layer, linear: str, vocabulary: Linears = CROSS_ATTENTION):
+    """The ``torch.nn.Linear`` that ``vocabulary`` names ``linear`` in a layer (a path, dotted for a
+    transformer block's ``attn.to_q``; ``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is
+    dropout), or None when the layer lacks it (a ``context_pre_only`` block's ``attn.to_add_out``)."""
+    module = layer
+    for part in vocabulary.module_path(linear).split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part, None)
+        if module is None:
+            return None
+    return module
 
 
-def linear_dims(layers, linears) -> dict[str, int]:
+def _vocabulary(vocabulary):
+    """``vocabulary`` as a function of the layer name: a :class:`~nullcov.models.family.Linears` serves every
+    layer; a :class:`~nullcov.models.family.Family` (or anything with ``linears_of``) names each layer's."""
+    if isinstance(vocabulary, Linears):
+        return lambda name: vocabulary
+    return vocabulary.linears_of
+
+
+def layer_linears(layers, selection, vocabulary=CROSS_ATTENTION) -> list[tuple[str, object, Linears, list[str]]]:
+    """Per ``(name, layer module)`` of ``layers``: its :class:`~nullcov.models.family.Linears` and the
+    per-step linears ``selection`` names (own or ``collect_features`` names) that the layer has."""
+    of = _vocabulary(vocabulary)
+    chosen = []
+    for name, module in layers:
+        linears = of(name)
+        present = [linear for linear in linears.chosen(selection)
+                   if linear in linears.per_step and hooked_linear(module, linear, linears) is not None]
+        chosen.append((name, module, linears, present))
+    return chosen
+
+
+def linear_dims(layers, linears, vocabulary=CROSS_ATTENTION) -> dict[str, int]:
     """``{statistic_key(layer, linear): input width}`` of the per-step linears
-    (:attr:`~nullcov.models.family.Linears.per_step`) among ``linears``, for the ``(name, attention
-    module)`` pairs ``layers``, in layer order."""
-    return {statistic_key(name, linear): int(hooked_linear(module, linear).in_features)
-            for name, module in layers for linear in CROSS_ATTENTION.per_step if linear in linears}
+    (:attr:`~nullcov.models.family.Linears.per_step`) among ``linears``, for the ``(name, layer
+    module)`` pairs ``layers``, in layer order. ``vocabulary``: the layers' ``Linears`` (one for all),
+    or a ``Family`` (each layer's kind's)."""
+    return {statistic_key(name, linear): int(hooked_linear(module, linear, vocab).in_features)
+            for name, module, vocab, chosen in layer_linears(layers, linears, vocabulary) for linear in chosen}
+
+
+def transformer_layers(transformer, kinds) -> list[tuple[str, object]]:
+    """Every block of a transformer that ``kinds`` (:data:`nullcov.models.family.MMDIT_LAYERS`) hooks, in
+    module order: ``transformer_blocks.<i>``, then ``single_transformer_blocks.<i>``."""
+    layers = []
+    for kind in kinds:
+        for index, block in enumerate(getattr(transformer, kind.container, None) or ()):
+            layers.append((f"{kind.container}.{index}", block))
+    return layers
+
+
+def transformer_layer_names(model_dir: str | Path) -> list[str]:
+    """The transformer's block names from its config alone (meta device: no weights read)."""
+    import diffusers
+    import torch
+
+    from nullcov.models.family import MMDIT_LAYERS
+
+    folder = Path(model_dir) / "transformer"
+    config = read_json(folder / "config.json")
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        transformer = cls.from_config(cls.load_config(folder, local_files_only=True))
+    return [name for name, _ in transformer_layers(transformer, MMDIT_LAYERS)]
 
 
 def cross_attention_layer_names(model_dir: str | Path) -> list[str]:
@@ -200,7 +317,8 @@ def cross_attention_layer_names(model_dir: str | Path) -> list[str]:
 
 
 def select_layers(available: list[str], selection) -> list[str]:
-    """Resolve ``cross_attention_layers`` (``all``, indices into ``available``, or module names)."""
+    """Resolve ``cross_attention_layers`` (``all``, indices into ``available``, or module names): a
+    UNet's cross-attention modules, a transformer's blocks (:func:`transformer_layers`)."""
     if selection == "all":
         return list(available)
     listing = ", ".join(f"{i}={n}" for i, n in enumerate(available))

@@ -27,8 +27,8 @@ import torch
 
 from nullcov.docs import see
 from nullcov.models.device import module_device
-from nullcov.models.model import image_resolution
-from nullcov.models.schedule import build_schedule, make_scheduler
+from nullcov.models.model import denoiser, image_resolution, image_sequence_length
+from nullcov.models.schedule import build_schedule, is_flow_matching, make_scheduler, pipeline_arguments
 
 
 class ScheduleFileError(RuntimeError):
@@ -45,11 +45,25 @@ def prompt_generators(seed: int, first_index: int, count: int) -> list[torch.Gen
     return [prompt_generator(seed, first_index + offset) for offset in range(count)]
 
 
+def flow_of(pipe, resolution: int | None) -> dict | None:
+    """``build_schedule``'s ``flow`` for a flow-matching pipeline at ``resolution`` (None: its native
+    size); None for a UNet pipeline."""
+    if not is_flow_matching(pipe.scheduler.config):
+        return None
+    side = image_resolution(pipe, resolution)
+    return {"pipeline": type(pipe).__name__, "resolution": side,
+            "image_seq_len": image_sequence_length(type(pipe).__name__, denoiser(pipe).config, pipe.vae_scale_factor,
+                                                   side)}
+
+
 def configure_scheduler(pipe, schedule: dict) -> None:
-    """Install the schedule's sampler on ``pipe`` and check it reproduces ``schedule``'s steps."""
+    """Install the schedule's sampler on ``pipe`` and check it reproduces ``schedule``'s steps (a
+    flow-matching schedule at its own resolution: a run at another resolution is refused by the caller)."""
     strategy, steps = schedule["strategy"], schedule["num_denoising_steps"]
     expected = [step["timestep"] for step in schedule["steps"]]
-    rebuilt = [step["timestep"] for step in build_schedule(dict(pipe.scheduler.config), strategy, steps)["steps"]]
+    flow = flow_of(pipe, schedule["flow_matching"]["resolution"]) if "flow_matching" in schedule else None
+    rebuilt = [step["timestep"] for step in
+               build_schedule(dict(pipe.scheduler.config), strategy, steps, flow)["steps"]]
     if rebuilt != expected:
         raise ScheduleFileError(
             f"results/schedule.json lists timesteps {expected}, but this model's scheduler config gives {rebuilt} "
@@ -71,10 +85,13 @@ class _StopAfter:
         return {}
 
 
-def run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None) -> None:
+def run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resolution, chunk: range | None = None,
+                   true_cfg_scale: float | None = None) -> None:
     """The sampler from the first step through ``chunk``'s last (a replay: the same seeds give
-    the same trajectory), interrupted there. ``chunk`` None: every step."""
+    the same trajectory), interrupted there. ``chunk`` None: every step. ``true_cfg_scale`` (FLUX
+    only): a separate negative call (empty negative prompt) after each conditional one."""
     stop = len(schedule["steps"]) if chunk is None else chunk.stop
+    extra = {} if true_cfg_scale is None else {"true_cfg_scale": true_cfg_scale, "negative_prompt": [""] * len(prompts)}
     pipe(
         prompt=prompts,
         guidance_scale=guidance_scale,
@@ -83,7 +100,8 @@ def run_trajectory(pipe, prompts, generators, schedule, guidance_scale, resoluti
         width=resolution,
         output_type="latent",
         callback_on_step_end=_StopAfter(stop) if stop < len(schedule["steps"]) else None,
-        **schedule["set_timesteps"],
+        **pipeline_arguments(schedule),
+        **extra,
     )
 
 
@@ -135,7 +153,7 @@ def sample_images(pipe, prompts: list[str], generators: list[torch.Generator], s
             width=side,
             generator=generators,
             output_type="np",
-            **schedule["set_timesteps"],
+            **pipeline_arguments(schedule),
         )
     finally:
         if unet is not None:

@@ -108,13 +108,53 @@ TINY_LCM_SCHEDULER_CONFIG: dict = {
     "trained_betas": None,
 }
 
+#: Stable Diffusion 3 medium's ``scheduler/scheduler_config.json`` (flow matching, static shift 3), verbatim.
+TINY_SD3_SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.29.0.dev0",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+
+#: FLUX.1-dev's ``scheduler/scheduler_config.json`` (flow matching, resolution-dependent dynamic shift), verbatim.
+TINY_FLUX_SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+#: FLUX.1-schnell's ``scheduler/scheduler_config.json`` (no shift), verbatim.
+TINY_FLUX_SCHNELL_SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+
 #: Scheduler config per family (read at parse time without building the model).
 SCHEDULER_CONFIGS: dict[str, dict] = {
     "sd1": TINY_SCHEDULER_CONFIG,
     "sd2": TINY_SD2_SCHEDULER_CONFIG,
     "sdxl": TINY_SDXL_SCHEDULER_CONFIG,
     "lcm": TINY_LCM_SCHEDULER_CONFIG,
+    "sd3": TINY_SD3_SCHEDULER_CONFIG,
+    "sd35": TINY_SD3_SCHEDULER_CONFIG,
+    "flux": TINY_FLUX_SCHEDULER_CONFIG,
+    "flux-schnell": TINY_FLUX_SCHNELL_SCHEDULER_CONFIG,
 }
+#: The tiny MMDiT families (a ``transformer/`` instead of a ``unet/``; see :mod:`nullcov.models.family`).
+TRANSFORMER_FAMILIES = ("sd3", "sd35", "flux", "flux-schnell")
 FAMILIES = tuple(SCHEDULER_CONFIGS)
 
 SEED = 0
@@ -237,7 +277,8 @@ def write_tokenizer(folder: Path, words: list[str] | None = None, num_merges: in
 
 
 def text_encoder_config(vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE, hidden_act: str = "quick_gelu",
-                        with_projection: bool = False, intermediate_size: int = 64) -> dict:
+                        with_projection: bool = False, intermediate_size: int = 64,
+                        projection_dim: int | None = None) -> dict:
     """A tiny CLIP text tower's ``config.json`` (2 layers, 4 heads; bos/eos are the vocabulary's last two ids).
 
     ``hidden_act``: ``quick_gelu`` (OpenAI CLIP, SD-1.x) or ``gelu`` (OpenCLIP, SD-2.x and SDXL).
@@ -259,19 +300,20 @@ def text_encoder_config(vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE, hi
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "pad_token_id": eos_id,
-        "projection_dim": hidden_size,
+        "projection_dim": projection_dim or hidden_size,
         "vocab_size": vocab_size,
     }
 
 
 def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
-                        hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED) -> None:
+                        hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED,
+                        projection_dim: int | None = None) -> None:
     """Write a tiny CLIPTextModel (or CLIPTextModelWithProjection) with ``text_model.``-prefixed keys."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = text_encoder_config(vocab_size, hidden_size, hidden_act, with_projection)
+    config = text_encoder_config(vocab_size, hidden_size, hidden_act, with_projection, projection_dim=projection_dim)
     architecture = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     torch.manual_seed(seed)
     model = architecture(CLIPTextConfig(**config))
@@ -379,6 +421,126 @@ def model_index(family: str, diffusers_version: str) -> dict:
     }
 
 
+# -- MMDiT (SD3, SD3.5, FLUX.1) -------------------------------------------------------------------------------
+SD3_CLIP_HIDDEN_SIZE = 16  # SD3: CLIP-L 768 + CLIP-G 1280, concatenated (2048, zero-padded to T5's 4096)
+SD3_CLIP_PROJECTION_DIM = 32  # SD3: 768 + 1280 pooled -> pooled_projection_dim 2048
+T5_D_MODEL = 32  # SD3 and FLUX: T5-XXL, 4096 (joint_attention_dim)
+T5_MAX_LENGTH = 512
+TINY_TRANSFORMER_VAE_BLOCKS = (8, 8)  # vae_scale_factor 2
+
+
+def tiny_transformer_config(family: str) -> dict:
+    """The family's transformer arguments: diffusers' own tiny test configs (SD3: ``num_layers=4``, here 2;
+    FLUX: ``num_layers=1, num_single_layers=1``, here 2 and 2), so ``to_add_out`` exists and a
+    ``context_pre_only`` last block is hooked too. SD3.5: ``dual_attention_layers`` and ``qk_norm``."""
+    if family in ("flux", "flux-schnell"):
+        return {"patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
+                "num_attention_heads": 2, "joint_attention_dim": T5_D_MODEL, "pooled_projection_dim": TEXT_HIDDEN_SIZE,
+                "guidance_embeds": family == "flux", "axes_dims_rope": (4, 4, 8)}
+    config = {"sample_size": 16, "patch_size": 1, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+              "num_attention_heads": 4, "joint_attention_dim": T5_D_MODEL, "caption_projection_dim": 32,
+              "pooled_projection_dim": 2 * SD3_CLIP_PROJECTION_DIM, "out_channels": 4, "pos_embed_max_size": 32}
+    if family == "sd35":
+        config |= {"dual_attention_layers": (0,), "qk_norm": "rms_norm"}
+    return config
+
+
+def write_t5_tokenizer(folder: Path, words: list[str] | None = None) -> int:
+    """Write a T5 tokenizer (a Unigram vocabulary of the corpus words and single characters, no
+    sentencepiece file: transformers builds it from the vocabulary list); return its size."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(_CORPUS.split() if words is None else words))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + word, -1.0 - 0.01 * rank) for rank, word in enumerate(words)]
+    vocab += [("\u2581", -5.0)] + [(c, -6.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
+
+
+def _write_t5_encoder(folder: Path, vocab_size: int) -> None:
+    """Write a tiny T5EncoderModel (2 layers, 4 heads, ``d_model`` :data:`T5_D_MODEL`)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=T5_D_MODEL, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)
+    torch.manual_seed(SEED + 2)
+    T5EncoderModel(config).save_pretrained(folder, safe_serialization=True)
+
+
+def _write_transformer(root: Path, family: str) -> None:
+    """Write the tiny transformer and its VAE (SD3: 4 latent channels; FLUX: 1, packed 2x2 into 4)."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    flux = family.startswith("flux")
+    torch.manual_seed(SEED)
+    cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    cls(**tiny_transformer_config(family)).save_pretrained(root / "transformer", safe_serialization=True)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, latent_channels=1 if flux else 4,
+                        block_out_channels=TINY_TRANSFORMER_VAE_BLOCKS, layers_per_block=1, norm_num_groups=1,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+
+
+def transformer_model_index(family: str, diffusers_version: str) -> dict:
+    """The ``model_index.json`` of a tiny SD3 (T5 present), SD3.5 (no T5: ``text_encoder_3`` null) or FLUX."""
+    clip, t5 = ["transformers", "CLIPTokenizer"], ["transformers", "T5TokenizerFast"]
+    common = {"_diffusers_version": diffusers_version, "feature_extractor": [None, None],
+              "image_encoder": [None, None], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+              "vae": ["diffusers", "AutoencoderKL"], "tokenizer": clip}
+    if family.startswith("flux"):
+        return {"_class_name": "FluxPipeline", **common, "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": t5,
+                "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    with_t5 = family == "sd3"
+    return {"_class_name": "StableDiffusion3Pipeline", **common,
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "text_encoder_3": ["transformers", "T5EncoderModel"] if with_t5 else [None, None],
+            "tokenizer_2": clip, "tokenizer_3": t5 if with_t5 else [None, None],
+            "transformer": ["diffusers", "SD3Transformer2DModel"]}
+
+
+def _write_transformer_family(tmp: Path, family: str) -> None:
+    """Tokenizers, text encoders, transformer and VAE of a tiny MMDiT model."""
+    vocab_size = write_tokenizer(tmp / "tokenizer")
+    if family.startswith("flux"):
+        _write_text_encoder(tmp / "text_encoder", vocab_size)  # pooled CLIP (pooled_projection_dim 32)
+        _write_t5_encoder(tmp / "text_encoder_2", write_t5_tokenizer(tmp / "tokenizer_2"))
+    else:
+        write_tokenizer(tmp / "tokenizer_2")
+        for name, seed in (("text_encoder", SEED), ("text_encoder_2", SEED + 1)):
+            _write_text_encoder(tmp / name, vocab_size, SD3_CLIP_HIDDEN_SIZE, "gelu", with_projection=True, seed=seed,
+                                projection_dim=SD3_CLIP_PROJECTION_DIM)
+        if family == "sd3":
+            _write_t5_encoder(tmp / "text_encoder_3", write_t5_tokenizer(tmp / "tokenizer_3"))
+    _write_transformer(tmp, family)
+
+
+def _write_unet_family(tmp: Path, family: str) -> None:
+    """Tokenizer(s), text encoder(s), UNet and VAE of a tiny UNet model."""
+    vocab_size = write_tokenizer(tmp / "tokenizer")
+    if family == "sdxl":
+        write_tokenizer(tmp / "tokenizer_2")
+        first, second = SDXL_TEXT_HIDDEN_SIZES
+        _write_text_encoder(tmp / "text_encoder", vocab_size, first)
+        _write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)
+    elif family == "sd2":
+        _write_text_encoder(tmp / "text_encoder", vocab_size, SD2_TEXT_HIDDEN_SIZE, "gelu")
+    else:
+        _write_text_encoder(tmp / "text_encoder", vocab_size)
+    _write_diffusers_models(tmp, family)
+
+
 def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
     """Build the tiny pipeline of ``family`` (see :data:`FAMILIES`) into ``out_dir`` (replacing it
     atomically) and return its path."""
@@ -390,19 +552,13 @@ def build_tiny_model(out_dir: str | Path, family: str = "sd1") -> Path:
     with atomic_folder(out_dir) as tmp:
         from diffusers import __version__ as diffusers_version
 
-        write_model_json(tmp / "model_index.json", model_index(family, diffusers_version))
         write_model_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIGS[family])
-        vocab_size = write_tokenizer(tmp / "tokenizer")
-        if family == "sdxl":
-            write_tokenizer(tmp / "tokenizer_2")
-            first, second = SDXL_TEXT_HIDDEN_SIZES
-            _write_text_encoder(tmp / "text_encoder", vocab_size, first)
-            _write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)
-        elif family == "sd2":
-            _write_text_encoder(tmp / "text_encoder", vocab_size, SD2_TEXT_HIDDEN_SIZE, "gelu")
+        if family in TRANSFORMER_FAMILIES:
+            write_model_json(tmp / "model_index.json", transformer_model_index(family, diffusers_version))
+            _write_transformer_family(tmp, family)
         else:
-            _write_text_encoder(tmp / "text_encoder", vocab_size)
-        _write_diffusers_models(tmp, family)
+            write_model_json(tmp / "model_index.json", model_index(family, diffusers_version))
+            _write_unet_family(tmp, family)
     return out_dir
 
 

@@ -52,6 +52,129 @@ DIMS_FORMAT = 1
 
 
 # -- model dims -------------------------------------------------------------------------------------
+def is_transformer(model_spec: str, model_dir: str | Path) -> bool:
+    """Whether the model is an MMDiT transformer (SD3, FLUX), from code for a built-in tiny model (its folder
+    may not be built yet), else from ``model_index.json``."""
+    from nullcov.models.model import BUILTIN_MODELS, denoiser_name
+    from nullcov.models.tiny_model import TRANSFORMER_FAMILIES
+
+    if model_spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model_spec][0] in TRANSFORMER_FAMILIES
+    return denoiser_name(read_json(Path(model_dir) / "model_index.json")) == "transformer"
+
+
+#: The config keys of the report, validation, exports and proof, which read UNet statistics only.
+UNET_ONLY_KEYS = {"validation_prompts": None, "attention_prompts": 0, "exports": [], "finetune_proof": False}
+
+
+def check_transformer_config(config: dict, flux: bool) -> None:
+    """Refuse, for an SD3/FLUX model, the parts of the workflow that do not run transformers yet
+    (validation, attention maps, exports, the fine-tune proof: their values must be off), and the
+    feature settings its feature jobs would refuse (:func:`nullcov.collection.features.selected_streams`):
+    the UNet's ``collect_features``, ``collection: noised``, ``text_tokens: eos``, ``true_cfg_scale``
+    for SD3, ``unconditional_branch`` without a negative branch."""
+    default_features = {feature: True for feature, _ in CROSS_ATTENTION.features}
+    negative = config["true_cfg_scale"] > 1 if flux else config["guidance_scale"] > 1
+    refused = [
+        (config["collect_features"] != default_features, "collect_features selects a UNet's attn2 linears: select "
+         f"with streams{see('collection-keys-of-another-family')}"),
+        (config["collection"] != "trajectory", "collection: noised calls a UNet directly: use collection: trajectory"
+         f"{see('noised-collection-needs-more-than-text')}"),
+        (config["text_tokens"] == "eos", "text_tokens: eos is a UNet's option: use all or prompt"
+         f"{see('text_tokens-eos-with-a-transformer')}"),
+        (not flux and config["true_cfg_scale"] != 1, "true_cfg_scale is FLUX's negative call: SD3 batches its CFG "
+         f"branches (guidance_scale){see('collection-keys-of-another-family')}"),
+        (config["unconditional_branch"] and not negative,
+         "unconditional_branch: true needs a negative branch (FLUX: true_cfg_scale > 1; SD3: guidance_scale > 1)"
+         f"{see('no-unconditional-half-for-unconditional_branch')}"),
+    ]
+    for wrong, message in refused:
+        if wrong:
+            raise ValueError(f"model of family {'flux' if flux else 'sd3'}: {message}")
+    on = {key: config[key] for key, off in UNET_ONLY_KEYS.items() if config[key] != off}
+    if on:
+        settings = " ".join(f"{key}={'null' if off is None else off}" for key, off in UNET_ONLY_KEYS.items()
+                            if key in on)
+        raise ValueError(
+            f"{', '.join(f'{key}: {value!r}' for key, value in on.items())}: the validation, attention maps, exports "
+            f"and fine-tune proof do not run SD3/FLUX models yet (features, merges and projections do); turn them "
+            f"off: --config {settings}{see('report-parts-do-not-run-transformer-families-yet')}"
+        )
+
+
+def check_unet_config(config: dict) -> None:
+    """Refuse a transformer's selection keys (``streams``, ``true_cfg_scale``) for a UNet model."""
+    from nullcov.models.family import DEFAULT_STREAMS
+
+    if list(config["streams"]) != list(DEFAULT_STREAMS) or config["true_cfg_scale"] != 1:
+        raise ValueError("streams and true_cfg_scale select a transformer's (SD3, FLUX) streams and negative call; "
+                         "this model is a UNet: select with collect_features"
+                         f"{see('collection-keys-of-another-family')}")
+
+
+def is_flux(model_spec: str, model_dir: str | Path) -> bool:
+    """Whether a transformer model is FLUX (else SD3)."""
+    from nullcov.models.model import BUILTIN_MODELS
+
+    if model_spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model_spec][0].startswith("flux")
+    return read_json(Path(model_dir) / "model_index.json")["_class_name"] == "FluxPipeline"
+
+
+def transformer_config(model_spec: str, model_dir: str | Path) -> tuple[str, dict, int]:
+    """``(pipeline class, transformer config, vae_scale_factor)`` of an SD3/FLUX model, from its JSON files
+    (a built-in tiny model's from code)."""
+    from nullcov.models.model import BUILTIN_MODELS
+
+    if model_spec in BUILTIN_MODELS:
+        from nullcov.models import tiny_model
+
+        family = BUILTIN_MODELS[model_spec][0]
+        config = tiny_model.tiny_transformer_config(family)
+        cls = "FluxTransformer2DModel" if family.startswith("flux") else "SD3Transformer2DModel"
+        pipeline = tiny_model.transformer_model_index(family, "")["_class_name"]
+        return pipeline, {"_class_name": cls, **config}, 2 ** (len(tiny_model.TINY_TRANSFORMER_VAE_BLOCKS) - 1)
+    folder = Path(model_dir)
+    vae = read_json(folder / "vae" / "config.json")
+    return (read_json(folder / "model_index.json")["_class_name"], read_json(folder / "transformer" / "config.json"),
+            2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def flow_plan(model_spec: str, model_dir: str | Path, resolution: int | None) -> dict:
+    """``build_schedule``'s ``flow`` for an SD3/FLUX model at ``resolution`` (None: its native size: SD3
+    ``sample_size``, FLUX the pipeline's 128, times the VAE's scale factor), from configs alone."""
+    from nullcov.models.model import image_sequence_length
+
+    pipeline, config, scale = transformer_config(model_spec, model_dir)
+    if resolution is None:
+        resolution = (128 if pipeline == "FluxPipeline" else int(config.get("sample_size", 128))) * scale
+    return {"pipeline": pipeline, "resolution": resolution,
+            "image_seq_len": image_sequence_length(pipeline, config, scale, resolution)}
+
+
+def transformer_dims(model_spec: str, model_dir: str | Path) -> dict:
+    """``{"kind": "transformer", "layers": {block: {linear: d}}, "unet_parameters": n}`` of an SD3/FLUX
+    model (a meta-device transformer from its config: no weights read): every hooked linear's input
+    width per block (``context_pre_only`` blocks lack ``attn.to_add_out``)."""
+    import diffusers
+    import torch
+
+    from nullcov.models.family import MMDIT_LAYERS
+    from nullcov.models.model import hooked_linear, transformer_layers
+
+    _, config, _ = transformer_config(model_spec, model_dir)
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        transformer = cls.from_config(config)
+    layers = {}
+    for name, block in transformer_layers(transformer, MMDIT_LAYERS):
+        vocabulary = next(kind.linears for kind in MMDIT_LAYERS if kind.holds(name))
+        layers[name] = {linear: int(module.in_features) for linear in vocabulary.hooked
+                        if (module := hooked_linear(block, linear, vocabulary)) is not None}
+    return {"format": DIMS_FORMAT, "kind": "transformer", "layers": layers,
+            "unet_parameters": sum(p.numel() for p in transformer.parameters())}
+
+
 def unet_config(model_spec: str, model_dir: str | Path) -> dict:
     """The UNet's config: a builtin tiny model's from code, else ``<model_dir>/unet/config.json``."""
     from nullcov.models.model import BUILTIN_MODELS
@@ -104,15 +227,22 @@ def model_dims(config: dict, cache_dir: str | Path | None = None) -> dict:
     return dims
 
 
-def step_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
-    """``{statistic_key(layer, linear): d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``."""
+def step_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]:
+    """``{statistic_key(layer, linear): d}`` of the per-step keys (``to_q``, ``to_out``) of ``layers``.
+    A transformer's dims (:func:`transformer_dims`): ``collect_features`` is the ``streams`` list."""
+    if dims.get("kind") == "transformer":
+        from nullcov.models.family import MMDIT_LAYERS, kind_of
+
+        return {statistic_key(layer, linear): d for layer in layers for linear, d in dims["layers"][layer].items()
+                if linear in kind_of(MMDIT_LAYERS, layer).linears.chosen(collect_features)}
     linears = CROSS_ATTENTION.step_linears(collect_features)
     return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
 
 
 def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
-    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``."""
-    if not CROSS_ATTENTION.collects_text(collect_features) or not layers:
+    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}`` (a
+    transformer: its text streams are per step)."""
+    if dims.get("kind") == "transformer" or not CROSS_ATTENTION.collects_text(collect_features) or not layers:
         return {}
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
 

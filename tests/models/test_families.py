@@ -225,11 +225,11 @@ def test_report_figures_cope_with_sdxl_base_70_layers(tmp_path):
 def test_models_without_unet_cross_attention_are_refused_naming_what_is_supported(tmp_path):
     from nullcov.models.model import resolve_model_dir
 
-    model = tmp_path / "sd3"
+    model = tmp_path / "pixart"
     (model / "transformer").mkdir(parents=True)
     (model / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
     with pytest.raises(ModelError, match="no UNet cross-attention.*supports UNet cross-attention models: SD-1.x"):
         resolve_model_dir(str(model))
     (model / "model_index.json").write_text(
@@ -238,7 +238,7 @@ def test_models_without_unet_cross_attention_are_refused_naming_what_is_supporte
         resolve_model_dir(str(model))
     with pytest.raises(ModelError, match="not a built-in model; built-in models: "
                                          "builtin:shapes, builtin:tiny, builtin:tiny-sd2"):
-        resolve_model_dir("builtin:tiny-sd3")
+        resolve_model_dir("builtin:tiny-pixart")
 
 
 def test_workflow_runs_sdxl_end_to_end(tmp_path, demo_prompts):
