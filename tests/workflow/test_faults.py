@@ -207,15 +207,23 @@ def _resize(mount_point, free_bytes):
     subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
 
 
-#: A quick run (one shard of 4 prompts, 3 steps, the model's own resolution) for the full-disk cases.
-DISK_RUN = dict(prompts_per_shard=4, num_denoising_steps=3)
+#: A quick run (one shard of 4 prompts, 3 steps, the model's own resolution) for the full-disk, merge and
+#: interrupt cases.
+QUICK_RUN = dict(prompts_per_shard=4, num_denoising_steps=3)
 
 
 @pytest.fixture(scope="module")
-def disk_reference(tmp_path_factory, demo_prompts):
-    workdir = tmp_path_factory.mktemp("disk-reference") / "run"
-    write_config(workdir, demo_prompts[:4], **DISK_RUN)
+def quick_reference(tmp_path_factory, demo_prompts):
+    workdir = tmp_path_factory.mktemp("quick-reference") / "run"
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
     snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture
+def quick_run(tmp_path, demo_prompts):
+    workdir = tmp_path / "run"
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
     return workdir
 
 
@@ -238,29 +246,29 @@ def _fill_disk_then_resume(workdir, mount_point, stage, reference):
     return match.group(0)
 
 
-def test_full_disk_in_a_feature_job_names_path_and_bytes_then_resumes_identical(tiny_filesystem, disk_reference,
+def test_full_disk_in_a_feature_job_names_path_and_bytes_then_resumes_identical(tiny_filesystem, quick_reference,
                                                                                 demo_prompts, record_property):
     """`snakemake plan` warns that results/ is too small; the feature job fails naming the file and the bytes it
     needs, nothing partial remains; after space is freed the run resumes to identical results."""
     workdir = tiny_filesystem.parent
-    write_config(workdir, demo_prompts[:4], **DISK_RUN)
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
     _resize(tiny_filesystem, 64 * 1024)
     planned = snakemake(workdir, "plan")
     assert "WARNING: results/ has" in planned.stdout and "no-space-left-on-device" in planned.stdout
-    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, "features", disk_reference))
+    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, "features", quick_reference))
 
 
 @pytest.mark.bench_faults
 @pytest.mark.parametrize("stage", ["covariance", "projections"])
 def test_full_disk_in_a_merge_or_projection_names_path_and_bytes_then_resumes_identical(
-        tiny_filesystem, disk_reference, demo_prompts, stage, record_property):
+        tiny_filesystem, quick_reference, demo_prompts, stage, record_property):
     workdir = tiny_filesystem.parent
-    write_config(workdir, demo_prompts[:4], **DISK_RUN)
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
     snakemake(workdir)
     stages = ["covariance", "projections"]
     for folder in stages[stages.index(stage):]:
         shutil.rmtree(workdir / "results" / folder)
-    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, stage, disk_reference))
+    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, stage, quick_reference))
 
 
 def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
@@ -279,41 +287,42 @@ def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
 
 @pytest.mark.bench_faults
 def test_sigkill_of_a_merge_job_leaves_nothing_half_written_and_the_rerun_redoes_exactly_it(
-        fault_run, reference, record_property):
+        quick_run, quick_reference, record_property):
     """A node lost while merging: the merge job is SIGKILLed as soon as it runs; no merged file or temporary
     file remains, the next dry-run plans that merge (and what needs it) again, and the rerun is identical."""
-    runner = subprocess.Popen(snakemake_command(fault_run, "--cores", "1"), stdout=subprocess.PIPE,
+    runner = subprocess.Popen(snakemake_command(quick_run, "--cores", "1"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    job = wait_for(lambda: job_process(fault_run, "covariance.py"), timeout=600, interval=0.01,
+    job = wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01,
                    what="a merge job")
     job.kill()
     output, _ = runner.communicate(timeout=300)
     assert runner.returncode != 0, output
     killed = re.search(r"Error in rule (covariance\w*):.*?output: (\S+)", output, re.S)
     assert killed, output
-    assert not (fault_run / killed.group(2)).exists()
-    planned = {output for rule, output in planned_jobs(fault_run) if rule.startswith("covariance")}
+    assert not (quick_run / killed.group(2)).exists()
+    planned = {output for rule, output in planned_jobs(quick_run) if rule.startswith("covariance")}
     assert killed.group(2) in planned
-    snakemake(fault_run, "--rerun-incomplete")
-    assert not [p for p in (fault_run / "results").rglob("*") if ".tmp" in p.name]  # a killed write's temporary too
-    assert_identical_results(fault_run, reference)
+    snakemake(quick_run, "--rerun-incomplete")
+    assert not [p for p in (quick_run / "results").rglob("*") if ".tmp" in p.name]  # a killed write's temporary too
+    assert_identical_results(quick_run, quick_reference)
     record_property("user_saw", f"Error in rule {killed.group(1)}: ... output: {killed.group(2)}")
 
 
 @pytest.mark.bench_faults
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_snakemake_interrupted_during_a_merge_resumes_identical(fault_run, reference, signal_number, record_property):
+def test_snakemake_interrupted_during_a_merge_resumes_identical(quick_run, quick_reference, signal_number,
+                                                             record_property):
     """Ctrl-C (SIGINT) or SIGTERM of Snakemake while a merge runs: it stops its jobs and removes their outputs;
     the same command resumes and gives identical results."""
-    runner = subprocess.Popen(snakemake_command(fault_run, "--cores", "1"), stdout=subprocess.PIPE,
+    runner = subprocess.Popen(snakemake_command(quick_run, "--cores", "1"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: job_process(fault_run, "covariance.py"), timeout=600, interval=0.01, what="a merge job")
+    wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01, what="a merge job")
     runner.send_signal(signal_number)
     output, _ = runner.communicate(timeout=300)
     assert runner.returncode != 0, output
-    assert not [p for p in (fault_run / "results").rglob("*") if ".tmp" in p.name]
-    snakemake(fault_run)  # no --unlock: an interrupted Snakemake releases its lock
-    assert_identical_results(fault_run, reference)
+    assert not [p for p in (quick_run / "results").rglob("*") if ".tmp" in p.name]
+    snakemake(quick_run)  # no --unlock: an interrupted Snakemake releases its lock
+    assert_identical_results(quick_run, quick_reference)
     record_property("user_saw", output.strip().splitlines()[-1])
 
 
