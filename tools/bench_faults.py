@@ -1,8 +1,8 @@
-"""`make bench-faults`: the fault table, each fault class a long run meets on a shared cluster caused for real.
+"""`make bench-faults`: the fault table's cases (:data:`CASES`: each fault class a long run meets on a
+shared cluster, how it is caused and which test causes it) and their measurement file
+``docs/measurements/bench-faults.json``, which ``tools/render_docs.py`` renders into docs/performance.md.
 
-Owns the list of fault classes (:data:`CASES`: how each is caused and which test causes it) and the
-measurement file ``docs/measurements/bench-faults.json`` that ``tools/render_docs.py`` renders into
-docs/performance.md's fault table. The faults themselves are tests of ``tests/workflow/test_faults.py``
+The faults themselves are tests of ``tests/workflow/test_faults.py``
 (local executor) and ``tests/workflow/test_slurm.py`` (the one-node SLURM cluster of
 ``tests/slurm_cluster.py``; needs root). Each causes its fault, checks what the user sees, resumes and
 compares the results with an undisturbed run bit for bit. The cheap ones run in CI (``make test``); the

@@ -1,7 +1,8 @@
-"""Faults: crashes, corrupted or foreign shards, non-finite activations, a full disk, concurrent runs.
+"""Faults: crashes, corrupted or foreign shards, non-finite activations, full disks, interrupts, concurrent runs.
 
-Each test is marked ``fault``; the suite's summary counts them (see conftest.py). The README's
-"When things go wrong" table names every test here.
+Each test is marked ``fault``; the suite's summary counts them (see conftest.py). The expensive ones are
+also marked ``bench_faults``: CI leaves them out, ``make bench-faults`` (tools/bench_faults.py) runs them and
+renders docs/performance.md's fault table, where every test here that causes a fault class has a row.
 """
 
 import errno
