@@ -30,6 +30,11 @@ pytestmark = pytest.mark.fault
 FAULT_RUN = dict(prompts_per_shard=4, num_denoising_steps=4, resolution=96, batch_size=1)
 
 
+def _line_with(text, words):
+    """The first line of ``text`` that contains ``words`` (for the fault table's "what the user saw")."""
+    return next((line.strip() for line in text.splitlines() if words in line), None)
+
+
 def _log_says(path, text):
     return path.exists() and text in path.read_text()
 
@@ -68,7 +73,7 @@ def fault_run(tmp_path, demo_prompts):
     return workdir
 
 
-def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(fault_run, reference):
+def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(fault_run, reference, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = fault_run / "logs" / "features" / "shard_0001.log"
     wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 1 to be mid-run")
@@ -80,9 +85,10 @@ def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(
     assert not (fault_run / "results" / "features" / "shard_0001").exists()  # Snakemake removed the partial output
     snakemake(fault_run, "--rerun-incomplete")
     assert_identical_results(fault_run, reference)
+    record_property("user_saw", _line_with(output, "Removing output files of failed job"))
 
 
-def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(fault_run, reference):
+def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(fault_run, reference, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = fault_run / "logs" / "features" / "shard_0000.log"
     wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 0 to be mid-run")
@@ -95,6 +101,7 @@ def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(faul
     snakemake(fault_run, "--unlock")
     snakemake(fault_run, "--rerun-incomplete")
     assert_identical_results(fault_run, reference)
+    record_property("user_saw", _line_with(locked.stdout + locked.stderr, "--unlock"))
 
 
 def _corrupt_bytes(path):
@@ -169,7 +176,7 @@ def test_fp16_overflow_fails_the_feature_job_naming_prompt_layer_and_step_and_wr
     assert not (tmp_path / "shard_0000").exists()
 
 
-def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_prompts, monkeypatch):
+def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_prompts, monkeypatch, record_property):
     """The disk fills up in the middle of the second step file: no trace of it remains."""
     original, calls = h5py.Group.create_dataset, {"n": 0}
 
@@ -180,11 +187,12 @@ def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_pro
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", create_until_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         _feature_job(tiny_model_dir, tmp_path, demo_prompts[:1])
     written = sorted(p.name for p in (tmp_path / "shard_0000").iterdir())
     assert written == ["alpha_00_0999.h5"]  # complete files only; no temporary file left
     read_moments(tmp_path / "shard_0000" / "alpha_00_0999.h5", "features")
+    record_property("user_saw", str(failed.value).replace(str(tmp_path), "…"))
 
 
 @pytest.fixture
@@ -272,7 +280,7 @@ def test_full_disk_in_a_merge_or_projection_names_path_and_bytes_then_resumes_id
     record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, stage, quick_reference))
 
 
-def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
+def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         locks = fault_run / ".snakemake" / "locks"
@@ -281,6 +289,8 @@ def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
         assert second.returncode != 0
         text = second.stdout + second.stderr
         assert "Directory cannot be locked" in text and "--unlock" in text
+        assert str(fault_run) in text  # the locked directory is named
+        record_property("user_saw", _line_with(text, "Directory cannot be locked"))
     finally:
         runner.kill()
         runner.wait()
