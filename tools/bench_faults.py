@@ -45,7 +45,7 @@ CASES = [
      "`scontrol requeue` of the running (stopped) feature job, a stale file put in its folder; "
      "released with `StartTime=now`",
      f"{SLURM}::test_a_requeued_feature_job_restarts_clean_and_gives_identical_results", False,
-     "none: same job id restarted, stale folder removed, results identical"),
+     "none: same job id restarted in an emptied folder, results identical"),
     ("node lost: feature job", "SIGKILL of the feature job mid-shard (local executor)",
      f"{FAULTS}::test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results", True, IDENTICAL),
     ("node lost: merge job", "SIGKILL of a merge (covariance) job as soon as it runs (local executor)",

@@ -301,7 +301,7 @@ def test_sigkill_of_a_merge_job_leaves_nothing_half_written_and_the_rerun_redoes
         quick_run, quick_reference, record_property):
     """A node lost while merging: the merge job is SIGKILLed as soon as it runs; no merged file or temporary
     file remains, the next dry-run plans that merge (and what needs it) again, and the rerun is identical."""
-    runner = subprocess.Popen(snakemake_command(quick_run, "--cores", "1"), stdout=subprocess.PIPE,
+    runner = subprocess.Popen(snakemake_command(quick_run), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     job = wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01,
                    what="a merge job")
@@ -325,7 +325,7 @@ def test_snakemake_interrupted_during_a_merge_resumes_identical(quick_run, quick
                                                              record_property):
     """Ctrl-C (SIGINT) or SIGTERM of Snakemake while a merge runs: it stops its jobs and removes their outputs;
     the same command resumes and gives identical results."""
-    runner = subprocess.Popen(snakemake_command(quick_run, "--cores", "1"), stdout=subprocess.PIPE,
+    runner = subprocess.Popen(snakemake_command(quick_run), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01, what="a merge job")
     runner.send_signal(signal_number)
