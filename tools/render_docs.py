@@ -645,7 +645,8 @@ def _faults(record: dict) -> str:
     def cell(text) -> str:
         return (text or "–").replace("|", "\\|").replace("\n", " ")
 
-    rows = [[case["class"], cell(case["caused"]), f"`{cell(case['user_saw'])}`" if case["user_saw"] else "–",
+    rows = [[case["class"], cell(case["caused"]),
+             f"`{cell(case['user_saw'])}`" if case["user_saw"] not in (None, "None") else "– (not recorded)",
              case["data_lost"] if case["outcome"] == "passed" else f"**{case['outcome']}**",
              _seconds(case["seconds"]), "yes" if case["ci"] else "bench",
              f"`{case['test'].rpartition('::')[2].split('[')[0]}`"] for case in record["cases"]]

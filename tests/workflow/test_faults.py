@@ -85,7 +85,7 @@ def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(
     assert not (fault_run / "results" / "features" / "shard_0001").exists()  # Snakemake removed the partial output
     snakemake(fault_run, "--rerun-incomplete")
     assert_identical_results(fault_run, reference)
-    record_property("user_saw", _line_with(output, "Removing output files of failed job"))
+    record_property("user_saw", _line_with(output, "Error in rule features"))
 
 
 def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(fault_run, reference, record_property):
