@@ -98,6 +98,14 @@ bench-small-run: $(STAMP)
 bench-slurm-arrays: $(STAMP)
 	$(BIN)/python tools/bench_slurm_arrays.py submit --shards 200 --jobs 200 --repeats 2
 
+# The fault table (docs/performance.md#faults-what-a-long-run-on-a-shared-cluster-meets): time limit, memory,
+# requeue, killed jobs, locks, full disks, interrupts, each caused for real and resumed to identical results
+# (tests/workflow/test_faults.py, test_slurm.py with --bench-faults). Needs root (SLURM test cluster, tmpfs);
+# ~10 min; docs/measurements/bench-faults.json.
+.PHONY: bench-faults
+bench-faults: $(STAMP)
+	$(BIN)/python tools/bench_faults.py
+
 # builtin:shapes, the shipped trained toy model: retrain it from scratch into nullcov/builtin/shapes
 # (~25 min on 2 CPU cores; progress and ETA on stdout), and measure what it learned (evaluator
 # accuracy per attribute, attention on the object; docs/measurements/bench-shapes.json).

@@ -8,26 +8,84 @@ beyond the standard library, so every stage can import it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+
+from nullcov.docs import see
+
+
+class DiskFullError(OSError):
+    """The file system filled up while a file was written (``errno`` is ``ENOSPC``); the message names
+    the file, the bytes it needs and the bytes free there."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the file system is full (``ENOSPC``; HDF5 puts it only in its message text)."""
+    text = str(err)
+    return isinstance(err, OSError) and (err.errno == errno.ENOSPC or "No space left on device" in text
+                                         or "errno = 28" in text)
+
+
+def disk_full_error(path: Path, size: int | None, temporary: Path) -> DiskFullError:
+    """The :class:`DiskFullError` of writing ``path`` (``size``: the bytes the whole file needs, when known)."""
+    free = shutil.disk_usage(path.parent).free
+    if size is None:
+        written = temporary.stat().st_size if temporary.exists() else 0
+        need = f"at least {written} bytes (written when the disk filled)"
+    else:
+        need = f"about {size} bytes"
+    return DiskFullError(
+        errno.ENOSPC,
+        f"No space left on device writing {path}: the file needs {need}, {free} bytes are free on the file "
+        f"system of {path.parent}; nothing partial was kept. Free space there (df -h, du -sh results/*), then rerun "
+        f"the same command: this job is redone{see('no-space-left-on-device')}",
+    )
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by a writer that was killed (SIGKILL, a lost node): their pid is gone."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        pid = stale.name.rpartition(".tmp")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        except PermissionError:  # alive, someone else's
+            continue
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, size: int | None = None):
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
 
-    A crash or error leaves no file at ``path`` (the temporary one is removed on error), so a
-    file that exists is always complete.
+    A crash or error leaves no file at ``path`` (the temporary one is removed on error; one a
+    killed process left is removed by the next write of ``path``), so a file that exists is
+    always complete. A full disk raises :class:`DiskFullError` naming ``path``, ``size`` (the
+    bytes the file needs, when the caller knows them) and the free bytes: before anything is
+    written when fewer than ``size`` bytes are free (HDF5 does not survive running out of space
+    inside a write: it crashes the process), else when a write fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove_stale_temporaries(path)
+    if size is not None and shutil.disk_usage(path.parent).free < size:
+        raise disk_full_error(path, size, temporary)
     try:
         yield temporary
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, size, temporary) from err
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()

@@ -129,3 +129,46 @@ def pytest_terminal_summary(terminalreporter):
             verdict = "all passed" if outcomes.get("passed", 0) == ran else "NOT all passed"
             details = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
             terminalreporter.write_line(f"{label}: {ran} run, {details}: {verdict}")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-faults", action="store_true",
+                     help="also run the expensive fault cases (marker bench_faults): `make bench-faults` does")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the ``bench_faults`` cases unless ``--bench-faults`` (they are `make bench-faults`'s, not CI's)."""
+    if config.getoption("--bench-faults"):
+        return
+    dropped = [item for item in items if item.get_closest_marker("bench_faults")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("bench_faults")]
+
+
+def wait_for(predicate, timeout=120, interval=0.02, what="condition"):
+    """Poll ``predicate`` until it returns something true (returned), else fail after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_process(workdir, script="features.py"):
+    """The running job process of ``workdir`` whose command line runs ``script`` (Snakemake runs a copy of
+    scripts/<script>): by default the feature job's."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if script in cmdline and process.info["cwd"] == str(workdir):
+                return process
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None

@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from nullcov.files import atomic_folder, atomic_path, read_json, read_tsv, write_json, write_text, write_tsv
+from nullcov.files import (
+    DiskFullError,
+    atomic_folder,
+    atomic_path,
+    read_json,
+    read_tsv,
+    write_json,
+    write_text,
+    write_tsv,
+)
 
 
 def test_write_json_writes_what_json_dumps_gives_and_read_json_reads_it_back(tmp_path):
@@ -66,3 +75,32 @@ def test_tsv_round_trip(tmp_path):
     assert read == [{"step": "alpha_00_0999", "value": "0.1", "count": "3"},
                     {"step": "text", "value": "1e-300", "count": "0"}]
     assert float(read[1]["value"]) == 1e-300  # floats as repr: exact
+
+
+def test_a_file_larger_than_the_free_space_is_refused_naming_path_and_bytes(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10_000, 9_000, 1_000))
+    with pytest.raises(DiskFullError) as refused, atomic_path(tmp_path / "x.h5", size=5_000) as temporary:
+        temporary.write_bytes(b"never")
+    assert refused.value.errno == errno.ENOSPC
+    message = str(refused.value)
+    assert f"writing {tmp_path / 'x.h5'}: the file needs about 5000 bytes, 1000 bytes are free" in message
+    assert message.endswith("(see docs/troubleshooting.md#no-space-left-on-device)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_enospc_in_a_write_becomes_a_disk_full_error_and_a_killed_writers_temporary_goes(tmp_path):
+    import errno
+    import os
+
+    stale = tmp_path / ".x.txt.tmp999999999"  # a pid no process has
+    stale.write_text("left by a killed writer")
+    with pytest.raises(DiskFullError, match=r"writing .*x.txt: the file needs at least 3 bytes"), \
+            atomic_path(tmp_path / "x.txt") as temporary:
+        temporary.write_text("abc")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []

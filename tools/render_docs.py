@@ -639,6 +639,22 @@ def _slurm_arrays_hold(record: dict) -> str:
     return text + "\n"
 
 
+def _faults(record: dict) -> str:
+    header = ["fault", "how it was caused", "what the user saw", "data lost", "time", "in CI", "test"]
+
+    def cell(text) -> str:
+        return (text or "–").replace("|", "\\|").replace("\n", " ")
+
+    rows = [[case["class"], cell(case["caused"]),
+             f"`{cell(case['user_saw'])}`" if case["user_saw"] not in (None, "None") else "– (not recorded)",
+             case["data_lost"] if case["outcome"] == "passed" else f"**{case['outcome']}**",
+             _seconds(case["seconds"]), "yes" if case["ci"] else "bench",
+             f"`{case['test'].rpartition('::')[2].split('[')[0]}`"] for case in record["cases"]]
+    passed = sum(case["outcome"] == "passed" for case in record["cases"])
+    return (f"{passed} of {len(record['cases'])} fault cases passed, {_seconds(record['elapsed_s'])} in all.\n\n"
+            + _table(header, rows))
+
+
 _BENCH_RENDERERS = {
     "bench-cpu": measured("bench-cpu.json", "make bench")(_bench_table),
     "bench-cpu-profile": measured("bench-cpu.json", "make bench", full=False)(_bench_profile),
@@ -654,6 +670,7 @@ _BENCH_RENDERERS = {
     "feature-memory": measured("feature-memory.json", "make bench-feature-memory")(_feature_memory),
     "small-run": measured("small-run.json", "make bench-small-run")(_small_run),
     "slurm-arrays": measured("slurm-arrays.json", "make bench-slurm-arrays")(_slurm_arrays),
+    "bench-faults": measured("bench-faults.json", "make bench-faults")(_faults),
     "slurm-arrays-hold": measured("slurm-arrays-hold.json",
                                   "python tools/bench_slurm_arrays.py hold --shards 6 --jobs 100")(_slurm_arrays_hold),
 }

@@ -117,7 +117,9 @@ def _attrs_sha256(texts: dict[str, str]) -> str:
 
 
 def _write(path, kind: str, attrs: dict, groups: dict[str, dict[str, np.ndarray]]) -> None:
-    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+    size = _FILE_BYTES + sum(_GROUP_BYTES + sum(np.asarray(value).nbytes for value in arrays.values())
+                             for arrays in groups.values())
+    with atomic_path(path, size) as temporary, h5py.File(temporary, "w") as handle:
         texts = {"nullcov_kind": kind, "nullcov_format": json.dumps(FORMAT)}
         texts |= {name: json.dumps(value, sort_keys=True) for name, value in attrs.items()}
         for name, text in texts.items():

@@ -337,8 +337,26 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
     }
 
 
-def format_plan(plan: dict) -> str:
-    """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours."""
+def disk_needed(plan: dict) -> int:
+    """Bytes the run writes under results/ at most: every line of the plan's disk block together (shard
+    scratch, partial sums, merged moments, projections), as when the shards are kept."""
+    return sum(value for name, value in plan["bytes"].items() if name not in ("step file", "text file"))
+
+
+def disk_warning(plan: dict, free_bytes: int, folder: str) -> str | None:
+    """The warning ``snakemake plan`` prints when ``folder`` (results/) has less free space than
+    :func:`disk_needed`; None when it has enough."""
+    needed = disk_needed(plan)
+    if free_bytes >= needed:
+        return None
+    return (f"WARNING: {folder} has {human_bytes(free_bytes)} free ({free_bytes} bytes) but this plan writes up to "
+            f"{human_bytes(needed)} ({needed} bytes) there: jobs will fail with 'No space left on device'. Free "
+            f"space or point results/ at a larger file system first{see('no-space-left-on-device')}")
+
+
+def format_plan(plan: dict, free_bytes: int | None = None, folder: str = "results/") -> str:
+    """The plan as text: jobs per rule, bytes on disk, memory per job type, GPU-hours; with ``free_bytes``
+    (of ``folder``) a last line warns when they are fewer than the plan needs (:func:`disk_warning`)."""
     chunks = plan["feature_chunks"]
     lines = [
         (
@@ -370,4 +388,7 @@ def format_plan(plan: dict) -> str:
         "",
         f"what each line means: {PLANNING}",
     ]
+    warning = None if free_bytes is None else disk_warning(plan, free_bytes, folder)
+    if warning:
+        lines += ["", warning]
     return "\n".join(lines) + "\n"

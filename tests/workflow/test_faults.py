@@ -1,20 +1,20 @@
-"""Faults: crashes, corrupted or foreign shards, non-finite activations, a full disk, concurrent runs.
+"""Faults: crashes, corrupted or foreign shards, non-finite activations, full disks, interrupts, concurrent runs.
 
-Each test is marked ``fault``; the suite's summary counts them (see conftest.py). The README's
-"When things go wrong" table names every test here.
+Each test is marked ``fault``; the suite's summary counts them (see conftest.py). The expensive ones are
+also marked ``bench_faults``: CI leaves them out, ``make bench-faults`` (tools/bench_faults.py) runs them and
+renders docs/performance.md's fault table, where every test here that causes a fault class has a row.
 """
 
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
-import time
 
 import h5py
 import numpy as np
-import psutil
 import pytest
 
 from nullcov.collection.capture import NonFiniteActivationError
@@ -22,7 +22,7 @@ from nullcov.collection.features import run_feature_job
 from nullcov.models.schedule import build_schedule
 from nullcov.statistics.store import read_moments, read_projections
 
-from conftest import base_config, snakemake, snakemake_command, write_config
+from conftest import base_config, job_process, planned_jobs, snakemake, snakemake_command, wait_for, write_config
 
 pytestmark = pytest.mark.fault
 
@@ -30,26 +30,9 @@ pytestmark = pytest.mark.fault
 FAULT_RUN = dict(prompts_per_shard=4, num_denoising_steps=4, resolution=96, batch_size=1)
 
 
-def _wait_for(predicate, timeout=120, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _feature_job_process(workdir):
-    """The running feature job's Python process (Snakemake runs a copy of scripts/features.py)."""
-    for process in psutil.process_iter(["cmdline", "cwd"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            if "features.py" in cmdline and process.info["cwd"] == str(workdir):
-                return process
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return None
+def _line_with(text, words):
+    """The first line of ``text`` that contains ``words`` (for the fault table's "what the user saw")."""
+    return next((line.strip() for line in text.splitlines() if words in line), None)
 
 
 def _log_says(path, text):
@@ -90,11 +73,11 @@ def fault_run(tmp_path, demo_prompts):
     return workdir
 
 
-def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(fault_run, reference):
+def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(fault_run, reference, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = fault_run / "logs" / "features" / "shard_0001.log"
-    _wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 1 to be mid-run")
-    job = _feature_job_process(fault_run)
+    wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 1 to be mid-run")
+    job = job_process(fault_run)
     assert job is not None
     job.send_signal(signal.SIGKILL)
     output, _ = runner.communicate(timeout=300)
@@ -102,21 +85,23 @@ def test_sigkill_of_a_feature_job_then_rerun_incomplete_gives_identical_results(
     assert not (fault_run / "results" / "features" / "shard_0001").exists()  # Snakemake removed the partial output
     snakemake(fault_run, "--rerun-incomplete")
     assert_identical_results(fault_run, reference)
+    record_property("user_saw", _line_with(output, "Error in rule features"))
 
 
-def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(fault_run, reference):
+def test_sigkill_of_snakemake_then_unlock_and_rerun_gives_identical_results(fault_run, reference, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = fault_run / "logs" / "features" / "shard_0000.log"
-    _wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 0 to be mid-run")
+    wait_for(lambda: _log_says(log, "prompts 1/4"), what="shard 0 to be mid-run")
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
     # Orphaned jobs run on; wait for them so the rerun does not race them.
-    _wait_for(lambda: _feature_job_process(fault_run) is None, what="orphaned feature jobs to end")
+    wait_for(lambda: job_process(fault_run) is None, what="orphaned feature jobs to end")
     locked = snakemake(fault_run, check=False)
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
     snakemake(fault_run, "--unlock")
     snakemake(fault_run, "--rerun-incomplete")
     assert_identical_results(fault_run, reference)
+    record_property("user_saw", _line_with(locked.stdout + locked.stderr, "--unlock"))
 
 
 def _corrupt_bytes(path):
@@ -191,7 +176,7 @@ def test_fp16_overflow_fails_the_feature_job_naming_prompt_layer_and_step_and_wr
     assert not (tmp_path / "shard_0000").exists()
 
 
-def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_prompts, monkeypatch):
+def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_prompts, monkeypatch, record_property):
     """The disk fills up in the middle of the second step file: no trace of it remains."""
     original, calls = h5py.Group.create_dataset, {"n": 0}
 
@@ -202,21 +187,22 @@ def test_failing_write_leaves_no_partial_file(tiny_model_dir, tmp_path, demo_pro
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", create_until_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         _feature_job(tiny_model_dir, tmp_path, demo_prompts[:1])
     written = sorted(p.name for p in (tmp_path / "shard_0000").iterdir())
     assert written == ["alpha_00_0999.h5"]  # complete files only; no temporary file left
     read_moments(tmp_path / "shard_0000" / "alpha_00_0999.h5", "features")
+    record_property("user_saw", str(failed.value).replace(str(tmp_path), "…"))
 
 
 @pytest.fixture
 def tiny_filesystem(tmp_path):
-    """A 1 MiB tmpfs: room for a few step files (~311 KB each for the tiny model), not a whole shard."""
+    """A tmpfs as the run's results/ (64 MiB; :func:`_resize` shrinks it to what is in use plus a margin)."""
     mount_point = tmp_path / "run" / "results"
     mount_point.mkdir(parents=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
@@ -224,29 +210,144 @@ def tiny_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_full_results_disk_fails_the_job_and_leaves_nothing_taken_as_complete(tiny_filesystem, demo_prompts):
-    workdir = tiny_filesystem.parent
-    write_config(workdir, demo_prompts[:4], prompts_per_shard=4, num_denoising_steps=6)
+def _resize(mount_point, free_bytes):
+    """Remount the tmpfs so that ``free_bytes`` (rounded up to pages) are free; None: 64 MiB in all."""
+    size = "64m" if free_bytes is None else str(shutil.disk_usage(mount_point).used + free_bytes)
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True)
+
+
+#: A quick run (one shard of 4 prompts, 3 steps, the model's own resolution) for the full-disk, merge and
+#: interrupt cases.
+QUICK_RUN = dict(prompts_per_shard=4, num_denoising_steps=3)
+
+
+@pytest.fixture(scope="module")
+def quick_reference(tmp_path_factory, demo_prompts):
+    workdir = tmp_path_factory.mktemp("quick-reference") / "run"
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture
+def quick_run(tmp_path, demo_prompts):
+    workdir = tmp_path / "run"
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
+    return workdir
+
+
+def _fill_disk_then_resume(workdir, mount_point, stage, reference):
+    """Shrink the results tmpfs below one step file, run until the ``stage`` job fails, check its message and
+    that no temporary file remains, free the space, resume: the results equal ``reference``'s. Returns the
+    message."""
+    _resize(mount_point, 100 * 1024)  # less than one step file (~311 KB for the tiny model)
     failed = snakemake(workdir, check=False)
     assert failed.returncode != 0
-    log = (workdir / "logs" / "features" / "shard_0000.log").read_text()
-    assert "No space left on device" in log or "Errno 28" in log or "ENOSPC" in log, log[-3000:]
-    # Snakemake removed the failed job's output folder; no temporary file survives anywhere.
-    assert not (workdir / "results" / "features" / "shard_0000").exists()
-    assert not [p for p in workdir.rglob("*.tmp*") if "results" in p.parts]
-    dry = snakemake(workdir, "--dry-run", check=False)
-    assert "features" in dry.stdout
+    logs = "".join(path.read_text() for path in (workdir / "logs" / stage).glob("*.log"))
+    match = re.search(r"DiskFullError: \[Errno 28\] No space left on device writing (\S+): the file needs about "
+                      r"(\d+) bytes, (\d+) bytes are free", logs)
+    assert match and match.group(1).startswith(f"results/{stage}/"), logs[-3000:]
+    assert int(match.group(2)) > int(match.group(3))
+    assert not [p for p in mount_point.rglob("*") if ".tmp" in p.name]  # no temporary file survives
+    _resize(mount_point, None)
+    snakemake(workdir)
+    assert_identical_results(workdir, reference)
+    return match.group(0)
 
 
-def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run):
+def test_full_disk_in_a_feature_job_names_path_and_bytes_then_resumes_identical(tiny_filesystem, quick_reference,
+                                                                                demo_prompts, record_property):
+    """`snakemake plan` warns that results/ is too small; the feature job fails naming the file and the bytes it
+    needs, nothing partial remains; after space is freed the run resumes to identical results."""
+    workdir = tiny_filesystem.parent
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
+    _resize(tiny_filesystem, 64 * 1024)
+    planned = snakemake(workdir, "plan")
+    assert "WARNING: results/ has" in planned.stdout and "no-space-left-on-device" in planned.stdout
+    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, "features", quick_reference))
+
+
+@pytest.mark.bench_faults
+@pytest.mark.parametrize("stage", ["covariance", "projections"])
+def test_full_disk_in_a_merge_or_projection_names_path_and_bytes_then_resumes_identical(
+        tiny_filesystem, quick_reference, demo_prompts, stage, record_property):
+    workdir = tiny_filesystem.parent
+    write_config(workdir, demo_prompts[:4], **QUICK_RUN)
+    snakemake(workdir)
+    stages = ["covariance", "projections"]
+    for folder in stages[stages.index(stage):]:
+        shutil.rmtree(workdir / "results" / folder)
+    record_property("user_saw", _fill_disk_then_resume(workdir, tiny_filesystem, stage, quick_reference))
+
+
+def test_a_second_concurrent_run_is_refused_by_the_lock(fault_run, record_property):
     runner = subprocess.Popen(snakemake_command(fault_run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         locks = fault_run / ".snakemake" / "locks"
-        _wait_for(lambda: locks.exists() and any(locks.iterdir()), what="the first run's lock")
+        wait_for(lambda: locks.exists() and any(locks.iterdir()), what="the first run's lock")
         second = snakemake(fault_run, check=False)
         assert second.returncode != 0
         text = second.stdout + second.stderr
         assert "Directory cannot be locked" in text and "--unlock" in text
+        assert str(fault_run) in text  # the locked directory is named
+        record_property("user_saw", _line_with(text, "Directory cannot be locked"))
     finally:
         runner.kill()
         runner.wait()
+
+
+@pytest.mark.bench_faults
+def test_sigkill_of_a_merge_job_leaves_nothing_half_written_and_the_rerun_redoes_exactly_it(
+        quick_run, quick_reference, record_property):
+    """A node lost while merging: the merge job is SIGKILLed as soon as it runs; no merged file or temporary
+    file remains, the next dry-run plans that merge (and what needs it) again, and the rerun is identical."""
+    runner = subprocess.Popen(snakemake_command(quick_run), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    job = wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01,
+                   what="a merge job")
+    job.kill()
+    output, _ = runner.communicate(timeout=300)
+    assert runner.returncode != 0, output
+    killed = re.search(r"Error in rule (covariance\w*):.*?output: (\S+)", output, re.S)
+    assert killed, output
+    assert not (quick_run / killed.group(2)).exists()
+    planned = {output for rule, output in planned_jobs(quick_run) if rule.startswith("covariance")}
+    assert killed.group(2) in planned
+    snakemake(quick_run, "--rerun-incomplete")
+    assert not [p for p in (quick_run / "results").rglob("*") if ".tmp" in p.name]  # a killed write's temporary too
+    assert_identical_results(quick_run, quick_reference)
+    record_property("user_saw", f"Error in rule {killed.group(1)}: ... output: {killed.group(2)}")
+
+
+@pytest.mark.bench_faults
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_snakemake_interrupted_during_a_merge_resumes_identical(quick_run, quick_reference, signal_number,
+                                                             record_property):
+    """Ctrl-C (SIGINT) or SIGTERM of Snakemake while a merge runs: it stops its jobs and removes their outputs;
+    the same command resumes and gives identical results."""
+    runner = subprocess.Popen(snakemake_command(quick_run), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: job_process(quick_run, "covariance.py"), timeout=600, interval=0.01, what="a merge job")
+    runner.send_signal(signal_number)
+    output, _ = runner.communicate(timeout=300)
+    assert runner.returncode != 0, output
+    assert not [p for p in (quick_run / "results").rglob("*") if ".tmp" in p.name]
+    snakemake(quick_run)  # no --unlock: an interrupted Snakemake releases its lock
+    assert_identical_results(quick_run, quick_reference)
+    record_property("user_saw", output.strip().splitlines()[-1])
+
+
+@pytest.mark.bench_faults
+def test_two_runs_on_different_folders_sharing_one_model_both_succeed(tmp_path, tiny_model_dir, demo_prompts,
+                                                                      record_property):
+    """Two Snakemake runs at once in two results folders that read the same model folder: no lock conflict,
+    equal results."""
+    workdirs = [tmp_path / name for name in ("first", "second")]
+    for workdir in workdirs:
+        write_config(workdir, demo_prompts[:4], model=str(tiny_model_dir))
+    runs = [subprocess.Popen(snakemake_command(workdir, "--cores", "1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for workdir in workdirs]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert_identical_results(workdirs[1], workdirs[0])
+    record_property("user_saw", "both runs: " + outputs[0].strip().splitlines()[-1])

@@ -157,3 +157,11 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     assert plan.run_plan(collection="noised", **tight)["feature_chunks"]["unet_calls_per_batch"] == 4
     text = plan.format_plan(whole)
     assert "features (GPU)" in text and "0.01 GPU-hours" in text and "shard scratch" in text
+    # the free space of results/: no warning with enough, a warning naming both byte counts without
+    needed = plan.disk_needed(whole)
+    assert needed == sum(whole["bytes"][name] for name in ("shard scratch", "partial sums (merge groups)",
+                                                             "merged moments", "projections"))
+    assert "WARNING" not in plan.format_plan(whole, needed, "results/")
+    warned = plan.format_plan(whole, needed - 1, "results/").splitlines()[-1]
+    assert warned.startswith("WARNING: results/ has") and f"({needed - 1} bytes)" in warned
+    assert f"({needed} bytes)" in warned and warned.endswith("#no-space-left-on-device)")

@@ -24,7 +24,16 @@ from nullcov.models.model import BUILTIN_TINY
 from nullcov.statistics.store import read_moments, read_projections
 from nullcov.workflow import plan
 
-from conftest import REPO, SNAKEFILE, planned_jobs, snakemake, snakemake_command, write_config
+from conftest import (
+    REPO,
+    SNAKEFILE,
+    job_process,
+    planned_jobs,
+    snakemake,
+    snakemake_command,
+    wait_for,
+    write_config,
+)
 from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
 PROFILE = REPO / "profiles" / "slurm"
@@ -247,14 +256,18 @@ def test_merges_and_projections_run_as_grouped_cpu_jobs(slurm_run):
                                                    "statistics_covariance_text_projection_text"}
 
 
-def _cancel_feature_job_once_running(cluster, run, log, known_jobs):
-    """scancel the (new) feature job as soon as its Python has written to its log; returns its job id."""
+def _cancel_feature_job_once_running(cluster, run, log, known_jobs, action=None):
+    """scancel the (new) feature job as soon as its Python has written to its log (or call ``action`` with
+    its job id instead); returns its job id."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None:
         running = [job_id for job_id, job in cluster.jobs().items()
                    if job_id not in known_jobs and _rule_of(job) == "features" and job["JobState"] == "RUNNING"]
         if running and log.exists() and log.stat().st_size > 0:  # the new job is at work
-            assert cluster.client("scancel", running[0]).returncode == 0
+            if action is None:
+                assert cluster.client("scancel", running[0]).returncode == 0
+            else:
+                action(running[0])
             return running[0]
         time.sleep(0.2)
     run.kill()
@@ -276,12 +289,12 @@ def _rewound_copy(finished, tmp_path):
     return workdir, log, kept
 
 
-def _run_cancelling_its_feature_job(cluster, workdir, log, known_jobs, *args, timeout):
-    """A run through the profile whose (new) feature job is scancelled once at work:
+def _run_cancelling_its_feature_job(cluster, workdir, log, known_jobs, *args, timeout, action=None):
+    """A run through the profile whose (new) feature job is scancelled (or given to ``action``) once at work:
     (the cancelled job id, the run's exit status, its output)."""
     run = _start(workdir, "--profile", str(PROFILE), *OVERRIDES, *args)
     try:
-        cancelled = _cancel_feature_job_once_running(cluster, run, log, known_jobs)
+        cancelled = _cancel_feature_job_once_running(cluster, run, log, known_jobs, action)
         output, _ = run.communicate(timeout=timeout)
     finally:
         if run.poll() is None:
@@ -340,6 +353,115 @@ def test_a_cancelled_feature_job_fails_the_run_cleanly_and_the_next_run_redoes_o
     assert _minutes(second["TimeLimit"]) == 2 * _minutes(first["TimeLimit"])  # runtime x attempt
     assert {path: path.stat().st_mtime_ns for path in kept} == kept  # shard 0000 was not redone
     _assert_same_covariances(workdir, finished, targets)
+
+
+def _feature_attempts(cluster, known_jobs):
+    """(job id, scontrol fields) of the feature jobs not in ``known_jobs``, oldest first."""
+    return sorted(((int(job_id), job) for job_id, job in cluster.jobs().items()
+                   if job_id not in known_jobs and _rule_of(job) == "features"), key=lambda item: item[0])
+
+
+@pytest.mark.fault
+def test_a_feature_job_past_its_time_limit_is_resubmitted_with_twice_the_runtime(
+    slurm_run, slurm_cluster, targets, tmp_path, record_property  # noqa: F811
+):
+    """TIMEOUT: the running feature job hangs (SIGSTOP) and SLURM's limit is cut to 0 (`scontrol update
+    TimeLimit=0`), so slurmctld ends it as TIMEOUT at its next limit check; the profile's retries resubmit it
+    with twice the runtime (and mem_mb), the run says so, and the results equal the undisturbed run's."""
+    finished, *_ = slurm_run
+    workdir, log, kept = _rewound_copy(finished, tmp_path)
+    known_jobs, limits = set(slurm_cluster.jobs()), {}
+
+    def hang_past_the_limit(job_id):
+        limits[job_id] = slurm_cluster.jobs()[job_id]["TimeLimit"]
+        wait_for(lambda: job_process(workdir), what="the feature job's process").suspend()  # SIGSTOP
+        assert slurm_cluster.scontrol("update", f"JobId={job_id}", "TimeLimit=0").returncode == 0
+
+    first, returncode, output = _run_cancelling_its_feature_job(
+        slurm_cluster, workdir, log, known_jobs, *targets, timeout=300, action=hang_past_the_limit)
+    assert returncode == 0, output
+    said = f"SLURM-job '{first}' failed, SLURM status is: 'TIMEOUT'"
+    assert said in output and "Trying to restart job" in output, output
+    (first_id, timed_out), (_, retry) = _feature_attempts(slurm_cluster, known_jobs)
+    assert str(first_id) == first and (timed_out["JobState"], retry["JobState"]) == ("TIMEOUT", "COMPLETED")
+    assert _minutes(retry["TimeLimit"]) == 2 * _minutes(limits[first])  # runtime x attempt
+    assert int(retry["MinMemoryNode"].rstrip("M")) == 2 * int(timed_out["MinMemoryNode"].rstrip("M"))
+    assert re.search(r"job resources: mem_mb=\d+, runtime=" + str(int(_minutes(retry["TimeLimit"]))), log.read_text())
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept  # shard 0000 was not redone
+    _assert_same_covariances(workdir, finished, targets)
+    record_property("user_saw", f"{said} ... Trying to restart job (retry: TimeLimit {retry['TimeLimit']})")
+
+
+@pytest.mark.fault
+@pytest.mark.bench_faults
+def test_a_requeued_feature_job_restarts_clean_and_gives_identical_results(
+    slurm_run, slurm_cluster, targets, tmp_path, record_property  # noqa: F811
+):
+    """Preemption: the running feature job is stopped (SIGSTOP), a stale file is put in its output folder
+    (what an interrupted run could leave), and `scontrol requeue` sends it back to the queue; released at
+    once (`StartTime=now`), it runs again under the same job id (the Snakemake inside the job removes the
+    output folder before the rule runs, so nothing of the interrupted run is adopted), and the results equal
+    the undisturbed run's."""
+    finished, *_ = slurm_run
+    workdir, log, kept = _rewound_copy(finished, tmp_path)
+    known_jobs = set(slurm_cluster.jobs())
+    shard = workdir / "results" / "features" / "shard_0001"
+
+    def preempt(job_id):
+        wait_for(lambda: job_process(workdir), what="the feature job's process").suspend()
+        shard.mkdir(parents=True, exist_ok=True)
+        (shard / "text.h5").write_bytes(b"left by the interrupted run")
+        (shard / "stale.h5").write_bytes(b"left by the interrupted run")
+        assert slurm_cluster.scontrol("requeue", job_id).returncode == 0
+        wait_for(lambda: slurm_cluster.jobs()[job_id]["JobState"] == "PENDING", timeout=60, interval=0.2,
+                 what="the requeued job to be pending")
+        assert slurm_cluster.scontrol("update", f"JobId={job_id}", "StartTime=now").returncode == 0
+
+    requeued, returncode, output = _run_cancelling_its_feature_job(
+        slurm_cluster, workdir, log, known_jobs, *targets, timeout=400, action=preempt)
+    assert returncode == 0, output
+    ((job_id, job),) = _feature_attempts(slurm_cluster, known_jobs)  # one job, not a resubmission
+    assert str(job_id) == requeued and job["JobState"] == "COMPLETED" and job["Restarts"] == "1"
+    assert not (shard / "stale.h5").exists()  # the folder was emptied before the restarted run
+    assert (shard / "text.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"  # rewritten, not the stale file
+    assert "job resources: mem_mb" in log.read_text()  # one log, of the restarted run
+    _assert_same_covariances(workdir, finished, targets)
+    record_property("user_saw", f"squeue: job {job_id} back to PENDING, then RUNNING again; scontrol: Restarts="
+                                f"{job['Restarts']} JobState={job['JobState']}; Snakemake: no message, kept waiting")
+
+
+@pytest.mark.fault
+@pytest.mark.bench_faults
+def test_a_feature_job_short_of_memory_is_retried_with_more_then_named(
+    slurm_run, slurm_cluster, targets, tmp_path, record_property  # noqa: F811
+):
+    """Memory: the test cluster does not enforce --mem (no cgroups), so the job's own budget check stands
+    in for the kernel's OOM kill (MemoryBudgetError, exit 1 instead of 137). mem_mb 700 x attempt: the first
+    attempt fails, the retry (1400) succeeds with identical results; mem_mb 100 on every attempt: all three
+    fail, and the log names the job and the memory it needs."""
+    finished, *_ = slurm_run
+    workdir, log, _ = _rewound_copy(finished, tmp_path)
+    gpu = ["features:gpu=1", "features:cpus_per_task=4"]  # --set-resources replaces the profile's whole key
+    known_jobs = set(slurm_cluster.jobs())
+    retried = _slurm(workdir, *targets, "--set-resources", "features:mem_mb=700*attempt", *gpu, check=False)
+    output = retried.stdout + retried.stderr
+    assert retried.returncode == 0, output
+    attempts = _feature_attempts(slurm_cluster, known_jobs)
+    assert [job["MinMemoryNode"] for _, job in attempts] == ["700M", "1400M"]
+    assert [job["JobState"] for _, job in attempts] == ["FAILED", "COMPLETED"]
+    assert "Trying to restart job" in output
+    _assert_same_covariances(workdir, finished, targets)
+
+    workdir, log, _ = _rewound_copy(finished, tmp_path / "never")
+    known_jobs = set(slurm_cluster.jobs())
+    failed = _slurm(workdir, *targets, "--set-resources", "features:mem_mb=100", *gpu, check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert [job["JobState"] for _, job in _feature_attempts(slurm_cluster, known_jobs)] == ["FAILED"] * 3
+    assert "Error in rule features" in output and "shard=0001" in output, output
+    said = re.search(r"MemoryBudgetError: mem_mb=100 cannot hold .* at least mem_mb=(\d+)", log.read_text())
+    assert said, log.read_text()
+    record_property("user_saw", said.group(0))
 
 
 def _minutes(limit):
