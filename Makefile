@@ -101,7 +101,7 @@ bench-slurm-arrays: $(STAMP)
 # The fault table (docs/performance.md#faults-what-a-long-run-on-a-shared-cluster-meets): time limit, memory,
 # requeue, killed jobs, locks, full disks, interrupts, each caused for real and resumed to identical results
 # (tests/workflow/test_faults.py, test_slurm.py with --bench-faults). Needs root (SLURM test cluster, tmpfs);
-# ~10 min; docs/measurements/bench-faults.json.
+# ~15 min on 2 cores; docs/measurements/bench-faults.json.
 .PHONY: bench-faults
 bench-faults: $(STAMP)
 	$(BIN)/python tools/bench_faults.py

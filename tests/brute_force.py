@@ -7,7 +7,22 @@ import numpy as np
 from nullcov.models.model import cross_attention_modules
 
 
-class RawInputs:
+class LinearInputs:
+    """What every reference shares: forward pre-hooks that keep a linear's raw input (float64) in the
+    current call's record (``self.calls[-1]``), and their removal."""
+
+    def _linear(self, key):
+        def hook(module, args):
+            self.calls[-1][key] = args[0].double().clone()
+
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class RawInputs(LinearInputs):
     """Independent reference: keep every raw input of every hooked linear, per UNet call."""
 
     def __init__(self, unet):
@@ -19,16 +34,6 @@ class RawInputs:
 
     def _unet(self, module, args, kwargs):
         self.calls.append({"timestep": float(args[1]), "states": kwargs["encoder_hidden_states"].double().clone()})
-
-    def _linear(self, key):
-        def hook(module, args):
-            self.calls[-1][key] = args[0].double().clone()
-
-        return hook
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def assert_close_to_float64(actual, expected, rtol=2e-6):

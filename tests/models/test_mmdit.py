@@ -16,7 +16,7 @@ from nullcov.models.sampling import configure_scheduler, flow_of
 from nullcov.models.schedule import NAME_PATTERN, ScheduleError, build_schedule, calculate_shift
 from nullcov.models.tiny_model import TRANSFORMER_FAMILIES, build_tiny_model
 
-from brute_force import assert_close_to_float64
+from brute_force import LinearInputs, assert_close_to_float64
 from conftest import base_config
 
 PROMPTS = ["a photo of a cat", "a red dog on the grass", "blue"]
@@ -42,7 +42,7 @@ def _prepared(model_dir, config):
     return pipe, schedule
 
 
-class RawTransformerInputs:
+class RawTransformerInputs(LinearInputs):
     """Independent reference: every raw input of the blocks' linears and every transformer call's
     timestep and batch, found by walking the blocks (not through nullcov's vocabulary)."""
 
@@ -61,16 +61,6 @@ class RawTransformerInputs:
 
     def _call(self, module, args, kwargs):
         self.calls.append({"timestep": kwargs["timestep"].clone(), "rows": kwargs["hidden_states"].shape[0]})
-
-    def _linear(self, key):
-        def hook(module, args):
-            self.calls[-1][key] = args[0].double().clone()
-
-        return hook
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 def _nullcov_key(key):
