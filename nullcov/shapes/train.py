@@ -3,6 +3,7 @@
 The same classes a real SD-1.x checkpoint has, trained the way SD was, only small:
 
 1. the project's CLIP BPE tokenizer, merges learned on the grammar's words (:func:`nullcov.shapes.grammar.vocabulary`);
+   when the folder is saved, :data:`nullcov.shapes.rare_tokens.RARE_TOKENS` are added as single tokens no caption holds;
 2. an ``AutoencoderKL`` with 3 levels (32 px images -> 4 x 8 x 8 latents), reconstruction + a small KL
    term; its ``scaling_factor`` is set from the latents' standard deviation, as SD's 0.18215 was;
 3. a ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained jointly on the frozen VAE's latents:
@@ -44,6 +45,7 @@ from nullcov.models.tiny_model import (
     write_tokenizer,
 )
 from nullcov.shapes import grammar as shapes
+from nullcov.shapes.rare_tokens import add_rare_tokens
 
 TRAINING_RECORD = "training.json"
 #: SD-1.5's scheduler config with DDPM's linear betas (1e-4 to 0.02). SD's ``scaled_linear`` betas end
@@ -292,6 +294,7 @@ def save_model(out_dir: Path, settings: ShapesTraining, vae, text_encoder, unet,
                                     ("text_encoder", text_encoder, torch.float32)):
             module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
             module.to(torch.float32)
+        record = record | {"rare_tokens": add_rare_tokens(tmp)}
         write_model_json(tmp / TRAINING_RECORD, record)
         write_manifest(tmp)
     return out_dir

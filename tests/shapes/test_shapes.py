@@ -20,6 +20,7 @@ from nullcov.prompts import read_prompts
 from nullcov.shapes import evaluation as shapes_eval
 from nullcov.shapes import evaluator
 from nullcov.shapes import grammar as shapes
+from nullcov.shapes.rare_tokens import RARE_TOKENS
 
 from conftest import REPO
 
@@ -254,8 +255,52 @@ def test_training_a_few_steps_writes_a_loadable_checked_reproducible_folder(tmp_
     assert 0 < seconds["vae"] and 0 < seconds["unet_text"] and seconds["vae"] + seconds["unet_text"] <= seconds["total"]
     pipe = load_pipeline(first, "float32", "cpu")
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == shapes.RESOLUTION
-    assert pipe.tokenizer.tokenize("a red sks") == ["a</w>", "red</w>", "s", "k", "s</w>"]
+    assert pipe.tokenizer.tokenize("a red sks") == ["a</w>", "red</w>", "sks</w>"]  # a rare token, added on saving
+    assert set(record["rare_tokens"]["tokens"]) == set(RARE_TOKENS)
     assert not list(tmp_path.glob(".first*"))  # no temporary folder left behind
+
+
+# -- rare identifier tokens -------------------------------------------------------------------------
+def test_rare_tokens_are_one_token_each_never_in_a_training_caption_with_rows_of_their_own():
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(BUILTIN_SHAPES_DIR / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(BUILTIN_SHAPES_DIR / "text_encoder")
+    record = json.loads((BUILTIN_SHAPES_DIR / "training.json").read_text())["rare_tokens"]
+    captions = [shapes.sample_scene(0, index).caption for index in range(4096)]
+    seen = {int(i) for i in tokenizer(captions).input_ids for i in i}
+    for word in RARE_TOKENS:
+        assert tokenizer.tokenize(f"a red {word} on the left")[2] == f"{word}</w>"
+        assert len(tokenizer(word).input_ids) == 3  # BOS, the word, EOS
+        assert record["tokens"][word] == tokenizer.convert_tokens_to_ids(f"{word}</w>") not in seen
+    assert len(tokenizer) == text_encoder.config.vocab_size == text_encoder.get_input_embeddings().weight.shape[0]
+
+
+def test_adding_rare_tokens_keeps_every_grammar_caption_and_embedding_and_draws_the_new_rows_seeded(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from nullcov.models.tiny_model import text_encoder_config, write_tokenizer
+    from nullcov.shapes.rare_tokens import extend_embeddings, extend_tokenizer
+
+    write_tokenizer(tmp_path, shapes.vocabulary(), num_merges=10_000)
+    captions = [scene.caption for scene in shapes.grammar_scenes(shapes.ALL_SHAPES, tuple(range(len(shapes.TEMPLATES))))]
+    before = CLIPTokenizer.from_pretrained(tmp_path)(captions).input_ids
+    added = extend_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    assert tokenizer(captions).input_ids == before
+    assert [tokenizer.convert_ids_to_tokens(len(tokenizer) - len(added) + i) for i in range(len(added))] == added
+    assert extend_tokenizer(tmp_path) == []  # a second time adds nothing
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tokenizer) - len(added), 16, intermediate_size=32)))
+    old = model.get_input_embeddings().weight.detach().clone()
+    extend_embeddings(model, len(added), seed=3)
+    weight = model.get_input_embeddings().weight.detach()
+    assert torch.equal(weight[: len(old)], old) and model.config.vocab_size == len(tokenizer)
+    again = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(old), 16, intermediate_size=32)))
+    extend_embeddings(again, len(added), seed=3)
+    assert torch.equal(again.get_input_embeddings().weight[len(old):], weight[len(old):])
+    with pytest.raises(ValueError, match=r"\['red'\] are grammar words"):
+        extend_tokenizer(tmp_path, ("red",))
 
 
 # -- the workflow on it -----------------------------------------------------------------------------
