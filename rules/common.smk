@@ -176,7 +176,9 @@ FINETUNE_OUTPUTS = {  # the fine-tune proof's outputs besides its weights (rules
     name: str(RESULTS.finetune(file))
     for name, file in (
         ("table", "variants.tsv"),
-        ("figure", "variants.png"),
+        ("curves", "curves.tsv"),
+        ("matched", "matched.tsv"),
+        ("figure", "frontier.png"),
         ("grid", "grid.png"),
         ("grid_images", "grid.npz"),
         ("null_energy", "null_energy.tsv"),
@@ -188,7 +190,7 @@ def export_outputs():
     """The configured exports and, with finetune_proof, the fine-tune proof's table and figure."""
     outputs = [EXPORT_OUTPUTS[name] for name in config["exports"]]
     if config["finetune_proof"]:
-        outputs += [FINETUNE_OUTPUTS["table"], FINETUNE_OUTPUTS["grid"]]
+        outputs += [FINETUNE_OUTPUTS["table"], FINETUNE_OUTPUTS["matched"], FINETUNE_OUTPUTS["grid"]]
     return outputs
 
 

@@ -92,8 +92,8 @@ use rule projection_text as proof_projection_text with:
 
 
 rule finetune_proof:
-    """Every variant to the same concept fidelity; preserved prompts' accuracy, pixel and attn2 change; weights, grid;
-    the null space's share of the concept's and the preserved prompts' inputs."""
+    """Every run's learning-vs-forgetting curve (checkpoints: fidelity, preserved accuracy and pixel change, weights);
+    the variants at matched fidelity; at each run's end every preserved prompt; grid; the null space's share."""
     input:
         schedule=RESULTS.schedule,
         model=model_input,
@@ -106,11 +106,18 @@ rule finetune_proof:
             category="6. Fine-tune proof",
             labels={"table": "variants"},
         ),
+        curves=FINETUNE_OUTPUTS["curves"],
+        matched=report(
+            FINETUNE_OUTPUTS["matched"],
+            caption="../report/finetune.rst",
+            category="6. Fine-tune proof",
+            labels={"table": "matched fidelity"},
+        ),
         figure=report(
             FINETUNE_OUTPUTS["figure"],
             caption="../report/finetune.rst",
             category="6. Fine-tune proof",
-            labels={"figure": "fidelity and preservation"},
+            labels={"figure": "learning vs forgetting"},
         ),
         grid=report(
             FINETUNE_OUTPUTS["grid"],
@@ -125,7 +132,7 @@ rule finetune_proof:
             category="6. Fine-tune proof",
             labels={"table": "null-space energy"},
         ),
-        weights=expand(RESULTS.finetune("{variant}", nc_layout.FINETUNE_WEIGHTS), variant=FINETUNE_PLAN.names),
+        weights=[directory(str(RESULTS.finetune(run))) for run in FINETUNE_PLAN.names],
     log:
         "logs/report/finetune.log",
     benchmark:

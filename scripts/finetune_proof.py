@@ -22,6 +22,8 @@ with logging_to(snakemake.log[0]):
         device=snakemake.params.device,
         outputs={
             "table": snakemake.output.table,
+            "curves": snakemake.output.curves,
+            "matched": snakemake.output.matched,
             "figure": snakemake.output.figure,
             "grid": snakemake.output.grid,
             "grid_images": snakemake.output.grid_images,

@@ -45,6 +45,7 @@ import torch
 
 from nullcov.collection.capture import conditional_rows
 from nullcov.proof import data as proof_data
+from nullcov.proof.curves import PRESERVED_DROP_POINTS
 from nullcov.proof.null_energy import protected_timesteps
 from nullcov.proof.plan import ProofPlan, ProofSettings, Variant
 from nullcov.shapes import evaluator
@@ -123,20 +124,22 @@ class Attn2Drift:
 
 
 def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings: ProofSettings,
-           drift: Attn2Drift | None = None, unet=None) -> np.ndarray:
-    """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded ``first_seed + i``,
-    with the schedule's sampler and CFG, in batches of ``settings.sample_batch``
-    (:func:`nullcov.models.sampling.sample_images`; ``unet`` None: ``pipe.unet``)."""
-    from nullcov.models.sampling import prompt_generators, sample_images
+           drift: Attn2Drift | None = None, unet=None, indices: list[int] | None = None) -> np.ndarray:
+    """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded as prompt
+    ``indices[i]`` (None: ``i``) of ``first_seed``, with the schedule's sampler and CFG, in batches
+    of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`; ``unet`` None:
+    ``pipe.unet``)."""
+    from nullcov.models.sampling import prompt_generator, sample_images
 
     denoiser = pipe.unet if unet is None else unet
+    indices = list(range(len(captions))) if indices is None else list(indices)
     images = []
     for start in range(0, len(captions), settings.sample_batch):
         batch = captions[start: start + settings.sample_batch]
+        generators = [prompt_generator(first_seed, index) for index in indices[start: start + len(batch)]]
         hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
         with hooked, torch.no_grad():
-            images.append(sample_images(pipe, batch, prompt_generators(first_seed, start, len(batch)), schedule,
-                                        settings.guidance_scale, unet=unet))
+            images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale, unet=unet))
     return np.concatenate(images)
 
 
@@ -223,9 +226,10 @@ def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, se
     return loss, timestep
 
 
-def trainable_unet(base_unet, kind: str, settings: ProofSettings):
+def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: int = 0):
     """A copy of the base UNet trainable as a variant of ``kind`` trains it: the attn2 linears (full;
-    ``projected-kv``: ``to_k`` and ``to_v`` only), or LoRA adapters on them (``projected-lora``)."""
+    ``projected-kv`` and its control: ``to_k`` and ``to_v`` only), or LoRA adapters on them
+    (``projected-lora``, initialised from fine-tune seed ``seed_index``)."""
     from nullcov.models.family import CROSS_ATTENTION
     from nullcov.training.constraint import find_cross_attention_linears
 
@@ -236,13 +240,13 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings):
 
         cuda = [unet.device.index or 0] if unet.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the adapters' initialisation, seeded, whatever ran before
-            torch.manual_seed(settings.seed)
+            torch.manual_seed(settings.run_seed(seed_index))
             linears = "|".join(re.escape(CROSS_ATTENTION.module_path(linear)) for linear in CROSS_ATTENTION.hooked)
             unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
                                         target_modules=rf".*attn2\.({linears})"))  # to_q|to_k|to_v|to_out\.0
         return unet
     for item in find_cross_attention_linears(unet):
-        if kind != "projected-kv" or item.linear in CROSS_ATTENTION.text:
+        if not kind.endswith("projected-kv") or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
     return unet
 
@@ -272,27 +276,50 @@ def merged_unet(base_unet, state: dict[str, torch.Tensor]):
     return unet
 
 
-def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
-                  settings: ProofSettings) -> Outcome:
-    """Train ``variant`` from ``base_unet`` until the concept fidelity reaches the target (or for
-    ``fixed_steps`` without an evaluator); returns the merged plain UNet, steps, seconds (class
-    images included) and fidelity. ``pipe`` (its own UNet untouched) samples the trained UNet."""
-    from diffusers import DDPMScheduler
+def learning_rate(variant: Variant, settings: ProofSettings) -> float:
+    """The run's learning rate: its own (a grid run), else the settings' for its kind."""
+    if variant.learning_rate is not None:
+        return variant.learning_rate
+    return settings.lora_learning_rate if variant.kind == "projected-lora" else settings.learning_rate
 
+
+def variant_constraint(unet, variant: Variant, settings: ProofSettings):
+    """The run's :class:`NullSpaceConstraint` (None: not projected); a ``random-*`` control's projections
+    are same-rank random ones (:class:`nullcov.proof.controls.RandomSubspaces`)."""
+    from nullcov.proof.controls import RandomSubspaces
     from nullcov.training.constraint import NullSpaceConstraint
 
-    started = time.perf_counter()
-    unet = trainable_unet(base_unet, variant.kind, settings)
+    if not variant.projected:
+        return None
     setting = variant.setting
     constraint = NullSpaceConstraint.from_files(unet, setting.schedule, setting.covariance, setting.projections,
-                                                mode="nearest") if variant.projected else None
-    lr = settings.lora_learning_rate if variant.kind == "projected-lora" else settings.learning_rate
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
+                                                mode="nearest")
+    if variant.kind.startswith("random-"):
+        constraint.lookup = RandomSubspaces(constraint.lookup, settings.run_seed(variant.seed_index) + 5)
+    return constraint
+
+
+def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
+                  settings: ProofSettings, checkpoints: Checkpoints | None = None) -> Outcome:
+    """Train ``variant`` from ``base_unet`` until the concept fidelity reaches the target at a
+    checkpoint (every ``eval_every`` steps; or for ``fixed_steps`` without an evaluator); returns the
+    merged plain UNet, steps, seconds (class images included) and fidelity. ``pipe`` (its own UNet
+    untouched) samples the trained UNet; ``checkpoints`` measures each checkpoint (the curve)."""
+    from diffusers import DDPMScheduler
+
+    started = time.perf_counter()
+    unet = trainable_unet(base_unet, variant.kind, settings, variant.seed_index)
+    constraint = variant_constraint(unet, variant, settings)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad],
+                                  lr=learning_rate(variant, settings), weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    generators = (torch.Generator().manual_seed(settings.seed + 2), torch.Generator().manual_seed(settings.seed + 3))
+    seed = settings.run_seed(variant.seed_index)
+    generators = (torch.Generator().manual_seed(seed + 2), torch.Generator().manual_seed(seed + 3))
     every_step = [step["timestep"] for step in schedule["steps"]]
     cap = settings.max_steps if settings.evaluate else settings.fixed_steps
     outcome = Outcome(unet=None, steps=0, seconds=0.0, fidelity=math.nan)
+    if checkpoints is not None:
+        checkpoints.start(variant, learning_rate(variant, settings))
     for step in range(1, cap + 1):
         loss, timestep = training_loss(unet, noise_scheduler, data, variant, settings, generators)
         loss.backward()
@@ -305,11 +332,15 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
             constraint.project(protected)
         outcome.losses.append((step, loss.item()))
         outcome.steps = step
-        if settings.evaluate and (step % settings.eval_every == 0 or step == cap):
-            outcome.fidelity = evaluate_concept(pipe, unet, schedule, settings)[0]
-            log.info("%s, step %d: concept fidelity %.3f (target %.2f)", variant.name, step, outcome.fidelity,
-                     settings.target_fidelity)
-            if outcome.fidelity >= settings.target_fidelity:
+        if step % settings.eval_every == 0 or step == cap:
+            if settings.evaluate:
+                outcome.fidelity = evaluate_concept(pipe, unet, schedule, settings)[0]
+                log.info("%s, step %d: concept fidelity %.3f (target %.2f)", variant.name, step, outcome.fidelity,
+                         settings.target_fidelity)
+            if checkpoints is not None:
+                recent = [value for _, value in outcome.losses[-settings.eval_every:]]
+                checkpoints.measure(step, unet, outcome.fidelity, float(np.mean(recent)))
+            if settings.evaluate and outcome.fidelity >= settings.target_fidelity:
                 break
     outcome.unet = merged_unet(base_unet, attn2_state(unet))
     class_seconds = data.class_seconds if variant.kind == "prior-preservation" else 0.0
@@ -343,6 +374,57 @@ def measure_preserved(pipe, unet, preserved: list[proof_data.PreservedPrompt], s
     return Measurement(images, correct)
 
 
+@dataclass
+class Checkpoints:
+    """Each run's curve (:data:`nullcov.proof.curves.CURVE_COLUMNS`): at step 0 (the base model) and at
+    every checkpoint, the concept fidelity and, on a fixed subset of the preserved prompts (every
+    ``checkpoint_stride``-th, with their own seeds, so the base model's images are the reference),
+    the evaluator's accuracy per attribute, the all-correct accuracy drop and the mean pixel change
+    against the base model. ``save(run, step, state)`` keeps each checkpoint's attn2 weights."""
+
+    pipe: object
+    schedule: dict
+    settings: ProofSettings
+    baseline: Baseline
+    save: object = None
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(0, len(self.baseline.preserved), self.settings.checkpoint_stride))
+
+    def start(self, variant: Variant, rate: float) -> None:
+        """A new run's curve, from the base model's point (step 0)."""
+        self._head = {"run": variant.name, "variant": variant.variant, "kind": variant.kind,
+                      "seed": variant.seed_index, "learning_rate": rate}
+        base = self.baseline.measurement
+        self._record(0, self.baseline.concept_fidelity, base.images[self.indices],
+                     [base.correct[i] for i in self.indices], math.nan)
+
+    def measure(self, step: int, unet, fidelity: float, loss: float) -> None:
+        """The checkpoint at ``step`` of the current run, under ``unet`` (trained, LoRA or not)."""
+        indices, preserved = self.indices, self.baseline.preserved
+        images = sample(self.pipe, [preserved[i].caption for i in indices], 0, self.schedule, self.settings,
+                        unet=unet, indices=indices)
+        correct = [evaluator.score(evaluator.read_image(image), preserved[i].scene) if self.settings.evaluate else {}
+                   for i, image in zip(indices, images, strict=True)]
+        self._record(step, fidelity, images, correct, loss)
+        if self.save is not None:
+            self.save(self._head["run"], step, attn2_state(unet))
+
+    def _record(self, step: int, fidelity: float, images: np.ndarray, correct: list[dict], loss: float) -> None:
+        base = self.baseline.measurement
+        before = [base.correct[i] for i in self.indices]
+        row = self._head | {"step": step, "concept_fidelity": fidelity, "loss": loss}
+        for attribute in evaluator.ATTRIBUTES:
+            later = evaluator.accuracy(correct, attribute)
+            row |= {f"accuracy_{attribute}": later,
+                    f"accuracy_drop_points_{attribute}": 100 * (evaluator.accuracy(before, attribute) - later)}
+        row["accuracy_drop_points"] = 100 * (evaluator.accuracy(before) - evaluator.accuracy(correct))
+        row["pixel_change"] = float(np.abs(images - base.images[self.indices]).mean())
+        self.rows.append(row)
+
+
 def group_indices(preserved: list[proof_data.PreservedPrompt]) -> dict[str, list[int]]:
     """Prompt indices per group (``all`` and :data:`nullcov.proof.data.GROUPS`)."""
     groups = {"all": list(range(len(preserved)))} | {group: [] for group in proof_data.GROUPS}
@@ -373,16 +455,16 @@ def preserved_columns(base: Measurement, after: Measurement, drift: Attn2Drift,
     return row
 
 
-def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[str, float]:
+def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: ProofSettings) -> dict[str, float]:
     """``‖ΔW‖`` over the attn2 weights and, for projected variants, the share of the update outside
     the null spaces it was projected into: ``‖ΔW − ΔW Q Qᵀ‖ / ‖ΔW‖`` over every attn2 weight together
     (Frobenius norms summed over the linears; ``Q`` a basis of the union of a linear's null spaces:
     the one ``P`` of all timesteps, or every step's ``P`` per timestep). Over the whole update, not
     the worst linear: ``ΔW`` is the merged float32 weight minus the base one, whose rounding
     (about 6e-8 of ``‖W‖``) is alone more than 1e-5 of a linear whose update is a thousandth of its
-    weight (the proof's LoRA variant had such a ``to_q``)."""
+    weight (the proof's LoRA variant had such a ``to_q``). A ``random-*`` control's null spaces are
+    its random ones."""
     from nullcov.models.family import TEXT_KEY
-    from nullcov.training.bank import ProjectionBank
     from nullcov.training.constraint import find_cross_attention_linears
 
     before, after = attn2_state(base_unet), attn2_state(unet)
@@ -391,8 +473,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict) -> dict[st
            "update_outside_null_space": math.nan}
     if not variant.projected:
         return row
-    setting = variant.setting
-    lookup = ProjectionBank.from_files(setting.schedule, setting.covariance, setting.projections)
+    lookup = variant_constraint(trainable_unet(base_unet, variant.kind, settings, variant.seed_index),
+                                variant, settings).lookup
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
@@ -415,17 +497,13 @@ def union_basis(projections: list[torch.Tensor], tolerance: float = 1e-4) -> tor
 
 
 # -- the experiment ---------------------------------------------------------------------------------
-#: The goal's bound on the preserved prompts' accuracy drop (points): a variant within it "preserved".
-PRESERVED_DROP_POINTS = 1.0
-
-
 def best_projected(rows: list[dict]) -> dict:
     """The projected row to repeat with LoRA, the one closest to the goal: among the variants that
     preserved (accuracy drop <= :data:`PRESERVED_DROP_POINTS`; all of them if none did), the one that
     reached the target and moved the preserved prompts' pixels least, or, if none reached it, the one
     with the highest concept fidelity. Preservation comes first: a projection that learns the concept
     but moves the rest as much as an unconstrained fine-tune is no better setting to repeat."""
-    projected = [row for row in rows if row["kind"] == "projected"]
+    projected = [row for row in rows if row["kind"] == "projected" and not row.get("group")]
     preserved = [row for row in projected if row["accuracy_drop_points_all"] <= PRESERVED_DROP_POINTS]
     pool = preserved or projected
     reached = [row for row in pool if row["reached_target"] == "yes"]
@@ -456,30 +534,34 @@ def measure_baseline(pipe, schedule: dict, statistics_prompts: list[str], settin
 
 
 def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, baseline: Baseline,
-                settings: ProofSettings) -> tuple[dict, object]:
-    """Train one variant and measure it; returns (table row, merged UNet)."""
-    outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings)
+                settings: ProofSettings, checkpoints: Checkpoints | None = None) -> tuple[dict, object]:
+    """Train one run and measure it (every preserved prompt at the end; ``checkpoints``: the curve);
+    returns (table row, merged UNet)."""
+    outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings, checkpoints)
     baseline.drift.compare()
     after = measure_preserved(pipe, outcome.unet, baseline.preserved, schedule, settings, baseline.drift)
     reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
-    row = {"variant": variant.name, "kind": variant.kind, "scope": variant.scope, "threshold": variant.threshold,
+    row = {"variant": variant.name, "group": variant.group, "kind": variant.kind, "seed": variant.seed_index,
+           "learning_rate": learning_rate(variant, settings), "scope": variant.scope, "threshold": variant.threshold,
            "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
            "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
            "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
            "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
-    row |= update_columns(baseline.unet, outcome.unet, variant, schedule)
+    row |= update_columns(baseline.unet, outcome.unet, variant, schedule, settings)
     row |= preserved_columns(baseline.measurement, after, baseline.drift, baseline.groups)
     log.info("%s: %s", variant.name, {k: v for k, v in row.items() if not k.startswith("accuracy_before")})
     return row, outcome.unet
 
 
-def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPlan, on_variant=None):
-    """Every variant of the plan, in its order; ``on_variant(variant, row, unet)`` after each (to save
-    its weights and grid images). ``projected-lora`` takes the best projected setting
-    (:func:`best_projected`) once the projected variants have run. Returns the rows and the base
-    model's concept fidelity."""
+def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPlan, on_variant=None,
+              on_checkpoint=None):
+    """Every run of the plan, in its order; ``on_variant(variant, row, unet)`` after each (to save
+    its weights and grid images), ``on_checkpoint(run, step, attn2 state)`` at each checkpoint.
+    ``projected-lora`` takes the best projected setting (:func:`best_projected`) once the projected
+    variants have run. Returns the rows, the curves' rows and the base model's concept fidelity."""
     settings = plan.settings
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
+    checkpoints = Checkpoints(pipe, schedule, settings, baseline, on_checkpoint)
     prior = any(variant.kind == "prior-preservation" for variant in plan.variants)
     data = concept_data(pipe, schedule, settings, prior)
     rows = []
@@ -488,8 +570,8 @@ def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPl
             best = best_projected(rows)
             variant = replace(variant, scope=best["scope"],
                               setting=plan.setting((best["branches"], best["statistic"], best["threshold"])))
-        row, unet = run_variant(pipe, variant, data, schedule, baseline, settings)
+        row, unet = run_variant(pipe, variant, data, schedule, baseline, settings, checkpoints)
         rows.append(row)
         if on_variant is not None:
             on_variant(variant, row, unet)
-    return rows, baseline.concept_fidelity
+    return rows, checkpoints.rows, baseline.concept_fidelity

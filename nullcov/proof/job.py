@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nullcov.files import write_tsv
+from nullcov.proof import curves as proof_curves
 from nullcov.proof import data as proof_data
 from nullcov.proof import energy as proof_energy
 from nullcov.proof import experiment as proof
@@ -44,23 +45,20 @@ def sample_grid(pipe, schedule: dict, settings: proof.ProofSettings, unet=None) 
     return proof.sample(pipe, grid_captions(), 0, schedule, settings, unet=unet)
 
 
-def weights_folder(weights, variant: str) -> Path:
-    """The folder a variant's weights file (:data:`nullcov.proof.report.WEIGHTS_FILE`) goes into.
+def weights_folder(weights, run: str) -> Path:
+    """The folder of a run's weights (:data:`nullcov.proof.report.WEIGHTS_FILE` and one
+    ``step_NNNN/`` per checkpoint).
 
-    ``weights``: ``{variant: weights file}`` (the rule's declared outputs), or a folder holding one
-    subfolder per variant.
+    ``weights``: ``{run: folder}`` (the rule's declared ``directory()`` outputs), or a folder holding
+    one subfolder per run.
     """
-    if not isinstance(weights, dict):
-        return Path(weights) / variant
-    path = Path(weights[variant])
-    if path.name != proof_report.WEIGHTS_FILE:
-        raise ValueError(f"{path}: a variant's weights are written as {proof_report.WEIGHTS_FILE}")
-    return path.parent
+    return Path(weights[run]) if isinstance(weights, dict) else Path(weights) / run
 
 
 @dataclass
 class VariantOutputs:
-    """After each variant: its weights file and its row of the image grid."""
+    """After each run: its weights and, for each variant's first run, its row of the image grid; at
+    each checkpoint, the weights of that step."""
 
     weights: dict | Path  # see weights_folder
     pipe: object
@@ -70,14 +68,19 @@ class VariantOutputs:
 
     def __call__(self, variant: proof.Variant, row: dict, unet) -> None:
         proof_report.save_weights(weights_folder(self.weights, variant.name), proof.attn2_state(unet))
-        self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings, unet)
+        if not variant.group:
+            self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings, unet)
+
+    def checkpoint(self, run: str, step: int, state: dict) -> None:
+        proof_report.save_weights(weights_folder(self.weights, run) / proof_report.checkpoint_folder(step), state)
 
 
 def finetune_proof_job(*, model_dir: str, plan: ProofPlan | dict, schedule: dict, statistics_prompts: list[str],
                        device: str, outputs: dict) -> list[dict]:
     """Run the planned proof (``plan``: a :class:`ProofPlan` or its :meth:`~ProofPlan.to_dict`) and write
-    ``outputs`` (``table``, ``figure``, ``grid``, ``grid_images``, ``null_energy``
-    (:mod:`nullcov.proof.energy`), ``weights``: ``{variant: file}`` or a folder, :func:`weights_folder`).
+    ``outputs`` (``table``, ``curves``, ``matched`` (:mod:`nullcov.proof.curves`), ``figure`` (the
+    frontier), ``grid``, ``grid_images``, ``null_energy`` (:mod:`nullcov.proof.energy`), ``weights``:
+    ``{run: folder}`` or a folder, :func:`weights_folder`).
     ``device``: the config key ``device`` (the job leases one GPU of it)."""
     from nullcov.models.device import use_device
     from nullcov.models.gpu_lease import lease_device
@@ -94,11 +97,15 @@ def finetune_proof_job(*, model_dir: str, plan: ProofPlan | dict, schedule: dict
         configure_scheduler(pipe, schedule)
         base_images = {"base": sample_grid(pipe, schedule, settings)}
         recorder = VariantOutputs(outputs["weights"], pipe, schedule, settings, base_images)
-        rows, base_fidelity = proof.run_proof(pipe, schedule, statistics_prompts, plan, on_variant=recorder)
+        rows, curves, _ = proof.run_proof(pipe, schedule, statistics_prompts, plan, on_variant=recorder,
+                                          on_checkpoint=recorder.checkpoint)
         energy = proof_energy.energy_rows(pipe, schedule, list(plan.compared), list(plan.scopes),
                                           proof_data.preserved_scenes(statistics_prompts), settings)
     proof_report.write_table(outputs["table"], rows)
-    proof_report.write_figure(outputs["figure"], rows, base_fidelity, settings.target_fidelity)
+    write_tsv(outputs["curves"], curves, proof_curves.CURVE_COLUMNS)
+    matched = proof_curves.matched_rows(curves)
+    write_tsv(outputs["matched"], matched, proof_curves.MATCHED_COLUMNS)
+    proof_report.write_frontier(outputs["figure"], curves, matched)
     proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())
     write_tsv(outputs["null_energy"], energy, proof_energy.COLUMNS)
     return rows

@@ -12,7 +12,7 @@ same plan, so the job reads the files it declares and plans nothing itself.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from nullcov.layout import Results, step_name
 from nullcov.schema import schema_default
@@ -34,7 +34,12 @@ CONFIG_KEYS = {
     "seed": "seed",
     "guidance_scale": "guidance_scale",
     "high_noise_fraction": "finetune_high_noise_fraction",
+    "seeds": "finetune_seeds",
 }
+#: Concept fidelities at which the variants are compared (:mod:`nullcov.proof.curves`).
+MATCHED_FIDELITIES = (0.4, 0.6, 0.8)
+#: Run kinds that train every attn2 linear fully (the learning-rate grid applies to them).
+FULL_KINDS = ("unconstrained", "prior-preservation", "projected", "random-projected")
 
 
 def _configured(name: str):
@@ -59,6 +64,7 @@ class ProofSettings:
     #: Share of the training batches whose timestep is drawn from [high_noise_start, T) instead of
     #: [0, T): the layout is decided at high noise (how builtin:shapes was trained); 0 = uniform.
     high_noise_fraction: float = _configured("high_noise_fraction")
+    seeds: int = _configured("seeds")
     #: Whether an evaluator reads the images (the model is builtin:shapes): else every variant
     #: trains ``fixed_steps`` and the evaluator's columns are NaN.
     evaluate: bool = True
@@ -69,6 +75,15 @@ class ProofSettings:
     prior_weight: float = 1.0
     sample_batch: int = 48
     high_noise_start: int = 600
+    #: Every how many preserved prompts one is sampled at each checkpoint (144 / 3 = 48, the same
+    #: prompts and seeds at every checkpoint; all of them at the end).
+    checkpoint_stride: int = 3
+    #: Fine-tune seed ``k`` is ``seed + seed_stride * k``.
+    seed_stride: int = 1000
+
+    def run_seed(self, seed_index: int) -> int:
+        """The seed of a run's data order, noise and initialisations (fine-tune seed ``seed_index``)."""
+        return self.seed + self.seed_stride * seed_index
 
     @classmethod
     def from_config(cls, config: dict) -> ProofSettings:
@@ -149,14 +164,26 @@ class ProjectionSetting:
 
 @dataclass(frozen=True)
 class Variant:
-    """One fine-tune: its name, kind, scope and projection setting (None: not projected; the
+    """One fine-tune run: its name, kind, scope and projection setting (None: not projected; the
     ``projected-lora`` variant gets the best projected one once the projected variants have run,
-    :func:`nullcov.proof.experiment.best_projected`)."""
+    :func:`nullcov.proof.experiment.best_projected`), which fine-tune seed (``seed_index``) and
+    learning rate (None: the settings' own for its kind) it trains with, and the variant it is a run
+    of (``group``: its name without the ``-seed<k>`` / ``-lr<rate>`` suffix; the curves are averaged
+    per group and learning rate). ``random-projected`` runs are the same-rank random controls of
+    the projected variant named by ``group`` minus ``random-``."""
 
     name: str
     kind: str
     scope: str = "-"
     setting: ProjectionSetting | None = None
+    seed_index: int = 0
+    learning_rate: float | None = None
+    group: str = ""
+
+    @property
+    def variant(self) -> str:
+        """The variant this run belongs to (``group``, or the name itself)."""
+        return self.group or self.name
 
     @property
     def projected(self) -> bool:
@@ -210,7 +237,8 @@ class ProofPlan:
         """The plan as plain data (a Snakemake param): variants name their setting by its key."""
         compared = [asdict(setting) | {"covariance": list(setting.covariance),
                                        "projections": list(setting.projections)} for setting in self.compared]
-        variants = [{"name": v.name, "kind": v.kind, "scope": v.scope,
+        variants = [{"name": v.name, "kind": v.kind, "scope": v.scope, "seed_index": v.seed_index,
+                     "learning_rate": v.learning_rate, "group": v.group,
                      "setting": list(v.setting.key) if v.setting is not None else None} for v in self.variants]
         return {"settings": asdict(self.settings), "scopes": list(self.scopes), "compared": compared,
                 "own": list(self.own), "variants": variants}
@@ -223,7 +251,8 @@ class ProofPlan:
                          for setting in data["compared"])
         by_key = {setting.key: setting for setting in compared}
         variants = tuple(Variant(v["name"], v["kind"], v["scope"],
-                                 by_key[tuple(v["setting"])] if v["setting"] is not None else None)
+                                 by_key[tuple(v["setting"])] if v["setting"] is not None else None,
+                                 v["seed_index"], v["learning_rate"], v["group"])
                          for v in data["variants"])
         return cls(ProofSettings(**data["settings"]), tuple(data["scopes"]), compared, tuple(data["own"]), variants)
 
@@ -262,12 +291,13 @@ def compared_projection_settings(config: dict, results: Results | None = None,
 
 
 def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Variant]:
-    """Every variant in the order they run: ``unconstrained``, ``prior-preservation``
-    (``finetune_prior_preservation``), one ``projected`` variant per compared setting and scope,
-    ``projected-kv`` (``finetune_text_only``: trains only ``to_k``/``to_v``, whose inputs, the
-    frozen text encoder's states, no update can shift, with the run's own setting), and
-    ``projected-lora`` (``finetune_lora_rank`` > 0), whose setting is chosen after the projected
-    runs (:func:`nullcov.proof.experiment.best_projected`), so it is planned without one."""
+    """Every run in the order they run: first each variant's first run (fine-tune seed 0, its own
+    learning rate): ``unconstrained``, ``prior-preservation`` (``finetune_prior_preservation``), one
+    ``projected`` variant per compared setting and scope, ``projected-kv`` (``finetune_text_only``:
+    trains only ``to_k``/``to_v``, whose inputs, the frozen text encoder's states, no update can
+    shift, with the run's own setting), ``projected-lora`` (``finetune_lora_rank`` > 0), whose
+    setting is chosen after the projected runs (:func:`nullcov.proof.experiment.best_projected`), so
+    it is planned without one; then the repeats (:func:`repeated_runs`)."""
     thresholds = threshold_settings(config)
     own = own_setting(config, list(config["finetune_statistics"]), thresholds)
     variants = [Variant("unconstrained", "unconstrained")]
@@ -280,7 +310,34 @@ def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Varia
                                 next(setting for setting in compared if setting.key == own)))
     if config["finetune_lora_rank"] > 0:
         variants.append(Variant("projected-lora", "projected-lora"))
-    return variants
+    return variants + repeated_runs(config, variants)
+
+
+def repeated_runs(config: dict, variants: list[Variant]) -> list[Variant]:
+    """The runs beyond each variant's first, for the variants of ``finetune_repeated`` (each must be
+    planned, ``projected-lora`` excepted: its setting is chosen during the run): fine-tune seeds 1 ..
+    ``finetune_seeds`` - 1 (``<name>-seed<k>``); each other rate of ``finetune_learning_rate_grid``
+    for those that train fully (``<name>-lr<rate>``, seed 0); and with ``finetune_random_control``
+    a same-rank random control of each projected one (``random-<name without projected->``, seed 0)."""
+    by_name = {variant.name: variant for variant in variants if variant.kind != "projected-lora"}
+    unknown = [name for name in config["finetune_repeated"] if name not in by_name]
+    if unknown:
+        raise ValueError(f"finetune_repeated: {unknown} are not variants the proof plans with this config; "
+                         f"planned: {sorted(by_name)}")
+    repeats, controls = [], []
+    for name in config["finetune_repeated"]:
+        variant = by_name[name]
+        runs = [variant] + [replace(variant, name=f"{name}-seed{k}", seed_index=k, group=name)
+                            for k in range(1, config["finetune_seeds"])]
+        repeats += runs[1:]
+        if variant.kind in FULL_KINDS:
+            repeats += [replace(variant, name=f"{name}-lr{rate:g}", learning_rate=float(rate), group=name)
+                        for rate in config["finetune_learning_rate_grid"] if rate != config["finetune_learning_rate"]]
+        if variant.projected and config["finetune_random_control"]:
+            control = "random-" + name.removeprefix("projected-")
+            kind = "random-projected" if variant.kind == "projected" else "random-projected-kv"
+            controls.append(replace(variant, name=control, kind=kind))
+    return repeats + controls
 
 
 def plan_proof(config: dict, results: Results, names: list[str]) -> ProofPlan:

@@ -1,11 +1,14 @@
 """What the fine-tune proof writes: the variants table, its figure, the image grid and each variant's weights.
 
-- ``variants.tsv``: one row per variant (:data:`COLUMNS`);
-- ``variants.png``: concept fidelity against how far the preserved prompts moved, per variant;
+- ``variants.tsv``: one row per run (:data:`COLUMNS`), measured on every preserved prompt at its end;
+- ``curves.tsv``, ``matched.tsv``: the runs' checkpoints and the variants at matched concept
+  fidelity (:mod:`nullcov.proof.curves`);
+- ``frontier.png``: the learning-vs-forgetting frontier (:func:`write_frontier`);
 - ``grid.png`` and ``grid.npz``: the same prompts and seeds (preserved, then concept prompts)
   under the base model and each variant; the npz holds the float images, so the saved weights can
   be checked to regenerate them bit for bit;
-- ``<variant>/unet_attn2.safetensors``: the variant's attn2 weights under their
+- ``<run>/step_NNNN/unet_attn2.safetensors``: the attn2 weights at each checkpoint;
+- ``<run>/unet_attn2.safetensors``: the run's final attn2 weights under their
   ``UNet2DConditionModel.state_dict()`` keys (LoRA merged): load them into the base UNet
   (``unet.load_state_dict(weights, strict=False)``) to regenerate any image.
 """
@@ -24,7 +27,7 @@ from nullcov.shapes import evaluator
 
 GROUP_KEYS = ("all", *proof_data.GROUPS)
 COLUMNS = (
-    "variant", "kind", "scope", "threshold", "statistic", "branches", "steps", "seconds", "concept_fidelity",
+    "variant", "group", "kind", "seed", "learning_rate", "scope", "threshold", "statistic", "branches", "steps", "seconds", "concept_fidelity",
     "reached_target", "final_loss", "weight_update_norm", "update_outside_null_space",
     *(f"accuracy_{when}_{attribute}" for attribute in evaluator.ATTRIBUTES for when in ("before", "after")),
     *(f"accuracy_drop_points_{attribute}" for attribute in evaluator.ATTRIBUTES),
@@ -32,6 +35,11 @@ COLUMNS = (
       for group in GROUP_KEYS),
 )
 WEIGHTS_FILE = layout.FINETUNE_WEIGHTS
+
+
+def checkpoint_folder(step: int) -> str:
+    """The subfolder of a run's folder that holds the weights of its checkpoint at ``step``."""
+    return f"step_{step:04d}"
 
 
 def write_table(path, rows: list[dict]) -> None:
@@ -77,40 +85,44 @@ def write_grid(png_path, npz_path, images: dict[str, np.ndarray], captions: list
     save(fig, png_path)
 
 
-def write_figure(path, rows: list[dict], base_fidelity: float, target: float) -> None:
-    """Left: concept fidelity per variant (target dashed; without an evaluator, the final training
-    loss). Right: the preserved prompts' pixel change against their all-correct accuracy drop (without
-    an evaluator, against their attn2 change), one point per variant."""
+def write_frontier(path, curves: list[dict], matched: list[dict]) -> None:
+    """The learning-vs-forgetting frontier: concept fidelity on x; the preserved prompts' accuracy drop
+    (left) and pixel change (right) on y. Each run's curve over its checkpoints is a thin line, one
+    colour per variant (dashed: a learning rate other than the variant's first run's); the
+    matched-fidelity points (:mod:`nullcov.proof.curves`) of each variant at its first run's rate are
+    the mean over its seeds, bars from min to max. Without an evaluator (NaN fidelity) x is the step."""
+    from nullcov.proof.curves import runs_of
     from nullcov.report.plotting import pyplot, save
 
-    evaluated = any(math.isfinite(row["concept_fidelity"]) for row in rows)
-    left_key, left_label = ("concept_fidelity", "concept fidelity (evaluator)") if evaluated else \
-        ("final_loss", "final training loss (no evaluator for this model)")
-    right_key, right_label = ("accuracy_drop_points_all", "preserved accuracy drop (points, all attributes)") \
-        if evaluated else ("attn2_change_all", "preserved prompts' attn2 change")
+    evaluated = any(math.isfinite(row["concept_fidelity"]) for row in curves)
+    x_key = "concept_fidelity" if evaluated else "step"
+    variants = list(dict.fromkeys(row["variant"] for row in curves))
+    colours = {variant: f"C{index % 10}" for index, variant in enumerate(variants)}
+    own_rate = {row["variant"]: row["learning_rate"] for row in curves if row["run"] == row["variant"]}
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
-    kinds = {kind: f"C{index}" for index, kind in enumerate(dict.fromkeys(row["kind"] for row in rows))}
-    positions = np.arange(len(rows))
-    left.bar(positions, [row[left_key] for row in rows], color=[kinds[row["kind"]] for row in rows])
-    if evaluated:
-        left.axhline(target, color="k", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
-        left.axhline(base_fidelity, color="grey", linestyle=":", linewidth=0.8, label=f"base model {base_fidelity:.0%}")
-        left.set_ylim(0, 1.05)
-        left.legend(fontsize=7)
-    for position, row in zip(positions, rows):
-        left.annotate(f"{row['steps']} st", (position, 0), ha="center", va="bottom", fontsize=6, rotation=90)
-    left.set_xticks(positions, [row["variant"] for row in rows], rotation=60, ha="right", fontsize=6)
-    left.set(ylabel=left_label, title="learning the new shape")
-    for row in rows:
-        right.scatter(row["pixel_change_all"], row[right_key], color=kinds[row["kind"]], s=18)
-        right.annotate(row["variant"].removeprefix("projected-"), (row["pixel_change_all"], row[right_key]), fontsize=5)
-    for kind, colour in kinds.items():
-        right.scatter([], [], color=colour, label=kind)
-    if evaluated:
-        right.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    right.set(xlabel="mean pixel change of the preserved prompts' images", ylabel=right_label, title="what else moved")
-    if all(row["pixel_change_all"] > 0 for row in rows):
-        right.set_xscale("log")
-    right.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    measures = (("accuracy_drop_points", "preserved accuracy drop (points, all attributes; 48 prompts)"),
+                ("pixel_change", "preserved prompts' mean pixel change (48 prompts)"))
+    for curve in runs_of(curves).values():
+        variant, rate = curve[0]["variant"], curve[0]["learning_rate"]
+        for ax, (key, _) in zip(axes, measures):
+            ax.plot([point[x_key] for point in curve], [point[key] for point in curve], color=colours[variant],
+                    linestyle="-" if rate == own_rate.get(variant, rate) else "--", linewidth=0.9, alpha=0.5)
+    for row in matched:
+        if row["measure"] != "at_fidelity" or not row["reached_runs"] or \
+                row["learning_rate"] != own_rate.get(row["variant"], row["learning_rate"]):
+            continue
+        for ax, (key, _) in zip(axes, measures):
+            mean = row[f"{key}_mean"]
+            ax.errorbar(row["level"], mean, yerr=[[mean - row[f"{key}_min"]], [row[f"{key}_max"] - mean]],
+                        fmt="o", color=colours[row["variant"]], markersize=4, capsize=2)
+    for ax, (key, label) in zip(axes, measures):
+        for variant in variants:
+            ax.plot([], [], color=colours[variant], label=variant)
+        ax.set(xlabel="concept fidelity (evaluator)" if evaluated else "step", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.0, color="k", linestyle=":", linewidth=0.8)
+    axes[0].set_title("forgetting at matched learning (points: mean over seeds, bars min-max)", fontsize=9)
+    axes[1].set_title("dashed: other learning rates", fontsize=9)
+    axes[1].legend(fontsize=6, loc="upper left")
     save(fig, path)

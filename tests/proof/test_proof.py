@@ -1,6 +1,7 @@
 """The fine-tune proof, short: what must hold by construction (the measured outcome is in docs/finetune-proof.md)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +67,9 @@ def planned_proof(results, config: dict, model_dir, prompts, **settings):
 
 @pytest.fixture(scope="module")
 def proof_run(tmp_path_factory):
-    """One projected variant (all timesteps, the run's own projections) and its LoRA twin, small caps."""
+    """One projected variant (all timesteps, the run's own projections), its LoRA twin, projected-kv;
+    the projected one repeated at a second seed and a second learning rate, and its random control;
+    small caps (12 steps, checkpoints at 6 and 12)."""
     from nullcov.proof.job import finetune_proof_job
 
     torch.set_num_threads(2)
@@ -78,24 +81,35 @@ def proof_run(tmp_path_factory):
         3, model="builtin:shapes", finetune_max_steps=12, finetune_eval_every=6, finetune_learning_rate=1e-3,
         finetune_lora_learning_rate=2e-3, finetune_lora_rank=4, finetune_scopes=["all-timesteps"],
         finetune_statistics=["second_moment"], finetune_branches=[False], finetune_nullspace_thresholds=[],
-        finetune_threshold_percents=[], finetune_prior_preservation=False, finetune_text_only=True)
+        finetune_threshold_percents=[], finetune_prior_preservation=False, finetune_text_only=True,
+        finetune_seeds=2, finetune_repeated=[PROJECTED], finetune_learning_rate_grid=[3e-3],
+        finetune_random_control=True)
     plan = planned_proof(results, config, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS, concept_seeds=1, instances=4)
-    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
-               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
+    outputs = proof_outputs(out)
     rows = finetune_proof_job(model_dir=str(BUILTIN_SHAPES_DIR), plan=plan.to_dict(), schedule=schedule,
                               statistics_prompts=STATISTICS_PROMPTS, device=config["device"], outputs=outputs)
     return {"rows": rows, "out": out, "schedule": schedule, "settings": plan.settings, "results": results,
             "plan": plan}
 
 
+PROJECTED = "projected-all-timesteps-0.02-second_moment-conditional"
+RUNS = ["unconstrained", PROJECTED, "projected-kv", "projected-lora", f"{PROJECTED}-seed1", f"{PROJECTED}-lr0.003",
+        "random-all-timesteps-0.02-second_moment-conditional"]
+
+
+def proof_outputs(out) -> dict:
+    return {"table": out / "variants.tsv", "curves": out / "curves.tsv", "matched": out / "matched.tsv",
+            "figure": out / "frontier.png", "grid": out / "grid.png", "grid_images": out / "grid.npz",
+            "null_energy": out / "null_energy.tsv", "weights": out}
+
+
 def test_projected_updates_stay_in_their_null_space(proof_run):
     from nullcov.proof.report import WEIGHTS_FILE, load_weights
 
     rows = {row["variant"]: row for row in proof_run["rows"]}
-    assert list(rows) == ["unconstrained", "projected-all-timesteps-0.02-second_moment-conditional", "projected-kv",
-                          "projected-lora"]
+    assert list(rows) == RUNS
     assert np.isnan(rows["unconstrained"]["update_outside_null_space"])
-    for name in ("projected-all-timesteps-0.02-second_moment-conditional", "projected-kv", "projected-lora"):
+    for name in RUNS[1:]:  # the random control: in its own random null spaces
         row = rows[name]
         assert row["weight_update_norm"] > 0, name
         assert row["update_outside_null_space"] <= 1e-5, name
@@ -114,7 +128,7 @@ def test_projected_updates_stay_in_their_null_space(proof_run):
     noise = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0))
     moved = merged_unet(unet, {key: base[key] + 1e-3 * noise})
     check = Variant("check", "projected", "all-timesteps", setting=proof_run["plan"].setting(proof_run["plan"].own))
-    columns = update_columns(unet, moved, check, proof_run["schedule"])
+    columns = update_columns(unet, moved, check, proof_run["schedule"], proof_run["settings"])
     assert columns["update_outside_null_space"] > 0.5, columns
     lora = rows["projected-lora"]
     assert (lora["scope"], lora["threshold"], lora["statistic"], lora["branches"]) == \
@@ -137,7 +151,7 @@ def test_rows_report_every_column_and_the_table_reads_back(proof_run):
             assert row[f"pixel_change_{group}"] >= 0 and row[f"attn2_change_{group}"] >= 0, group
         for attribute in ("colour", "shape", "position"):
             assert 0 <= row[f"accuracy_before_{attribute}"] <= 1
-    assert (proof_run["out"] / "variants.png").stat().st_size > 10_000
+    assert (proof_run["out"] / "frontier.png").stat().st_size > 10_000
     assert (proof_run["out"] / "grid.png").stat().st_size > 10_000
 
 
@@ -208,6 +222,105 @@ def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
     assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
 
 
+NOT_REPEATED = {"finetune_repeated": [], "finetune_seeds": 1, "finetune_learning_rate_grid": [],
+                "finetune_random_control": False, "finetune_learning_rate": 1e-3}
+
+
+def test_repeated_variants_run_at_every_seed_and_rate_with_a_random_control_and_unknown_names_are_refused():
+    from nullcov.workflow.config import finetune_variant_names
+
+    config = {"nullspace_threshold": 0.02, "threshold_percent": None, "finetune_nullspace_thresholds": [],
+              "finetune_threshold_percents": [], "unconditional_branch": False, "finetune_branches": [False],
+              "finetune_statistics": ["second_moment"], "finetune_scopes": ["all-timesteps"],
+              "finetune_prior_preservation": True, "finetune_lora_rank": 4, "finetune_text_only": True,
+              "finetune_seeds": 3, "finetune_learning_rate": 1e-3, "finetune_learning_rate_grid": [3e-4, 1e-3],
+              "finetune_random_control": True,
+              "finetune_repeated": ["unconstrained", PROJECTED, "projected-kv"]}
+    assert finetune_variant_names(config) == [
+        "unconstrained", "prior-preservation", PROJECTED, "projected-kv", "projected-lora",
+        "unconstrained-seed1", "unconstrained-seed2", "unconstrained-lr0.0003",
+        f"{PROJECTED}-seed1", f"{PROJECTED}-seed2", f"{PROJECTED}-lr0.0003",
+        "projected-kv-seed1", "projected-kv-seed2",  # kv trains two linears: no rate grid
+        "random-all-timesteps-0.02-second_moment-conditional", "random-kv"]
+    from nullcov.proof.plan import compared_projection_settings, plan_variants
+
+    runs = {run.name: run for run in plan_variants(config, compared_projection_settings(config))}
+    assert (runs[f"{PROJECTED}-seed2"].seed_index, runs[f"{PROJECTED}-seed2"].variant) == (2, PROJECTED)
+    assert runs["unconstrained-lr0.0003"].learning_rate == 3e-4 and runs["unconstrained"].learning_rate is None
+    assert runs["random-kv"].kind == "random-projected-kv" and runs["random-kv"].setting == runs["projected-kv"].setting
+    with pytest.raises(ValueError, match=r"finetune_repeated: \['projected-lora'\] are not variants"):
+        finetune_variant_names(config | {"finetune_repeated": ["projected-lora"]})
+
+
+def test_matched_fidelity_interpolates_at_the_first_crossing_and_finds_the_best_preserving_checkpoint():
+    from nullcov.proof.curves import BEST_MEASURE, matched_rows
+
+    def curve(run, points, rate=1e-3, variant="v"):
+        return [{"run": run, "variant": variant, "kind": "projected", "learning_rate": rate, "step": 10 * i,
+                 "concept_fidelity": f, "accuracy_drop_points": d, "pixel_change": p} for i, (f, d, p) in enumerate(points)]
+
+    first = curve("v", [(0.1, 0.0, 0.0), (0.3, 0.0, 0.01), (0.5, 2.0, 0.03), (0.3, 0.0, 0.02), (0.9, 8.0, 0.05)])
+    second = curve("v-seed1", [(0.1, 0.0, 0.0), (0.45, 1.0, 0.02), (0.7, 4.0, 0.04)])
+    other_rate = curve("v-lr0.01", [(0.1, 0.0, 0.0), (0.85, 30.0, 0.2)], rate=1e-2)
+    rows = matched_rows(first + second + other_rate, levels=(0.4, 0.6, 0.8))
+    by = {(row["learning_rate"], row["measure"], row["level"]): row for row in rows if row["measure"] != BEST_MEASURE}
+    at_40 = by[(1e-3, "at_fidelity", 0.4)]
+    # first: between 0.3 (drop 0) and 0.5 (drop 2) -> 1.0; second: between 0.1 (0) and 0.45 (1) -> 6/7
+    assert at_40["runs"] == 2 and at_40["reached_runs"] == 2
+    assert at_40["accuracy_drop_points_mean"] == pytest.approx((1.0 + 0.3 / 0.35) / 2)
+    assert at_40["accuracy_drop_points_min"] == pytest.approx(0.3 / 0.35)
+    assert at_40["step_max"] == pytest.approx(15.0)
+    at_80 = by[(1e-3, "at_fidelity", 0.8)]  # only the first run gets there: from 0.3 (step 30) to 0.9 (step 40)
+    assert at_80["reached_runs"] == 1 and at_80["accuracy_drop_points_mean"] == pytest.approx(0.0 + 5 / 6 * 8.0)
+    assert by[(1e-2, "at_fidelity", 0.4)]["runs"] == 1  # another learning rate is another group
+    best = {row["learning_rate"]: row for row in rows if row["measure"] == BEST_MEASURE}
+    assert best[1e-3]["concept_fidelity_max"] == 0.45 and best[1e-3]["concept_fidelity_min"] == 0.3
+    assert best[1e-2]["concept_fidelity_mean"] == 0.1  # only the base model's point preserved
+
+
+def test_random_control_projections_have_the_real_ones_rank_and_are_seeded(proof_run):
+    from nullcov.proof.controls import RandomSubspaces
+    from nullcov.training.bank import ProjectionBank
+
+    bank = ProjectionBank(proof_run["results"])
+    timestep = bank.timesteps[0]
+    control, again = RandomSubspaces(bank, seed=5), RandomSubspaces(bank, seed=5)
+    for key, real in bank.factors([timestep]).items():
+        random = control.factors([timestep])[key]
+        dense = random.dense().double()
+        assert random.null_dim == real.null_dim and random.dim == real.dim
+        assert torch.allclose(dense @ dense, dense, atol=1e-5) and round(float(dense.trace())) == real.null_dim
+        assert torch.equal(again.factors([timestep])[key].matrix, random.matrix)
+        if 0 < real.null_dim < real.dim:
+            assert not torch.allclose(dense, real.dense().double(), atol=1e-2), key
+    assert not torch.equal(RandomSubspaces(bank, seed=6).text_factor.matrix, control.text_factor.matrix)
+
+
+def test_every_run_has_a_curve_from_the_base_model_and_weights_at_every_checkpoint(proof_run):
+    import csv
+
+    from nullcov.proof.curves import CURVE_COLUMNS
+    from nullcov.proof.report import WEIGHTS_FILE, load_weights
+
+    with open(proof_run["out"] / "curves.tsv", newline="") as handle:
+        curves = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(curves[0]) == list(CURVE_COLUMNS)
+    rows = {row["variant"]: row for row in proof_run["rows"]}
+    for run in RUNS:
+        points = [point for point in curves if point["run"] == run]
+        steps = [int(point["step"]) for point in points]
+        assert steps == [0, *range(6, rows[run]["steps"] + 1, 6)], run
+        assert float(points[0]["accuracy_drop_points"]) == 0 and float(points[0]["pixel_change"]) == 0
+        assert float(points[-1]["concept_fidelity"]) == pytest.approx(rows[run]["concept_fidelity"])
+        final = load_weights(proof_run["out"] / run / WEIGHTS_FILE)
+        last = load_weights(proof_run["out"] / run / f"step_{steps[-1]:04d}" / WEIGHTS_FILE)
+        assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final), run
+    assert {point["seed"] for point in curves if point["variant"] == PROJECTED} == {"0", "1"}
+    assert rows[f"{PROJECTED}-lr0.003"]["learning_rate"] == 3e-3 and rows[PROJECTED]["learning_rate"] == 1e-3
+    seed0, seed1 = (load_weights(proof_run["out"] / run / WEIGHTS_FILE) for run in (PROJECTED, f"{PROJECTED}-seed1"))
+    assert any(not torch.equal(seed0[key], seed1[key]) for key in seed0)  # another data order and noise
+
+
 def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
     from nullcov.proof.plan import threshold_settings
     from nullcov.workflow.config import finetune_variant_names
@@ -221,7 +334,7 @@ def test_thresholds_compared_are_the_runs_own_then_each_other_one_once():
                        threshold_settings(config)) == ("both", "covariance", "0.02")
     config |= {"finetune_branches": [False], "finetune_statistics": ["second_moment"], "finetune_scopes":
                ["per-timestep"], "finetune_prior_preservation": False, "finetune_lora_rank": 0,
-               "finetune_text_only": True}
+               "finetune_text_only": True} | NOT_REPEATED
     assert finetune_variant_names(config) == [
         "unconstrained", *(f"projected-per-timestep-{t}-second_moment-conditional" for t in ("0.02", "0.1", "p50")),
         "projected-kv"]
@@ -237,7 +350,7 @@ def test_each_knob_is_compared_against_the_runs_own_setting():
               "finetune_threshold_percents": [50], "unconditional_branch": False,
               "finetune_branches": [False, True], "finetune_statistics": ["second_moment", "covariance"],
               "finetune_scopes": ["per-timestep", "all-timesteps"], "finetune_prior_preservation": True,
-              "finetune_lora_rank": 4, "finetune_text_only": True}
+              "finetune_lora_rank": 4, "finetune_text_only": True} | NOT_REPEATED
     own = ("conditional", "second_moment", "0.02")
     assert compared_settings(own, [False, True], ["second_moment", "covariance"], threshold_settings(config)) == [
         own, ("both", "second_moment", "0.02"), ("conditional", "covariance", "0.02"),
@@ -311,7 +424,8 @@ def test_the_rule_plans_every_variant_and_refuses_what_it_cannot_constrain(tmp_p
                  collect_features={"q": True, "k": True, "v": True, "out": False})
     refused = snakemake(tmp_path, "--dry-run", check=False)
     assert refused.returncode != 0 and "finetune_proof constrains every attn2 linear" in refused.stderr + refused.stdout
-    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True, guidance_scale=1.0)
+    write_config(tmp_path, prompts, model="builtin:shapes", finetune_proof=True, guidance_scale=1.0,
+                 finetune_branches=[False, True])
     refused = snakemake(tmp_path, "--dry-run", check=False)
     assert "finetune_branches includes true" in refused.stderr + refused.stdout
 
@@ -323,7 +437,7 @@ def test_the_plan_round_trips_through_its_dict_form_and_names_its_files():
     from nullcov.proof.plan import ProofPlan, plan_proof
     from nullcov.workflow.config import finetune_variant_names
 
-    config = proof_config(10, model="builtin:shapes", finetune_branches=[False, True])
+    config = proof_config(10, model="builtin:shapes", finetune_branches=[False, True], finetune_threshold_percents=[50])
     names = ["alpha_00_0999", "alpha_01_0500", "text"]
     plan = plan_proof(config, Results("results"), names)
     data = json.loads(json.dumps(plan.to_dict()))
@@ -358,7 +472,8 @@ def test_the_rule_runs_the_plan_the_snakefile_planned(tmp_path):
     from nullcov.proof.plan import ProofPlan
     from nullcov.workflow.config import finetune_variant_names
 
-    config = write_config(tmp_path, STATISTICS_PROMPTS[:4], model="builtin:shapes", finetune_proof=True)
+    config = write_config(tmp_path, STATISTICS_PROMPTS[:4], model="builtin:shapes", finetune_proof=True,
+                          finetune_branches=[False, True], finetune_threshold_percents=[50])
     subprocess.run([sys.executable, str(REPO / "tools" / "dag_dump.py"), str(tmp_path / "dag.json"), "--snakefile",
                     str(REPO / "Snakefile"), "--configfile", str(config)], cwd=tmp_path, check=True,
                    capture_output=True, text=True)
@@ -367,8 +482,9 @@ def test_the_rule_runs_the_plan_the_snakefile_planned(tmp_path):
     plan = ProofPlan.from_dict(proof_job["params"]["plan"])
     assert not {"settings", "variants", "config"} & set(proof_job["params"])  # one plan, not several params
     assert plan.names == finetune_variant_names(yaml.safe_load(config.read_text()))
-    weights = sorted(path for path in proof_job["output"] if path.endswith("unet_attn2.safetensors"))
-    assert weights == sorted(f"results/report/finetune/{name}/unet_attn2.safetensors" for name in plan.names)
+    files = {path.name for path in proof_outputs(Path("results/report/finetune")).values()}
+    weights = sorted(path for path in proof_job["output"] if Path(path).name not in files)  # a directory() per run
+    assert weights == sorted(f"results/report/finetune/{name}" for name in plan.names)
     declared = set(plan.files("covariance") + plan.files("projections"))
     assert declared == {path for path in proof_job["input"] if path.endswith(".h5")}
     made = {path: job["rule"] for job in jobs for path in job["output"]}
@@ -394,13 +510,12 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
     results = build_results(tmp_path, tiny_model_dir, STATISTICS_PROMPTS[:4], num_steps=2, model_spec="builtin:tiny")
     schedule = json.loads((results / "schedule.json").read_text())
     out = tmp_path / "finetune"
-    outputs = {"table": out / "variants.tsv", "figure": out / "variants.png", "grid": out / "grid.png",
-               "grid_images": out / "grid.npz", "null_energy": out / "null_energy.tsv", "weights": out}
+    outputs = proof_outputs(out)
     config = proof_config(
         2, model="builtin:tiny", finetune_steps=3, finetune_learning_rate=1e-3, finetune_scopes=["per-timestep"],
         finetune_statistics=["covariance"], finetune_branches=[False], finetune_nullspace_thresholds=[],
         finetune_threshold_percents=[50], finetune_prior_preservation=True, finetune_lora_rank=0,
-        finetune_text_only=False)
+        finetune_text_only=False, finetune_repeated=[])
     plan = planned_proof(results, config, tiny_model_dir, STATISTICS_PROMPTS[:4], class_images=4, concept_seeds=1,
                          instances=2)
     with caplog.at_level(logging.WARNING, logger="nullcov.proof.job"):
