@@ -122,6 +122,11 @@ bench-shapes: $(STAMP)
 proof: $(STAMP)
 	$(BIN)/python tools/bench_proof.py
 
+# The same, smaller (one seed, no learning-rate grid or control, 60 steps; ~5 min), for development.
+.PHONY: proof-quick
+proof-quick: $(STAMP)
+	$(BIN)/python tools/bench_proof.py --quick
+
 # After `make proof`: which attn2 linears of three variants change the preserved prompts, applied one
 # kind at a time and all together (docs/measurements/proof-ablation.json; ~1 min).
 .PHONY: proof-ablation

@@ -9,7 +9,12 @@ for the docs page.
 
 Usage::
 
-    python tools/bench_proof.py [--workdir results-proof] [--set key=value ...]
+    python tools/bench_proof.py [--workdir results-proof] [--set key=value ...] [--out FILE] [--figure-prefix P]
+
+``make proof-quick`` (``--quick``) runs it with :data:`QUICK_SETTINGS` (one seed, no rate grid,
+control, prior preservation or LoRA, the all-timesteps scope only, 60 steps) in
+``results-proof-quick/``, for development: its record is ``docs/measurements/proof-quick.json``,
+its figures ``docs/images/proof-quick-*.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ sys.path.insert(0, str(REPO))
 #: The proof's statistics with the bench's sampler: 20 steps (at 10 the base model draws the colour
 #: asked in 74 % of the preserved prompts' samples, at 20 in 100 %).
 DEFAULT_SETTINGS = ("num_denoising_steps=20",)
+#: ``make proof-quick``: the same experiment, smaller.
+QUICK_SETTINGS = (*DEFAULT_SETTINGS, "finetune_seeds=1", "finetune_learning_rate_grid=[]", "finetune_random_control=false",
+                  "finetune_scopes=[all-timesteps]", "finetune_max_steps=60", "finetune_lora_rank=0",
+                  "finetune_prior_preservation=false",
+                  "finetune_repeated=[unconstrained,projected-all-timesteps-0.02-second_moment-conditional]")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -50,7 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config keys over config/config.yaml (values in YAML: lists allowed); default: "
                              + " ".join(DEFAULT_SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--figure-prefix", default="proof", help="docs/images/<prefix>-frontier.png, -grid.png")
+    parser.add_argument("--quick", action="store_true", help="make proof-quick: QUICK_SETTINGS and its own paths")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.workdir, args.set = REPO / "results-proof-quick", list(QUICK_SETTINGS) + args.set[len(DEFAULT_SETTINGS):]
+        args.out, args.figure_prefix = REPO / "docs" / "measurements" / "proof-quick.json", "proof-quick"
+    return args
 
 
 def main(argv=None) -> int:
@@ -81,13 +97,15 @@ def main(argv=None) -> int:
                     "proof_job": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv")},
         "max_rss_mb": read_benchmark(args.workdir / "benchmarks" / "finetune" / "finetune.tsv", "max_rss"),
         "rows": read_rows(finetune / "variants.tsv"),
+        "curves": read_rows(finetune / "curves.tsv"),
+        "matched": read_rows(finetune / "matched.tsv"),
         "null_energy": read_rows(finetune / "null_energy.tsv"),
     }
     write_record(args.out, record)
     images = REPO / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(finetune / "variants.png", images / "proof-variants.png")
-    shutil.copyfile(finetune / "grid.png", images / "proof-grid.png")
+    shutil.copyfile(finetune / "frontier.png", images / f"{args.figure_prefix}-frontier.png")
+    shutil.copyfile(finetune / "grid.png", images / f"{args.figure_prefix}-grid.png")
     print(f"wrote {args.out} ({len(record['rows'])} variants, {wall / 60:.1f} min)")
     return 0
 

@@ -233,85 +233,151 @@ def _proof_rows() -> tuple[dict, list[dict]]:
     return record, record["rows"]
 
 
+PROOF_SOURCE = "docs/measurements/proof-shapes.json"
+_PROJECTED_KINDS = ("projected", "projected-kv", "projected-lora")
+
+
 def proof_table() -> str:
+    """Every run at its end (every preserved prompt): the measurement's ``variants.tsv``."""
     record, rows = _proof_rows()
     unconstrained = next(row for row in rows if row["kind"] == "unconstrained")
-    lines = ["| variant | steps | time | concept fidelity | reached | preserved accuracy drop (points) | "
+    lines = ["| run | learning rate | steps | time | concept fidelity | reached | preserved accuracy drop (points) | "
              "pixel change (x unconstrained) | attn2 change: all / same frame / not in statistics |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row["pixel_change_all"] / unconstrained["pixel_change_all"]
         lines.append(
-            f"| `{row['variant']}` | {row['steps']:.0f} | {row['seconds']:.0f} s | "
+            f"| `{row['variant']}` | {row['learning_rate']:g} | {row['steps']:.0f} | {row['seconds']:.0f} s | "
             f"{_percent(row['concept_fidelity'])} | "
             f"{row['reached_target']} | {row['accuracy_drop_points_all']:+.1f} | {row['pixel_change_all']:.4f} "
             f"({ratio:.2f}x) | {row['attn2_change_all']:.3f} / {row['attn2_change_same_frame']:.3f} / "
             f"{row['attn2_change_not_in_statistics']:.3f} |")
-    head = (f"{len(rows)} variants; the proof job took {record['seconds']['proof_job'] / 60:.1f} min, max RSS "
-            f"{record['max_rss_mb']:.0f} MB (its `benchmark:` file).\n\n")
-    return head + "\n".join(lines) + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
+    head = (f"{len(rows)} runs; the proof job took {record['seconds']['proof_job'] / 60:.1f} min, the whole "
+            f"`make proof` {record['seconds']['workflow'] / 60:.1f} min, max RSS {record['max_rss_mb']:.0f} MB "
+            "(the job's `benchmark:` file).\n\n")
+    return head + "\n".join(lines) + "\n" + _same_run(record, PROOF_SOURCE)
 
 
-def _proof_context(projected: list[dict], unconstrained: dict, prior: dict | None, met: list[str]) -> str:
-    """The baselines that reached the target (steps, accuracy drop) and, when no projected variant
-    met the goal, the one that came closest while meeting its preservation parts."""
-    text = ""
-    for row in (unconstrained, prior):
-        if row is not None and row["reached_target"] == "yes":
-            text += (f" `{row['variant']}` reached the target in {row['steps']:.0f} steps; the preserved prompts' "
-                     f"accuracy dropped {row['accuracy_drop_points_all']:+.1f} points.")
-    preserving = [row for row in projected if row["accuracy_drop_points_all"] <= 1.0
-                  and row["pixel_change_all"] <= unconstrained["pixel_change_all"] / 5]
-    if preserving and not met:
-        best = max(preserving, key=lambda row: row["concept_fidelity"])
-        text += (f" Closest: `{best['variant']}` met both preservation parts (accuracy drop "
-                 f"{best['accuracy_drop_points_all']:+.1f} points, pixel change "
-                 f"{best['pixel_change_all'] / unconstrained['pixel_change_all']:.2f}x) but drew the concept in "
-                 f"{_percent(best['concept_fidelity'])} of the samples after {best['steps']:.0f} steps.")
+def _matched(record: dict) -> dict:
+    """``{(variant, learning_rate, measure, level): row}`` of the measurement's ``matched.tsv``
+    (level None for the best-within-1-point rows)."""
+    return {(row["variant"], row["learning_rate"], row["measure"],
+             None if row["measure"] != "at_fidelity" else round(row["level"], 3)): row for row in record["matched"]}
+
+
+def _levels(record: dict) -> list[float]:
+    return sorted({round(row["level"], 3) for row in record["matched"] if row["measure"] == "at_fidelity"})
+
+
+def _groups(record: dict) -> list[tuple[str, float, str]]:
+    """(variant, learning rate, kind) of every group, in the order of the runs."""
+    return list(dict.fromkeys((row["variant"], row["learning_rate"], row["kind"]) for row in record["matched"]))
+
+
+def _spread(row: dict, name: str, digits: int = 1, sign: bool = True) -> str:
+    mean, low, high = (row[f"{name}_{stat}"] for stat in ("mean", "min", "max"))
+    form = f"{{:{'+' if sign else ''}.{digits}f}}"
+    text = form.format(mean)
+    if row["reached_runs"] > 1:
+        text += " [" + form.format(low) + ", " + form.format(high) + "]"
     return text
 
 
+def proof_matched() -> str:
+    """The variants at matched concept fidelity (``matched.tsv``): per level the preserved accuracy drop
+    and pixel change where the curves reach it, and the highest fidelity with a drop of at most 1 point."""
+    record = _load("proof-shapes.json")
+    matched, levels = _matched(record), _levels(record)
+    header = ["variant", "learning rate", "seeds",
+              *(f"at {100 * level:.0f} %: drop (points) / pixel change" for level in levels),
+              "highest fidelity with drop <= 1 point"]
+    rows = []
+    for variant, rate, _ in _groups(record):
+        cells = []
+        for level in levels:
+            row = matched[(variant, rate, "at_fidelity", level)]
+            if not row["reached_runs"]:
+                cells.append("not reached")
+                continue
+            reached = "" if row["reached_runs"] == row["runs"] else f" ({row['reached_runs']:.0f} of {row['runs']:.0f})"
+            cells.append(f"{_spread(row, 'accuracy_drop_points')} / {_spread(row, 'pixel_change', 4, False)}{reached}")
+        best = next(row for key, row in matched.items() if key[:2] == (variant, rate) and key[2] != "at_fidelity")
+        cells.append(f"{_spread(best, 'concept_fidelity', 2, False)} (step {best['step_mean']:.0f})")
+        rows.append([f"`{variant}`", f"{rate:g}", f"{matched[(variant, rate, 'at_fidelity', levels[0])]['runs']:.0f}",
+                     *cells])
+    head = ("Where each variant's curves first reach each concept fidelity (interpolated linearly between the two "
+            "checkpoints around the crossing), on the 48 checkpoint prompts: mean over its seeds, [min, max] when it "
+            "has several; `(k of n)`: only k of its n runs got there. Last column: the highest fidelity at a "
+            "checkpoint whose drop was at most 1 point (mean [min, max]).\n\n")
+    return head + _table(header, rows) + _provenance(record, PROOF_SOURCE)
+
+
 def proof_goal(provenance: bool = True) -> str:
-    """Whether a projected variant met the goal, computed from the measurement, never typed; without
-    ``provenance`` (the README: no dated measurements there) it names the data file instead."""
-    record, rows = _proof_rows()
-    unconstrained = next(row for row in rows if row["kind"] == "unconstrained")
-    prior = next((row for row in rows if row["kind"] == "prior-preservation"), None)
-    projected = [row for row in rows if row["kind"].startswith("projected")]
+    """The verdict at matched concept fidelity, computed from the measurement, never typed; without
+    ``provenance`` (the README: no dated measurements there) it names the data file instead.
 
-    def meets(row):
-        return (row["reached_target"] == "yes" and row["accuracy_drop_points_all"] <= 1.0
-                and row["pixel_change_all"] <= unconstrained["pixel_change_all"] / 5
-                and (prior is None or row["pixel_change_all"] <= prior["pixel_change_all"]))
+    The goal at a fidelity level: a projected variant whose every seed reaches it with a mean
+    preserved accuracy drop of at most 1 point and a mean pixel change of at most 1/5 of the
+    unconstrained run's at that level (the unconstrained variant at its least-forgetting rate)."""
+    record = _load("proof-shapes.json")
+    matched, levels = _matched(record), _levels(record)
+    groups = _groups(record)
 
-    met = [row["variant"] for row in projected if meets(row)]
-    reached = [row for row in projected if row["reached_target"] == "yes"]
-    if met:
-        text = (f"**Met** by {len(met)} of {len(projected)} projected variants: "
-                + ", ".join(f"`{m}`" for m in met) + ".")
-    else:
-        text = (f"**Not met**: no projected variant meets every part ({len(reached)} of {len(projected)} reached "
-                "the target).")
-    if reached:
-        best = min(reached, key=lambda row: row["pixel_change_all"])
-        text += (f" The least disruptive projected variant that reached the target, `{best['variant']}`, moved the "
-                 f"preserved prompts' pixels {best['pixel_change_all'] / unconstrained['pixel_change_all']:.2f}x as "
-                 f"much as the unconstrained run and dropped their accuracy {best['accuracy_drop_points_all']:+.1f} "
-                 "points")
+    def at(variant, rate, level):
+        row = matched[(variant, rate, "at_fidelity", level)]
+        return row if row["reached_runs"] == row["runs"] else None
+
+    def least(kinds, level):
+        found = [(at(v, r, level), v, r) for v, r, kind in groups if kind in kinds and at(v, r, level)]
+        return min(found, key=lambda item: item[0]["accuracy_drop_points_mean"]) if found else None
+
+    def name(item):
+        rows = [row for row in record["rows"] if row["group"] in ("", None) and row["variant"] == item[1]]
+        own = rows[0]["learning_rate"] if rows else item[2]
+        return f"`{item[1]}`" + ("" if item[2] == own else f" at learning rate {item[2]:g}")
+
+    sentences, met = [], []
+    for level in levels:
+        base = least(("unconstrained",), level)
+        if base is None:
+            sentences.append(f"At {100 * level:.0f} % no unconstrained run got there.")
+            continue
+        text = (f"**At {100 * level:.0f} % fidelity** the unconstrained fine-tune ({name(base)}) dropped the preserved "
+                f"accuracy {_spread(base[0], 'accuracy_drop_points')} points (pixel change "
+                f"{base[0]['pixel_change_mean']:.4f})")
+        prior = least(("prior-preservation",), level)
         if prior is not None:
-            moved = prior["pixel_change_all"] / unconstrained["pixel_change_all"]
-            text += (f"; prior preservation moved them {moved:.2f}x"
-                     f" and dropped accuracy {prior['accuracy_drop_points_all']:+.1f} points")
-        text += "."
-    text += _proof_context(projected, unconstrained, prior, met)
+            text += f", prior preservation {_spread(prior[0], 'accuracy_drop_points')}"
+        best = least(_PROJECTED_KINDS, level)
+        if best is None:
+            text += "; no projected variant got there in every seed."
+        else:
+            ratio = best[0]["pixel_change_mean"] / base[0]["pixel_change_mean"]
+            text += (f"; the least-forgetting projected variant, {name(best)}, "
+                     f"{_spread(best[0], 'accuracy_drop_points')} (pixel change {ratio:.2f}x the unconstrained run's)")
+            control = "random-" + best[1].removeprefix("projected-")
+            if (control, best[2], "at_fidelity", level) in matched and at(control, best[2], level):
+                text += f"; its same-rank random control {_spread(at(control, best[2], level), 'accuracy_drop_points')}"
+            text += "."
+            if best[0]["accuracy_drop_points_mean"] <= 1.0 and ratio <= 0.2:
+                met.append(f"{100 * level:.0f} %")
+        sentences.append(text)
+    verdict = (f"**Met** at {', '.join(met)} fidelity" if met else "**Not met** at any matched fidelity") + \
+        " (a projected variant within 1 point of the base model's preserved accuracy and moving the preserved images " \
+        "at most 1/5 as much as the unconstrained fine-tune at the same fidelity, every seed). "
+    within = [(matched[key], key[0], key[1]) for key in matched if key[2] != "at_fidelity"]
+    best_within = max(within, key=lambda item: item[0]["concept_fidelity_mean"])
+    text = verdict + " ".join(sentences) + (
+        f" Highest fidelity reached with a drop of at most 1 point: {name(best_within)}, "
+        f"{_percent(best_within[0]['concept_fidelity_mean'])} (mean over its seeds).")
     if "null_energy" in record:
         low, high = _energy_ratios(record)
         text += (f" Across the projections compared, the concept prompts put {low:.2f}x to {high:.2f}x as much of "
                  "their attn2 inputs' energy into the null space as the preserved prompts outside the statistics "
                  "do (every linear kind and scope).")
     if not provenance:
-        return text + " (data: `docs/measurements/proof-shapes.json`)\n"
-    return text + "\n" + _provenance(record, "docs/measurements/proof-shapes.json")
+        return text + f" (data: `{PROOF_SOURCE}`)\n"
+    return text + "\n" + _provenance(record, PROOF_SOURCE)
 
 
 _ENERGY_GROUPS = ("concept", "preserved_in_statistics", "preserved_not_in_statistics")
@@ -690,6 +756,7 @@ RENDERERS = {
     "modules": architecture_docs.modules,
     "config-reference": workflow_docs.config_reference,
     "proof-table": proof_table,
+    "proof-matched": proof_matched,
     "proof-goal": proof_goal,
     "proof-verdict": functools.partial(proof_goal, provenance=False),
     "proof-null-energy": proof_null_energy,

@@ -60,10 +60,12 @@ CLASS_SEED_OFFSET = 600_000
 
 @dataclass
 class ConceptData:
-    """Latents and text states the fine-tunes train on (instances; class images for prior preservation)."""
+    """Latents and text states the fine-tunes train on (instances; class images for prior
+    preservation), and the instance captions' token ids (Custom Diffusion encodes them at every step)."""
 
     latents: torch.Tensor
     embeddings: torch.Tensor
+    input_ids: torch.Tensor | None = None
     class_latents: torch.Tensor | None = None
     class_embeddings: torch.Tensor | None = None
     class_seconds: float = 0.0
@@ -128,18 +130,20 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
     """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded as prompt
     ``indices[i]`` (None: ``i``) of ``first_seed``, with the schedule's sampler and CFG, in batches
     of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`; ``unet`` None:
-    ``pipe.unet``)."""
+    ``pipe.unet``). A Custom Diffusion run's UNet brings its identifier's embedding
+    (:func:`identifier_embedding`)."""
     from nullcov.models.sampling import prompt_generator, sample_images
 
     denoiser = pipe.unet if unet is None else unet
     indices = list(range(len(captions))) if indices is None else list(indices)
     images = []
-    for start in range(0, len(captions), settings.sample_batch):
-        batch = captions[start: start + settings.sample_batch]
-        generators = [prompt_generator(first_seed, index) for index in indices[start: start + len(batch)]]
-        hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
-        with hooked, torch.no_grad():
-            images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale, unet=unet))
+    with identifier_embedding(pipe, denoiser):
+        for start in range(0, len(captions), settings.sample_batch):
+            batch = captions[start: start + settings.sample_batch]
+            generators = [prompt_generator(first_seed, index) for index in indices[start: start + len(batch)]]
+            hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
+            with hooked, torch.no_grad():
+                images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale, unet=unet))
     return np.concatenate(images)
 
 
@@ -178,11 +182,60 @@ def text_states(pipe, captions: list[str]) -> torch.Tensor:
         return pipe.encode_prompt(captions, pipe.device, 1, do_classifier_free_guidance=False)[0]
 
 
+#: The attribute a Custom Diffusion run's UNet carries its identifier with: ``(token id, offset)``,
+#: the offset added to that token's row of the text encoder's token embedding.
+IDENTIFIER_ATTRIBUTE = "nullcov_identifier"
+
+
+def identifier_token_id(pipe) -> int:
+    """The id of the concept's identifier (:data:`nullcov.proof.data.CONCEPT_TOKEN`), which must be one token."""
+    ids = pipe.tokenizer(proof_data.CONCEPT_TOKEN, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"custom-diffusion trains the identifier's embedding, but the tokenizer splits "
+                         f"{proof_data.CONCEPT_TOKEN!r} into {len(ids)} tokens: set finetune_custom_diffusion: false")
+    return ids[0]
+
+
+@contextlib.contextmanager
+def identifier_embedding(pipe, unet):
+    """While active, the pipeline's text encoder reads the identifier's token embedding plus the
+    offset ``unet`` carries (:data:`IDENTIFIER_ATTRIBUTE`: a Custom Diffusion run); for any other
+    UNet nothing changes. Every other token's embedding, so every prompt without the identifier,
+    is untouched."""
+    found = getattr(unet, IDENTIFIER_ATTRIBUTE, None)
+    if found is None:
+        yield
+        return
+    token_id, offset = found
+
+    def add_offset(module, args, output):
+        return output + (args[0] == token_id).unsqueeze(-1).to(output.dtype) * offset.to(output.dtype)
+
+    handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(add_offset)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def identifier_state(pipe, unet) -> dict[str, torch.Tensor]:
+    """A Custom Diffusion run's identifier as saved: its token id and its trained embedding row
+    (``{}`` for any other run)."""
+    found = getattr(unet, IDENTIFIER_ATTRIBUTE, None)
+    if found is None:
+        return {}
+    token_id, offset = found
+    row = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().float().cpu()
+    return {"token_id": torch.tensor([token_id]), "embedding": (row + offset.detach().float().cpu()).contiguous()}
+
+
 def concept_data(pipe, schedule: dict, settings: ProofSettings, prior: bool) -> ConceptData:
     """The instances' latents and captions' states; with ``prior``, class images drawn by the base model."""
     scenes = proof_data.instance_scenes(settings.instances)
-    data = ConceptData(encode_renders(pipe, scenes, settings.seed),
-                       text_states(pipe, [proof_data.concept_caption(scene) for scene in scenes]))
+    captions = [proof_data.concept_caption(scene) for scene in scenes]
+    data = ConceptData(encode_renders(pipe, scenes, settings.seed), text_states(pipe, captions),
+                       pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt").input_ids.to(pipe.device))
     if prior:
         started = time.perf_counter()
         captions = [scene.caption for scene in proof_data.class_scenes(settings.class_images, settings.seed)]
@@ -210,7 +263,7 @@ def batch_timestep(settings: ProofSettings, num_train_timesteps: int, generator)
     return int(torch.randint(low, num_train_timesteps, (1,), generator=generator))
 
 
-def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, settings: ProofSettings,
+def training_loss(pipe, unet, noise_scheduler, data: ConceptData, variant: Variant, settings: ProofSettings,
                   generators: tuple) -> tuple[torch.Tensor, int]:
     """One batch: instances (and, for prior preservation, class images) at one timestep (:func:`batch_timestep`);
     returns (loss, timestep). ``generators``: (instances, class images), so the instance batches are
@@ -218,7 +271,11 @@ def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, se
     instances, classes = generators
     timestep = batch_timestep(settings, noise_scheduler.config.num_train_timesteps, instances)
     chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=instances)
-    loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], data.embeddings[chosen], timestep, instances)
+    embeddings = data.embeddings[chosen]
+    if variant.kind == "custom-diffusion":  # the identifier's embedding is trained: encode with it, with gradients
+        with identifier_embedding(pipe, unet):
+            embeddings = pipe.text_encoder(data.input_ids[chosen])[0]
+    loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], embeddings, timestep, instances)
     if variant.kind == "prior-preservation":
         chosen = torch.randint(0, len(data.class_latents), (settings.batch_size,), generator=classes)
         loss = loss + settings.prior_weight * denoising_loss(
@@ -226,10 +283,12 @@ def training_loss(unet, noise_scheduler, data: ConceptData, variant: Variant, se
     return loss, timestep
 
 
-def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: int = 0):
+def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: int = 0, token_id: int | None = None):
     """A copy of the base UNet trainable as a variant of ``kind`` trains it: the attn2 linears (full;
-    ``projected-kv`` and its control: ``to_k`` and ``to_v`` only), or LoRA adapters on them
-    (``projected-lora``, initialised from fine-tune seed ``seed_index``)."""
+    ``projected-kv``, its control and ``custom-diffusion``: ``to_k`` and ``to_v`` only), or LoRA
+    adapters on them (``projected-lora``, initialised from fine-tune seed ``seed_index``);
+    ``custom-diffusion`` also carries a trainable offset of the identifier's (``token_id``) embedding
+    (:func:`identifier_embedding`)."""
     from nullcov.models.family import CROSS_ATTENTION
     from nullcov.training.constraint import find_cross_attention_linears
 
@@ -246,8 +305,11 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
                                         target_modules=rf".*attn2\.({linears})"))  # to_q|to_k|to_v|to_out\.0
         return unet
     for item in find_cross_attention_linears(unet):
-        if not kind.endswith("projected-kv") or item.linear in CROSS_ATTENTION.text:
+        if not kind.endswith(("projected-kv", "custom-diffusion")) or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
+    if kind == "custom-diffusion":
+        width = base_unet.config.cross_attention_dim
+        setattr(unet, IDENTIFIER_ATTRIBUTE, (token_id, torch.zeros(width, device=unet.device, requires_grad=True)))
     return unet
 
 
@@ -308,9 +370,11 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
     from diffusers import DDPMScheduler
 
     started = time.perf_counter()
-    unet = trainable_unet(base_unet, variant.kind, settings, variant.seed_index)
+    token_id = identifier_token_id(pipe) if variant.kind == "custom-diffusion" else None
+    unet = trainable_unet(base_unet, variant.kind, settings, variant.seed_index, token_id)
     constraint = variant_constraint(unet, variant, settings)
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad],
+    identifier = [getattr(unet, IDENTIFIER_ATTRIBUTE)[1]] if token_id is not None else []
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad] + identifier,
                                   lr=learning_rate(variant, settings), weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     seed = settings.run_seed(variant.seed_index)
@@ -321,7 +385,7 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
     if checkpoints is not None:
         checkpoints.start(variant, learning_rate(variant, settings))
     for step in range(1, cap + 1):
-        loss, timestep = training_loss(unet, noise_scheduler, data, variant, settings, generators)
+        loss, timestep = training_loss(pipe, unet, noise_scheduler, data, variant, settings, generators)
         loss.backward()
         protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
         if constraint is not None:
@@ -343,6 +407,8 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
             if settings.evaluate and outcome.fidelity >= settings.target_fidelity:
                 break
     outcome.unet = merged_unet(base_unet, attn2_state(unet))
+    if token_id is not None:
+        setattr(outcome.unet, IDENTIFIER_ATTRIBUTE, (token_id, identifier[0].detach().clone()))
     class_seconds = data.class_seconds if variant.kind == "prior-preservation" else 0.0
     outcome.seconds = time.perf_counter() - started + class_seconds
     return outcome
@@ -410,7 +476,7 @@ class Checkpoints:
                    for i, image in zip(indices, images, strict=True)]
         self._record(step, fidelity, images, correct, loss)
         if self.save is not None:
-            self.save(self._head["run"], step, attn2_state(unet))
+            self.save(self._head["run"], step, attn2_state(unet), identifier_state(self.pipe, unet))
 
     def _record(self, step: int, fidelity: float, images: np.ndarray, correct: list[dict], loss: float) -> None:
         base = self.baseline.measurement
@@ -562,6 +628,8 @@ def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPl
     settings = plan.settings
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
     checkpoints = Checkpoints(pipe, schedule, settings, baseline, on_checkpoint)
+    if any(variant.kind == "custom-diffusion" for variant in plan.variants):
+        identifier_token_id(pipe)  # refused before any run when the identifier is not one token
     prior = any(variant.kind == "prior-preservation" for variant in plan.variants)
     data = concept_data(pipe, schedule, settings, prior)
     rows = []

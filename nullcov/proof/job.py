@@ -67,12 +67,17 @@ class VariantOutputs:
     images: dict
 
     def __call__(self, variant: proof.Variant, row: dict, unet) -> None:
-        proof_report.save_weights(weights_folder(self.weights, variant.name), proof.attn2_state(unet))
+        self.checkpoint(variant.name, None, proof.attn2_state(unet), proof.identifier_state(self.pipe, unet))
         if not variant.group:
             self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings, unet)
 
-    def checkpoint(self, run: str, step: int, state: dict) -> None:
-        proof_report.save_weights(weights_folder(self.weights, run) / proof_report.checkpoint_folder(step), state)
+    def checkpoint(self, run: str, step: int | None, state: dict, identifier: dict) -> None:
+        """The run's weights at ``step`` (None: its final ones): attn2 and, for Custom Diffusion, its identifier."""
+        folder = weights_folder(self.weights, run)
+        folder = folder if step is None else folder / proof_report.checkpoint_folder(step)
+        proof_report.save_weights(folder, state)
+        if identifier:
+            proof_report.save_weights(folder, identifier, proof_report.IDENTIFIER_FILE)
 
 
 def finetune_proof_job(*, model_dir: str, plan: ProofPlan | dict, schedule: dict, statistics_prompts: list[str],

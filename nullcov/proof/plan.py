@@ -295,7 +295,9 @@ def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Varia
     learning rate): ``unconstrained``, ``prior-preservation`` (``finetune_prior_preservation``), one
     ``projected`` variant per compared setting and scope, ``projected-kv`` (``finetune_text_only``:
     trains only ``to_k``/``to_v``, whose inputs, the frozen text encoder's states, no update can
-    shift, with the run's own setting), ``projected-lora`` (``finetune_lora_rank`` > 0), whose
+    shift, with the run's own setting), ``custom-diffusion`` (``finetune_custom_diffusion``: the
+    same, and the identifier's token embedding trained, so only prompts that hold it change their
+    text states), ``projected-lora`` (``finetune_lora_rank`` > 0), whose
     setting is chosen after the projected runs (:func:`nullcov.proof.experiment.best_projected`), so
     it is planned without one; then the repeats (:func:`repeated_runs`)."""
     thresholds = threshold_settings(config)
@@ -307,6 +309,9 @@ def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Varia
                          "projected", scope, setting) for setting in compared for scope in config["finetune_scopes"]]
     if config["finetune_text_only"]:
         variants.append(Variant("projected-kv", "projected-kv", "per-timestep",
+                                next(setting for setting in compared if setting.key == own)))
+    if config["finetune_custom_diffusion"]:
+        variants.append(Variant("custom-diffusion", "custom-diffusion", "per-timestep",
                                 next(setting for setting in compared if setting.key == own)))
     if config["finetune_lora_rank"] > 0:
         variants.append(Variant("projected-lora", "projected-lora"))
@@ -333,7 +338,7 @@ def repeated_runs(config: dict, variants: list[Variant]) -> list[Variant]:
         if variant.kind in FULL_KINDS:
             repeats += [replace(variant, name=f"{name}-lr{rate:g}", learning_rate=float(rate), group=name)
                         for rate in config["finetune_learning_rate_grid"] if rate != config["finetune_learning_rate"]]
-        if variant.projected and config["finetune_random_control"]:
+        if variant.kind in ("projected", "projected-kv") and config["finetune_random_control"]:
             control = "random-" + name.removeprefix("projected-")
             kind = "random-projected" if variant.kind == "projected" else "random-projected-kv"
             controls.append(replace(variant, name=control, kind=kind))

@@ -7,7 +7,9 @@
 - ``grid.png`` and ``grid.npz``: the same prompts and seeds (preserved, then concept prompts)
   under the base model and each variant; the npz holds the float images, so the saved weights can
   be checked to regenerate them bit for bit;
-- ``<run>/step_NNNN/unet_attn2.safetensors``: the attn2 weights at each checkpoint;
+- ``<run>/step_NNNN/unet_attn2.safetensors``: the attn2 weights at each checkpoint (and for
+  ``custom-diffusion`` its ``identifier.safetensors``: the identifier's token id and trained
+  embedding row, to write into the text encoder's token embedding);
 - ``<run>/unet_attn2.safetensors``: the run's final attn2 weights under their
   ``UNet2DConditionModel.state_dict()`` keys (LoRA merged): load them into the base UNet
   (``unet.load_state_dict(weights, strict=False)``) to regenerate any image.
@@ -35,6 +37,8 @@ COLUMNS = (
       for group in GROUP_KEYS),
 )
 WEIGHTS_FILE = layout.FINETUNE_WEIGHTS
+#: A Custom Diffusion run's identifier beside its attn2 weights: ``token_id`` and its trained ``embedding`` row.
+IDENTIFIER_FILE = "identifier.safetensors"
 
 
 def checkpoint_folder(step: int) -> str:
@@ -46,11 +50,11 @@ def write_table(path, rows: list[dict]) -> None:
     write_tsv(path, [{column: row.get(column, math.nan) for column in COLUMNS} for row in rows], COLUMNS)
 
 
-def save_weights(folder: Path, state: dict) -> Path:
-    """``folder/unet_attn2.safetensors`` (atomically)."""
+def save_weights(folder: Path, state: dict, name: str = WEIGHTS_FILE) -> Path:
+    """``folder/<name>`` (default ``unet_attn2.safetensors``; atomically)."""
     from safetensors.torch import save_file
 
-    path = Path(folder) / WEIGHTS_FILE
+    path = Path(folder) / name
     with atomic_path(path) as temporary:
         save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(temporary))
     return path

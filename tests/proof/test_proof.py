@@ -93,7 +93,7 @@ def proof_run(tmp_path_factory):
 
 
 PROJECTED = "projected-all-timesteps-0.02-second_moment-conditional"
-RUNS = ["unconstrained", PROJECTED, "projected-kv", "projected-lora", f"{PROJECTED}-seed1", f"{PROJECTED}-lr0.003",
+RUNS = ["unconstrained", PROJECTED, "projected-kv", "custom-diffusion", "projected-lora", f"{PROJECTED}-seed1", f"{PROJECTED}-lr0.003",
         "random-all-timesteps-0.02-second_moment-conditional"]
 
 
@@ -208,6 +208,39 @@ def test_saved_weights_regenerate_the_grid_bit_for_bit(proof_run):
         assert not np.array_equal(grid[name], grid["base"]), name
 
 
+def test_custom_diffusion_changes_only_the_identifiers_text_states_and_its_files_regenerate_its_images(proof_run):
+    """Its trained identifier row, written into a fresh text encoder with its attn2 weights, draws its grid row
+    bit for bit; under it, a prompt without the identifier has the base model's text states exactly."""
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.proof.experiment import IDENTIFIER_ATTRIBUTE, identifier_embedding, identifier_token_id
+    from nullcov.proof.job import sample_grid
+    from nullcov.proof.report import IDENTIFIER_FILE, WEIGHTS_FILE, load_weights
+
+    folder = proof_run["out"] / "custom-diffusion"
+    identifier, weights = load_weights(folder / IDENTIFIER_FILE), load_weights(folder / WEIGHTS_FILE)
+    assert (folder / "step_0006" / IDENTIFIER_FILE).is_file()
+    fresh = load_pipeline(BUILTIN_SHAPES_DIR, "float32", "cpu")
+    token_id = identifier_token_id(fresh)
+    assert int(identifier["token_id"][0]) == token_id
+    row = fresh.text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+    assert not torch.equal(identifier["embedding"], row)  # trained
+    plain, concept = "a red circle on the left", "a red sks on the left"
+    from nullcov.proof.experiment import text_states
+
+    before = text_states(fresh, [plain, concept])
+    carrier = torch.nn.Module()
+    setattr(carrier, IDENTIFIER_ATTRIBUTE, (token_id, identifier["embedding"] - row))
+    with identifier_embedding(fresh, carrier):
+        after = text_states(fresh, [plain, concept])
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    with torch.no_grad():
+        fresh.text_encoder.get_input_embeddings().weight[token_id] = identifier["embedding"]
+    fresh.unet.load_state_dict(weights, strict=False)
+    configure_scheduler(fresh, proof_run["schedule"])
+    grid = np.load(proof_run["out"] / "grid.npz")
+    assert np.array_equal(sample_grid(fresh, proof_run["schedule"], proof_run["settings"]), grid["custom-diffusion"])
+
+
 def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
     from nullcov.proof.experiment import ProofSettings, batch_timestep
 
@@ -222,7 +255,7 @@ def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
     assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
 
 
-NOT_REPEATED = {"finetune_repeated": [], "finetune_seeds": 1, "finetune_learning_rate_grid": [],
+NOT_REPEATED = {"finetune_repeated": [], "finetune_seeds": 1, "finetune_custom_diffusion": False, "finetune_learning_rate_grid": [],
                 "finetune_random_control": False, "finetune_learning_rate": 1e-3}
 
 
@@ -234,7 +267,7 @@ def test_repeated_variants_run_at_every_seed_and_rate_with_a_random_control_and_
               "finetune_statistics": ["second_moment"], "finetune_scopes": ["all-timesteps"],
               "finetune_prior_preservation": True, "finetune_lora_rank": 4, "finetune_text_only": True,
               "finetune_seeds": 3, "finetune_learning_rate": 1e-3, "finetune_learning_rate_grid": [3e-4, 1e-3],
-              "finetune_random_control": True,
+              "finetune_random_control": True, "finetune_custom_diffusion": False,
               "finetune_repeated": ["unconstrained", PROJECTED, "projected-kv"]}
     assert finetune_variant_names(config) == [
         "unconstrained", "prior-preservation", PROJECTED, "projected-kv", "projected-lora",
@@ -515,7 +548,7 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
         2, model="builtin:tiny", finetune_steps=3, finetune_learning_rate=1e-3, finetune_scopes=["per-timestep"],
         finetune_statistics=["covariance"], finetune_branches=[False], finetune_nullspace_thresholds=[],
         finetune_threshold_percents=[50], finetune_prior_preservation=True, finetune_lora_rank=0,
-        finetune_text_only=False, finetune_repeated=[])
+        finetune_text_only=False, finetune_repeated=[], finetune_custom_diffusion=False)
     plan = planned_proof(results, config, tiny_model_dir, STATISTICS_PROMPTS[:4], class_images=4, concept_seeds=1,
                          instances=2)
     with caplog.at_level(logging.WARNING, logger="nullcov.proof.job"):
