@@ -12,7 +12,7 @@ Usage::
     python tools/bench_proof.py [--workdir results-proof] [--set key=value ...] [--out FILE] [--figure-prefix P]
 
 ``make proof-quick`` (``--quick``) runs it with :data:`QUICK_SETTINGS` (one seed, no rate grid,
-control, prior preservation or LoRA, the all-timesteps scope only, 60 steps) in
+control, prior preservation or LoRA, 60 steps) in
 ``results-proof-quick/``, for development: its record is ``docs/measurements/proof-quick.json``,
 its figures ``docs/images/proof-quick-*.png``.
 """
@@ -34,9 +34,8 @@ sys.path.insert(0, str(REPO))
 DEFAULT_SETTINGS = ("num_denoising_steps=20",)
 #: ``make proof-quick``: the same experiment, smaller.
 QUICK_SETTINGS = (*DEFAULT_SETTINGS, "finetune_seeds=1", "finetune_learning_rate_grid=[]", "finetune_random_control=false",
-                  "finetune_scopes=[all-timesteps]", "finetune_max_steps=60", "finetune_lora_rank=0",
-                  "finetune_prior_preservation=false",
-                  "finetune_repeated=[unconstrained,projected-all-timesteps-0.02-second_moment-conditional]")
+                  "finetune_max_steps=60", "finetune_lora_rank=0", "finetune_prior_preservation=false",
+                  "finetune_repeated=[unconstrained,custom-diffusion]", "finetune_grid_variants=[]")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -234,7 +234,7 @@ def _proof_rows() -> tuple[dict, list[dict]]:
 
 
 PROOF_SOURCE = "docs/measurements/proof-shapes.json"
-_PROJECTED_KINDS = ("projected", "projected-kv", "projected-lora")
+_PROJECTED_KINDS = ("projected", "projected-kv", "custom-diffusion", "projected-lora")
 
 
 def proof_table() -> str:

@@ -272,7 +272,7 @@ def training_loss(pipe, unet, noise_scheduler, data: ConceptData, variant: Varia
     timestep = batch_timestep(settings, noise_scheduler.config.num_train_timesteps, instances)
     chosen = torch.randint(0, len(data.latents), (settings.batch_size,), generator=instances)
     embeddings = data.embeddings[chosen]
-    if variant.kind == "custom-diffusion":  # the identifier's embedding is trained: encode with it, with gradients
+    if variant.kind.endswith("custom-diffusion"):  # the identifier's embedding is trained: encode with it
         with identifier_embedding(pipe, unet):
             embeddings = pipe.text_encoder(data.input_ids[chosen])[0]
     loss = denoising_loss(unet, noise_scheduler, data.latents[chosen], embeddings, timestep, instances)
@@ -307,7 +307,7 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
     for item in find_cross_attention_linears(unet):
         if not kind.endswith(("projected-kv", "custom-diffusion")) or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
-    if kind == "custom-diffusion":
+    if kind.endswith("custom-diffusion"):
         width = base_unet.config.cross_attention_dim
         setattr(unet, IDENTIFIER_ATTRIBUTE, (token_id, torch.zeros(width, device=unet.device, requires_grad=True)))
     return unet
@@ -370,7 +370,7 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
     from diffusers import DDPMScheduler
 
     started = time.perf_counter()
-    token_id = identifier_token_id(pipe) if variant.kind == "custom-diffusion" else None
+    token_id = identifier_token_id(pipe) if variant.kind.endswith("custom-diffusion") else None
     unet = trainable_unet(base_unet, variant.kind, settings, variant.seed_index, token_id)
     constraint = variant_constraint(unet, variant, settings)
     identifier = [getattr(unet, IDENTIFIER_ATTRIBUTE)[1]] if token_id is not None else []
@@ -628,7 +628,7 @@ def run_proof(pipe, schedule: dict, statistics_prompts: list[str], plan: ProofPl
     settings = plan.settings
     baseline = measure_baseline(pipe, schedule, statistics_prompts, settings)
     checkpoints = Checkpoints(pipe, schedule, settings, baseline, on_checkpoint)
-    if any(variant.kind == "custom-diffusion" for variant in plan.variants):
+    if any(variant.kind.endswith("custom-diffusion") for variant in plan.variants):
         identifier_token_id(pipe)  # refused before any run when the identifier is not one token
     prior = any(variant.kind == "prior-preservation" for variant in plan.variants)
     data = concept_data(pipe, schedule, settings, prior)

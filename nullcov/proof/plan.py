@@ -38,8 +38,8 @@ CONFIG_KEYS = {
 }
 #: Concept fidelities at which the variants are compared (:mod:`nullcov.proof.curves`).
 MATCHED_FIDELITIES = (0.4, 0.6, 0.8)
-#: Run kinds that train every attn2 linear fully (the learning-rate grid applies to them).
-FULL_KINDS = ("unconstrained", "prior-preservation", "projected", "random-projected")
+#: Kinds whose updates are projected and that have a same-rank random control (``random-<kind>``).
+CONTROLLED_KINDS = ("projected", "projected-kv", "custom-diffusion")
 
 
 def _configured(name: str):
@@ -319,30 +319,28 @@ def plan_variants(config: dict, compared: list[ProjectionSetting]) -> list[Varia
 
 
 def repeated_runs(config: dict, variants: list[Variant]) -> list[Variant]:
-    """The runs beyond each variant's first, for the variants of ``finetune_repeated`` (each must be
-    planned, ``projected-lora`` excepted: its setting is chosen during the run): fine-tune seeds 1 ..
-    ``finetune_seeds`` - 1 (``<name>-seed<k>``); each other rate of ``finetune_learning_rate_grid``
-    for those that train fully (``<name>-lr<rate>``, seed 0); and with ``finetune_random_control``
-    a same-rank random control of each projected one (``random-<name without projected->``, seed 0)."""
+    """The runs beyond each variant's first: for the variants of ``finetune_repeated`` (each must be
+    planned, ``projected-lora`` excepted: its setting is chosen during the run), fine-tune seeds 1 ..
+    ``finetune_seeds`` - 1 (``<name>-seed<k>``); for those of ``finetune_grid_variants``, each other
+    rate of ``finetune_learning_rate_grid`` (``<name>-lr<rate>``, seed 0); and with
+    ``finetune_random_control``, for each projected one of ``finetune_repeated``, a same-rank random
+    control (``random-<name without projected->``, seed 0, kind ``random-<kind>``)."""
     by_name = {variant.name: variant for variant in variants if variant.kind != "projected-lora"}
-    unknown = [name for name in config["finetune_repeated"] if name not in by_name]
-    if unknown:
-        raise ValueError(f"finetune_repeated: {unknown} are not variants the proof plans with this config; "
-                         f"planned: {sorted(by_name)}")
-    repeats, controls = [], []
-    for name in config["finetune_repeated"]:
-        variant = by_name[name]
-        runs = [variant] + [replace(variant, name=f"{name}-seed{k}", seed_index=k, group=name)
-                            for k in range(1, config["finetune_seeds"])]
-        repeats += runs[1:]
-        if variant.kind in FULL_KINDS:
-            repeats += [replace(variant, name=f"{name}-lr{rate:g}", learning_rate=float(rate), group=name)
-                        for rate in config["finetune_learning_rate_grid"] if rate != config["finetune_learning_rate"]]
-        if variant.kind in ("projected", "projected-kv") and config["finetune_random_control"]:
-            control = "random-" + name.removeprefix("projected-")
-            kind = "random-projected" if variant.kind == "projected" else "random-projected-kv"
-            controls.append(replace(variant, name=control, kind=kind))
-    return repeats + controls
+    for key in ("finetune_repeated", "finetune_grid_variants"):
+        unknown = [name for name in config[key] if name not in by_name]
+        if unknown:
+            raise ValueError(f"{key}: {unknown} are not variants the proof plans with this config; "
+                             f"planned: {sorted(by_name)}")
+    seeds = [replace(by_name[name], name=f"{name}-seed{k}", seed_index=k, group=name)
+             for name in config["finetune_repeated"] for k in range(1, config["finetune_seeds"])]
+    rates = [replace(by_name[name], name=f"{name}-lr{rate:g}", learning_rate=float(rate), group=name)
+             for name in config["finetune_grid_variants"] for rate in config["finetune_learning_rate_grid"]
+             if rate != config["finetune_learning_rate"]]
+    controls = [replace(by_name[name], name="random-" + name.removeprefix("projected-"),
+                        kind="random-" + by_name[name].kind)
+                for name in config["finetune_repeated"]
+                if config["finetune_random_control"] and by_name[name].kind in CONTROLLED_KINDS]
+    return seeds + rates + controls
 
 
 def plan_proof(config: dict, results: Results, names: list[str]) -> ProofPlan:

@@ -82,7 +82,8 @@ def proof_run(tmp_path_factory):
         finetune_lora_learning_rate=2e-3, finetune_lora_rank=4, finetune_scopes=["all-timesteps"],
         finetune_statistics=["second_moment"], finetune_branches=[False], finetune_nullspace_thresholds=[],
         finetune_threshold_percents=[], finetune_prior_preservation=False, finetune_text_only=True,
-        finetune_seeds=2, finetune_repeated=[PROJECTED], finetune_learning_rate_grid=[3e-3],
+        finetune_seeds=2, finetune_repeated=[PROJECTED], finetune_grid_variants=[PROJECTED],
+        finetune_learning_rate_grid=[3e-3],
         finetune_random_control=True)
     plan = planned_proof(results, config, BUILTIN_SHAPES_DIR, STATISTICS_PROMPTS, concept_seeds=1, instances=4)
     outputs = proof_outputs(out)
@@ -255,7 +256,7 @@ def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
     assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
 
 
-NOT_REPEATED = {"finetune_repeated": [], "finetune_seeds": 1, "finetune_custom_diffusion": False, "finetune_learning_rate_grid": [],
+NOT_REPEATED = {"finetune_repeated": [], "finetune_grid_variants": [], "finetune_seeds": 1, "finetune_custom_diffusion": False, "finetune_learning_rate_grid": [],
                 "finetune_random_control": False, "finetune_learning_rate": 1e-3}
 
 
@@ -267,22 +268,26 @@ def test_repeated_variants_run_at_every_seed_and_rate_with_a_random_control_and_
               "finetune_statistics": ["second_moment"], "finetune_scopes": ["all-timesteps"],
               "finetune_prior_preservation": True, "finetune_lora_rank": 4, "finetune_text_only": True,
               "finetune_seeds": 3, "finetune_learning_rate": 1e-3, "finetune_learning_rate_grid": [3e-4, 1e-3],
-              "finetune_random_control": True, "finetune_custom_diffusion": False,
-              "finetune_repeated": ["unconstrained", PROJECTED, "projected-kv"]}
+              "finetune_random_control": True, "finetune_custom_diffusion": True,
+              "finetune_repeated": ["unconstrained", PROJECTED, "projected-kv", "custom-diffusion"],
+              "finetune_grid_variants": ["unconstrained", PROJECTED]}
     assert finetune_variant_names(config) == [
-        "unconstrained", "prior-preservation", PROJECTED, "projected-kv", "projected-lora",
-        "unconstrained-seed1", "unconstrained-seed2", "unconstrained-lr0.0003",
-        f"{PROJECTED}-seed1", f"{PROJECTED}-seed2", f"{PROJECTED}-lr0.0003",
-        "projected-kv-seed1", "projected-kv-seed2",  # kv trains two linears: no rate grid
-        "random-all-timesteps-0.02-second_moment-conditional", "random-kv"]
+        "unconstrained", "prior-preservation", PROJECTED, "projected-kv", "custom-diffusion", "projected-lora",
+        "unconstrained-seed1", "unconstrained-seed2", f"{PROJECTED}-seed1", f"{PROJECTED}-seed2",
+        "projected-kv-seed1", "projected-kv-seed2", "custom-diffusion-seed1", "custom-diffusion-seed2",
+        "unconstrained-lr0.0003", f"{PROJECTED}-lr0.0003",  # 1e-3 is the run's own
+        "random-all-timesteps-0.02-second_moment-conditional", "random-kv", "random-custom-diffusion"]
     from nullcov.proof.plan import compared_projection_settings, plan_variants
 
     runs = {run.name: run for run in plan_variants(config, compared_projection_settings(config))}
     assert (runs[f"{PROJECTED}-seed2"].seed_index, runs[f"{PROJECTED}-seed2"].variant) == (2, PROJECTED)
     assert runs["unconstrained-lr0.0003"].learning_rate == 3e-4 and runs["unconstrained"].learning_rate is None
     assert runs["random-kv"].kind == "random-projected-kv" and runs["random-kv"].setting == runs["projected-kv"].setting
+    assert runs["random-custom-diffusion"].kind == "random-custom-diffusion"
     with pytest.raises(ValueError, match=r"finetune_repeated: \['projected-lora'\] are not variants"):
         finetune_variant_names(config | {"finetune_repeated": ["projected-lora"]})
+    with pytest.raises(ValueError, match=r"finetune_grid_variants: \['unconstrained-seed1'\] are not variants"):
+        finetune_variant_names(config | {"finetune_grid_variants": ["unconstrained-seed1"]})
 
 
 def test_matched_fidelity_interpolates_at_the_first_crossing_and_finds_the_best_preserving_checkpoint():
