@@ -199,6 +199,29 @@ SINGLE_BLOCK = Linears(
 )
 #: The streams a transformer family collects when the config names none (``proj_out`` only on request).
 DEFAULT_STREAMS = ("image", "text", "image_out", "text_out", "single")
+#: An MMDiT transformer's timestep-independent text path: stream -> the module path (inside the
+#: transformer) of the linear whose input it is, which is also the key of its statistic in the text
+#: file (``text.h5``, collected once per prompt, no step). ``context``: ``context_embedder``, whose
+#: input is the text sequence ``encode_prompt`` gives (FLUX: the T5 states; SD3: the joint CLIP+T5
+#: ``prompt_embeds``); ``pooled``: the pooled-text projection ``time_text_embed.text_embedder.linear_1``
+#: (the pooled CLIP projections, one row per prompt). Both come from the text encoders alone: a run
+#: that selects no other stream loads no transformer and runs no sampler. Only on request.
+TEXT_PATH = (("context", "context_embedder"), ("pooled", "time_text_embed.text_embedder.linear_1"))
+#: Every stream name a transformer family knows: the blocks' (one statistic per step) and the text path's.
+STREAMS = tuple(name for linears in (JOINT_ATTENTION, SINGLE_BLOCK) for name, _ in linears.features) + tuple(
+    name for name, _ in TEXT_PATH)
+
+
+def step_streams(streams) -> list[str]:
+    """The streams among ``streams`` that are one statistic per step (the blocks' inputs), in config order."""
+    path = dict(TEXT_PATH)
+    return [stream for stream in streams if stream not in path]
+
+
+def text_path_keys(streams) -> list[str]:
+    """The text-file keys (module paths, :data:`TEXT_PATH`) of the text-path streams among ``streams``,
+    in :data:`TEXT_PATH` order."""
+    return [key for stream, key in TEXT_PATH if stream in streams]
 
 
 @dataclass(frozen=True)

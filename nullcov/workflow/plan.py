@@ -26,7 +26,7 @@ from nullcov.collection.memory import (
 from nullcov.docs import PLANNING, see
 from nullcov.files import read_json, write_json
 from nullcov.measurement import human_bytes
-from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, TEXT_PATH, statistic_key, text_path_keys
 
 #: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
 #: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
@@ -171,7 +171,8 @@ def transformer_dims(model_spec: str, model_dir: str | Path) -> dict:
         vocabulary = next(kind.linears for kind in MMDIT_LAYERS if kind.holds(name))
         layers[name] = {linear: int(module.in_features) for linear in vocabulary.hooked
                         if (module := hooked_linear(block, linear, vocabulary)) is not None}
-    return {"format": DIMS_FORMAT, "kind": "transformer", "layers": layers,
+    text = {key: int(transformer.get_submodule(key).in_features) for _, key in TEXT_PATH}
+    return {"format": DIMS_FORMAT, "kind": "transformer", "layers": layers, "text": text,
             "unet_parameters": sum(p.numel() for p in transformer.parameters())}
 
 
@@ -239,10 +240,13 @@ def step_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]
     return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
 
 
-def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
-    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}`` (a
-    transformer: its text streams are per step)."""
-    if dims.get("kind") == "transformer" or not CROSS_ATTENTION.collects_text(collect_features) or not layers:
+def text_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]:
+    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``. A
+    transformer's (``collect_features`` is the ``streams`` list): ``{module path: d}`` of the text-path
+    streams it names (``context``, ``pooled``: :data:`~nullcov.models.family.TEXT_PATH`)."""
+    if dims.get("kind") == "transformer":
+        return {key: dims["text"][key] for key in text_path_keys(collect_features)}
+    if not CROSS_ATTENTION.collects_text(collect_features) or not layers:
         return {}
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
 
