@@ -114,7 +114,7 @@ def selected_streams(config: dict, family: Family) -> set[str]:
         return set()
     if config["collect_features"] != default_features:
         raise ValueError(f"collect_features selects the linears of a UNet's attn2; this model ({family.name}) is a "
-                         f"transformer: select with streams ({', '.join(DEFAULT_STREAMS)}, single_out)"
+                         f"transformer: select with streams ({', '.join(STREAMS)})"
                          f"{see('collection-keys-of-another-family')}")
     if config["true_cfg_scale"] != 1 and family.name != "flux":
         raise ValueError(f"true_cfg_scale {config['true_cfg_scale']} adds FLUX's negative call; {family.name} batches "

@@ -173,16 +173,21 @@ CROSS_ATTENTION = Linears(
 #: first linear: the image stream's input (``attn.to_q``, shared by ``to_k``/``to_v``), the text
 #: stream's (``attn.add_q_proj``, shared by ``add_k_proj``/``add_v_proj``), and the image and text
 #: rows of the joint attention's output (``attn.to_out.0``, ``attn.to_add_out``; a
-#: ``context_pre_only`` block has no ``to_add_out``). SD3.5's ``attn2`` (an image-only
-#: self-attention of ``dual_attention_layers``) is not hooked. Every stream changes with the step:
-#: the text stream too (AdaLN on the timestep, and the joint attention updates the text tokens).
+#: ``context_pre_only`` block has no ``to_add_out``). SD3.5's ``attn2``, in the blocks its
+#: ``dual_attention_layers`` lists, is an image-only self-attention (never cross-attention, whatever
+#: its name): its input (``attn2.to_q``, shared by ``attn2.to_k``/``to_v``: ``norm1``'s second AdaLN
+#: output of the image tokens) and its output projection's (``attn2.to_out.0``) are the streams
+#: ``image_self`` and ``image_self_out``, only on request; blocks without ``attn2`` have neither. Every
+#: stream changes with the step: the text stream too (AdaLN on the timestep, and the joint attention
+#: updates the text tokens).
 JOINT_ATTENTION = Linears(
-    hooked=("attn.to_q", "attn.add_q_proj", "attn.to_out", "attn.to_add_out"),
+    hooked=("attn.to_q", "attn.add_q_proj", "attn.to_out", "attn.to_add_out", "attn2.to_q", "attn2.to_out"),
     text=(),
     features=(("image", "attn.to_q"), ("text", "attn.add_q_proj"), ("image_out", "attn.to_out"),
-              ("text_out", "attn.to_add_out")),
-    indexed=("attn.to_out",),
-    shared=(("attn.to_q", ("attn.to_k", "attn.to_v")), ("attn.add_q_proj", ("attn.add_k_proj", "attn.add_v_proj"))),
+              ("text_out", "attn.to_add_out"), ("image_self", "attn2.to_q"), ("image_self_out", "attn2.to_out")),
+    indexed=("attn.to_out", "attn2.to_out"),
+    shared=(("attn.to_q", ("attn.to_k", "attn.to_v")), ("attn.add_q_proj", ("attn.add_k_proj", "attn.add_v_proj")),
+            ("attn2.to_q", ("attn2.to_k", "attn2.to_v"))),
     tokens=(("attn.add_q_proj", "text"), ("attn.to_add_out", "text")),
 )
 #: The linears of a FLUX single block (``FluxSingleTransformerBlock``): ``attn.to_q``'s input (shared
@@ -197,7 +202,8 @@ SINGLE_BLOCK = Linears(
     shared=(("attn.to_q", ("attn.to_k", "attn.to_v", "proj_mlp")),),
     tokens=(("attn.to_q", "text+image"), ("proj_out", "text+image")),
 )
-#: The streams a transformer family collects when the config names none (``proj_out`` only on request).
+#: The streams a transformer family collects when the config names none (``proj_out``, SD3.5's ``attn2``
+#: and the text path only on request).
 DEFAULT_STREAMS = ("image", "text", "image_out", "text_out", "single")
 #: An MMDiT transformer's timestep-independent text path: stream -> the module path (inside the
 #: transformer) of the linear whose input it is, which is also the key of its statistic in the text

@@ -53,6 +53,8 @@ class RawTransformerInputs(LinearInputs):
             targets = {"image": block.attn.to_q, "text": block.attn.add_q_proj, "image_out": block.attn.to_out[0]}
             if block.attn.to_add_out is not None:
                 targets["text_out"] = block.attn.to_add_out
+            if getattr(block, "attn2", None) is not None:  # SD3.5's image-only self-attention
+                targets |= {"image_self": block.attn2.to_q, "image_self_out": block.attn2.to_out[0]}
             for stream, module in targets.items():
                 self.handles.append(module.register_forward_pre_hook(self._linear(f"joint{index}/{stream}")))
         for index, block in enumerate(getattr(transformer, "single_transformer_blocks", None) or ()):
@@ -68,7 +70,8 @@ def _nullcov_key(key):
     block, stream = key.split("/")
     kind, index = re.fullmatch(r"(joint|single)(\d+)", block).groups()
     linear = {"image": "attn.to_q", "text": "attn.add_q_proj", "image_out": "attn.to_out",
-              "text_out": "attn.to_add_out", "single": "attn.to_q", "single_out": "proj_out"}[stream]
+              "text_out": "attn.to_add_out", "single": "attn.to_q", "single_out": "proj_out",
+              "image_self": "attn2.to_q", "image_self_out": "attn2.to_out"}[stream]
     return f"{'transformer_blocks' if kind == 'joint' else 'single_transformer_blocks'}.{index}/{linear}"
 
 
@@ -99,7 +102,10 @@ CASES = {
     "flux-schnell-true-cfg-both-real-tokens": ("flux-schnell", {"true_cfg_scale": 2.0, "unconditional_branch": True,
                                                                 "text_tokens": "prompt"}, 2, 1, ("cond", "uncond")),
     "sd3-t5-cfg-conditional-real-tokens": ("sd3", {"text_tokens": "prompt"}, 1, 2, ("cond",)),
-    "sd35-dual-attention-no-t5-cfg-both": ("sd35", {"unconditional_branch": True}, 1, 2, ("uncond", "cond")),
+    "sd35-dual-attention-no-t5-cfg-both": ("sd35", {"unconditional_branch": True, "streams": [
+        *DEFAULT_STREAMS, "image_self", "image_self_out"]}, 1, 2, ("uncond", "cond")),
+    "sd35-image-self-only-real-tokens": ("sd35", {"streams": ["image_self", "image_self_out"], "text_tokens": "prompt"},
+                                         1, 2, ("cond",)),
 }
 
 
@@ -124,7 +130,7 @@ def _brute_force_rows(pipe, family_name, config, key, calls, found, batches, cal
         blocks, names = _branch_rows(call, key, calls_per_step, c, branches, len(batches[b]))
         for block, branch in zip(blocks, names, strict=True):
             texts = batches[b] if branch == "cond" else [""] * len(batches[b])
-            if config["text_tokens"] != "prompt" or stream in ("image", "image_out"):
+            if config["text_tokens"] != "prompt" or stream.startswith("image"):
                 parts.append(block.reshape(-1, block.shape[-1]))
                 continue
             length = pipe.tokenizer_max_length + 256 if family_name.startswith("sd3") else 512
@@ -175,6 +181,10 @@ def test_streams_equal_brute_force(mmdit_dirs, case, record_property):
             assert_close_to_float64(moments.sum_outer, reference, rtol=1e-6)
             assert_close_to_float64(moments.sum, rows.sum(0), rtol=1e-6)
             worst = max(worst, float(np.abs(moments.sum_outer - reference).max() / np.abs(reference).max()))
+    if "image_self" in config["streams"]:  # SD3.5's attn2: in the dual-attention blocks only
+        dual = pipe.transformer.config.dual_attention_layers
+        assert dual and {key.split("/")[0] for key in steps[0] if "/attn2." in key} == {
+            f"transformer_blocks.{index}" for index in dual}
     record_property("max_relative_error", worst)
     print(f"{case}: max relative error of sum_outer vs brute force {worst:.2e}")
     real = sum(int(_real_mask(pipe, texts, 512 if family_name.startswith("flux") else 333).sum())
