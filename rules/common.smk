@@ -18,6 +18,7 @@ from nullcov import joblog as nc_joblog
 from nullcov import layout as nc_layout
 from nullcov.models import family as nc_family
 from nullcov.models import model as nc_model
+from nullcov.models import mmdit_dims as nc_mmdit_dims
 from nullcov.collection import memory as nc_memory
 from nullcov.workflow import plan as nc_plan
 from nullcov import prompts as nc_prompts
@@ -486,4 +487,10 @@ def run_plan():
         throughput=config["gpu_prompt_timesteps_per_second"],
         jobs_per_rule=jobs,
         merge_groups=merge_groups,
+        # a transformer's bytes per stream choice, from its config alone (nullcov.models.mmdit_dims)
+        stream_widths=(
+            nc_mmdit_dims.stream_widths(nc_plan.transformer_config(config["model"], MODEL_DIR)[1])
+            if TRANSFORMER
+            else None
+        ),
     )
