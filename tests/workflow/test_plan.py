@@ -193,14 +193,27 @@ def _meta_transformer(config):
         return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+def _real_configs() -> dict:
+    """The published transformer configs of docs/model-families.md's tables (tools/mmdit_tables.py)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import mmdit_tables
+
+    return {title: config for title, (_, config) in mmdit_tables.CONFIGS.items()}
+
+
 @pytest.mark.parametrize("spec", ["builtin:tiny-sd3", "builtin:tiny-sd35", "builtin:tiny-flux",
-                                  "builtin:tiny-flux-schnell"])
+                                  "builtin:tiny-flux-schnell", *_real_configs()])
 def test_stream_widths_from_the_config_equal_the_built_transformer(spec):
     """The arithmetic of nullcov.models.mmdit_dims gives every key and width a meta-device transformer built
-    from the same config has (and no other); each stream's keys are its kind's."""
+    from the same config has (and no other), for the tiny built-ins and the real models' published configs
+    the docs' tables are computed from; each stream's keys are its kind's."""
     from nullcov.models.mmdit_dims import stream_widths
 
-    config = plan.transformer_config(spec, None)[1]
+    config = plan.transformer_config(spec, None)[1] if spec.startswith("builtin:") else _real_configs()[spec]
     widths = stream_widths(config)
     flat = {key: width for keys in widths.values() for key, width in keys.items()}
     assert flat == _walked_widths(_meta_transformer(config))
