@@ -18,6 +18,7 @@ from nullcov import joblog as nc_joblog
 from nullcov import layout as nc_layout
 from nullcov.models import family as nc_family
 from nullcov.models import model as nc_model
+from nullcov.models import mmdit_dims as nc_mmdit_dims
 from nullcov.collection import memory as nc_memory
 from nullcov.workflow import plan as nc_plan
 from nullcov import prompts as nc_prompts
@@ -94,10 +95,14 @@ MERGE_GROUPS = [
 MERGE_KIND = "partial" if len(MERGE_GROUPS) > 1 else "features"
 PROMPT_SHA256 = nc_prompts.prompt_set_sha256(PROMPTS)
 # Per-step linears (q/out) and text linears (k/v) by their collect_features names (nullcov.models.family).
-# A transformer's selection is its streams, all per step (no text.h5).
+# A transformer's selection is its streams: the blocks' per step, the text path's (context, pooled) in text.h5.
 SELECTION = config["streams"] if TRANSFORMER else config["collect_features"]
-COLLECT_STEPS = TRANSFORMER or bool(nc_family.CROSS_ATTENTION.step_linears(config["collect_features"]))
-COLLECT_TEXT = not TRANSFORMER and nc_family.CROSS_ATTENTION.collects_text(config["collect_features"])
+if TRANSFORMER:
+    COLLECT_STEPS = bool(nc_family.step_streams(config["streams"]))
+    COLLECT_TEXT = bool(nc_family.text_path_keys(config["streams"]))
+else:
+    COLLECT_STEPS = bool(nc_family.CROSS_ATTENTION.step_linears(config["collect_features"]))
+    COLLECT_TEXT = nc_family.CROSS_ATTENTION.collects_text(config["collect_features"])
 # The feature jobs' config: the keys that change the statistics (a transformer's streams too).
 FEATURE_CONFIG = feature_config(config) | (
     {key: config[key] for key in ("streams", "true_cfg_scale")} if TRANSFORMER else {}
@@ -484,4 +489,10 @@ def run_plan():
         throughput=config["gpu_prompt_timesteps_per_second"],
         jobs_per_rule=jobs,
         merge_groups=merge_groups,
+        # a transformer's bytes per stream choice, from its config alone (nullcov.models.mmdit_dims)
+        stream_widths=(
+            nc_mmdit_dims.stream_widths(nc_plan.transformer_config(config["model"], MODEL_DIR)[1])
+            if TRANSFORMER
+            else None
+        ),
     )

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import architecture_docs  # noqa: E402  (tools/: the module, tool and test tables)
+import mmdit_tables  # noqa: E402  (tools/: the SD3/FLUX stream tables at real sizes)
 import workflow_docs  # noqa: E402  (tools/: the rule graph and the config reference)
 
 DOCS = REPO / "docs"
@@ -755,6 +756,7 @@ RENDERERS = {
     "rulegraph": workflow_docs.rulegraph,
     "modules": architecture_docs.modules,
     "config-reference": workflow_docs.config_reference,
+    "mmdit-streams": mmdit_tables.streams_tables,
     "proof-table": proof_table,
     "proof-matched": proof_matched,
     "proof-goal": proof_goal,

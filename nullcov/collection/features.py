@@ -7,7 +7,9 @@ hooks (:class:`nullcov.collection.capture.CrossAttentionCapture`), driven by the
 (``seed + i``), so results depend on neither shard size, batch size nor device. When only
 ``k``/``v`` are collected the job runs the text encoder(s) alone (:func:`collect_text_shard`):
 their inputs are the text states, which depend on neither timestep nor latents, so no UNet, VAE
-or sampler is loaded or run. With CFG only the conditional half of each UNet call is collected,
+or sampler is loaded or run; likewise an SD3/FLUX run that selects only the transformer's
+timestep-independent text path (streams ``context``, ``pooled``: :func:`collect_text_path`). With
+CFG only the conditional half of each UNet call is collected,
 unless ``unconditional_branch`` (then both halves, and the negative embedding's text states once
 per prompt). A job whose steps do not fit its memory collects them in chunks (:func:`plan_chunks`).
 """
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from nullcov.collection import memory
 from nullcov.collection.accumulators import TorchMoments, exact_matmul
 from nullcov.collection.capture import (
+    TRANSFORMER_TEXT_TOKENS,
     CrossAttentionCapture,
     NonFiniteActivationError,
     prompt_of_row,
@@ -35,11 +38,22 @@ from nullcov.collection.capture import (
     text_rows,
 )
 from nullcov.collection.placement import device_memory_steps
-from nullcov.collection.tokens import max_sequence_length, token_masks
+from nullcov.collection.tokens import max_sequence_length, sequence_mask, token_masks
 from nullcov.docs import see
 from nullcov.files import read_json
 from nullcov.models.device import module_device, use_device
-from nullcov.models.family import CROSS_ATTENTION, DEFAULT_STREAMS, TEXT_KEY, Family, guidance_input, model_family
+from nullcov.models.family import (
+    CROSS_ATTENTION,
+    DEFAULT_STREAMS,
+    STREAMS,
+    TEXT_KEY,
+    TEXT_PATH,
+    Family,
+    guidance_input,
+    model_family,
+    step_streams,
+    text_path_keys,
+)
 from nullcov.models.gpu_lease import lease_device
 from nullcov.models.model import (
     ModelError,
@@ -100,7 +114,7 @@ def selected_streams(config: dict, family: Family) -> set[str]:
         return set()
     if config["collect_features"] != default_features:
         raise ValueError(f"collect_features selects the linears of a UNet's attn2; this model ({family.name}) is a "
-                         f"transformer: select with streams ({', '.join(DEFAULT_STREAMS)}, single_out)"
+                         f"transformer: select with streams ({', '.join(STREAMS)})"
                          f"{see('collection-keys-of-another-family')}")
     if config["true_cfg_scale"] != 1 and family.name != "flux":
         raise ValueError(f"true_cfg_scale {config['true_cfg_scale']} adds FLUX's negative call; {family.name} batches "
@@ -108,7 +122,26 @@ def selected_streams(config: dict, family: Family) -> set[str]:
     streams = set(config["streams"])
     if not streams:
         raise ValueError(f"streams: the list is empty; nothing to collect{see('all-features-are-off')}")
+    unknown = sorted(streams - set(STREAMS))
+    if unknown:
+        raise ValueError(f"streams: {unknown} are not streams of a transformer; known: {', '.join(STREAMS)}")
     return streams
+
+
+def has_negative_branch(family: Family, config: dict) -> bool:
+    """Whether a transformer run has a negative branch: FLUX's separate call (``true_cfg_scale`` > 1) or
+    SD3's ``[uncond, cond]`` batch (``guidance_scale`` > 1)."""
+    if family.name == "flux":
+        return config["true_cfg_scale"] > 1
+    return family.guidance == "cfg" and config["guidance_scale"] > 1
+
+
+def check_unconditional_branch(family: Family, config: dict) -> None:
+    """Refuse ``unconditional_branch`` for a transformer run without a negative branch."""
+    if config["unconditional_branch"] and not has_negative_branch(family, config):
+        raise ValueError(
+            f"unconditional_branch: true, but this {family.name} run has no negative branch (FLUX: set "
+            f"true_cfg_scale > 1; SD3: guidance_scale > 1){see('no-unconditional-half-for-unconditional_branch')}")
 
 
 def selected_linears(collect_features: dict) -> set[str]:
@@ -252,14 +285,9 @@ class _ShardCollection:
                 f"results/schedule.json was built for resolution {None if flow is None else flow['resolution']}, "
                 f"but this run samples at {self.resolution}: a flow-matching schedule depends on the resolution; "
                 f"rerun the schedule rule{see('schedule-and-sampler-disagree')}")
-        true_cfg = family.name == "flux" and config["true_cfg_scale"] > 1
-        if true_cfg:
+        if family.name == "flux" and config["true_cfg_scale"] > 1:
             self.run_options, self.calls_per_step = {"true_cfg_scale": config["true_cfg_scale"]}, 2
-        negative = true_cfg or (family.guidance == "cfg" and config["guidance_scale"] > 1)
-        if config["unconditional_branch"] and not negative:
-            raise ValueError(
-                f"unconditional_branch: true, but this {family.name} run has no negative branch (FLUX: set "
-                f"true_cfg_scale > 1; SD3: guidance_scale > 1){see('no-unconditional-half-for-unconditional_branch')}")
+        check_unconditional_branch(family, config)
 
     def capture(self, number: int, chunk: range):
         """The capture of chunk ``number``: it collects ``chunk``'s steps, the first chunk also the text."""
@@ -329,11 +357,17 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
     (:func:`nullcov.models.family.model_family`), needed for a transformer (SD3, FLUX: its blocks are the
     layers, ``streams`` the selection); None: a UNet. ``summary``, when given, receives
     ``text_token_counts`` (a transformer's real and padding text tokens of the collected prompts).
+    The text moments are a UNet's ``to_k``/``to_v`` inputs (one ``Moments``, or None when not selected)
+    or a transformer's text path (``{module path: Moments}`` of :func:`collect_text_path` when
+    ``streams`` names ``context``/``pooled``, else None; with no other stream no sampler runs).
     """
     run = _ShardCollection(pipe, prompts, first_index, schedule, config, capture_class,
                            {"accumulate": accumulate, "timestep_check": timestep_check}, family)
     steps = schedule["steps"]
-    chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate, run.vocabulary)
+    if run.transformer and not step_streams(run.linears):
+        chunks = []  # the text path alone: no sampler runs
+    else:
+        chunks = plan_chunks(pipe, run.layers, run.linears, len(steps), mem_mb, weights, accumulate, run.vocabulary)
     log.info(
         "collecting %d prompts x %d steps, %d layers, %s, %s, batch %d, %dx%d, %d chunk(s)",
         len(prompts), len(steps), len(run.layers), sorted(run.linears), config["collection"], config["batch_size"],
@@ -350,7 +384,10 @@ def collect_shard(pipe, prompts: list[str], first_index: int, schedule: dict, co
                 del moments
     if summary is not None:
         summary["text_token_counts"] = run.token_counts
-    return collected, run.text_moments, [name for name, _ in run.layers], run.resolution
+    text = run.text_moments
+    if run.transformer and text_path_keys(run.linears):
+        text = collect_text_path(pipe, prompts, first_index, config, family)
+    return collected, text, [name for name, _ in run.layers], run.resolution
 
 
 def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict):
@@ -385,6 +422,80 @@ def collect_text_shard(pipe, prompts: list[str], first_index: int, config: dict)
     return moments.to_moments()
 
 
+def encode_transformer_text(pipe, prompts: list[str], unconditional: bool = False):
+    """``(texts, states, pooled)`` an SD3/FLUX pipeline passes its transformer for ``prompts``: the
+    text sequence [B, L, d] (``context_embedder``'s input) and the pooled projections [B, d'] (the
+    input of ``time_text_embed.text_embedder.linear_1``), from its own ``encode_prompt`` at its
+    ``max_sequence_length`` (no transformer run). With ``unconditional`` [2B, ...]: the negative
+    prompts' (``""``) first, encoded as the pipeline encodes them (SD3: ``encode_prompt``'s CFG
+    branch; FLUX: a second ``encode_prompt`` of the negative prompts, as with ``true_cfg_scale``).
+    ``texts``: the text of every row block, negatives included."""
+    device, length = pipe._execution_device, max_sequence_length(pipe)
+    negatives = [""] * len(prompts)
+    if type(pipe).__name__ == "FluxPipeline":
+        states, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=length)
+        if unconditional:
+            negative, negative_pooled, _ = pipe.encode_prompt(prompt=negatives, prompt_2=None, device=device,
+                                                              num_images_per_prompt=1, max_sequence_length=length)
+    else:
+        states, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=unconditional, max_sequence_length=length)
+    if not unconditional:
+        return list(prompts), states, pooled
+    return negatives + list(prompts), torch.cat([negative, states]), torch.cat([negative_pooled, pooled])
+
+
+def collect_text_path(pipe, prompts: list[str], first_index: int, config: dict, family: Family) -> dict:
+    """``{module path: Moments}`` of an SD3/FLUX transformer's timestep-independent text path
+    (:data:`nullcov.models.family.TEXT_PATH`: ``context_embedder``, ``time_text_embed.text_embedder.linear_1``)
+    for the text-path streams ``config["streams"]`` names, from the text encoders alone
+    (:func:`encode_transformer_text`, per prompt batch).
+
+    ``context_embedder``'s rows are the text sequence's, chosen by ``text_tokens`` (``prompt``: the real
+    tokens only, T5's padding dropped; :func:`nullcov.collection.tokens.sequence_mask`); the pooled
+    projection has one row per prompt. With ``unconditional_branch`` the negative prompts' rows too
+    (once per prompt, what every negative call receives). Float32 products summed in float64, as
+    every statistic.
+    """
+    streams = selected_streams(config, family)
+    keys = text_path_keys(streams)
+    if not keys:
+        raise ValueError(f"streams {sorted(streams)} name none of the text path's streams "
+                         f"({', '.join(name for name, _ in TEXT_PATH)})")
+    if config["text_tokens"] not in TRANSFORMER_TEXT_TOKENS:
+        raise ValueError(f"text_tokens must be one of {', '.join(TRANSFORMER_TEXT_TOKENS)}, got "
+                         f"{config['text_tokens']!r}{see('text_tokens-eos-with-a-transformer')}")
+    unconditional = config["unconditional_branch"]
+    check_unconditional_branch(family, config)
+    context, pooled = dict(TEXT_PATH)["context"], dict(TEXT_PATH)["pooled"]
+    batch_size, moments, start = config["batch_size"], {}, time.perf_counter()
+    log.info("text path %s: %d prompts through %s's text encoder(s), batch %d, text_tokens %s%s", keys,
+             len(prompts), type(pipe).__name__, batch_size, config["text_tokens"],
+             ", with the negative prompts' states (unconditional_branch)" if unconditional else "")
+    with exact_matmul(), torch.inference_mode():
+        for offset in range(0, len(prompts), batch_size):
+            batch = prompts[offset : offset + batch_size]
+            texts, states, pooled_states = encode_transformer_text(pipe, batch, unconditional)
+            real = None if config["text_tokens"] == "all" else sequence_mask(pipe, texts).to(states.device)
+            for key, values, mask in ((context, states, real), (pooled, pooled_states, None)):
+                if key not in keys:
+                    continue
+                finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1).cpu()
+                if not bool(finite.all()):
+                    bad, branch = prompt_of_row(int((~finite).nonzero()[0]), len(batch), len(values))
+                    raise NonFiniteActivationError(first_index + offset + bad, batch[bad], key, "text", branch)
+                rows = text_rows(values, mask) if values.dim() == 3 else values
+                if key not in moments:
+                    moments[key] = TorchMoments(rows.shape[-1], rows.device)
+                moments[key].add(rows)
+            done = offset + len(batch)
+            if done == len(prompts) or (offset // batch_size) % 50 == 0:
+                log.info("prompts %d/%d, %.1f prompts/s", done, len(prompts), done / (time.perf_counter() - start))
+    return {key: moments[key].to_moments() for key in keys}
+
+
 def run_feature_job(*, model_spec: str, model_dir: str, prompts: list[str], first_index: int, shard: str,
                     schedule: dict, config: dict, step_paths: dict[str, str], text_path: str | None,
                     threads: int = 1, mem_mb: int | None = None) -> None:
@@ -417,12 +528,15 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
     family = model_family(model_dir)
     transformer = family.denoiser == "transformer"
     truncated = _check_prompts(model_dir, family, prompts, first_index, config["strict_prompts"])
-    only_text = not transformer and text_only(config["collect_features"])
+    if transformer:  # streams context/pooled alone: the text encoders give every statistic
+        only_text = not step_streams(selected_streams(config, family))
+    else:
+        only_text = text_only(config["collect_features"])
     pipe = load_pipeline(model_dir, config["dtype"], device, text_only=only_text)
     if only_text:
         if step_paths:
-            raise ValueError(f"only k/v are collected (text-only job), but per-step outputs {sorted(step_paths)} "
-                             "were asked")
+            raise ValueError(f"only {'the text path' if transformer else 'k/v'} is collected (text-only job), but "
+                             f"per-step outputs {sorted(step_paths)} were asked")
         layer_names, resolution = schedule.get("layers"), None
     else:
         configure_scheduler(pipe, schedule)
@@ -446,7 +560,9 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         "packages": package_versions(),
     }
     writer = _ShardWriter(provenance, fingerprint, schedule["steps"], step_paths)
-    if only_text:
+    if only_text and transformer:
+        text_moments = collect_text_path(pipe, prompts, first_index, config, family)
+    elif only_text:
         text_moments = collect_text_shard(pipe, prompts, first_index, config)
     else:
         parameters = sum(p.numel() for p in denoiser(pipe).parameters())
@@ -454,6 +570,9 @@ def _collect_and_write(fingerprint: Future, *, device, model_spec, model_dir, pr
         _, text_moments, _, _ = collect_shard(pipe, prompts, first_index, schedule, config, on_step=writer.write_step,
                                               mem_mb=mem_mb, weights=weights, family=family if transformer else None)
     if text_path:
+        if text_moments is None:
+            raise ValueError(f"a text file ({text_path}) was asked, but this run collects no text statistic "
+                             f"({'streams: ' + str(config['streams']) if transformer else 'collect_features'})")
         writer.write_text(text_path, text_moments)
     log.info("wrote %d step files%s; peak RSS of this job %.0f MB", len(writer.written),
              " and text.h5" if text_path else "", peak_rss_mb())
@@ -510,7 +629,10 @@ class _ShardWriter:
         self.written.append(self.step_paths[step["name"]])
 
     def write_text(self, path: str, moments) -> None:
-        write_moments(path, "features", {TEXT_KEY: moments}, {"provenance": self.hashed(), "step": "text"})
+        """The text file: a UNet's text states (one ``Moments``, under :data:`TEXT_KEY`), or a transformer's
+        text path (``{module path: Moments}``)."""
+        keyed = moments if isinstance(moments, dict) else {TEXT_KEY: moments}
+        write_moments(path, "features", keyed, {"provenance": self.hashed(), "step": "text"})
 
 
 def peak_rss_mb() -> float:

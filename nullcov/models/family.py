@@ -173,16 +173,21 @@ CROSS_ATTENTION = Linears(
 #: first linear: the image stream's input (``attn.to_q``, shared by ``to_k``/``to_v``), the text
 #: stream's (``attn.add_q_proj``, shared by ``add_k_proj``/``add_v_proj``), and the image and text
 #: rows of the joint attention's output (``attn.to_out.0``, ``attn.to_add_out``; a
-#: ``context_pre_only`` block has no ``to_add_out``). SD3.5's ``attn2`` (an image-only
-#: self-attention of ``dual_attention_layers``) is not hooked. Every stream changes with the step:
-#: the text stream too (AdaLN on the timestep, and the joint attention updates the text tokens).
+#: ``context_pre_only`` block has no ``to_add_out``). SD3.5's ``attn2``, in the blocks its
+#: ``dual_attention_layers`` lists, is an image-only self-attention (never cross-attention, whatever
+#: its name): its input (``attn2.to_q``, shared by ``attn2.to_k``/``to_v``: ``norm1``'s second AdaLN
+#: output of the image tokens) and its output projection's (``attn2.to_out.0``) are the streams
+#: ``image_self`` and ``image_self_out``, only on request; blocks without ``attn2`` have neither. Every
+#: stream changes with the step: the text stream too (AdaLN on the timestep, and the joint attention
+#: updates the text tokens).
 JOINT_ATTENTION = Linears(
-    hooked=("attn.to_q", "attn.add_q_proj", "attn.to_out", "attn.to_add_out"),
+    hooked=("attn.to_q", "attn.add_q_proj", "attn.to_out", "attn.to_add_out", "attn2.to_q", "attn2.to_out"),
     text=(),
     features=(("image", "attn.to_q"), ("text", "attn.add_q_proj"), ("image_out", "attn.to_out"),
-              ("text_out", "attn.to_add_out")),
-    indexed=("attn.to_out",),
-    shared=(("attn.to_q", ("attn.to_k", "attn.to_v")), ("attn.add_q_proj", ("attn.add_k_proj", "attn.add_v_proj"))),
+              ("text_out", "attn.to_add_out"), ("image_self", "attn2.to_q"), ("image_self_out", "attn2.to_out")),
+    indexed=("attn.to_out", "attn2.to_out"),
+    shared=(("attn.to_q", ("attn.to_k", "attn.to_v")), ("attn.add_q_proj", ("attn.add_k_proj", "attn.add_v_proj")),
+            ("attn2.to_q", ("attn2.to_k", "attn2.to_v"))),
     tokens=(("attn.add_q_proj", "text"), ("attn.to_add_out", "text")),
 )
 #: The linears of a FLUX single block (``FluxSingleTransformerBlock``): ``attn.to_q``'s input (shared
@@ -197,8 +202,32 @@ SINGLE_BLOCK = Linears(
     shared=(("attn.to_q", ("attn.to_k", "attn.to_v", "proj_mlp")),),
     tokens=(("attn.to_q", "text+image"), ("proj_out", "text+image")),
 )
-#: The streams a transformer family collects when the config names none (``proj_out`` only on request).
+#: The streams a transformer family collects when the config names none (``proj_out``, SD3.5's ``attn2``
+#: and the text path only on request).
 DEFAULT_STREAMS = ("image", "text", "image_out", "text_out", "single")
+#: An MMDiT transformer's timestep-independent text path: stream -> the module path (inside the
+#: transformer) of the linear whose input it is, which is also the key of its statistic in the text
+#: file (``text.h5``, collected once per prompt, no step). ``context``: ``context_embedder``, whose
+#: input is the text sequence ``encode_prompt`` gives (FLUX: the T5 states; SD3: the joint CLIP+T5
+#: ``prompt_embeds``); ``pooled``: the pooled-text projection ``time_text_embed.text_embedder.linear_1``
+#: (the pooled CLIP projections, one row per prompt). Both come from the text encoders alone: a run
+#: that selects no other stream loads no transformer and runs no sampler. Only on request.
+TEXT_PATH = (("context", "context_embedder"), ("pooled", "time_text_embed.text_embedder.linear_1"))
+#: Every stream name a transformer family knows: the blocks' (one statistic per step) and the text path's.
+STREAMS = tuple(name for linears in (JOINT_ATTENTION, SINGLE_BLOCK) for name, _ in linears.features) + tuple(
+    name for name, _ in TEXT_PATH)
+
+
+def step_streams(streams) -> list[str]:
+    """The streams among ``streams`` that are one statistic per step (the blocks' inputs), in config order."""
+    path = dict(TEXT_PATH)
+    return [stream for stream in streams if stream not in path]
+
+
+def text_path_keys(streams) -> list[str]:
+    """The text-file keys (module paths, :data:`TEXT_PATH`) of the text-path streams among ``streams``,
+    in :data:`TEXT_PATH` order."""
+    return [key for stream, key in TEXT_PATH if stream in streams]
 
 
 @dataclass(frozen=True)

@@ -167,9 +167,35 @@ def load_pipeline(model_dir: str | Path, dtype: str, device: str, text_only: boo
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if getattr(pipe, "transformer", None) is not None:
+    if text_only and denoiser_name(index) == "transformer":
+        pipe.transformer = TransformerConfigOnly(read_json(model_dir / "transformer" / "config.json"))
+    if isinstance(getattr(pipe, "transformer", None), _module_class()):
         check_unfused(pipe.transformer)
     return pipe
+
+
+class TransformerConfigOnly:
+    """A text-only SD3/FLUX pipeline's stand-in for its transformer: the config, no weights, no module.
+
+    SD3's ``encode_prompt`` reads ``transformer.config.joint_attention_dim`` when the model has no T5
+    (its T5 part of the text sequence is then zeros of that width); nothing else of the transformer is
+    used to encode a prompt. Calling it fails, naming what it is.
+    """
+
+    def __init__(self, config: dict):
+        from diffusers.configuration_utils import FrozenDict
+
+        self.config = FrozenDict(config)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("this pipeline was loaded text-only (load_pipeline(text_only=True)): it has the "
+                           "transformer's config but not its weights; load it without text_only to sample")
+
+
+def _module_class():
+    import torch
+
+    return torch.nn.Module
 
 
 def denoiser_name(index: dict) -> str:

@@ -26,7 +26,7 @@ from nullcov.collection.memory import (
 from nullcov.docs import PLANNING, see
 from nullcov.files import read_json, write_json
 from nullcov.measurement import human_bytes
-from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, TEXT_PATH, statistic_key, text_path_keys
 
 #: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
 #: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
@@ -171,7 +171,8 @@ def transformer_dims(model_spec: str, model_dir: str | Path) -> dict:
         vocabulary = next(kind.linears for kind in MMDIT_LAYERS if kind.holds(name))
         layers[name] = {linear: int(module.in_features) for linear in vocabulary.hooked
                         if (module := hooked_linear(block, linear, vocabulary)) is not None}
-    return {"format": DIMS_FORMAT, "kind": "transformer", "layers": layers,
+    text = {key: int(transformer.get_submodule(key).in_features) for _, key in TEXT_PATH}
+    return {"format": DIMS_FORMAT, "kind": "transformer", "layers": layers, "text": text,
             "unet_parameters": sum(p.numel() for p in transformer.parameters())}
 
 
@@ -239,12 +240,59 @@ def step_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]
     return {statistic_key(layer, linear): dims["layers"][layer][linear] for layer in layers for linear in linears}
 
 
-def text_dims(dims: dict, layers: list[str], collect_features: dict) -> dict[str, int]:
-    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}`` (a
-    transformer: its text streams are per step)."""
-    if dims.get("kind") == "transformer" or not CROSS_ATTENTION.collects_text(collect_features) or not layers:
+def text_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]:
+    """``{TEXT_KEY: d}`` when ``to_k``/``to_v`` are collected (the text states, once), else ``{}``. A
+    transformer's (``collect_features`` is the ``streams`` list): ``{module path: d}`` of the text-path
+    streams it names (``context``, ``pooled``: :data:`~nullcov.models.family.TEXT_PATH`)."""
+    if dims.get("kind") == "transformer":
+        return {key: dims["text"][key] for key in text_path_keys(collect_features)}
+    if not CROSS_ATTENTION.collects_text(collect_features) or not layers:
         return {}
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
+
+
+def stream_bytes(widths: dict[str, dict[str, int]], layers: list[str], num_steps: int) -> dict[str, dict]:
+    """What each stream of a transformer costs, for the blocks ``layers`` (the text path, keyed by module
+    path, whatever the blocks): ``{stream: {"keys", "widths", "files", "file_bytes", "memory_bytes",
+    "total_bytes"}}`` in the order of ``widths`` (:func:`nullcov.models.mmdit_dims.stream_widths`).
+
+    ``file_bytes``: its keys' share of one merged moments file (packed float64, the store's
+    :func:`~nullcov.statistics.store.moments_file_bytes` less the file's own overhead); ``memory_bytes``:
+    its full float64 matrices, what a feature job holds per step; ``files``: how many such files a
+    run writes (the steps; the text path: one, ``text.h5``); ``total_bytes``: ``file_bytes x files``.
+    A stream the blocks lack (SD3.5's ``attn2`` outside ``dual_attention_layers``) has no keys."""
+    from nullcov.models.family import TEXT_PATH
+    from nullcov.statistics.store import moments_file_bytes
+
+    text_path = {stream for stream, _ in TEXT_PATH}
+    chosen = set(layers)
+    rows = {}
+    for stream, keys in widths.items():
+        dims = keys if stream in text_path else {key: d for key, d in keys.items() if key.split("/")[0] in chosen}
+        files = 1 if stream in text_path else num_steps
+        file_bytes = moments_file_bytes(dims) - moments_file_bytes({}) if dims else 0
+        rows[stream] = {"keys": len(dims), "widths": sorted(set(dims.values())), "files": files,
+                        "file_bytes": file_bytes, "memory_bytes": statistics_bytes(dims),
+                        "total_bytes": file_bytes * files}
+    return rows
+
+
+def stream_totals(rows: dict[str, dict], selected) -> dict[str, dict[str, int]]:
+    """Bytes of three stream choices over :func:`stream_bytes`'s ``rows``: the ``selected`` streams, the
+    default ones (:data:`~nullcov.models.family.DEFAULT_STREAMS`) and every stream the model has: per
+    step (one step file's keys, and in memory) and over the run (every step file and ``text.h5``)."""
+    from nullcov.models.family import DEFAULT_STREAMS, TEXT_PATH
+
+    text_path = {stream for stream, _ in TEXT_PATH}
+    choices = {"selected": set(selected), "default": set(DEFAULT_STREAMS), "every stream": set(rows)}
+    totals = {}
+    for choice, streams in choices.items():
+        picked = [row for stream, row in rows.items() if stream in streams]
+        step = [row for stream, row in rows.items() if stream in streams and stream not in text_path]
+        totals[choice] = {"step_file_bytes": sum(row["file_bytes"] for row in step),
+                          "step_memory_bytes": sum(row["memory_bytes"] for row in step),
+                          "total_bytes": sum(row["total_bytes"] for row in picked)}
+    return totals
 
 
 def replayed_calls(collection: str, chunks: list[range]) -> int:
@@ -292,14 +340,18 @@ def projection_file_bytes(dims: dict[str, int]) -> int:
 # -- the run plan ------------------------------------------------------------------------------------
 def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dict, num_steps: int,
              collection: str, shards: list[int], validation_prompts: int, weights: int, feature_mem_mb: int,
-             throughput: float, jobs_per_rule: dict[str, int], merge_groups: int = 0) -> dict:
+             throughput: float, jobs_per_rule: dict[str, int], merge_groups: int = 0,
+             stream_widths: dict[str, dict[str, int]] | None = None) -> dict:
     """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard;
-    ``merge_groups``: partial-sum folders (rule ``merge_group``) when shards are merged in groups."""
+    ``merge_groups``: partial-sum folders (rule ``merge_group``) when shards are merged in groups;
+    ``stream_widths`` (a transformer's, :func:`nullcov.models.mmdit_dims.stream_widths`): the plan also
+    gives each stream's bytes and those of the selected, default and every stream
+    (:func:`stream_bytes`, :func:`stream_totals`; ``collect_features`` is then the ``streams`` list)."""
     per_step = step_dims(dims, layers, collect_features)
     per_text = text_dims(dims, layers, collect_features)
     from nullcov.statistics.store import moments_file_bytes
 
-    step_file, text_file = moments_file_bytes(per_step), moments_file_bytes(per_text)
+    step_file, text_file = moments_file_bytes(per_step), moments_file_bytes(per_text) if per_text else 0
     step_memory = statistics_bytes(per_step)
     steps_written = num_steps if per_step else 0
     per_chunk = steps_per_chunk(feature_mem_mb * MIB, step_memory, weights, num_steps) if per_step else num_steps
@@ -334,7 +386,35 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
         "weights": weights,
         "throughput": throughput,
         "gpu_hours": prompt_timesteps / throughput / 3600,
+        **({} if stream_widths is None else {"streams": _streams_plan(stream_widths, layers, num_steps,
+                                                                       collect_features)}),
     }
+
+
+def _streams_plan(widths: dict, layers: list[str], num_steps: int, selected) -> dict:
+    rows = stream_bytes(widths, layers, num_steps)
+    return {"selected": [stream for stream in rows if stream in selected], "rows": rows,
+            "totals": stream_totals(rows, selected)}
+
+
+def format_streams(streams: dict, num_steps: int) -> list[str]:
+    """The plan's lines on a transformer's streams (:func:`run_plan`'s ``streams``): one per stream (keys,
+    widths, bytes in a step file and in memory, bytes over the run), then the selected, default and
+    every-stream totals."""
+    lines = [f"streams (* = selected; packed float64 in the files, full float64 in memory; x {num_steps} steps, "
+             "the text path once in text.h5):"]
+    for stream, row in streams["rows"].items():
+        mark = "*" if stream in streams["selected"] else " "
+        widths = ", ".join(str(width) for width in row["widths"]) or "-"
+        per = "text.h5" if stream in dict(TEXT_PATH) else "per step"
+        lines.append(f"  {mark} {stream:<15} {row['keys']:>3} keys, d = {widths:<12} "
+                     f"{human_bytes(row['file_bytes']):>9} {per} ({human_bytes(row['memory_bytes'])} in memory), "
+                     f"{human_bytes(row['total_bytes'])} in all")
+    for choice, total in streams["totals"].items():
+        lines.append(f"  {choice + ':':<15} {human_bytes(total['step_file_bytes'])} per step file "
+                     f"({human_bytes(total['step_memory_bytes'])} in memory), {human_bytes(total['total_bytes'])} "
+                     "merged moments in all")
+    return lines
 
 
 def disk_needed(plan: dict) -> int:
@@ -381,6 +461,7 @@ def format_plan(plan: dict, free_bytes: int | None = None, folder: str = "result
         ),
         f"  model weights {human_bytes(plan['weights'])}",
         "",
+        *([*format_streams(plan["streams"], plan["steps"]), ""] if "streams" in plan else []),
         (
             f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
             "(config gpu_prompt_timesteps_per_second)"

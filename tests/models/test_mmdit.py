@@ -53,6 +53,8 @@ class RawTransformerInputs(LinearInputs):
             targets = {"image": block.attn.to_q, "text": block.attn.add_q_proj, "image_out": block.attn.to_out[0]}
             if block.attn.to_add_out is not None:
                 targets["text_out"] = block.attn.to_add_out
+            if getattr(block, "attn2", None) is not None:  # SD3.5's image-only self-attention
+                targets |= {"image_self": block.attn2.to_q, "image_self_out": block.attn2.to_out[0]}
             for stream, module in targets.items():
                 self.handles.append(module.register_forward_pre_hook(self._linear(f"joint{index}/{stream}")))
         for index, block in enumerate(getattr(transformer, "single_transformer_blocks", None) or ()):
@@ -68,7 +70,8 @@ def _nullcov_key(key):
     block, stream = key.split("/")
     kind, index = re.fullmatch(r"(joint|single)(\d+)", block).groups()
     linear = {"image": "attn.to_q", "text": "attn.add_q_proj", "image_out": "attn.to_out",
-              "text_out": "attn.to_add_out", "single": "attn.to_q", "single_out": "proj_out"}[stream]
+              "text_out": "attn.to_add_out", "single": "attn.to_q", "single_out": "proj_out",
+              "image_self": "attn2.to_q", "image_self_out": "attn2.to_out"}[stream]
     return f"{'transformer_blocks' if kind == 'joint' else 'single_transformer_blocks'}.{index}/{linear}"
 
 
@@ -99,7 +102,10 @@ CASES = {
     "flux-schnell-true-cfg-both-real-tokens": ("flux-schnell", {"true_cfg_scale": 2.0, "unconditional_branch": True,
                                                                 "text_tokens": "prompt"}, 2, 1, ("cond", "uncond")),
     "sd3-t5-cfg-conditional-real-tokens": ("sd3", {"text_tokens": "prompt"}, 1, 2, ("cond",)),
-    "sd35-dual-attention-no-t5-cfg-both": ("sd35", {"unconditional_branch": True}, 1, 2, ("uncond", "cond")),
+    "sd35-dual-attention-no-t5-cfg-both": ("sd35", {"unconditional_branch": True, "streams": [
+        *DEFAULT_STREAMS, "image_self", "image_self_out"]}, 1, 2, ("uncond", "cond")),
+    "sd35-image-self-only-real-tokens": ("sd35", {"streams": ["image_self", "image_self_out"], "text_tokens": "prompt"},
+                                         1, 2, ("cond",)),
 }
 
 
@@ -124,7 +130,7 @@ def _brute_force_rows(pipe, family_name, config, key, calls, found, batches, cal
         blocks, names = _branch_rows(call, key, calls_per_step, c, branches, len(batches[b]))
         for block, branch in zip(blocks, names, strict=True):
             texts = batches[b] if branch == "cond" else [""] * len(batches[b])
-            if config["text_tokens"] != "prompt" or stream in ("image", "image_out"):
+            if config["text_tokens"] != "prompt" or stream.startswith("image"):
                 parts.append(block.reshape(-1, block.shape[-1]))
                 continue
             length = pipe.tokenizer_max_length + 256 if family_name.startswith("sd3") else 512
@@ -153,7 +159,7 @@ def test_streams_equal_brute_force(mmdit_dirs, case, record_property):
         steps, text, layers, _ = collect_shard(pipe, PROMPTS, 0, schedule, config, family=family, summary=summary)
     finally:
         raw.close()
-    assert text is None  # no timestep-independent text statistic for a transformer (yet)
+    assert text is None  # the text path (streams context, pooled) is not selected
     num_steps, batches = len(schedule["steps"]), [PROMPTS[:2], PROMPTS[2:]]
     assert len(raw.calls) == len(batches) * num_steps * calls_per_step
     divisor = 1000.0 if family_name.startswith("flux") else 1.0
@@ -175,6 +181,10 @@ def test_streams_equal_brute_force(mmdit_dirs, case, record_property):
             assert_close_to_float64(moments.sum_outer, reference, rtol=1e-6)
             assert_close_to_float64(moments.sum, rows.sum(0), rtol=1e-6)
             worst = max(worst, float(np.abs(moments.sum_outer - reference).max() / np.abs(reference).max()))
+    if "image_self" in config["streams"]:  # SD3.5's attn2: in the dual-attention blocks only
+        dual = pipe.transformer.config.dual_attention_layers
+        assert dual and {key.split("/")[0] for key in steps[0] if "/attn2." in key} == {
+            f"transformer_blocks.{index}" for index in dual}
     record_property("max_relative_error", worst)
     print(f"{case}: max relative error of sum_outer vs brute force {worst:.2e}")
     real = sum(int(_real_mask(pipe, texts, 512 if family_name.startswith("flux") else 333).sum())
@@ -415,3 +425,201 @@ def test_the_workflow_refuses_settings_of_the_other_kind_of_family(tmp_path, dem
     result = snakemake(tmp_path, "--dry-run", check=False)
     text = result.stdout + result.stderr
     assert result.returncode != 0 and "invalid configuration: " in text and message in text, text[-3000:]
+
+
+# -- the timestep-independent text path (streams context, pooled) -------------------------------------
+TEXT_PATH_CASES = {
+    # family, config overrides, which branches the statistics hold
+    "flux-dev-all-tokens": ("flux", {}, ("cond",)),
+    "flux-schnell-true-cfg-both-real-tokens": ("flux-schnell", {"true_cfg_scale": 2.0, "unconditional_branch": True,
+                                                                "text_tokens": "prompt"}, ("cond", "uncond")),
+    "sd3-t5-cfg-both-real-tokens": ("sd3", {"unconditional_branch": True, "text_tokens": "prompt"}, ("cond", "uncond")),
+    "sd35-no-t5-cfg-conditional-all-tokens": ("sd35", {}, ("cond",)),
+    "sd35-no-t5-real-tokens": ("sd35", {"text_tokens": "prompt"}, ("cond",)),
+}
+
+
+def _encoded(pipe, texts):
+    """Brute force: the text sequence and the pooled projections of ``texts``, float64, from the pipeline's
+    own ``encode_prompt`` called here (each text as a prompt; a negative prompt is ``""``)."""
+    with torch.no_grad():
+        if type(pipe).__name__ == "FluxPipeline":
+            states, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=texts, device="cpu", max_sequence_length=512)
+        else:
+            states, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=texts, prompt_3=texts, device="cpu",
+                                                      do_classifier_free_guidance=False, max_sequence_length=256)
+    return states.double(), pooled.double()
+
+
+def _text_path_reference(pipe, family_name, config, branches):
+    """Brute force of ``context_embedder`` and ``time_text_embed.text_embedder.linear_1`` over every prompt
+    and collected branch: the rows (real tokens only with ``text_tokens: prompt``, counted here by
+    tokenizing without padding), as float64 arrays."""
+    context, pooled = [], []
+    for branch in branches:
+        texts = PROMPTS if branch == "cond" else [""] * len(PROMPTS)
+        states, pooled_states = _encoded(pipe, texts)
+        if config["text_tokens"] == "prompt":
+            states = states[_real_mask(pipe, texts, states.shape[1])]
+        context.append(states.reshape(-1, states.shape[-1]))
+        pooled.append(pooled_states)
+    return {"context_embedder": torch.cat(context).numpy(),
+            "time_text_embed.text_embedder.linear_1": torch.cat(pooled).numpy()}
+
+
+class TextPathInputs:
+    """What the transformer's ``context_embedder`` and pooled-text projection receive in a real pipeline run:
+    every call's raw inputs, float64."""
+
+    def __init__(self, transformer):
+        self.calls = []
+        self.handles = [transformer.register_forward_pre_hook(lambda module, args: self.calls.append({}))]
+        for key in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
+            self.handles.append(transformer.get_submodule(key).register_forward_pre_hook(self._keep(key)))
+
+    def _keep(self, key):
+        def hook(module, args):
+            self.calls[-1][key] = args[0].double().clone()
+
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _assert_moments_equal_rows(moments, rows):
+    assert moments.count == rows.shape[0]
+    assert_close_to_float64(moments.sum_outer, rows.T @ rows, rtol=1e-6)
+    assert_close_to_float64(moments.sum, rows.sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(TEXT_PATH_CASES))
+def test_text_path_equals_brute_force(mmdit_dirs, case):
+    """streams: [context, pooled]: the text encoders alone (no transformer weights, no sampler) give the
+    inputs of ``context_embedder`` and of the pooled-text projection, once per prompt (and per negative
+    prompt with unconditional_branch), equal within 1e-6 to float64 sums of ``encode_prompt``'s states
+    called here; with ``text_tokens: prompt`` only the real tokens (T5's padding dropped). A run with a
+    per-step stream too gives the same text moments, and they are what the transformer receives."""
+    from nullcov.collection.features import collect_text_path
+
+    family_name, overrides, branches = TEXT_PATH_CASES[case]
+    model_dir = mmdit_dirs[family_name]
+    family = model_family(model_dir)
+    config = _config(batch_size=2, num_denoising_steps=1, streams=["context", "pooled"], **overrides)
+    full, schedule = _prepared(model_dir, config)
+    reference = _text_path_reference(full, family_name, config, branches)
+
+    text_pipe = load_pipeline(model_dir, "float32", "cpu", text_only=True)
+    assert text_pipe.vae is None and text_pipe.scheduler is None
+    assert not isinstance(text_pipe.transformer, torch.nn.Module)  # config only: no weights loaded
+    only = collect_text_path(text_pipe, PROMPTS, 0, config, family)
+    assert list(only) == list(reference)
+    for key, rows in reference.items():
+        _assert_moments_equal_rows(only[key], rows)
+    expected_rows = len(PROMPTS) * len(branches)
+    assert only["time_text_embed.text_embedder.linear_1"].count == expected_rows
+
+    # With a per-step stream too, collect_shard runs the sampler and gives the same text moments; the
+    # transformer's own context_embedder / pooled projection inputs are the brute force's rows.
+    mixed = config | {"streams": ["image", "context", "pooled"]}
+    hooks = TextPathInputs(full.transformer)
+    try:
+        steps, text, _, _ = collect_shard(full, PROMPTS, 0, schedule, mixed, family=family)
+    finally:
+        hooks.close()
+    assert all(key.endswith("/attn.to_q") for key in steps[0])
+    for key, rows in reference.items():
+        _assert_moments_equal_rows(text[key], rows)
+    received = {key: [] for key in reference}
+    for call in hooks.calls:
+        for key in received:
+            received[key].append(call[key])
+    batch_sizes = [len(PROMPTS[:2]), len(PROMPTS[2:])]
+    calls = len(hooks.calls) // len(batch_sizes)  # per batch: 1, or 2 with FLUX's true CFG
+    for key, seen in received.items():
+        # each branch's rows of each batch (SD3: the halves of [uncond, cond]; FLUX: the first call, then the negative)
+        if family_name.startswith("sd3"):
+            halves = {"cond": [x[b:] for x, b in zip(seen, batch_sizes, strict=True)],
+                      "uncond": [x[:b] for x, b in zip(seen, batch_sizes, strict=True)]}
+        else:
+            halves = {"cond": seen[::calls], "uncond": seen[1::calls]}
+        for branch in branches:
+            got = torch.cat(halves[branch]).numpy()
+            encoded = _encoded(full, PROMPTS if branch == "cond" else [""] * len(PROMPTS))
+            expected = encoded[0 if key == "context_embedder" else 1].numpy()
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_text_path_only_loads_no_transformer_and_writes_text_h5(mmdit_dirs, tmp_path, caplog):
+    """A feature job with only the text path: the transformer is not loaded, no sampler runs, no step file
+    is written; text.h5 holds the two module-path keys."""
+    import logging
+
+    from nullcov.collection.features import run_feature_job
+    from nullcov.models.model import transformer_layer_names
+    from nullcov.models.schedule import write_schedule
+    from nullcov.statistics.store import read_moments
+
+    model_dir = mmdit_dirs["flux"]
+    config = _config(streams=["context"], text_tokens="prompt")
+    pipe, schedule = _prepared(model_dir, config)
+    write_schedule(tmp_path / "schedule.json", schedule, transformer_layer_names(model_dir), "builtin:tiny-flux")
+    schedule = json.loads((tmp_path / "schedule.json").read_text())
+    with caplog.at_level(logging.INFO, logger="nullcov.collection.features"):
+        run_feature_job(model_spec="builtin:tiny-flux", model_dir=str(model_dir), prompts=PROMPTS, first_index=0,
+                        shard="0000", schedule=schedule, config=config, step_paths={},
+                        text_path=str(tmp_path / "text.h5"))
+    assert "text path ['context_embedder']: 3 prompts through FluxPipeline's text encoder(s)" in caplog.text
+    moments, attrs = read_moments(tmp_path / "text.h5", "features")
+    assert list(moments) == ["context_embedder"]
+    assert moments["context_embedder"].count == sum(_real_tokens(pipe, prompt) for prompt in PROMPTS)
+    assert attrs["provenance"]["run"]["text_only"] is True
+    with pytest.raises(ValueError, match="only the text path is collected"):
+        run_feature_job(model_spec="builtin:tiny-flux", model_dir=str(model_dir), prompts=PROMPTS, first_index=0,
+                        shard="0000", schedule=schedule, config=config,
+                        step_paths={schedule["steps"][0]["name"]: str(tmp_path / "step.h5")}, text_path=None)
+
+
+def test_text_path_refusals(mmdit_dirs):
+    """Unknown streams, eos and an unconditional branch without a negative branch are refused by name."""
+    from nullcov.collection.features import collect_text_path
+
+    model_dir = mmdit_dirs["flux"]
+    family = model_family(model_dir)
+    pipe = load_pipeline(model_dir, "float32", "cpu", text_only=True)
+    bad = [({"streams": ["context", "t5"]}, r"streams: \['t5'\] are not streams of a transformer"),
+           ({"streams": ["context"], "text_tokens": "eos"}, "text_tokens must be one of all, prompt, got 'eos'"),
+           ({"streams": ["context"], "unconditional_branch": True}, "no negative branch"),
+           ({"streams": ["image"]}, r"name none of the text path's streams \(context, pooled\)")]
+    for overrides, message in bad:
+        with pytest.raises(ValueError, match=message):
+            collect_text_path(pipe, PROMPTS[:1], 0, _config() | overrides, family)
+    with pytest.raises(RuntimeError, match="loaded text-only"):
+        pipe.transformer()
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-sd3"])
+def test_text_path_workflow(tmp_path, demo_prompts, model):
+    """streams: [context, pooled] through the workflow: the feature jobs write text.h5 only, one merge and
+    one projection (text), keyed by module path; the plan counts no step file."""
+    from nullcov.layout import ROOT, TEXT_NAME, Results
+    from nullcov.statistics.store import read_moments, read_projections
+
+    from conftest import planned_jobs, snakemake, write_config
+
+    write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", num_denoising_steps=2,
+                 resolution=RESOLUTION, streams=["context", "pooled"], text_tokens="prompt", prompts_per_shard=2)
+    jobs = planned_jobs(tmp_path)
+    assert sorted(output for rule, output in jobs if rule.startswith(("covariance", "projection"))) == [
+        "results/covariance/text.h5", "results/projections/text.h5"]
+    snakemake(tmp_path)
+    results = Results(tmp_path / ROOT)
+    moments = read_moments(results.covariance(TEXT_NAME), "covariance")[0]
+    assert list(moments) == ["context_embedder", "time_text_embed.text_embedder.linear_1"]
+    pipe = load_pipeline(tmp_path / "resources" / "models" / "tiny-sd3", "float32", "cpu", text_only=True)
+    real = sum(sum(_real_tokens(pipe, prompt)) for prompt in demo_prompts[:3])
+    assert moments["context_embedder"].count == real
+    assert moments["time_text_embed.text_embedder.linear_1"].count == 3
+    assert set(read_projections(results.projection(TEXT_NAME))[0]) == set(moments)
+    assert not list((tmp_path / ROOT / "covariance").glob("sigma_*"))

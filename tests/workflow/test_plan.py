@@ -165,3 +165,146 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     warned = plan.format_plan(whole, needed - 1, "results/").splitlines()[-1]
     assert warned.startswith("WARNING: results/ has") and f"({needed - 1} bytes)" in warned
     assert f"({needed} bytes)" in warned and warned.endswith("#no-space-left-on-device)")
+
+
+# -- a transformer's bytes per stream choice ---------------------------------------------------------------
+def _walked_widths(transformer) -> dict[str, int]:
+    """Independent of nullcov.models.mmdit_dims: every hooked input's width, read off the built modules."""
+    widths = {"context_embedder": transformer.context_embedder.in_features,
+              "time_text_embed.text_embedder.linear_1": transformer.time_text_embed.text_embedder.linear_1.in_features}
+    for index, block in enumerate(transformer.transformer_blocks):
+        name = f"transformer_blocks.{index}"
+        linears = {"attn.to_q": block.attn.to_q, "attn.add_q_proj": block.attn.add_q_proj,
+                   "attn.to_out": block.attn.to_out[0], "attn.to_add_out": block.attn.to_add_out}
+        if getattr(block, "attn2", None) is not None:
+            linears |= {"attn2.to_q": block.attn2.to_q, "attn2.to_out": block.attn2.to_out[0]}
+        widths |= {f"{name}/{linear}": module.in_features for linear, module in linears.items() if module is not None}
+    for index, block in enumerate(getattr(transformer, "single_transformer_blocks", None) or ()):
+        widths |= {f"single_transformer_blocks.{index}/attn.to_q": block.attn.to_q.in_features,
+                   f"single_transformer_blocks.{index}/proj_out": block.proj_out.in_features}
+    return widths
+
+
+def _meta_transformer(config):
+    import diffusers
+    import torch
+
+    with torch.device("meta"):
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _real_configs() -> dict:
+    """The published transformer configs of docs/model-families.md's tables (tools/mmdit_tables.py)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import mmdit_tables
+
+    return {title: config for title, (_, config) in mmdit_tables.CONFIGS.items()}
+
+
+@pytest.mark.parametrize("spec", ["builtin:tiny-sd3", "builtin:tiny-sd35", "builtin:tiny-flux",
+                                  "builtin:tiny-flux-schnell", *_real_configs()])
+def test_stream_widths_from_the_config_equal_the_built_transformer(spec):
+    """The arithmetic of nullcov.models.mmdit_dims gives every key and width a meta-device transformer built
+    from the same config has (and no other), for the tiny built-ins and the real models' published configs
+    the docs' tables are computed from; each stream's keys are its kind's."""
+    from nullcov.models.mmdit_dims import stream_widths
+
+    config = plan.transformer_config(spec, None)[1] if spec.startswith("builtin:") else _real_configs()[spec]
+    widths = stream_widths(config)
+    flat = {key: width for keys in widths.values() for key, width in keys.items()}
+    assert flat == _walked_widths(_meta_transformer(config))
+    assert sum(len(keys) for keys in widths.values()) == len(flat)
+    assert all(key.endswith("/attn2.to_q") for key in widths.get("image_self", {}))
+    assert ("image_self" in widths) == bool(config.get("dual_attention_layers"))
+
+
+@pytest.fixture(scope="module")
+def mmdit_models(tmp_path_factory):
+    from nullcov.models.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("mmdit-plan")
+    return {family: build_tiny_model(root / family, family) for family in ("sd35", "flux")}
+
+
+@pytest.mark.parametrize("family", ["sd35", "flux"])
+def test_stream_bytes_match_collected_statistics(mmdit_models, family, tmp_path):
+    """Every stream collected on a tiny model (all of them, text path included): the plan's keys and widths are
+    the collected statistics' own, its bytes in memory are their float64 matrices, and a file of each
+    stream's statistics is as large as the plan says (the store's estimate, within its tolerance)."""
+    from nullcov.models.family import STREAMS, model_family
+    from nullcov.models.mmdit_dims import stream_widths
+    from nullcov.models.model import load_pipeline
+    from nullcov.models.sampling import flow_of
+    from nullcov.statistics.store import write_moments
+
+    model_dir = mmdit_models[family]
+    pipe = load_pipeline(model_dir, "float32", "cpu")
+    config = base_config(sampler_strategy="Euler", num_denoising_steps=1, resolution=32, guidance_scale=3.0,
+                         streams=list(STREAMS), true_cfg_scale=1.0, batch_size=2)
+    schedule = build_schedule(dict(pipe.scheduler.config), "Euler", 1, flow_of(pipe, 32))
+    configure_scheduler(pipe, schedule)
+    steps, text, layers, _ = collect_shard(pipe, ["a red cat", "blue"], 0, schedule, config,
+                                           family=model_family(model_dir))
+    collected = steps[0] | text
+    widths = stream_widths(dict(pipe.transformer.config))
+    rows = plan.stream_bytes(widths, layers, num_steps=7)
+    assert {key for keys in widths.values() for key in keys} == set(collected)
+    for stream, keys in widths.items():
+        dims = {key: collected[key].dim for key in keys}
+        assert dims == keys
+        row = rows[stream]
+        assert row["keys"] == len(keys) and row["widths"] == sorted(set(dims.values()))
+        assert row["memory_bytes"] == sum(8 * (d * d + d) for d in dims.values())
+        assert row["files"] == (1 if stream in ("context", "pooled") else 7)
+        assert row["total_bytes"] == row["files"] * row["file_bytes"]
+        path = tmp_path / f"{stream}.h5"
+        write_moments(path, "covariance", {key: collected[key] for key in keys}, {"provenance": {}})
+        size = path.stat().st_size
+        assert abs(row["file_bytes"] + moments_file_bytes({}) - size) <= 0.02 * size + 8192, (stream, size)
+    # a selection of blocks keeps only their keys; the text path stays
+    first = plan.stream_bytes(widths, layers[:1], num_steps=7)
+    assert first["image"]["keys"] == 1 and first["context"] == rows["context"]
+
+
+def test_plan_gives_bytes_per_stream_choice():
+    """run_plan's streams block: each stream's bytes, and those of the selection, the defaults and every
+    stream add up from the rows; format_plan prints a line per stream, the selection marked."""
+    from nullcov.models.family import DEFAULT_STREAMS
+    from nullcov.models.mmdit_dims import stream_widths
+
+    spec = "builtin:tiny-flux"
+    dims = plan.transformer_dims(spec, None)
+    widths = stream_widths(plan.transformer_config(spec, None)[1])
+    layers = list(dims["layers"])
+    common = {"model": spec, "dims": dims, "layers": layers, "num_steps": 3, "collection": "trajectory",
+              "shards": [2], "validation_prompts": 0, "weights": 0, "feature_mem_mb": 10**5, "throughput": 1.0,
+              "jobs_per_rule": {}, "stream_widths": widths}
+    for selected in (["text"], list(DEFAULT_STREAMS), ["single_out", "context"]):
+        result = plan.run_plan(collect_features=selected, **common)
+        rows, totals = result["streams"]["rows"], result["streams"]["totals"]
+        assert list(rows) == list(widths) and result["streams"]["selected"] == [s for s in widths if s in selected]
+        step_streams = [s for s in selected if s not in ("context", "pooled")]
+        assert totals["selected"]["step_file_bytes"] == sum(rows[s]["file_bytes"] for s in step_streams)
+        assert totals["selected"]["total_bytes"] == sum(rows[s]["total_bytes"] for s in selected)
+        assert totals["every stream"]["total_bytes"] == sum(row["total_bytes"] for row in rows.values())
+        assert totals["default"]["step_memory_bytes"] == sum(rows[s]["memory_bytes"] for s in DEFAULT_STREAMS)
+        # the plan's own per-step matrices are the selected streams' keys
+        assert result["step_keys"] == sum(rows[s]["keys"] for s in step_streams)
+        text = plan.format_plan(result)
+        for stream in widths:
+            mark = "*" if stream in selected else " "
+            assert any(line.startswith(f"  {mark} {stream} ") for line in text.splitlines()), (stream, text)
+        assert "  every stream: " in text
+
+
+def test_snakemake_plan_prints_the_streams(tmp_path, demo_prompts):
+    from conftest import snakemake, write_config
+
+    write_config(tmp_path, demo_prompts[:2], model="builtin:tiny-flux", sampler_strategy="Euler",
+                 num_denoising_steps=2, resolution=32, streams=["text", "context"])
+    printed = snakemake(tmp_path, "plan").stdout
+    assert "  * text " in printed and "  * context " in printed and "    single_out " in printed, printed
