@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 #: asked in 74 % of the preserved prompts' samples, at 20 in 100 %).
 DEFAULT_SETTINGS = ("num_denoising_steps=20",)
 #: ``make proof-quick``: the same experiment, smaller.
-QUICK_SETTINGS = (*DEFAULT_SETTINGS, "finetune_seeds=1", "finetune_learning_rate_grid=[]", "finetune_random_control=false",
+QUICK_SETTINGS = (*DEFAULT_SETTINGS, "finetune_seeds=1", "finetune_learning_rate_grid=[]",
+                  "finetune_random_control=false",
                   "finetune_max_steps=60", "finetune_lora_rank=0", "finetune_prior_preservation=false",
                   "finetune_repeated=[unconstrained,custom-diffusion]", "finetune_grid_variants=[]")
 

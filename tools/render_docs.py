@@ -313,6 +313,31 @@ def proof_matched() -> str:
     return head + _table(header, rows) + _provenance(record, PROOF_SOURCE)
 
 
+def _proof_level(level: float, matched: dict, at, least, name) -> tuple[str, bool]:
+    """The verdict's sentence at one fidelity level, and whether a projected variant met the goal there."""
+    base = least(("unconstrained",), level)
+    if base is None:
+        return f"At {100 * level:.0f} % no unconstrained run got there.", False
+    text = (f"**At {100 * level:.0f} % fidelity** the unconstrained fine-tune ({name(base)}) dropped the preserved "
+            f"accuracy {_spread(base[0], 'accuracy_drop_points')} points (pixel change "
+            f"{base[0]['pixel_change_mean']:.4f})")
+    prior = least(("prior-preservation",), level)
+    if prior is not None:
+        text += f", prior preservation ({name(prior)}) {_spread(prior[0], 'accuracy_drop_points')}"
+    best = least(_PROJECTED_KINDS, level)
+    if best is None:
+        return text + "; no projected variant got there in every seed.", False
+    ratio = best[0]["pixel_change_mean"] / base[0]["pixel_change_mean"]
+    text += (f"; the least-forgetting projected variant, {name(best)}, "
+             f"{_spread(best[0], 'accuracy_drop_points')} (pixel change {ratio:.2f}x the unconstrained run's)")
+    control = "random-" + best[1].removeprefix("projected-")
+    if (control, best[2], "at_fidelity", level) in matched:
+        found = at(control, best[2], level)
+        text += (f"; its same-rank random control {_spread(found, 'accuracy_drop_points')}" if found
+                 else "; its same-rank random control did not get there")
+    return text + ".", best[0]["accuracy_drop_points_mean"] <= 1.0 and ratio <= 0.2
+
+
 def proof_goal(provenance: bool = True) -> str:
     """The verdict at matched concept fidelity, computed from the measurement, never typed; without
     ``provenance`` (the README: no dated measurements there) it names the data file instead.
@@ -339,30 +364,10 @@ def proof_goal(provenance: bool = True) -> str:
 
     sentences, met = [], []
     for level in levels:
-        base = least(("unconstrained",), level)
-        if base is None:
-            sentences.append(f"At {100 * level:.0f} % no unconstrained run got there.")
-            continue
-        text = (f"**At {100 * level:.0f} % fidelity** the unconstrained fine-tune ({name(base)}) dropped the preserved "
-                f"accuracy {_spread(base[0], 'accuracy_drop_points')} points (pixel change "
-                f"{base[0]['pixel_change_mean']:.4f})")
-        prior = least(("prior-preservation",), level)
-        if prior is not None:
-            text += f", prior preservation {_spread(prior[0], 'accuracy_drop_points')}"
-        best = least(_PROJECTED_KINDS, level)
-        if best is None:
-            text += "; no projected variant got there in every seed."
-        else:
-            ratio = best[0]["pixel_change_mean"] / base[0]["pixel_change_mean"]
-            text += (f"; the least-forgetting projected variant, {name(best)}, "
-                     f"{_spread(best[0], 'accuracy_drop_points')} (pixel change {ratio:.2f}x the unconstrained run's)")
-            control = "random-" + best[1].removeprefix("projected-")
-            if (control, best[2], "at_fidelity", level) in matched and at(control, best[2], level):
-                text += f"; its same-rank random control {_spread(at(control, best[2], level), 'accuracy_drop_points')}"
-            text += "."
-            if best[0]["accuracy_drop_points_mean"] <= 1.0 and ratio <= 0.2:
-                met.append(f"{100 * level:.0f} %")
-        sentences.append(text)
+        sentence, reached_goal = _proof_level(level, matched, at, least, name)
+        sentences.append(sentence)
+        if reached_goal:
+            met.append(f"{100 * level:.0f} %")
     verdict = (f"**Met** at {', '.join(met)} fidelity" if met else "**Not met** at any matched fidelity") + \
         " (a projected variant within 1 point of the base model's preserved accuracy and moving the preserved images " \
         "at most 1/5 as much as the unconstrained fine-tune at the same fidelity, every seed). "

@@ -29,7 +29,8 @@ from nullcov.shapes import evaluator
 
 GROUP_KEYS = ("all", *proof_data.GROUPS)
 COLUMNS = (
-    "variant", "group", "kind", "seed", "learning_rate", "scope", "threshold", "statistic", "branches", "steps", "seconds", "concept_fidelity",
+    "variant", "group", "kind", "seed", "learning_rate", "scope", "threshold", "statistic", "branches", "steps",
+    "seconds", "concept_fidelity",
     "reached_target", "final_loss", "weight_update_norm", "update_outside_null_space",
     *(f"accuracy_{when}_{attribute}" for attribute in evaluator.ATTRIBUTES for when in ("before", "after")),
     *(f"accuracy_drop_points_{attribute}" for attribute in evaluator.ATTRIBUTES),
@@ -120,7 +121,7 @@ def write_frontier(path, curves: list[dict], matched: list[dict]) -> None:
             mean = row[f"{key}_mean"]
             ax.errorbar(row["level"], mean, yerr=[[mean - row[f"{key}_min"]], [row[f"{key}_max"] - mean]],
                         fmt="o", color=colours[row["variant"]], markersize=4, capsize=2)
-    for ax, (key, label) in zip(axes, measures):
+    for ax, (_, label) in zip(axes, measures):
         for variant in variants:
             ax.plot([], [], color=colours[variant], label=variant)
         ax.set(xlabel="concept fidelity (evaluator)" if evaluated else "step", ylabel=label)

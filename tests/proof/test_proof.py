@@ -94,7 +94,8 @@ def proof_run(tmp_path_factory):
 
 
 PROJECTED = "projected-all-timesteps-0.02-second_moment-conditional"
-RUNS = ["unconstrained", PROJECTED, "projected-kv", "custom-diffusion", "projected-lora", f"{PROJECTED}-seed1", f"{PROJECTED}-lr0.003",
+RUNS = ["unconstrained", PROJECTED, "projected-kv", "custom-diffusion", "projected-lora", f"{PROJECTED}-seed1",
+        f"{PROJECTED}-lr0.003",
         "random-all-timesteps-0.02-second_moment-conditional"]
 
 
@@ -256,7 +257,8 @@ def test_training_timesteps_put_the_asked_share_of_batches_at_high_noise():
     assert np.array_equal(draw(0.5, 50), draw(0.5, 50))  # seeded: every variant gets the same timesteps
 
 
-NOT_REPEATED = {"finetune_repeated": [], "finetune_grid_variants": [], "finetune_seeds": 1, "finetune_custom_diffusion": False, "finetune_learning_rate_grid": [],
+NOT_REPEATED = {"finetune_repeated": [], "finetune_grid_variants": [], "finetune_seeds": 1,
+                "finetune_custom_diffusion": False, "finetune_learning_rate_grid": [],
                 "finetune_random_control": False, "finetune_learning_rate": 1e-3}
 
 
@@ -295,7 +297,8 @@ def test_matched_fidelity_interpolates_at_the_first_crossing_and_finds_the_best_
 
     def curve(run, points, rate=1e-3, variant="v"):
         return [{"run": run, "variant": variant, "kind": "projected", "learning_rate": rate, "step": 10 * i,
-                 "concept_fidelity": f, "accuracy_drop_points": d, "pixel_change": p} for i, (f, d, p) in enumerate(points)]
+                 "concept_fidelity": f, "accuracy_drop_points": d, "pixel_change": p}
+                for i, (f, d, p) in enumerate(points)]
 
     first = curve("v", [(0.1, 0.0, 0.0), (0.3, 0.0, 0.01), (0.5, 2.0, 0.03), (0.3, 0.0, 0.02), (0.9, 8.0, 0.05)])
     second = curve("v-seed1", [(0.1, 0.0, 0.0), (0.45, 1.0, 0.02), (0.7, 4.0, 0.04)])

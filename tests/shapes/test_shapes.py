@@ -283,7 +283,8 @@ def test_adding_rare_tokens_keeps_every_grammar_caption_and_embedding_and_draws_
     from nullcov.shapes.rare_tokens import extend_embeddings, extend_tokenizer
 
     write_tokenizer(tmp_path, shapes.vocabulary(), num_merges=10_000)
-    captions = [scene.caption for scene in shapes.grammar_scenes(shapes.ALL_SHAPES, tuple(range(len(shapes.TEMPLATES))))]
+    templates = tuple(range(len(shapes.TEMPLATES)))
+    captions = [scene.caption for scene in shapes.grammar_scenes(shapes.ALL_SHAPES, templates)]
     before = CLIPTokenizer.from_pretrained(tmp_path)(captions).input_ids
     added = extend_tokenizer(tmp_path)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
