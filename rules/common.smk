@@ -312,7 +312,7 @@ except (nc_prompts.PromptFileError, nc_validation.ValidationConfigError, ValueEr
 # The fine-tune proof, planned once (nullcov.proof.plan.ProofPlan; rules/finetune.smk): its settings,
 # the projection settings it compares with the files that serve each (the run's own, or those of the
 # rules proof_features, proof_covariance and proof_projection), the run's own setting and the variants.
-FINETUNE_PLAN = nc_proof_plan.plan_proof(config, RESULTS, SHARD_FILE_NAMES)
+FINETUNE_PLAN = nc_proof_plan.plan_proof(config, RESULTS, SHARD_FILE_NAMES, MODEL_DIR)
 # The proof's statistics of another CFG-branch setting: one shard of every prompt (first index 0: the run's seeds).
 PROOF_SHARD = "0000"
 PROOF_THRESHOLDS = FINETUNE_PLAN.threshold_values()  # label -> (nullspace_threshold, threshold_percent)

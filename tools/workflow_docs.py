@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "config" / "schema.yaml"
 #: Configurations whose union reaches every rule (the first is the shipped default).
 RULEGRAPH_CONFIGS = (
-    ["finetune_proof=True", 'exports=["nullbooth","safetensors"]'],
+    # the proof's own statistics rules run when the run's CFG branches and statistic differ from those compared
+    ["finetune_proof=True", 'exports=["nullbooth","safetensors"]', "unconditional_branch=True", "statistic=covariance"],
     ["model=builtin:tiny", "prompts_per_shard=1", "shards_per_merge_group=2"],
 )
 NODE = re.compile(r"^\s*(id\d+)\[(\w+)\]\s*$")

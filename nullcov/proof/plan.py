@@ -86,13 +86,15 @@ class ProofSettings:
         return self.seed + self.seed_stride * seed_index
 
     @classmethod
-    def from_config(cls, config: dict) -> ProofSettings:
+    def from_config(cls, config: dict, model_dir=None) -> ProofSettings:
         """The settings of a workflow config: its ``finetune_*`` keys, ``seed``, ``guidance_scale``,
-        and ``evaluate`` when the model is builtin:shapes."""
+        and ``evaluate`` when the model is builtin:shapes or its folder ``model_dir`` holds a model
+        trained on the shapes world (:func:`nullcov.shapes.evaluator.reads_model`)."""
         from nullcov.models.model import BUILTIN_SHAPES
+        from nullcov.shapes.evaluator import reads_model
 
         return cls(**{name: config[key] for name, key in CONFIG_KEYS.items()},
-                   evaluate=config["model"] == BUILTIN_SHAPES)
+                   evaluate=config["model"] == BUILTIN_SHAPES or (model_dir is not None and reads_model(model_dir)))
 
 
 def threshold_settings(config: dict) -> list[tuple[float, float | None]]:
@@ -343,11 +345,12 @@ def repeated_runs(config: dict, variants: list[Variant]) -> list[Variant]:
     return seeds + rates + controls
 
 
-def plan_proof(config: dict, results: Results, names: list[str]) -> ProofPlan:
+def plan_proof(config: dict, results: Results, names: list[str], model_dir=None) -> ProofPlan:
     """The proof of a validated workflow config, its files under ``results`` for the step files
-    ``names`` (:func:`compared_projection_settings`)."""
+    ``names`` (:func:`compared_projection_settings`); ``model_dir``: the model's folder (an evaluator
+    reads the images of any model trained on the shapes world, :func:`nullcov.shapes.evaluator.reads_model`)."""
     compared = compared_projection_settings(config, results, names)
     thresholds = threshold_settings(config)
     own = own_setting(config, list(config["finetune_statistics"]), thresholds)
-    return ProofPlan(ProofSettings.from_config(config), tuple(config["finetune_scopes"]), tuple(compared), own,
+    return ProofPlan(ProofSettings.from_config(config, model_dir), tuple(config["finetune_scopes"]), tuple(compared), own,
                      tuple(plan_variants(config, compared)))

@@ -171,6 +171,20 @@ def score(reading: Reading, scene: shapes.Scene) -> dict[str, bool]:
     return correct
 
 
+def reads_model(model_dir) -> bool:
+    """Whether the evaluator can read the images of the model in ``model_dir``: a model trained on the
+    shapes world by ``python -m nullcov.shapes.train`` (its ``training.json`` says so), such as
+    ``builtin:shapes`` or a variant of it trained with other settings."""
+    import json
+    from pathlib import Path
+
+    record = Path(model_dir) / "training.json"
+    if not record.is_file():
+        return False
+    command = str(json.loads(record.read_text()).get("command", ""))
+    return command.startswith(("python -m nullcov.shapes.train", "python -m nullcov.train_shapes"))  # its old name
+
+
 def accuracy(scores: list[dict[str, bool]], attribute: str | None = None) -> float:
     """Share of the prompts read correctly, from their :func:`score` (one per prompt): ``attribute``
     over the prompts that ask for it (size: those whose caption names one), or with None every

@@ -21,6 +21,7 @@ normal diffusers folder (UNet and VAE in float16, the text encoder in float32;
 Usage::
 
     python -m nullcov.shapes.train [--out nullcov/builtin/shapes] [--unet-steps N] [--vae-steps N]
+                                   [--text-hidden-size 64]
 """
 
 from __future__ import annotations
@@ -344,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--text-hidden-size", type=int, default=defaults.text_hidden_size,
+                        help="width of the text encoder (and of every attn2 to_k/to_v input)")
     args = parser.parse_args(argv)
-    settings = ShapesTraining(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+    settings = ShapesTraining(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                              text_hidden_size=args.text_hidden_size)
     print(train(args.out, settings, log=lambda line: print(line, flush=True)))
     return 0
 

@@ -257,6 +257,8 @@ def test_training_a_few_steps_writes_a_loadable_checked_reproducible_folder(tmp_
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == shapes.RESOLUTION
     assert pipe.tokenizer.tokenize("a red sks") == ["a</w>", "red</w>", "sks</w>"]  # a rare token, added on saving
     assert set(record["rare_tokens"]["tokens"]) == set(RARE_TOKENS)
+    assert evaluator.reads_model(first) and evaluator.reads_model(BUILTIN_SHAPES_DIR)  # the proof evaluates them
+    assert not evaluator.reads_model(tmp_path)
     assert not list(tmp_path.glob(".first*"))  # no temporary folder left behind
 
 
