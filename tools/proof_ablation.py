@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PARTS = ("all", "to_q", "to_k", "to_v", "to_out")
-DEFAULT_VARIANTS = ("projected-per-timestep-0.02-second_moment-conditional",
-                    "projected-per-timestep-0.02-second_moment-both", "unconstrained")
+DEFAULT_VARIANTS = ("projected-all-timesteps-0.02-second_moment-conditional", "projected-kv", "unconstrained")
 
 
 def main(argv=None) -> int:

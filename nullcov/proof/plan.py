@@ -352,5 +352,5 @@ def plan_proof(config: dict, results: Results, names: list[str], model_dir=None)
     compared = compared_projection_settings(config, results, names)
     thresholds = threshold_settings(config)
     own = own_setting(config, list(config["finetune_statistics"]), thresholds)
-    return ProofPlan(ProofSettings.from_config(config, model_dir), tuple(config["finetune_scopes"]), tuple(compared), own,
-                     tuple(plan_variants(config, compared)))
+    return ProofPlan(ProofSettings.from_config(config, model_dir), tuple(config["finetune_scopes"]), tuple(compared),
+                     own, tuple(plan_variants(config, compared)))
