@@ -22,6 +22,8 @@ import numpy as np
 
 from nullcov.shapes import grammar as shapes
 
+#: The identifier: one rare token of builtin:shapes' tokenizer (:mod:`nullcov.shapes.rare_tokens`), never in a
+#: training caption (it was split into ``s``, ``k``, ``s`` before the tokenizer held it).
 CONCEPT_TOKEN = "sks"
 #: A cross: fine-tuning the attn2 linears of ``builtin:shapes`` draws it in the colour and at the place
 #: asked within a few dozen steps. A star (five thin points in a 32-pixel image) plateaued at 25-44 %

@@ -14,13 +14,19 @@ data and seeds in every variant (planned from the config: :func:`nullcov.proof.p
   of the statistics (the declared files of each, :class:`nullcov.proof.plan.ProjectionSetting`);
 - ``projected-kv``: only ``to_k``/``to_v`` trained and projected, with the run's own setting: their
   inputs are the frozen text encoder's states, which no update can shift;
+- ``custom-diffusion``: as ``projected-kv``, plus an offset of the one-token identifier's embedding
+  trained (:func:`identifier_embedding`);
 - ``projected-lora``: peft LoRA (rank ``lora_rank``) on the same linears, ``A ← A P``, with the
-  best projected setting (:func:`best_projected`: preservation first).
+  best projected setting (:func:`best_projected`: preservation first);
+- ``random-<kind>``: a projected kind with every projection replaced by a random one of the same
+  rank (:mod:`nullcov.proof.controls`).
 
-Each variant trains until the evaluator (:mod:`nullcov.shapes.evaluator`) reads the new shape, in the
-colour and at the position asked, in ``target_fidelity`` of the concept prompts' samples (checked
-every ``eval_every`` steps), or stops at ``max_steps`` and says so: variants are compared at
-matched concept fidelity, not matched steps. Then the preserved prompts are sampled again with the
+Each run (a variant at one fine-tune seed and learning rate) is measured at checkpoints every
+``eval_every`` steps (:class:`Checkpoints`: the learning-vs-forgetting curve,
+:mod:`nullcov.proof.curves` compares the variants at matched fidelity) and trains until the
+evaluator (:mod:`nullcov.shapes.evaluator`) reads the new shape, in the colour and at the position
+asked, in ``target_fidelity`` of the concept prompts' samples, or stops at ``max_steps``. Then
+every preserved prompt is sampled again with the
 same seeds and the statistics' sampler (:class:`Measurement`): evaluator accuracy, pixel change and
 attn2 output movement against the base model. Without an evaluator (a model that is not
 ``builtin:shapes``) every variant trains ``fixed_steps`` and only losses, drift and the grid are

@@ -467,7 +467,7 @@ def _text_path_reference(pipe, family_name, config, branches):
             "time_text_embed.text_embedder.linear_1": torch.cat(pooled).numpy()}
 
 
-class TextPathInputs:
+class TextPathInputs(LinearInputs):
     """What the transformer's ``context_embedder`` and pooled-text projection receive in a real pipeline run:
     every call's raw inputs, float64."""
 
@@ -475,17 +475,7 @@ class TextPathInputs:
         self.calls = []
         self.handles = [transformer.register_forward_pre_hook(lambda module, args: self.calls.append({}))]
         for key in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
-            self.handles.append(transformer.get_submodule(key).register_forward_pre_hook(self._keep(key)))
-
-    def _keep(self, key):
-        def hook(module, args):
-            self.calls[-1][key] = args[0].double().clone()
-
-        return hook
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()
+            self.handles.append(transformer.get_submodule(key).register_forward_pre_hook(self._linear(key)))
 
 
 def _assert_moments_equal_rows(moments, rows):

@@ -556,7 +556,7 @@ def test_on_a_model_without_an_evaluator_every_variant_trains_fixed_steps(tmp_pa
         2, model="builtin:tiny", finetune_steps=3, finetune_learning_rate=1e-3, finetune_scopes=["per-timestep"],
         finetune_statistics=["covariance"], finetune_branches=[False], finetune_nullspace_thresholds=[],
         finetune_threshold_percents=[50], finetune_prior_preservation=True, finetune_lora_rank=0,
-        finetune_text_only=False, finetune_repeated=[], finetune_custom_diffusion=False)
+        finetune_text_only=False, finetune_repeated=[], finetune_grid_variants=[], finetune_custom_diffusion=False)
     plan = planned_proof(results, config, tiny_model_dir, STATISTICS_PROMPTS[:4], class_images=4, concept_seeds=1,
                          instances=2)
     with caplog.at_level(logging.WARNING, logger="nullcov.proof.job"):
