@@ -9,12 +9,12 @@ for the docs page.
 
 Usage::
 
-    python tools/bench_proof.py [--workdir results-proof] [--set key=value ...] [--out FILE] [--figure-prefix P]
+    python tools/bench_proof.py [--workdir results-proof] [--set key=value ...] [--out FILE] [--quick]
 
 ``make proof-quick`` (``--quick``) runs it with :data:`QUICK_SETTINGS` (one seed, no rate grid,
 control, prior preservation or LoRA, 60 steps) in
 ``results-proof-quick/``, for development: its record is ``docs/measurements/proof-quick.json``,
-its figures ``docs/images/proof-quick-*.png``.
+its figures stay in its workdir.
 """
 
 from __future__ import annotations
@@ -60,12 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="config keys over config/config.yaml (values in YAML: lists allowed); default: "
                              + " ".join(DEFAULT_SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
-    parser.add_argument("--figure-prefix", default="proof", help="docs/images/<prefix>-frontier.png, -grid.png")
     parser.add_argument("--quick", action="store_true", help="make proof-quick: QUICK_SETTINGS and its own paths")
     args = parser.parse_args(argv)
     if args.quick:
         args.workdir, args.set = REPO / "results-proof-quick", list(QUICK_SETTINGS) + args.set[len(DEFAULT_SETTINGS):]
-        args.out, args.figure_prefix = REPO / "docs" / "measurements" / "proof-quick.json", "proof-quick"
+        args.out = REPO / "docs" / "measurements" / "proof-quick.json"
     return args
 
 
@@ -102,10 +101,11 @@ def main(argv=None) -> int:
         "null_energy": read_rows(finetune / "null_energy.tsv"),
     }
     write_record(args.out, record)
-    images = REPO / "docs" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(finetune / "frontier.png", images / f"{args.figure_prefix}-frontier.png")
-    shutil.copyfile(finetune / "grid.png", images / f"{args.figure_prefix}-grid.png")
+    if not args.quick:  # the docs show make proof's figures; the quick run's stay in its workdir
+        images = REPO / "docs" / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(finetune / "frontier.png", images / "proof-frontier.png")
+        shutil.copyfile(finetune / "grid.png", images / "proof-grid.png")
     print(f"wrote {args.out} ({len(record['rows'])} variants, {wall / 60:.1f} min)")
     return 0
 
