@@ -29,6 +29,9 @@ class RandomSubspaces:
     def __init__(self, bank, seed: int):
         self.bank, self.seed = bank, seed
         self._random: dict[tuple[str, str], FactoredProjection] = {}
+        #: ``id`` of a real projection seen before -> (it, kept alive so the id is not reused; its stand-in):
+        #: the bank returns its cached objects, so a training step hashes nothing
+        self._seen: dict[int, tuple[FactoredProjection, FactoredProjection]] = {}
 
     @property
     def step_keys(self) -> list[str]:
@@ -44,11 +47,15 @@ class RandomSubspaces:
 
     def replace(self, key: str, factor: FactoredProjection) -> FactoredProjection:
         """The random stand-in of ``factor`` (the projection of ``key``)."""
+        seen = self._seen.get(id(factor))
+        if seen is not None and seen[0] is factor:
+            return seen[1]
         digest = hashlib.sha256(factor.matrix.detach().cpu().numpy().tobytes()).hexdigest()
         found = self._random.get((key, digest))
         if found is None:
             found = self._random[(key, digest)] = random_projection(
                 factor.dim, factor.null_dim, f"{self.seed}/{key}/{digest}", factor.matrix.device)
+        self._seen[id(factor)] = (factor, found)
         return found
 
 

@@ -353,8 +353,7 @@ def learning_rate(variant: Variant, settings: ProofSettings) -> float:
 
 def variant_constraint(unet, variant: Variant, settings: ProofSettings):
     """The run's :class:`NullSpaceConstraint` (None: not projected); a ``random-*`` control's projections
-    are same-rank random ones (:class:`nullcov.proof.controls.RandomSubspaces`)."""
-    from nullcov.proof.controls import RandomSubspaces
+    are same-rank random ones (:func:`controlled`)."""
     from nullcov.training.constraint import NullSpaceConstraint
 
     if not variant.projected:
@@ -362,9 +361,18 @@ def variant_constraint(unet, variant: Variant, settings: ProofSettings):
     setting = variant.setting
     constraint = NullSpaceConstraint.from_files(unet, setting.schedule, setting.covariance, setting.projections,
                                                 mode="nearest")
-    if variant.kind.startswith("random-"):
-        constraint.lookup = RandomSubspaces(constraint.lookup, settings.run_seed(variant.seed_index) + 5)
+    constraint.lookup = controlled(constraint.lookup, variant, settings)
     return constraint
+
+
+def controlled(lookup, variant: Variant, settings: ProofSettings):
+    """The projections a run gets from ``lookup``: its own, or for a ``random-*`` control same-rank
+    random ones (:class:`nullcov.proof.controls.RandomSubspaces`, seeded by the run)."""
+    from nullcov.proof.controls import RandomSubspaces
+
+    if not variant.kind.startswith("random-"):
+        return lookup
+    return RandomSubspaces(lookup, settings.run_seed(variant.seed_index) + 5)
 
 
 def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
@@ -537,6 +545,7 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     weight (the proof's LoRA variant had such a ``to_q``). A ``random-*`` control's null spaces are
     its random ones."""
     from nullcov.models.family import TEXT_KEY
+    from nullcov.training.bank import ProjectionBank
     from nullcov.training.constraint import find_cross_attention_linears
 
     before, after = attn2_state(base_unet), attn2_state(unet)
@@ -545,8 +554,9 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
            "update_outside_null_space": math.nan}
     if not variant.projected:
         return row
-    lookup = variant_constraint(trainable_unet(base_unet, variant.kind, settings, variant.seed_index),
-                                variant, settings).lookup
+    setting = variant.setting
+    lookup = controlled(ProjectionBank.from_files(setting.schedule, setting.covariance, setting.projections),
+                        variant, settings)
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
