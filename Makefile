@@ -69,6 +69,13 @@ bench-feature-memory: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python tools/bench_scale.py
 
+# The merge, projection and eigh at FLUX.1 size from synthetic statistics (about 18 GB of scratch in
+# benchmarks/bench-mmdit-scale-tmp, deleted after; 15 GB of memory for the merge; ~15 min on 2 cores);
+# docs/measurements/bench-mmdit-scale.json.
+.PHONY: bench-mmdit-scale
+bench-mmdit-scale: $(STAMP)
+	$(BIN)/python tools/bench_mmdit_scale.py --proj-out
+
 # Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (~4 min);
 # docs/measurements/bench-text-only.json.
 .PHONY: bench-text-only
@@ -132,6 +139,17 @@ proof-quick: $(STAMP)
 .PHONY: proof-ablation
 proof-ablation: $(STAMP)
 	$(BIN)/python tools/proof_ablation.py
+
+# The capacity hypothesis (docs/finetune-proof.md): the shapes model trained with a 256-wide text encoder
+# (~35 min of 2 cores, once), then it and the shipped one through bench_shapes and the quick proof
+# (~15 min; docs/measurements/proof-capacity.json).
+CAPACITY_MODEL := results-capacity/width-256
+.PHONY: proof-capacity
+proof-capacity: $(CAPACITY_MODEL)/training.json
+	$(BIN)/python tools/bench_capacity.py --wide $(CAPACITY_MODEL)
+
+$(CAPACITY_MODEL)/training.json: | $(STAMP)
+	$(BIN)/python -m nullcov.shapes.train --text-hidden-size 256 --out $(CAPACITY_MODEL)
 
 clean:
 	rm -rf results logs benchmarks resources .snakemake

@@ -24,14 +24,14 @@ def _tool(name: str):
 
 
 def _bench_targets() -> dict[str, list[str]]:
-    """``{target: [tools/x.py, arguments...]}`` of every Makefile target named bench* (and proof)."""
+    """``{target: [tools/x.py, arguments...]}`` of every Makefile target named bench* or proof*."""
     targets, current = {}, None
     for line in (REPO / "Makefile").read_text().splitlines():
         match = re.match(r"^([\w-]+):", line)
         if match:
             current = match.group(1)
             continue
-        if line.startswith("\t") and current and (current.startswith("bench") or current == "proof"):
+        if line.startswith("\t") and current and current.startswith(("bench", "proof")):
             words = shlex.split(line.strip())
             tool = next((index for index, word in enumerate(words) if word.startswith("tools/")), None)
             if tool is not None:
@@ -73,7 +73,8 @@ def test_write_record_is_atomic_and_needs_the_header(tmp_path):
 def test_every_bench_target_writes_under_docs_measurements():
     targets = _bench_targets()
     assert {"bench", "bench-gpu", "bench-scale", "bench-text-only", "bench-training", "bench-training-512",
-            "bench-feature-memory", "bench-small-run", "bench-slurm-arrays", "bench-shapes", "proof"} <= set(targets)
+            "bench-feature-memory", "bench-small-run", "bench-slurm-arrays", "bench-shapes", "proof", "proof-quick",
+            "proof-capacity", "proof-ablation"} <= set(targets)
     outputs = {}
     for target, (script, *arguments) in targets.items():
         module = _tool(script.removeprefix("tools/").removesuffix(".py"))
@@ -101,7 +102,7 @@ def test_every_bench_target_has_a_render_block_in_performance_md():
     blocks = set(re.findall(r"<!-- render: ([\w-]+) -->", page))
     assert blocks == set(render_docs._BENCH_RENDERERS)
     for target, (script, *arguments) in _bench_targets().items():
-        if target in ("bench-shapes", "proof"):
+        if target == "bench-shapes" or target.startswith("proof"):
             continue  # rendered in docs/shapes-model.md and docs/finetune-proof.md
         out = _tool(script.removeprefix("tools/").removesuffix(".py")).parse_args(arguments).out.name
         assert f"`make {target}`" in page, target
@@ -200,3 +201,29 @@ def test_human_bytes_uses_decimal_units_with_one_decimal():
 
     assert [human_bytes(value) for value in (0, 999, 1000, 99_990_000, 4.6e12)] == [
         "0 B", "999 B", "1.0 kB", "100.0 MB", "4.6 TB"]
+
+
+def test_bench_capacity_counts_null_dimensions_as_eigvalsh_does(tmp_path):
+    """The capacity table's null dimensions: per linear kind, the eigenvalues under the threshold of every
+    statistic (numpy's eigvalsh of the second moment built from the rows, not nullcov's projection code)."""
+    import numpy as np
+
+    from nullcov.models.family import TEXT_KEY
+    from nullcov.statistics.moments import Moments
+    from nullcov.statistics.store import write_moments
+
+    bench_capacity = _tool("bench_capacity")
+    generator = np.random.default_rng(0)
+    rows = {TEXT_KEY: generator.normal(size=(40, 3)) @ generator.normal(size=(3, 8)),  # rank 3 of 8
+            "down.attn2/to_q": generator.normal(size=(50, 6)) * [1, 1, 1, 1, 1e-3, 1e-3],
+            "down.attn2/to_out": generator.normal(size=(50, 6)) * [1, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]}
+    write_moments(tmp_path / "text.h5", "covariance", {TEXT_KEY: Moments.of_rows(rows[TEXT_KEY])}, {"provenance": {}})
+    write_moments(tmp_path / "alpha_00_0999.h5", "covariance",
+                  {key: Moments.of_rows(value) for key, value in rows.items() if key != TEXT_KEY}, {"provenance": {}})
+    found = bench_capacity.null_dimensions(tmp_path, "second_moment", 0.02)
+    for key, kind in ((TEXT_KEY, "to_kv"), ("down.attn2/to_q", "to_q"), ("down.attn2/to_out", "to_out")):
+        values = np.linalg.eigvalsh(rows[key].T @ rows[key] / len(rows[key]))
+        expected = int((values < 0.02).sum())
+        assert found[kind]["null_dim_mean"] == expected and found[kind]["widths"] == [rows[key].shape[1]]
+        assert found[kind]["null_share_mean"] == expected / rows[key].shape[1]
+    assert [found[kind]["null_dim_mean"] for kind in ("to_kv", "to_q", "to_out")] == [5, 2, 5]

@@ -11,6 +11,8 @@ Usage::
 
     python tools/bench_proof.py [--workdir results-proof] [--set key=value ...] [--out FILE] [--quick]
 
+``--set model=<folder>`` runs it on another model the shapes training wrote (``tools/bench_capacity.py``).
+
 ``make proof-quick`` (``--quick``) runs it with :data:`QUICK_SETTINGS` (one seed, no rate grid,
 control, prior preservation or LoRA, 60 steps) in
 ``results-proof-quick/``, for development: its record is ``docs/measurements/proof-quick.json``,
@@ -32,6 +34,8 @@ sys.path.insert(0, str(REPO))
 #: The proof's statistics with the bench's sampler: 20 steps (at 10 the base model draws the colour
 #: asked in 74 % of the preserved prompts' samples, at 20 in 100 %).
 DEFAULT_SETTINGS = ("num_denoising_steps=20",)
+#: The record the docs render (``make proof``): only a run that writes it copies its figures into docs/images/.
+DOCS_RECORD = REPO / "docs" / "measurements" / "proof-shapes.json"
 #: ``make proof-quick``: the same experiment, smaller.
 QUICK_SETTINGS = (*DEFAULT_SETTINGS, "finetune_seeds=1", "finetune_learning_rate_grid=[]",
                   "finetune_random_control=false",
@@ -55,16 +59,18 @@ def read_rows(path: Path) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "results-proof")
-    parser.add_argument("--set", nargs="*", default=list(DEFAULT_SETTINGS), metavar="KEY=YAML",
-                        help="config keys over config/config.yaml (values in YAML: lists allowed); default: "
-                             + " ".join(DEFAULT_SETTINGS))
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-shapes.json")
+    parser.add_argument("--workdir", type=Path, help="default: results-proof/ (--quick: results-proof-quick/)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
+                        help="config keys over config/config.yaml and the run's own settings (values in YAML: lists "
+                             "allowed); the run's own: " + " ".join(DEFAULT_SETTINGS)
+                             + " (--quick: " + " ".join(QUICK_SETTINGS) + ")")
+    parser.add_argument("--out", type=Path,
+                        help="default: docs/measurements/proof-shapes.json (--quick: docs/measurements/proof-quick.json)")
     parser.add_argument("--quick", action="store_true", help="make proof-quick: QUICK_SETTINGS and its own paths")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.workdir, args.set = REPO / "results-proof-quick", list(QUICK_SETTINGS) + args.set[len(DEFAULT_SETTINGS):]
-        args.out = REPO / "docs" / "measurements" / "proof-quick.json"
+    args.set = list(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS) + args.set
+    args.workdir = args.workdir or REPO / ("results-proof-quick" if args.quick else "results-proof")
+    args.out = args.out or (REPO / "docs" / "measurements" / "proof-quick.json" if args.quick else DOCS_RECORD)
     return args
 
 
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
         "null_energy": read_rows(finetune / "null_energy.tsv"),
     }
     write_record(args.out, record)
-    if not args.quick:  # the docs show make proof's figures; the quick run's stay in its workdir
+    if args.out == DOCS_RECORD:  # the docs show make proof's figures; other runs' stay in their workdir
         images = REPO / "docs" / "images"
         images.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(finetune / "frontier.png", images / "proof-frontier.png")

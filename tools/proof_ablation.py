@@ -30,13 +30,17 @@ PARTS = ("all", "to_q", "to_k", "to_v", "to_out")
 DEFAULT_VARIANTS = ("projected-all-timesteps-0.02-second_moment-conditional", "projected-kv", "unconstrained")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--workdir", type=Path, default=REPO / "results-proof")
     parser.add_argument("--every", type=int, default=3, help="sample every N-th preserved prompt")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-ablation.json")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     import numpy as np
     import torch

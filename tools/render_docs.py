@@ -587,6 +587,35 @@ def _bench_scale(record: dict) -> str:
 
 
 # -- make bench-text-only (tools/bench_text_only.py) ----------------------------------------------------
+def _bench_mmdit_scale(record: dict) -> str:
+    merge, projection = record["merge"], record["projection"]
+    eigh = {row["d"]: row for row in record["eigh"]}
+    rows = [
+        [f"one FLUX.1 step file, default streams ({merge['keys']} statistics of 3072², packed, checksummed)",
+         f"{_size(merge['step_file_bytes'])} (`moments_file_bytes` predicts {_size(merge['moments_file_bytes_estimate'])}; "
+         f"full float64 matrices: {_size(merge['step_bytes_full_float64'])})"],
+        [f"merge job, {merge['shards']} shards of that step (page cache evicted)",
+         f"{_seconds(merge['merge_seconds'])}, {merge['merge_gb_per_s']:.2f} GB/s of shard files, peak RSS "
+         f"{_gib(merge['max_rss_bytes'])} ({merge['rss_above_imports_over_step_bytes']:.2f} × one step's statistics "
+         "above the imports)"],
+        [f"projection job, one merged file of {projection['keys']} statistics of "
+         f"{'/'.join(map(str, projection['widths']))}², threshold {projection['threshold']:g}",
+         f"{_seconds(projection['seconds'])} ({_seconds(projection['seconds_per_key'])} per statistic), peak RSS "
+         f"{_gib(projection['max_rss_bytes'])}; a whole step's {projection['step_keys']} statistics at that rate: "
+         f"{projection['step_seconds_at_this_rate'] / 60:.1f} min of CPU"],
+    ]
+    for d, row in sorted(eigh.items()):
+        gpu = row.get("torch_cuda_eigh_seconds")
+        rows.append([f"float64 `eigh` / `eigvalsh` of one {d:,}² statistic (numpy, the CPU path)"
+                     + (" — a FLUX single block's `proj_out`" if d == 15360 else ""),
+                     f"{_seconds(row['numpy_eigh_seconds'])} / {_seconds(row['numpy_eigvalsh_seconds'])}; on the GPU "
+                     "(torch, the projection job's path when it sees one): "
+                     + (_seconds(gpu) if gpu is not None else "not measured yet (no GPU here)")])
+    if 15360 not in eigh:
+        rows.append(["float64 `eigh` of one 15,360² statistic (`proj_out`)", "not measured in this run (`--proj-out`)"])
+    return _table(["what", "measured"], rows)
+
+
 def _bench_text_only(record: dict) -> str:
     rows = [[f"k/v-only feature job (whole pipeline: text encoder, DPM++ 2M Karras {record['steps']} steps at "
              f"{record['resolution']} px with CFG)", record["prompts"], _seconds(record["full_kv_only_s"]),
@@ -748,6 +777,7 @@ _BENCH_RENDERERS = {
     "bench-gpu-precision": measured("bench-gpu.json", "make bench-gpu", full=False)(_bench_precision),
     "bench-scale": measured("bench-scale.json", "make bench-scale")(_bench_scale),
     "bench-text-only": measured("bench-text-only.json", "make bench-text-only")(_bench_text_only),
+    "bench-mmdit-scale": measured("bench-mmdit-scale.json", "make bench-mmdit-scale")(_bench_mmdit_scale),
     "bench-training-128": measured("bench-training-128.json", "make bench-training")(_bench_training),
     "bench-training-512": measured("bench-training-512.json", "make bench-training-512")(_bench_training),
     "feature-memory": measured("feature-memory.json", "make bench-feature-memory")(_feature_memory),
@@ -768,6 +798,55 @@ def _proof_ablation(record: dict) -> str:
             f"preserved prompts: **base model {_percent(record['base'])}**.\n\n" + _table(header, rows))
 
 
+def _proof_capacity(record: dict) -> str:
+    """The shipped model against one trained wider (``tools/bench_capacity.py``): what each learned, its
+    null spaces, the concept's share of them, and the matched-fidelity drops of the quick proof."""
+    models = record["models"]
+
+    def drop(model: dict, variant: str, level: float) -> str:
+        rows = [row for row in model["matched"] if row["variant"] == variant and row["measure"] == "at_fidelity"
+                and row["level"] == level]
+        return "not reached" if not rows or not rows[0]["reached_runs"] else f"{rows[0]['accuracy_drop_points_mean']:+.1f}"
+
+    kinds = ("to_kv", "to_q", "to_out")
+    measures = [
+        ("training (2 CPU cores): measured idle / the folder's own run",
+         lambda m: f"{m['training_time']['total'] / 60:.1f} min / {m['training_seconds']['total'] / 60:.1f} min"),
+        ("model folder", lambda m: f"{m['folder_bytes'] / 1024**2:.1f} MiB"),
+        ("read correctly: colour / position / shape",
+         lambda m: " / ".join(_percent(m["accuracy"][name]) for name in ("colour", "position", "shape"))),
+        *((f"null dimensions of `{kind}` (share of the width)",
+           lambda m, kind=kind: f"{m['null_dimensions'][kind]['null_dim_mean']:.1f} of "
+                                f"{'/'.join(map(str, m['null_dimensions'][kind]['widths']))} "
+                                f"({_percent(m['null_dimensions'][kind]['null_share_mean'])})") for kind in kinds),
+        *((f"`{kind}` null energy: concept / preserved (ratio)",
+           lambda m, kind=kind: f"{100 * m['null_energy'][kind]['concept']:.3g} % / "
+                                f"{100 * m['null_energy'][kind]['preserved']:.3g} % "
+                                f"({m['null_energy'][kind]['ratio']:.2f}x)") for kind in kinds),
+        *((f"`{variant}` drop at 40 / 60 % fidelity",
+           lambda m, variant=variant: " / ".join(drop(m, variant, level) for level in (0.4, 0.6)))
+          for variant in ("unconstrained", "custom-diffusion")),
+        ("goals missed", lambda m: "; ".join(m["goals_missed"]) or "none"),
+    ]
+    header = ["", *(f"text width {m['text_hidden_size']}" + (" (shipped)" if m["model"] == "builtin:shapes" else "")
+                    for m in models)]
+    rows = [[label, *(cell(m) for m in models)] for label, cell in measures]
+    wide = models[-1]
+    verdict = (f"The {wide['text_hidden_size']}-wide model meets every goal of the shipped one."
+               if record["replaces_shipped"] else
+               f"The {wide['text_hidden_size']}-wide model does not replace the shipped one: it misses "
+               + "; ".join(wide["goals_missed"]) + ".")
+    timing = models[0]["training_time"]
+    return (f"Training time: seconds per step of a {timing['timing_unet_steps']}-step run of the recipe "
+            "(both widths back to back, nothing else running) times the recipe's steps; the folder's own "
+            "training time is beside it (it counts what else ran on the machine). "
+            f"Null dimensions at the config's `{record['statistic']}`, threshold {record['nullspace_threshold']:g}, "
+            "mean over every layer (and step); null energy: share of the inputs' energy in the null space, "
+            "concept prompts vs preserved prompts outside the statistics (conditional half); drops in points "
+            "of preserved accuracy where the quick proof's curve first reaches 40 / 60 % fidelity (one seed).\n\n"
+            + _table(header, rows) + "\n" + verdict + "\n")
+
+
 RENDERERS = {
     "rulegraph": workflow_docs.rulegraph,
     "modules": architecture_docs.modules,
@@ -779,6 +858,7 @@ RENDERERS = {
     "proof-verdict": functools.partial(proof_goal, provenance=False),
     "proof-null-energy": proof_null_energy,
     "proof-ablation": measured("proof-ablation.json", "make proof-ablation")(_proof_ablation),
+    "proof-capacity": measured("proof-capacity.json", "make proof-capacity")(_proof_capacity),
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
     "shapes-accuracy": shapes_accuracy,

@@ -59,6 +59,36 @@ SHAPES_SCHEDULER_CONFIG = TINY_SCHEDULER_CONFIG | {"beta_schedule": "linear", "b
 TEXT_HIDDEN_SIZE = 64
 
 
+@dataclass(frozen=True)
+class ShippedGoals:
+    """What a model must meet to be shipped as ``builtin:shapes`` (a wider or retrained one replaces it only
+    if it does): its CPU training time, its folder's size, and the accuracy per attribute the evaluator
+    reads on the 240 grammar prompts (``tools/bench_shapes.py``)."""
+
+    training_seconds: float = 30 * 60
+    folder_bytes: int = 8 * 1024**2
+    accuracy: tuple[tuple[str, float], ...] = (("colour", 0.95), ("position", 0.90), ("shape", 0.85))
+
+    def failures(self, training_seconds: float, folder_bytes: int, accuracy: dict[str, float]) -> list[str]:
+        """Every goal a model misses, in words (empty: it meets them all)."""
+        missed = []
+        if training_seconds > self.training_seconds:
+            missed.append(f"training took {training_seconds / 60:.1f} min (goal <= {self.training_seconds / 60:.0f})")
+        if folder_bytes > self.folder_bytes:
+            missed.append(f"folder is {folder_bytes / 1024**2:.1f} MiB (goal <= {self.folder_bytes / 1024**2:.0f})")
+        missed += [f"{attribute} accuracy {100 * accuracy[attribute]:.1f} % (goal >= {100 * least:.0f})"
+                   for attribute, least in self.accuracy if accuracy[attribute] < least]
+        return missed
+
+
+SHIPPED_GOALS = ShippedGoals()
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under ``folder``."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
 @dataclass
 class ShapesTraining:
     """Every setting of a training run (recorded in ``training.json``)."""

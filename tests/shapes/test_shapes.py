@@ -323,3 +323,22 @@ def test_workflow_runs_on_the_shipped_model_with_its_training_curve(tmp_path):
     model = attrs["provenance"]["model"]
     assert model["spec"] == "builtin:shapes" and model["path"] == str(BUILTIN_SHAPES_DIR)
     assert not (tmp_path / "resources" / "models").exists()  # nothing built: the shipped folder is used
+
+
+def test_shipped_goals_name_every_goal_missed():
+    from nullcov.shapes.train import SHIPPED_GOALS
+
+    accuracy = {"colour": 0.95, "position": 0.90, "shape": 0.85}
+    assert SHIPPED_GOALS.failures(1800, 8 * 1024**2, accuracy) == []
+    missed = SHIPPED_GOALS.failures(1801, 8 * 1024**2 + 1, accuracy | {"shape": 0.84})
+    assert [words.split()[0] for words in missed] == ["training", "folder", "shape"]
+    assert "30.0 min" in missed[0] and "84.0 %" in missed[2]
+
+
+def test_folder_bytes_counts_every_file_below(tmp_path):
+    from nullcov.shapes.train import folder_bytes
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "weights").write_bytes(b"x" * 1000)
+    (tmp_path / "SHA256SUMS").write_bytes(b"y" * 24)
+    assert folder_bytes(tmp_path) == 1024
