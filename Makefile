@@ -76,6 +76,13 @@ bench-scale: $(STAMP)
 bench-mmdit-scale: $(STAMP)
 	$(BIN)/python tools/bench_mmdit_scale.py --proj-out
 
+# Collection at SD3-medium size on the CPU (the real 2.0 B-parameter transformer, random weights, built
+# once into benchmarks/sd3-medium-random, 8 GB) against the bare pipeline; ~16 GB of memory, ~10 min;
+# docs/measurements/bench-sd3-collection.json.
+.PHONY: bench-sd3-collection
+bench-sd3-collection: $(STAMP)
+	$(BIN)/python tools/bench_sd3_collection.py
+
 # Text-only k/v statistics vs the whole-pipeline k/v-only job, SD-1.5 dims on the CPU (~4 min);
 # docs/measurements/bench-text-only.json.
 .PHONY: bench-text-only

@@ -272,8 +272,11 @@ def held_statistics_bytes(wildcards):
 
 
 def projection_mem_mb(wildcards, attempt):
-    """projection jobs: the statistic, its eigenvectors and P of one step file, x attempt."""
-    return attempt * nc_plan.projection_mem_mb(held_statistics_bytes(wildcards))
+    """projection jobs: every P of one step file and one statistic's eigendecomposition, x attempt."""
+    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
+    return attempt * nc_plan.projection_mem_mb(
+        nc_memory.statistics_bytes(dims), nc_plan.largest_statistic_bytes(dims)
+    )
 
 
 def feature_job_minutes(wildcards, attempt):
@@ -487,6 +490,7 @@ def run_plan():
         weights=WEIGHTS_BYTES,
         feature_mem_mb=FEATURE_MEM_MB,
         throughput=config["gpu_prompt_timesteps_per_second"],
+        eigh_seconds_at_3072=config["projection_cpu_seconds_at_3072"],
         jobs_per_rule=jobs,
         merge_groups=merge_groups,
         # a transformer's bytes per stream choice, from its config alone (nullcov.models.mmdit_dims)

@@ -46,7 +46,8 @@ KINDS = ("to_kv", "to_q", "to_out")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wide", type=Path, required=True,
-                        help="a model folder written by `python -m nullcov.shapes.train --text-hidden-size N --out FOLDER`")
+                        help="a model folder written by "
+                             "`python -m nullcov.shapes.train --text-hidden-size N --out FOLDER`")
     parser.add_argument("--workdir", type=Path, default=REPO / "results-capacity")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-capacity.json")
     parser.add_argument("--timing-steps", type=int, default=200, help="UNet steps of the timing run (0: none)")

@@ -3,7 +3,7 @@
 FLUX.1 is 19 joint and 38 single blocks at width 3072: with the default streams (image, text, image_out,
 text_out, single) one step is 114 statistics of 3072 x 3072, 8.6 GB of float64. This tool writes
 synthetic statistics of exactly those keys and widths (:func:`nullcov.models.mmdit_dims.stream_widths` of
-the published FLUX.1 config, ``tools/mmdit_tables.CONFIGS``) through nullcov's own store API, then
+the published FLUX.1 config, ``nullcov.models.mmdit_dims.PUBLISHED_CONFIGS``) through nullcov's own store API, then
 measures, each job in a fresh subprocess with its own peak RSS (``nullcov.measurement.peak_rss_bytes``):
 
 * the merge job (``nullcov.statistics.jobs.merge_job``) of ``--shards`` shard files of one whole step:
@@ -41,11 +41,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_scale import MERGE_CHILD, evict  # noqa: E402  (tools/bench_scale.py: the SD-1.5 storage bench)
-from mmdit_tables import CONFIGS  # noqa: E402
 
 from nullcov.measurement import header, measurement_path, write_record  # noqa: E402
 from nullcov.models.family import DEFAULT_STREAMS  # noqa: E402
-from nullcov.models.mmdit_dims import stream_widths  # noqa: E402
+from nullcov.models.mmdit_dims import PUBLISHED_CONFIGS, stream_widths  # noqa: E402
 from nullcov.statistics.moments import Moments  # noqa: E402
 from nullcov.statistics.store import moments_file_bytes, write_moments  # noqa: E402
 
@@ -65,7 +64,7 @@ print(json.dumps({{"seconds": seconds, "max_rss_bytes": peak(), "rss_after_impor
 
 def flux_dims(streams=DEFAULT_STREAMS) -> dict[str, int]:
     """``{statistic key: width}`` of one FLUX.1 step's ``streams`` (the block streams: one statistic per step)."""
-    widths = stream_widths(CONFIGS[MODEL][1])
+    widths = stream_widths(PUBLISHED_CONFIGS[MODEL][1])
     return {key: width for stream in streams for key, width in widths[stream].items()}
 
 
@@ -130,7 +129,8 @@ def projection_timing(scratch: Path, dims: dict[str, int], keys: int, threshold:
     projected = child(PROJECTION_CHILD, str(path), str(scratch / "projection.h5"), str(threshold))
     return {"keys": keys, "widths": sorted(set(chosen.values())), "threshold": threshold,
             "seconds": projected["seconds"], "seconds_per_key": projected["seconds"] / keys,
-            "max_rss_bytes": projected["max_rss_bytes"], "rss_after_imports_bytes": projected["rss_after_imports_bytes"],
+            "max_rss_bytes": projected["max_rss_bytes"],
+            "rss_after_imports_bytes": projected["rss_after_imports_bytes"],
             "statistics_bytes": sum(8 * d * d for d in chosen.values()),
             "step_keys": len(dims), "step_seconds_at_this_rate": projected["seconds"] / keys * len(dims)}
 

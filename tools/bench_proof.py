@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "allowed); the run's own: " + " ".join(DEFAULT_SETTINGS)
                              + " (--quick: " + " ".join(QUICK_SETTINGS) + ")")
     parser.add_argument("--out", type=Path,
-                        help="default: docs/measurements/proof-shapes.json (--quick: docs/measurements/proof-quick.json)")
+                        help="default: docs/measurements/proof-shapes.json "
+                             "(--quick: docs/measurements/proof-quick.json)")
     parser.add_argument("--quick", action="store_true", help="make proof-quick: QUICK_SETTINGS and its own paths")
     args = parser.parse_args(argv)
     args.set = list(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS) + args.set

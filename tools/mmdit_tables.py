@@ -1,7 +1,8 @@
 """The stream tables of docs/model-families.md at the real SD3, SD3.5 and FLUX.1 sizes, from their published configs.
 
-``CONFIGS`` holds each model's ``transformer/config.json`` as published on the Hugging Face hub (the
-keys that size the hooked linears, copied by hand: nothing is downloaded and no weights are read).
+``CONFIGS`` (:data:`nullcov.models.mmdit_dims.PUBLISHED_CONFIGS`) holds each model's
+``transformer/config.json`` as published on the Hugging Face hub (the keys that size the hooked linears,
+copied by hand: nothing is downloaded and no weights are read).
 :func:`streams_tables` runs them through :func:`nullcov.models.mmdit_dims.stream_widths` (the same
 arithmetic the plan uses) and renders one table per model: every stream, its keys, width and float64
 bytes per step, then the totals of the default streams and of every stream. It is the
@@ -18,29 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nullcov.measurement import human_bytes
 from nullcov.models.family import DEFAULT_STREAMS, JOINT_ATTENTION, SINGLE_BLOCK, TEXT_PATH
+from nullcov.models.mmdit_dims import PUBLISHED_CONFIGS as CONFIGS
 from nullcov.models.mmdit_dims import stream_widths
 from nullcov.statistics.store import moments_file_bytes
-
-_SD3 = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
-        "out_channels": 16, "attention_head_dim": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 2048}
-_FLUX = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
-         "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-         "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
-#: title -> (hub ids, the transformer config's sizing keys as published).
-CONFIGS: dict[str, tuple[tuple[str, ...], dict]] = {
-    "SD3-medium": (("stabilityai/stable-diffusion-3-medium-diffusers",),
-                   _SD3 | {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
-                           "pos_embed_max_size": 192}),
-    "SD3.5-large": (("stabilityai/stable-diffusion-3.5-large",),
-                    _SD3 | {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
-                            "pos_embed_max_size": 192, "qk_norm": "rms_norm"}),
-    "SD3.5-medium": (("stabilityai/stable-diffusion-3.5-medium",),
-                     _SD3 | {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
-                             "pos_embed_max_size": 384, "qk_norm": "rms_norm",
-                             "dual_attention_layers": list(range(13))}),
-    "FLUX.1-dev / FLUX.1-schnell": (("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
-                                    _FLUX | {"guidance_embeds": True}),
-}
 
 #: stream -> the linears whose input it is (the block's, or the transformer's for the text path).
 _LINEARS = {

@@ -592,7 +592,8 @@ def _bench_mmdit_scale(record: dict) -> str:
     eigh = {row["d"]: row for row in record["eigh"]}
     rows = [
         [f"one FLUX.1 step file, default streams ({merge['keys']} statistics of 3072², packed, checksummed)",
-         f"{_size(merge['step_file_bytes'])} (`moments_file_bytes` predicts {_size(merge['moments_file_bytes_estimate'])}; "
+         f"{_size(merge['step_file_bytes'])} (`moments_file_bytes` predicts "
+         f"{_size(merge['moments_file_bytes_estimate'])}; "
          f"full float64 matrices: {_size(merge['step_bytes_full_float64'])})"],
         [f"merge job, {merge['shards']} shards of that step (page cache evicted)",
          f"{_seconds(merge['merge_seconds'])}, {merge['merge_gb_per_s']:.2f} GB/s of shard files, peak RSS "
@@ -613,6 +614,26 @@ def _bench_mmdit_scale(record: dict) -> str:
                      + (_seconds(gpu) if gpu is not None else "not measured yet (no GPU here)")])
     if 15360 not in eigh:
         rows.append(["float64 `eigh` of one 15,360² statistic (`proj_out`)", "not measured in this run (`--proj-out`)"])
+    return _table(["what", "measured"], rows)
+
+
+def _bench_sd3_collection(record: dict) -> str:
+    seconds, rss = record["seconds_per_step"], record["peak_rss_bytes"]
+    rows = [
+        ["model", f"{record['model']}: {record['parameters'] / 1e9:.2f} B transformer parameters, "
+                  f"{record['layers']} joint blocks"],
+        ["run", f"{record['prompts']} prompt(s) × {record['steps']} steps, {record['resolution']} px, CFG "
+                f"{record['guidance_scale']:g} (a [uncond, cond] batch), float32"],
+        ["statistics", f"{record['statistics']} per step ({', '.join(f'`{s}`' for s in record['streams'])}), "
+                       f"d = {'/'.join(map(str, record['widths']))}: {_size(record['step_statistics_bytes'])} "
+                       "of float64 per step"],
+        ["seconds per step: bare pipeline / nullcov", f"{_seconds(seconds['bare'])} / {_seconds(seconds['ours'])} "
+                                                      f"(**{record['overhead_ratio']:.2f}×**)"],
+        ["peak RSS: loaded / after the bare run / after nullcov's",
+         f"{_gib(rss['loaded'])} / {_gib(rss['bare'])} / {_gib(rss['ours'])}"],
+        ["what the plan asks for this feature job (weights + steps held + overhead)",
+         _gib(record["plan_feature_job_bytes"])],
+    ]
     return _table(["what", "measured"], rows)
 
 
@@ -778,6 +799,7 @@ _BENCH_RENDERERS = {
     "bench-scale": measured("bench-scale.json", "make bench-scale")(_bench_scale),
     "bench-text-only": measured("bench-text-only.json", "make bench-text-only")(_bench_text_only),
     "bench-mmdit-scale": measured("bench-mmdit-scale.json", "make bench-mmdit-scale")(_bench_mmdit_scale),
+    "bench-sd3-collection": measured("bench-sd3-collection.json", "make bench-sd3-collection")(_bench_sd3_collection),
     "bench-training-128": measured("bench-training-128.json", "make bench-training")(_bench_training),
     "bench-training-512": measured("bench-training-512.json", "make bench-training-512")(_bench_training),
     "feature-memory": measured("feature-memory.json", "make bench-feature-memory")(_feature_memory),
@@ -806,7 +828,9 @@ def _proof_capacity(record: dict) -> str:
     def drop(model: dict, variant: str, level: float) -> str:
         rows = [row for row in model["matched"] if row["variant"] == variant and row["measure"] == "at_fidelity"
                 and row["level"] == level]
-        return "not reached" if not rows or not rows[0]["reached_runs"] else f"{rows[0]['accuracy_drop_points_mean']:+.1f}"
+        if not rows or not rows[0]["reached_runs"]:
+            return "not reached"
+        return f"{rows[0]['accuracy_drop_points_mean']:+.1f}"
 
     kinds = ("to_kv", "to_q", "to_out")
     measures = [

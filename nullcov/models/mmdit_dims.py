@@ -20,6 +20,29 @@ from nullcov.models.family import JOINT_ATTENTION, SINGLE_BLOCK, STREAMS, TEXT_P
 #: ``FluxSingleTransformerBlock``'s ``mlp_ratio`` (its default; not a config key): ``proj_mlp`` widens
 #: ``inner_dim`` by it, and ``proj_out`` reads the attention output and the MLP branch concatenated.
 FLUX_MLP_RATIO = 4.0
+
+_SD3 = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+        "out_channels": 16, "attention_head_dim": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 2048}
+_FLUX = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
+         "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+         "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
+#: title -> (hub ids, the transformer ``config.json``'s sizing keys as published on the Hugging Face hub, copied
+#: by hand: nothing is downloaded): the docs' tables at real sizes and the SD3-medium-architecture random model.
+PUBLISHED_CONFIGS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "SD3-medium": (("stabilityai/stable-diffusion-3-medium-diffusers",),
+                   _SD3 | {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                           "pos_embed_max_size": 192}),
+    "SD3.5-large": (("stabilityai/stable-diffusion-3.5-large",),
+                    _SD3 | {"num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                            "pos_embed_max_size": 192, "qk_norm": "rms_norm"}),
+    "SD3.5-medium": (("stabilityai/stable-diffusion-3.5-medium",),
+                     _SD3 | {"num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                             "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                             "dual_attention_layers": list(range(13))}),
+    "FLUX.1-dev / FLUX.1-schnell": (("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
+                                    _FLUX | {"guidance_embeds": True}),
+}
+
 #: The transformer classes this arithmetic describes -> the family whose model holds them.
 CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 #: The config keys the arithmetic reads (``dual_attention_layers`` may be absent: SD3 before 3.5).

@@ -305,7 +305,7 @@ def text_encoder_config(vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE, hi
     }
 
 
-def _write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
+def write_text_encoder(folder: Path, vocab_size: int, hidden_size: int = TEXT_HIDDEN_SIZE,
                         hidden_act: str = "quick_gelu", with_projection: bool = False, seed: int = SEED,
                         projection_dim: int | None = None) -> None:
     """Write a tiny CLIPTextModel (or CLIPTextModelWithProjection) with ``text_model.``-prefixed keys."""
@@ -514,12 +514,12 @@ def _write_transformer_family(tmp: Path, family: str) -> None:
     """Tokenizers, text encoders, transformer and VAE of a tiny MMDiT model."""
     vocab_size = write_tokenizer(tmp / "tokenizer")
     if family.startswith("flux"):
-        _write_text_encoder(tmp / "text_encoder", vocab_size)  # pooled CLIP (pooled_projection_dim 32)
+        write_text_encoder(tmp / "text_encoder", vocab_size)  # pooled CLIP (pooled_projection_dim 32)
         _write_t5_encoder(tmp / "text_encoder_2", write_t5_tokenizer(tmp / "tokenizer_2"))
     else:
         write_tokenizer(tmp / "tokenizer_2")
         for name, seed in (("text_encoder", SEED), ("text_encoder_2", SEED + 1)):
-            _write_text_encoder(tmp / name, vocab_size, SD3_CLIP_HIDDEN_SIZE, "gelu", with_projection=True, seed=seed,
+            write_text_encoder(tmp / name, vocab_size, SD3_CLIP_HIDDEN_SIZE, "gelu", with_projection=True, seed=seed,
                                 projection_dim=SD3_CLIP_PROJECTION_DIM)
         if family == "sd3":
             _write_t5_encoder(tmp / "text_encoder_3", write_t5_tokenizer(tmp / "tokenizer_3"))
@@ -532,12 +532,12 @@ def _write_unet_family(tmp: Path, family: str) -> None:
     if family == "sdxl":
         write_tokenizer(tmp / "tokenizer_2")
         first, second = SDXL_TEXT_HIDDEN_SIZES
-        _write_text_encoder(tmp / "text_encoder", vocab_size, first)
-        _write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)
+        write_text_encoder(tmp / "text_encoder", vocab_size, first)
+        write_text_encoder(tmp / "text_encoder_2", vocab_size, second, "gelu", with_projection=True, seed=SEED + 1)
     elif family == "sd2":
-        _write_text_encoder(tmp / "text_encoder", vocab_size, SD2_TEXT_HIDDEN_SIZE, "gelu")
+        write_text_encoder(tmp / "text_encoder", vocab_size, SD2_TEXT_HIDDEN_SIZE, "gelu")
     else:
-        _write_text_encoder(tmp / "text_encoder", vocab_size)
+        write_text_encoder(tmp / "text_encoder", vocab_size)
     _write_diffusers_models(tmp, family)
 
 

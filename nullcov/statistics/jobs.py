@@ -13,7 +13,7 @@ from pathlib import Path
 from nullcov.layout import PROJECTION_ENTRY, projection_settings, step_file
 from nullcov.statistics.merge import merge_files
 from nullcov.statistics.projection import null_space
-from nullcov.statistics.store import read_moments, write_moments, write_projections
+from nullcov.statistics.store import iter_moments, write_moments, write_projections
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,21 @@ def projection_device() -> str:
 def projection_job(covariance_path, output_path, statistic: str, nullspace_threshold: float,
                    threshold_percent: float | None) -> None:
     """Null-space projections of one merged moments file, with the settings in its provenance
-    (:func:`nullcov.layout.projection_settings`)."""
-    moments, attrs = read_moments(covariance_path, "covariance")
+    (:func:`nullcov.layout.projection_settings`).
+
+    The statistics are read one key at a time and freed once projected: the job holds every ``P``
+    (float32, half the statistics' float64 bytes) and one statistic's eigendecomposition, not the
+    whole file (at FLUX.1 size a step file is 8.6 GB of float64; :func:`nullcov.workflow.plan.projection_mem_mb`).
+    """
     device = projection_device()
     log.info("%s: eigendecompositions on %s", covariance_path, device)
-    spaces = {}
-    for key, moment in sorted(moments.items()):
+    spaces, attrs = {}, None
+    for key, moment in iter_moments(covariance_path, "covariance"):
+        if key is None:  # the file's attributes come first
+            attrs = moment
+            continue
         spaces[key] = null_space(moment.statistic(statistic), nullspace_threshold, threshold_percent, device)
         log.info("%s: d=%d null_dim=%d threshold=%.4g", key, moment.dim, spaces[key].null_dim, spaces[key].threshold)
+        del moment
     attrs["provenance"][PROJECTION_ENTRY] = projection_settings(statistic, nullspace_threshold, threshold_percent)
-    write_projections(output_path, spaces, attrs)
+    write_projections(output_path, dict(sorted(spaces.items())), attrs)

@@ -31,9 +31,11 @@ from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, TEXT_PATH, statisti
 #: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
 #: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
 MERGE_STEPS = 3
-#: Host memory of a projection job: the statistic, the eigendecomposition's vectors and
-#: workspace, and ``P`` (float32), per matrix, over a whole step file: ~3 steps' worth.
-PROJECTION_STEPS = 3
+#: Host memory of a projection job, which reads its step file one statistic at a time
+#: (:func:`nullcov.statistics.jobs.projection_job`): every ``P`` it keeps (float32: half the
+#: statistics' float64 bytes), and one statistic's working set: the statistic, its symmetrised copy,
+#: the eigenvectors, ``P`` in float64 and LAPACK's workspace, counted as this many matrices of it.
+PROJECTION_WORKSPACE_MATRICES = 5
 #: Interpreter with numpy, h5py and torch imported (CPU jobs).
 CPU_JOB_OVERHEAD_BYTES = 512 * MIB
 #: Copies of the model's weights the fine-tune proof holds beyond a feature job's need: the base
@@ -251,10 +253,13 @@ def text_dims(dims: dict, layers: list[str], collect_features) -> dict[str, int]
     return {TEXT_KEY: dims["layers"][layers[0]]["text"]}
 
 
-def stream_bytes(widths: dict[str, dict[str, int]], layers: list[str], num_steps: int) -> dict[str, dict]:
+def stream_bytes(widths: dict[str, dict[str, int]], layers: list[str], num_steps: int,
+                 eigh_seconds_at_3072: float) -> dict[str, dict]:
     """What each stream of a transformer costs, for the blocks ``layers`` (the text path, keyed by module
     path, whatever the blocks): ``{stream: {"keys", "widths", "files", "file_bytes", "memory_bytes",
-    "total_bytes"}}`` in the order of ``widths`` (:func:`nullcov.models.mmdit_dims.stream_widths`).
+    "total_bytes", "projection_cpu_hours"}}`` in the order of ``widths``
+    (:func:`nullcov.models.mmdit_dims.stream_widths`); ``projection_cpu_hours``: the projections of its
+    statistics in every file (:func:`projection_cpu_seconds`).
 
     ``file_bytes``: its keys' share of one merged moments file (packed float64, the store's
     :func:`~nullcov.statistics.store.moments_file_bytes` less the file's own overhead); ``memory_bytes``:
@@ -273,12 +278,14 @@ def stream_bytes(widths: dict[str, dict[str, int]], layers: list[str], num_steps
         file_bytes = moments_file_bytes(dims) - moments_file_bytes({}) if dims else 0
         rows[stream] = {"keys": len(dims), "widths": sorted(set(dims.values())), "files": files,
                         "file_bytes": file_bytes, "memory_bytes": statistics_bytes(dims),
-                        "total_bytes": file_bytes * files}
+                        "total_bytes": file_bytes * files,
+                        "projection_cpu_hours": files * projection_cpu_seconds(dims, eigh_seconds_at_3072) / 3600}
     return rows
 
 
 def stream_totals(rows: dict[str, dict], selected) -> dict[str, dict[str, int]]:
-    """Bytes of three stream choices over :func:`stream_bytes`'s ``rows``: the ``selected`` streams, the
+    """Bytes and projection CPU-hours of three stream choices over :func:`stream_bytes`'s ``rows``: the
+    ``selected`` streams, the
     default ones (:data:`~nullcov.models.family.DEFAULT_STREAMS`) and every stream the model has: per
     step (one step file's keys, and in memory) and over the run (every step file and ``text.h5``)."""
     from nullcov.models.family import DEFAULT_STREAMS, TEXT_PATH
@@ -291,7 +298,8 @@ def stream_totals(rows: dict[str, dict], selected) -> dict[str, dict[str, int]]:
         step = [row for stream, row in rows.items() if stream in streams and stream not in text_path]
         totals[choice] = {"step_file_bytes": sum(row["file_bytes"] for row in step),
                           "step_memory_bytes": sum(row["memory_bytes"] for row in step),
-                          "total_bytes": sum(row["total_bytes"] for row in picked)}
+                          "total_bytes": sum(row["total_bytes"] for row in picked),
+                          "projection_cpu_hours": sum(row["projection_cpu_hours"] for row in picked)}
     return totals
 
 
@@ -316,9 +324,15 @@ def merge_mem_mb(step_bytes: int) -> int:
     return mem_mb(CPU_JOB_OVERHEAD_BYTES + MERGE_STEPS * step_bytes)
 
 
-def projection_mem_mb(step_bytes: int) -> int:
-    """A projection job's ``mem_mb`` for one file of ``step_bytes`` of float64 statistics (in memory)."""
-    return mem_mb(CPU_JOB_OVERHEAD_BYTES + PROJECTION_STEPS * step_bytes)
+def largest_statistic_bytes(dims: dict[str, int]) -> int:
+    """In-memory float64 bytes of the largest statistic of ``dims`` (0 for none)."""
+    return max((statistics_bytes({key: d}) for key, d in dims.items()), default=0)
+
+
+def projection_mem_mb(step_bytes: int, largest_bytes: int) -> int:
+    """A projection job's ``mem_mb`` for one file of ``step_bytes`` of float64 statistics (in memory), the
+    largest of them ``largest_bytes`` (:data:`PROJECTION_WORKSPACE_MATRICES`)."""
+    return mem_mb(CPU_JOB_OVERHEAD_BYTES + step_bytes // 2 + PROJECTION_WORKSPACE_MATRICES * largest_bytes)
 
 
 def finetune_mem_mb(feature_mem_mb: int, weights: int) -> int:
@@ -332,6 +346,18 @@ def feature_job_minutes(prompt_timesteps: int, attempt: int = 1) -> int:
     return attempt * (FEATURE_JOB_BASE_MINUTES + prompt_timesteps // PROMPT_TIMESTEPS_PER_MINUTE)
 
 
+#: The width :func:`projection_cpu_seconds` scales the config's measured ``eigh`` time from.
+EIGH_REFERENCE_WIDTH = 3072
+
+
+def projection_cpu_seconds(dims, eigh_seconds_at_reference: float) -> float:
+    """CPU seconds of the projections of one statistic per width in ``dims`` (a ``{key: d}`` dict or a
+    list of widths): one float64 ``eigh`` each, ``eigh_seconds_at_reference`` (config
+    ``projection_cpu_seconds_at_3072``) scaled as ``d³``."""
+    widths = dims.values() if isinstance(dims, dict) else dims
+    return sum(eigh_seconds_at_reference * (d / EIGH_REFERENCE_WIDTH) ** 3 for d in widths)
+
+
 def projection_file_bytes(dims: dict[str, int]) -> int:
     """``P`` (float32 d×d) and the eigenvalues (float64 d) per key."""
     return sum(4 * d * d + 8 * d for d in dims.values())
@@ -341,12 +367,14 @@ def projection_file_bytes(dims: dict[str, int]) -> int:
 def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dict, num_steps: int,
              collection: str, shards: list[int], validation_prompts: int, weights: int, feature_mem_mb: int,
              throughput: float, jobs_per_rule: dict[str, int], merge_groups: int = 0,
-             stream_widths: dict[str, dict[str, int]] | None = None) -> dict:
+             eigh_seconds_at_3072: float, stream_widths: dict[str, dict[str, int]] | None = None) -> dict:
     """Every number of the plan (see :func:`format_plan`). ``shards``: prompts per shard;
     ``merge_groups``: partial-sum folders (rule ``merge_group``) when shards are merged in groups;
     ``stream_widths`` (a transformer's, :func:`nullcov.models.mmdit_dims.stream_widths`): the plan also
     gives each stream's bytes and those of the selected, default and every stream
-    (:func:`stream_bytes`, :func:`stream_totals`; ``collect_features`` is then the ``streams`` list)."""
+    (:func:`stream_bytes`, :func:`stream_totals`; ``collect_features`` is then the ``streams`` list).
+    ``eigh_seconds_at_3072`` (config ``projection_cpu_seconds_at_3072``): the projection jobs' CPU-hours
+    (:func:`projection_cpu_seconds`), per stream too."""
     per_step = step_dims(dims, layers, collect_features)
     per_text = text_dims(dims, layers, collect_features)
     from nullcov.statistics.store import moments_file_bytes
@@ -379,20 +407,24 @@ def run_plan(*, model: str, dims: dict, layers: list[str], collect_features: dic
         "memory_mb": {
             "features": feature_mem_mb,
             "covariance": merge_mem_mb(max(step_memory, statistics_bytes(per_text))),
-            "projection": projection_mem_mb(max(step_memory, statistics_bytes(per_text))),
+            "projection": max(projection_mem_mb(statistics_bytes(dims), largest_statistic_bytes(dims))
+                              for dims in (per_step, per_text)),
         },
         "feature_chunks": {"steps_per_chunk": per_chunk, "chunks": len(chunks), "unet_calls_per_batch": calls,
                            "unchunked_mem_mb": mem_mb(feature_job_bytes(step_memory, num_steps, weights))},
         "weights": weights,
         "throughput": throughput,
         "gpu_hours": prompt_timesteps / throughput / 3600,
+        "eigh_seconds_at_3072": eigh_seconds_at_3072,
+        "projection_cpu_hours": (steps_written * projection_cpu_seconds(per_step, eigh_seconds_at_3072)
+                                 + projection_cpu_seconds(per_text, eigh_seconds_at_3072)) / 3600,
         **({} if stream_widths is None else {"streams": _streams_plan(stream_widths, layers, num_steps,
-                                                                       collect_features)}),
+                                                                       collect_features, eigh_seconds_at_3072)}),
     }
 
 
-def _streams_plan(widths: dict, layers: list[str], num_steps: int, selected) -> dict:
-    rows = stream_bytes(widths, layers, num_steps)
+def _streams_plan(widths: dict, layers: list[str], num_steps: int, selected, eigh_seconds_at_3072: float) -> dict:
+    rows = stream_bytes(widths, layers, num_steps, eigh_seconds_at_3072)
     return {"selected": [stream for stream in rows if stream in selected], "rows": rows,
             "totals": stream_totals(rows, selected)}
 
@@ -409,11 +441,12 @@ def format_streams(streams: dict, num_steps: int) -> list[str]:
         per = "text.h5" if stream in dict(TEXT_PATH) else "per step"
         lines.append(f"  {mark} {stream:<15} {row['keys']:>3} keys, d = {widths:<12} "
                      f"{human_bytes(row['file_bytes']):>9} {per} ({human_bytes(row['memory_bytes'])} in memory), "
-                     f"{human_bytes(row['total_bytes'])} in all")
+                     f"{human_bytes(row['total_bytes'])} in all, "
+                     f"{row['projection_cpu_hours']:.2f} projection CPU-hours")
     for choice, total in streams["totals"].items():
         lines.append(f"  {choice + ':':<15} {human_bytes(total['step_file_bytes'])} per step file "
                      f"({human_bytes(total['step_memory_bytes'])} in memory), {human_bytes(total['total_bytes'])} "
-                     "merged moments in all")
+                     f"merged moments in all, {total['projection_cpu_hours']:.2f} projection CPU-hours")
     return lines
 
 
@@ -465,6 +498,11 @@ def format_plan(plan: dict, free_bytes: int | None = None, folder: str = "result
         (
             f"GPU time: {plan['gpu_hours']:.2f} GPU-hours at {plan['throughput']:g} prompt-timesteps/s per GPU "
             "(config gpu_prompt_timesteps_per_second)"
+        ),
+        (
+            f"projection CPU time: {plan['projection_cpu_hours']:.2f} CPU-hours (one float64 eigh per statistic, "
+            f"{plan['eigh_seconds_at_3072']:g} s at d = 3072 on one core scaled as d^3: config "
+            "projection_cpu_seconds_at_3072; a projection job that sees a GPU runs its eigh there)"
         ),
         "",
         f"what each line means: {PLANNING}",

@@ -137,7 +137,7 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     common = {"model": "m", "dims": dims, "layers": layers,
               "collect_features": {"q": True, "k": True, "v": True, "out": True}, "num_steps": 4,
               "shards": [4, 4, 2], "validation_prompts": 2, "weights": 0, "throughput": 2.0,
-              "jobs_per_rule": {"features (GPU)": 3}}
+              "jobs_per_rule": {"features (GPU)": 3}, "eigh_seconds_at_3072": 27.0}
     whole = plan.run_plan(collection="trajectory", feature_mem_mb=10**5, **common)
     assert whole["bytes"]["step file"] == step_file and whole["bytes"]["text file"] == text_file
     assert whole["bytes"]["shard scratch"] == 3 * (4 * step_file + text_file)
@@ -145,6 +145,9 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     assert whole["bytes"]["projections"] == (sum(4 * (4 * d * d + 8 * d) for d in widths)
                                              + 4 * text_width**2 + 8 * text_width)
     assert whole["gpu_hours"] == pytest.approx((10 + 2) * 4 / 2.0 / 3600)
+    # one eigh per statistic: 27 s at d = 3072, d^3 (4 steps of every to_q/to_out, the text statistic once)
+    assert whole["projection_cpu_hours"] == pytest.approx(
+        (4 * sum(27.0 * (d / 3072) ** 3 for d in widths) + 27.0 * (text_width / 3072) ** 3) / 3600)
     assert whole["feature_chunks"]["chunks"] == 1
     # a budget that holds 2 of 4 steps: two chunks; the trajectory replays 2 + 4 calls, noised calls 4
     step_bytes = sum(8 * (d * d + d) for d in widths)
@@ -157,6 +160,7 @@ def test_run_plan_counts_bytes_memory_and_gpu_hours(tiny_pipe, tiny_model_dir):
     assert plan.run_plan(collection="noised", **tight)["feature_chunks"]["unet_calls_per_batch"] == 4
     text = plan.format_plan(whole)
     assert "features (GPU)" in text and "0.01 GPU-hours" in text and "shard scratch" in text
+    assert "projection CPU time: 0.00 CPU-hours" in text and "27 s at d = 3072" in text
     # the free space of results/: no warning with enough, a warning naming both byte counts without
     needed = plan.disk_needed(whole)
     assert needed == sum(whole["bytes"][name] for name in ("shard scratch", "partial sums (merge groups)",
@@ -251,7 +255,7 @@ def test_stream_bytes_match_collected_statistics(mmdit_models, family, tmp_path)
                                            family=model_family(model_dir))
     collected = steps[0] | text
     widths = stream_widths(dict(pipe.transformer.config))
-    rows = plan.stream_bytes(widths, layers, num_steps=7)
+    rows = plan.stream_bytes(widths, layers, num_steps=7, eigh_seconds_at_3072=8.0)
     assert {key for keys in widths.values() for key in keys} == set(collected)
     for stream, keys in widths.items():
         dims = {key: collected[key].dim for key in keys}
@@ -261,12 +265,14 @@ def test_stream_bytes_match_collected_statistics(mmdit_models, family, tmp_path)
         assert row["memory_bytes"] == sum(8 * (d * d + d) for d in dims.values())
         assert row["files"] == (1 if stream in ("context", "pooled") else 7)
         assert row["total_bytes"] == row["files"] * row["file_bytes"]
+        assert row["projection_cpu_hours"] == pytest.approx(
+            row["files"] * sum(8.0 * (d / 3072) ** 3 for d in dims.values()) / 3600)
         path = tmp_path / f"{stream}.h5"
         write_moments(path, "covariance", {key: collected[key] for key in keys}, {"provenance": {}})
         size = path.stat().st_size
         assert abs(row["file_bytes"] + moments_file_bytes({}) - size) <= 0.02 * size + 8192, (stream, size)
     # a selection of blocks keeps only their keys; the text path stays
-    first = plan.stream_bytes(widths, layers[:1], num_steps=7)
+    first = plan.stream_bytes(widths, layers[:1], num_steps=7, eigh_seconds_at_3072=8.0)
     assert first["image"]["keys"] == 1 and first["context"] == rows["context"]
 
 
@@ -282,7 +288,7 @@ def test_plan_gives_bytes_per_stream_choice():
     layers = list(dims["layers"])
     common = {"model": spec, "dims": dims, "layers": layers, "num_steps": 3, "collection": "trajectory",
               "shards": [2], "validation_prompts": 0, "weights": 0, "feature_mem_mb": 10**5, "throughput": 1.0,
-              "jobs_per_rule": {}, "stream_widths": widths}
+              "jobs_per_rule": {}, "stream_widths": widths, "eigh_seconds_at_3072": 8.0}
     for selected in (["text"], list(DEFAULT_STREAMS), ["single_out", "context"]):
         result = plan.run_plan(collect_features=selected, **common)
         rows, totals = result["streams"]["rows"], result["streams"]["totals"]
@@ -292,6 +298,8 @@ def test_plan_gives_bytes_per_stream_choice():
         assert totals["selected"]["total_bytes"] == sum(rows[s]["total_bytes"] for s in selected)
         assert totals["every stream"]["total_bytes"] == sum(row["total_bytes"] for row in rows.values())
         assert totals["default"]["step_memory_bytes"] == sum(rows[s]["memory_bytes"] for s in DEFAULT_STREAMS)
+        assert totals["selected"]["projection_cpu_hours"] == pytest.approx(
+            sum(rows[s]["projection_cpu_hours"] for s in selected))
         # the plan's own per-step matrices are the selected streams' keys
         assert result["step_keys"] == sum(rows[s]["keys"] for s in step_streams)
         text = plan.format_plan(result)
