@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=REPO / "results-capacity")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "proof-capacity.json")
     parser.add_argument("--timing-steps", type=int, default=200, help="UNet steps of the timing run (0: none)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use a model's bench-shapes.json and proof-quick.json already in --workdir (written "
+                             "by this tool's own commands for that model) instead of running them again")
     return parser.parse_args(argv)
 
 
@@ -124,19 +127,25 @@ def recorded_settings(model_dir: Path):
 
 
 def measure(name: str, spec: str, model_dir: Path, workdir: Path, statistic: str, threshold: float,
-            timed: dict | None) -> dict:
+            timed: dict | None, reuse: bool = False) -> dict:
     """Every measurement of one model (``name``: its folder under ``workdir``); ``timed``: its
-    :func:`training_time`, if measured."""
+    :func:`training_time`, if measured; ``reuse``: keep the outputs of an earlier run of the same commands."""
     from nullcov.shapes.train import SHIPPED_GOALS, TRAINING_RECORD, folder_bytes
 
     here = workdir / name
     here.mkdir(parents=True, exist_ok=True)
     training = json.loads((model_dir / TRAINING_RECORD).read_text())
-    _run("bench_shapes.py", "--model", spec, "--out", str(here / "bench-shapes.json"))
-    _run("bench_proof.py", "--quick", "--workdir", str(here / "proof"), "--out", str(here / "proof-quick.json"),
-         "--set", f"model={spec}")
+    if not (reuse and (here / "bench-shapes.json").is_file()):
+        _run("bench_shapes.py", "--model", spec, "--out", str(here / "bench-shapes.json"))
+    if not (reuse and (here / "proof-quick.json").is_file()):
+        _run("bench_proof.py", "--quick", "--workdir", str(here / "proof"), "--out", str(here / "proof-quick.json"),
+             "--set", f"model={spec}")
     shapes = json.loads((here / "bench-shapes.json").read_text())
     proof = json.loads((here / "proof-quick.json").read_text())
+    for path, record in (("bench-shapes.json", shapes), ("proof-quick.json", proof)):
+        ran = record["model"] if "model" in record else record["config"].get("model")
+        if ran != spec:
+            raise SystemExit(f"{here / path} is of model {ran!r}, not {spec!r}: remove it or run without --reuse")
     size = folder_bytes(model_dir)
     matched = [{key: row[key] for key in ("variant", "measure", "level", "reached_runs", "accuracy_drop_points_mean",
                                           "pixel_change_mean", "concept_fidelity_mean")}
@@ -182,7 +191,7 @@ def main(argv=None) -> int:
     # the training times first, back to back, before anything else of this run uses the cores
     timed = [training_time(recorded_settings(folder), args.timing_steps, args.workdir / name / "timing-model")
              if args.timing_steps else None for name, _, folder in models]
-    record["models"] = [measure(name, spec, folder, args.workdir, statistic, threshold, times)
+    record["models"] = [measure(name, spec, folder, args.workdir, statistic, threshold, times, args.reuse)
                         for (name, spec, folder), times in zip(models, timed)]
     wide = record["models"][1]
     record["replaces_shipped"] = not wide["goals_missed"]

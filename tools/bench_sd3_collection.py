@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from nullcov.collection.memory import feature_job_bytes, statistics_bytes, weights_bytes
     from nullcov.measurement import header, peak_rss_bytes, write_record
     from nullcov.models.family import DEFAULT_STREAMS, model_family
+    from nullcov.models.mmdit_dims import stream_widths
     from nullcov.models.model import load_pipeline
     from nullcov.models.sampling import configure_scheduler, flow_of
     from nullcov.models.schedule import build_schedule
@@ -92,13 +93,15 @@ def main(argv=None) -> int:
     ours_rss = peak_rss_bytes()
 
     dims = {key: moments.dim for key, moments in steps[0].items()}
+    widths = stream_widths(dict(pipe.transformer.config))
+    collected = [stream for stream in DEFAULT_STREAMS if set(widths.get(stream, {})) & set(dims)]
     step_bytes = statistics_bytes(dims)
     weights = weights_bytes(args.model_dir, {})
     record |= {
         "model": "SD3-medium architecture, random weights (nullcov.models.sd3_medium)",
         "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
         "resolution": args.resolution, "steps": args.steps, "prompts": len(prompts),
-        "guidance_scale": args.guidance_scale, "streams": list(DEFAULT_STREAMS), "layers": len(layers),
+        "guidance_scale": args.guidance_scale, "streams": collected, "layers": len(layers),
         "statistics": len(dims), "widths": sorted(set(dims.values())), "step_statistics_bytes": step_bytes,
         "weights_bytes": weights,
         "seconds": {"build": round(build_seconds, 1), "load": round(load_seconds, 1), "bare": bare_seconds,

@@ -624,7 +624,8 @@ def _bench_sd3_collection(record: dict) -> str:
                   f"{record['layers']} joint blocks"],
         ["run", f"{record['prompts']} prompt(s) × {record['steps']} steps, {record['resolution']} px, CFG "
                 f"{record['guidance_scale']:g} (a [uncond, cond] batch), float32"],
-        ["statistics", f"{record['statistics']} per step ({', '.join(f'`{s}`' for s in record['streams'])}), "
+        ["statistics", f"{record['statistics']} per step (the default streams SD3 has: "
+                       f"{', '.join(f'`{s}`' for s in record['streams'])}), "
                        f"d = {'/'.join(map(str, record['widths']))}: {_size(record['step_statistics_bytes'])} "
                        "of float64 per step"],
         ["seconds per step: bare pipeline / nullcov", f"{_seconds(seconds['bare'])} / {_seconds(seconds['ours'])} "
