@@ -70,11 +70,12 @@ bench-scale: $(STAMP)
 	$(BIN)/python tools/bench_scale.py
 
 # The merge, projection and eigh at FLUX.1 size from synthetic statistics (about 18 GB of scratch in
-# benchmarks/bench-mmdit-scale-tmp, deleted after; 15 GB of memory for the merge; ~15 min on 2 cores);
+# benchmarks/bench-mmdit-scale-tmp, deleted after; 14 GB of memory for the merge; ~35 min), on one core:
+# the eigh seconds are per core, what the plan's projection_cpu_seconds_at_3072 means;
 # docs/measurements/bench-mmdit-scale.json.
 .PHONY: bench-mmdit-scale
 bench-mmdit-scale: $(STAMP)
-	$(BIN)/python tools/bench_mmdit_scale.py --proj-out
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python tools/bench_mmdit_scale.py --proj-out
 
 # Collection at SD3-medium size on the CPU (the real 2.0 B-parameter transformer, random weights, built
 # once into benchmarks/sd3-medium-random, 8 GB) against the bare pipeline; ~16 GB of memory, ~10 min;

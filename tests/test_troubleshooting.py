@@ -123,7 +123,8 @@ def test_plan_and_summary_end_naming_the_page_that_explains_them(tmp_path):
             "step_keys": 14, "jobs": {"features (GPU)": 1}, "bytes": {"shard scratch": 1},
             "memory_mb": {"features": 2000},
             "feature_chunks": {"unchunked_mem_mb": 2000, "steps_per_chunk": 3, "chunks": 1, "unet_calls_per_batch": 3},
-            "weights": 1, "gpu_hours": 0.01, "throughput": 10.0}
+            "weights": 1, "gpu_hours": 0.01, "throughput": 10.0, "projection_cpu_hours": 0.1,
+            "eigh_seconds_at_3072": 10.0}
     assert format_plan(plan).splitlines()[-1].endswith(PLANNING)
     write_summary([("model", "model", "builtin:tiny")], tmp_path / "summary.tsv", tmp_path / "summary.html")
     with open(tmp_path / "summary.tsv", newline="") as handle:

@@ -20,7 +20,7 @@ afterwards; results to ``docs/measurements/bench-mmdit-scale.json`` (rendered in
 
 Usage::
 
-    python tools/bench_mmdit_scale.py [--shards 3] [--projection-keys 4] [--proj-out] [--scratch DIR]
+    python tools/bench_mmdit_scale.py [--shards 3] [--projection-keys 12] [--proj-out] [--scratch DIR]
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scratch", type=Path, default=REPO / "benchmarks" / "bench-mmdit-scale-tmp")
     parser.add_argument("--out", type=Path, default=measurement_path("bench-mmdit-scale.json"))
     parser.add_argument("--shards", type=int, default=3)
-    parser.add_argument("--projection-keys", type=int, default=4)
+    parser.add_argument("--projection-keys", type=int, default=12)
     parser.add_argument("--proj-out", action="store_true", help="also eigh at d = 15,360 (~10 min on 2 CPU cores)")
     return parser.parse_args(argv)
 
