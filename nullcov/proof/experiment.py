@@ -296,7 +296,7 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
     ``custom-diffusion`` also carries a trainable offset of the identifier's (``token_id``) embedding
     (:func:`identifier_embedding`)."""
     from nullcov.models.family import CROSS_ATTENTION
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     unet = copy.deepcopy(base_unet)
     unet.requires_grad_(False)
@@ -310,7 +310,7 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
             unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
                                         target_modules=rf".*attn2\.({linears})"))  # to_q|to_k|to_v|to_out\.0
         return unet
-    for item in find_cross_attention_linears(unet):
+    for item in find_constrained_linears(unet):
         if not kind.endswith(("projected-kv", "custom-diffusion")) or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
     if kind.endswith("custom-diffusion"):
@@ -321,10 +321,10 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
 
 def attn2_state(unet) -> dict[str, torch.Tensor]:
     """The attn2 linears' weights under ``UNet2DConditionModel.state_dict()`` keys (LoRA merged)."""
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     state = {}
-    for item in find_cross_attention_linears(unet):
+    for item in find_constrained_linears(unet):
         weight = item.module.weight.detach().clone()
         if item.lora_down:
             wrapper = next(m for m in unet.modules() if getattr(m, "base_layer", None) is item.module)
@@ -544,9 +544,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     (about 6e-8 of ``‖W‖``) is alone more than 1e-5 of a linear whose update is a thousandth of its
     weight (the proof's LoRA variant had such a ``to_q``). A ``random-*`` control's null spaces are
     its random ones."""
-    from nullcov.models.family import TEXT_KEY
     from nullcov.training.bank import ProjectionBank
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     before, after = attn2_state(base_unet), attn2_state(unet)
     deltas = {key: (after[key] - before[key]).double() for key in after}
@@ -560,8 +559,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
-    for item in find_cross_attention_linears(base_unet):
-        factors = [lookup.text_factor if item.key == TEXT_KEY else lookup.factors(timesteps)[item.key]
+    for item in find_constrained_linears(base_unet):
+        factors = [lookup.text_factors[item.key] if item.text else lookup.factors(timesteps)[item.key]
                    for timesteps in sets]
         basis = union_basis([factor.dense().double() for factor in factors])
         delta = deltas[f"{item.name}.weight"]
