@@ -7,6 +7,10 @@ from conftest import base_config
 
 #: The absolute null-space threshold of :func:`build_results` (when no ``threshold_percent`` is given).
 THRESHOLD = 0.02
+#: :func:`build_mmdit_results`: each statistic's null space is its lowest 30 % of eigenvalues (never
+#: empty, never everything).
+PERCENT = 30
+MMDIT_PROMPTS = ["a red cat", "a blue dog on the grass", "green"]
 
 
 def build_results(root, model_dir, prompts, num_steps=3, statistic="second_moment", unconditional_branch=False,
@@ -52,3 +56,16 @@ def build_results(root, model_dir, prompts, num_steps=3, statistic="second_momen
         projection_job(Results(results).covariance(name), Results(results).projection(name), statistic,
                        THRESHOLD, threshold_percent)
     return results
+
+
+def build_mmdit_results(root, family: str):
+    """``(model folder, results folder)`` of a tiny SD3 or FLUX (guidance embedding) built under ``root``:
+    every default stream, FLUX's proj_out (``single_out``) and the text path, 3 Euler steps at 32 px,
+    :data:`PERCENT` % null spaces."""
+    from nullcov.models.family import DEFAULT_STREAMS
+    from nullcov.models.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(root / "model", family)
+    streams = [*DEFAULT_STREAMS, "context", "pooled"] + (["single_out"] if family == "flux" else [])
+    return model_dir, build_results(root, model_dir, MMDIT_PROMPTS, num_steps=3, threshold_percent=PERCENT,
+                                    streams=streams, resolution=32, guidance_scale=3.0, true_cfg_scale=1.0)

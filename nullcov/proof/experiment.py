@@ -169,18 +169,21 @@ def concept_fidelity(scenes: list[shapes.Scene], images: np.ndarray) -> float:
 
 
 # -- training ---------------------------------------------------------------------------------------
-def encode_renders(pipe, scenes: list[shapes.Scene], seed: int) -> torch.Tensor:
-    """VAE latents (posterior mean x scaling factor) of the scenes rendered at the model's resolution."""
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+def encode_renders(pipe, scenes: list[shapes.Scene], seed: int, resolution: int | None = None) -> torch.Tensor:
+    """VAE latents (:func:`encode_images`) of the scenes rendered at ``resolution`` pixels (None: the UNet's)."""
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = np.stack([shapes.render(scene, resolution, noise_seed=seed + i) for i, scene in enumerate(scenes)])
     return encode_images(pipe, pixels.astype(np.float32) / 255.0)
 
 
 def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
-    """VAE latents of images [N, H, W, 3] in 0..1."""
+    """VAE latents of images [N, H, W, 3] in 0..1: (posterior mean − ``shift_factor``, SD3's and FLUX's VAE
+    have one) x ``scaling_factor``, as the pipelines decode them."""
     pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(pipe.device) * 2.0 - 1.0
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        mean = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean
+    return (mean - shift) * pipe.vae.config.scaling_factor
 
 
 def text_states(pipe, captions: list[str]) -> torch.Tensor:
@@ -560,6 +563,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
     for item in find_constrained_linears(base_unet):
+        if not deltas[f"{item.name}.weight"].any():  # not trained (a transformer's linear the run has no projection of)
+            continue
         factors = [lookup.text_factors[item.key] if item.text else lookup.factors(timesteps)[item.key]
                    for timesteps in sets]
         basis = union_basis([factor.dense().double() for factor in factors])
@@ -614,6 +619,19 @@ def measure_baseline(pipe, schedule: dict, statistics_prompts: list[str], settin
     return Baseline(pipe.unet, preserved, group_indices(preserved), measurement, drift, fidelity)
 
 
+def run_columns(variant: Variant, outcome: Outcome, settings: ProofSettings) -> dict:
+    """The table columns (:data:`nullcov.proof.report.COLUMNS`) that describe a run and its training:
+    variant, setting, steps, seconds, concept fidelity and whether it reached the target (``-``: no
+    evaluator), the mean loss of its last 10 steps."""
+    reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
+    return {"variant": variant.name, "group": variant.group, "kind": variant.kind, "seed": variant.seed_index,
+            "learning_rate": learning_rate(variant, settings), "scope": variant.scope, "threshold": variant.threshold,
+            "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
+            "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
+            "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
+            "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
+
+
 def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, baseline: Baseline,
                 settings: ProofSettings, checkpoints: Checkpoints | None = None) -> tuple[dict, object]:
     """Train one run and measure it (every preserved prompt at the end; ``checkpoints``: the curve);
@@ -621,13 +639,7 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
     outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings, checkpoints)
     baseline.drift.compare()
     after = measure_preserved(pipe, outcome.unet, baseline.preserved, schedule, settings, baseline.drift)
-    reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
-    row = {"variant": variant.name, "group": variant.group, "kind": variant.kind, "seed": variant.seed_index,
-           "learning_rate": learning_rate(variant, settings), "scope": variant.scope, "threshold": variant.threshold,
-           "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
-           "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
-           "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
-           "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
+    row = run_columns(variant, outcome, settings)
     row |= update_columns(baseline.unet, outcome.unet, variant, schedule, settings)
     row |= preserved_columns(baseline.measurement, after, baseline.drift, baseline.groups)
     log.info("%s: %s", variant.name, {k: v for k, v in row.items() if not k.startswith("accuracy_before")})

@@ -13,67 +13,28 @@ import pytest
 import torch
 
 from nullcov.layout import TEXT_NAME, Results
-from nullcov.models.family import DEFAULT_STREAMS
 from nullcov.statistics.store import read_moments, read_projections
 
-from results_folder import build_results
-
-PROMPTS = ["a red cat", "a blue dog on the grass", "green"]
-#: Each statistic's null space: its lowest 30 % of eigenvalues (never empty, never everything).
-PERCENT = 30
+from brute_force import mmdit_projection_keys
+from results_folder import PERCENT, build_mmdit_results
 
 
 @pytest.fixture(scope="module")
 def mmdit(tmp_path_factory):
-    """``{family: (model folder, results folder)}`` of the tiny SD3 and FLUX (guidance embedding): every
-    default stream, FLUX's proj_out (single_out) and the text path, 3 Euler steps at 32 px."""
-    from nullcov.models.tiny_model import build_tiny_model
-
-    found = {}
-    for family in ("sd3", "flux"):
-        root = tmp_path_factory.mktemp(f"mmdit-{family}")
-        model_dir = build_tiny_model(root / "model", family)
-        streams = [*DEFAULT_STREAMS, "context", "pooled"] + (["single_out"] if family == "flux" else [])
-        found[family] = model_dir, build_results(root, model_dir, PROMPTS, num_steps=3, threshold_percent=PERCENT,
-                                                 streams=streams, resolution=32, guidance_scale=3.0,
-                                                 true_cfg_scale=1.0)
-    return found
-
-
-def expected_projections(transformer) -> dict[str, tuple[str, str]]:
-    """Module name -> (``step`` or ``text``, key of its projection), by walking the blocks: a joint block's
-    q/k/v take the image stream's input (``attn.to_q``), add_q/k/v the text stream's (``attn.add_q_proj``),
-    the output projections their own; a single block's q/k/v and proj_mlp the ``attn.to_q`` input,
-    ``proj_out`` its own; the text path its text-file key."""
-    found = {}
-    for index, block in enumerate(transformer.transformer_blocks):
-        name = f"transformer_blocks.{index}"
-        for linear in ("to_q", "to_k", "to_v"):
-            found[f"{name}.attn.{linear}"] = ("step", f"{name}/attn.to_q")
-        for linear in ("add_q_proj", "add_k_proj", "add_v_proj"):
-            found[f"{name}.attn.{linear}"] = ("step", f"{name}/attn.add_q_proj")
-        found[f"{name}.attn.to_out.0"] = ("step", f"{name}/attn.to_out")
-        if block.attn.to_add_out is not None:
-            found[f"{name}.attn.to_add_out"] = ("step", f"{name}/attn.to_add_out")
-    for index, _ in enumerate(getattr(transformer, "single_transformer_blocks", None) or ()):
-        name = f"single_transformer_blocks.{index}"
-        for linear in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
-            found[f"{name}.{linear}"] = ("step", f"{name}/attn.to_q")
-        found[f"{name}.proj_out"] = ("step", f"{name}/proj_out")
-    for path in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
-        found[path] = ("text", path)
-    return found
+    """``{family: (model folder, results folder)}`` of the tiny SD3 and FLUX (:func:`build_mmdit_results`)."""
+    return {family: build_mmdit_results(tmp_path_factory.mktemp(f"mmdit-{family}"), family)
+            for family in ("sd3", "flux")}
 
 
 def load_transformer(model_dir, lora=False, frozen=()):
-    """The tiny transformer with every linear of :func:`expected_projections` trainable (full, but those in
+    """The tiny transformer with every linear of :func:`brute_force.mmdit_projection_keys` trainable (full, but those in
     ``frozen``), or with peft-LoRA adapters on them; nothing else trainable."""
     import diffusers
 
     config = json.loads((model_dir / "transformer" / "config.json").read_text())
     transformer = getattr(diffusers, config["_class_name"]).from_pretrained(model_dir / "transformer")
     transformer.requires_grad_(False)
-    names = list(expected_projections(transformer))
+    names = list(mmdit_projection_keys(transformer))
     if lora:
         from peft import LoraConfig
 
@@ -120,7 +81,7 @@ def test_constraint_keeps_every_transformer_update_in_its_streams_null_space(mmd
     model_dir, results = mmdit[family]
     frozen = () if lora else ("transformer_blocks.1.attn.to_v", "context_embedder")
     transformer = load_transformer(model_dir, lora=lora, frozen=frozen)
-    expected = expected_projections(transformer)
+    expected = mmdit_projection_keys(transformer)
     before = {name: p.detach().clone() for name, p in transformer.named_parameters()}
     constraint = NullSpaceConstraint(transformer, results, mode="nearest")
     found = {item.name: ("text" if item.text else "step", item.key) for item in constraint.linears}
@@ -179,7 +140,7 @@ def test_dora_and_linears_without_a_projection_are_refused(mmdit, tmp_path):
                                               r"'time_text_embed\.text_embedder\.linear_1'\].*freeze them"):
         NullSpaceConstraint(load_transformer(model_dir), partial)
     only_blocks = load_transformer(model_dir, frozen=("context_embedder", "time_text_embed.text_embedder.linear_1"))
-    assert len(NullSpaceConstraint(only_blocks, partial).linears) == len(expected_projections(only_blocks)) - 2
+    assert len(NullSpaceConstraint(only_blocks, partial).linears) == len(mmdit_projection_keys(only_blocks)) - 2
 
 
 def _brute_force_null_space(statistic: np.ndarray) -> np.ndarray:
