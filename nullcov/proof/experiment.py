@@ -378,6 +378,20 @@ def controlled(lookup, variant: Variant, settings: ProofSettings):
     return RandomSubspaces(lookup, settings.run_seed(variant.seed_index) + 5)
 
 
+def optimizer_step(loss: torch.Tensor, timestep, optimizer, constraint, variant: Variant, every_step: list) -> None:
+    """One training step of a run: backward, the gradients projected (a projected run: the projections of
+    ``timestep``, or of every scheduled step, :func:`nullcov.proof.null_energy.protected_timesteps`), the
+    optimiser's step, and what it applied projected (``constraint`` None: plain)."""
+    loss.backward()
+    protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
+    if constraint is not None:
+        constraint.project_gradients(protected)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if constraint is not None:
+        constraint.project(protected)
+
+
 def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
                   settings: ProofSettings, checkpoints: Checkpoints | None = None) -> Outcome:
     """Train ``variant`` from ``base_unet`` until the concept fidelity reaches the target at a
@@ -403,14 +417,7 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
         checkpoints.start(variant, learning_rate(variant, settings))
     for step in range(1, cap + 1):
         loss, timestep = training_loss(pipe, unet, noise_scheduler, data, variant, settings, generators)
-        loss.backward()
-        protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
-        if constraint is not None:
-            constraint.project_gradients(protected)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if constraint is not None:
-            constraint.project(protected)
+        optimizer_step(loss, timestep, optimizer, constraint, variant, every_step)
         outcome.losses.append((step, loss.item()))
         outcome.steps = step
         if step % settings.eval_every == 0 or step == cap:

@@ -47,7 +47,6 @@ import torch
 from nullcov import layout
 from nullcov.proof import data as proof_data
 from nullcov.proof import experiment
-from nullcov.proof.null_energy import protected_timesteps
 from nullcov.proof.plan import ProofPlan, ProofSettings, Variant
 
 log = logging.getLogger(__name__)
@@ -188,14 +187,7 @@ def train_flow_variant(pipe, base, family, variant: Variant, names: list[str], d
     outcome = experiment.Outcome(unet=None, steps=0, seconds=0.0, fidelity=math.nan)
     for step in range(1, settings.fixed_steps + 1):
         loss, timestep = flow_matching_loss(pipe, model, family, data, settings, timesteps, generator)
-        loss.backward()
-        protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
-        if constraint is not None:
-            constraint.project_gradients(protected)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if constraint is not None:
-            constraint.project(protected)
+        experiment.optimizer_step(loss, timestep, optimizer, constraint, variant, every_step)
         outcome.losses.append((step, loss.item()))
         outcome.steps = step
     outcome.seconds = time.perf_counter() - started
