@@ -135,12 +135,13 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
            drift: Attn2Drift | None = None, unet=None, indices: list[int] | None = None) -> np.ndarray:
     """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded as prompt
     ``indices[i]`` (None: ``i``) of ``first_seed``, with the schedule's sampler and CFG, in batches
-    of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`; ``unet`` None:
-    ``pipe.unet``). A Custom Diffusion run's UNet brings its identifier's embedding
-    (:func:`identifier_embedding`)."""
+    of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`, at a flow-matching
+    schedule's resolution; ``unet`` None: the pipeline's own UNet or transformer). A Custom Diffusion
+    run's UNet brings its identifier's embedding (:func:`identifier_embedding`)."""
+    from nullcov.models.model import denoiser as own_denoiser
     from nullcov.models.sampling import prompt_generator, sample_images
 
-    denoiser = pipe.unet if unet is None else unet
+    denoiser = own_denoiser(pipe) if unet is None else unet
     indices = list(range(len(captions))) if indices is None else list(indices)
     images = []
     with identifier_embedding(pipe, denoiser):
@@ -149,7 +150,8 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
             generators = [prompt_generator(first_seed, index) for index in indices[start: start + len(batch)]]
             hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
             with hooked, torch.no_grad():
-                images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale, unet=unet))
+                images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale,
+                                            schedule.get("flow_matching", {}).get("resolution"), unet=unet))
     return np.concatenate(images)
 
 

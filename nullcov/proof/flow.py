@@ -24,11 +24,11 @@ timestep is one of the scheduler's 1000 training timesteps ``1000·σ`` (drawn a
 its integer ones, :func:`nullcov.proof.experiment.batch_timestep`), and the constraint gets exactly
 that float.
 
-Written per run: the trained linears' weights (LoRA merged,
-:data:`nullcov.layout.FINETUNE_TRANSFORMER_WEIGHTS`) and one row of the proof's table
-(:data:`nullcov.proof.report.COLUMNS`): losses, ``‖ΔW‖`` and the share of the update outside the null
-spaces it was projected into (:func:`nullcov.proof.experiment.update_columns`); every evaluator
-column is NaN and ``reached_target`` is ``-`` (no evaluator). Refused by name: the variants that need
+Each run gives the trained linears' weights (LoRA merged; the job writes them as
+:data:`nullcov.layout.FINETUNE_TRANSFORMER_WEIGHTS`, :func:`nullcov.proof.job.finetune_proof_job`) and one
+row of the proof's table (:data:`nullcov.proof.report.COLUMNS`): losses, ``‖ΔW‖`` and the share of the
+update outside the null spaces it was projected into (:func:`nullcov.proof.experiment.update_columns`);
+every evaluator column is NaN and ``reached_target`` is ``-`` (no evaluator). Refused by name: the variants that need
 what a transformer run lacks (prior preservation's class images are sampled and compared by the
 evaluator's world; ``projected-kv`` and ``custom-diffusion`` train a UNet's ``to_k``/``to_v``).
 """
@@ -40,22 +40,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from nullcov import layout
 from nullcov.proof import data as proof_data
 from nullcov.proof import experiment
-from nullcov.proof.plan import ProofPlan, ProofSettings, Variant
+from nullcov.proof.plan import FLOW_KINDS, FLOW_REFUSED_KEYS, ProofPlan, ProofSettings, Variant
 
 log = logging.getLogger(__name__)
-
-#: The variant kinds a transformer run trains (the others are refused, naming the config key).
-FLOW_KINDS = ("unconstrained", "projected", "projected-lora", "random-projected")
-#: kind -> the config key that plans it (what to turn off).
-REFUSED_KINDS = {"prior-preservation": "finetune_prior_preservation", "projected-kv": "finetune_text_only",
-                 "custom-diffusion": "finetune_custom_diffusion", "random-projected-kv": "finetune_random_control"}
 
 
 @dataclass
@@ -166,7 +158,8 @@ def check_flow_variants(plan: ProofPlan) -> None:
     """Refuse a plan with variants a transformer run cannot train, naming the config key that plans them."""
     refused = [variant for variant in plan.variants if variant.kind not in FLOW_KINDS]
     if refused:
-        keys = sorted({REFUSED_KINDS.get(variant.kind, variant.kind) for variant in refused})
+        key_of = {kind: key for key, kind in FLOW_REFUSED_KEYS.items()}
+        keys = sorted({key_of.get(variant.kind.removeprefix("random-"), variant.kind) for variant in refused})
         raise ValueError(f"the fine-tune proof on an SD3/FLUX model trains {', '.join(FLOW_KINDS)} only; "
                          f"{[variant.name for variant in refused]} need a UNet (or the shapes evaluator): "
                          f"turn off {', '.join(keys)}")
@@ -194,13 +187,12 @@ def train_flow_variant(pipe, base, family, variant: Variant, names: list[str], d
     return outcome, model
 
 
-def run_flow_proof(pipe, model_dir, schedule: dict, plan: ProofPlan, out_dir) -> list[dict]:
-    """Every run of the plan on an SD3/FLUX pipeline (the module docstring says what applies); writes
-    ``out_dir/<run>/`` :data:`nullcov.layout.FINETUNE_TRANSFORMER_WEIGHTS` and ``out_dir/variants.tsv``;
-    returns the table's rows. ``projected-lora`` takes the plan's own setting (all timesteps when the plan
-    compares that scope, else its first)."""
+def run_flow_proof(pipe, model_dir, schedule: dict, plan: ProofPlan, on_variant=None) -> list[dict]:
+    """Every run of the plan on an SD3/FLUX pipeline (the module docstring says what applies); returns the
+    table's rows. ``on_variant(variant, row, transformer, state)`` after each run: the base transformer
+    with the run's trained linears (``state``: their weights, LoRA merged). ``projected-lora`` takes the
+    plan's own setting (all timesteps when the plan compares that scope, else its first)."""
     from nullcov.models.family import model_family
-    from nullcov.proof import report
 
     family = model_family(model_dir)
     if family.denoiser != "transformer":
@@ -213,7 +205,6 @@ def run_flow_proof(pipe, model_dir, schedule: dict, plan: ProofPlan, out_dir) ->
     base = pipe.transformer
     names = trained_linears(base, plan)
     data = flow_concept_data(pipe, schedule, settings)
-    out_dir = Path(out_dir)
     rows = []
     for variant in plan.variants:
         if variant.kind == "projected-lora":
@@ -221,11 +212,11 @@ def run_flow_proof(pipe, model_dir, schedule: dict, plan: ProofPlan, out_dir) ->
             variant = replace(variant, scope=scope, setting=plan.setting(plan.own))
         outcome, model = train_flow_variant(pipe, base, family, variant, names, data, schedule, settings)
         state = trained_state(model, names)
-        report.save_weights(out_dir / variant.name, state, layout.FINETUNE_TRANSFORMER_WEIGHTS)
         outcome.unet = experiment.merged_unet(base, state)
         row = experiment.run_columns(variant, outcome, settings)
         row |= experiment.update_columns(base, outcome.unet, variant, schedule, settings)
         log.info("%s: %s", variant.name, row)
         rows.append(row)
-    report.write_table(out_dir / "variants.tsv", rows)
+        if on_variant is not None:
+            on_variant(variant, row, outcome.unet, state)
     return rows

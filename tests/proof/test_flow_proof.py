@@ -47,14 +47,14 @@ def _null_space(statistic: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_projected_finetune_mechanics_on_a_transformer(tmp_path, family):
-    """Every run trains 3 flow-matching steps from the same weights; the trained linears' weights are saved
-    (LoRA merged); a projected run's update lies in its null spaces (per-timestep: the span of the steps'
-    P; all timesteps: the null space of the steps' summed statistics, brute force from the h5 files) and
-    the table says so; the unconstrained one's does not; no evaluator column is filled."""
+    """Every run trains 3 flow-matching steps from the same weights; the trained linears' weights are given
+    (LoRA merged) with the base transformer carrying them; a projected run's update lies in its null
+    spaces (per-timestep: the span of the steps' P; all timesteps: the null space of the steps' summed
+    statistics, brute force from the h5 files) and the row says so; the unconstrained one's and the
+    random control's do not; no evaluator column is filled."""
     from nullcov.models.model import load_pipeline
     from nullcov.models.sampling import configure_scheduler
     from nullcov.proof.flow import run_flow_proof
-    from nullcov.proof.report import load_weights
 
     model_dir, results = build_mmdit_results(tmp_path, family)
     schedule = json.loads(Results(results).schedule.read_text())
@@ -62,7 +62,13 @@ def test_projected_finetune_mechanics_on_a_transformer(tmp_path, family):
     configure_scheduler(pipe, schedule)
     base = {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
     plan = flow_plan(results)
-    rows = run_flow_proof(pipe, model_dir, schedule, plan, tmp_path / "finetune")
+    states, merged = {}, {}
+
+    def keep(variant, row, transformer, state):
+        states[variant.name] = state
+        merged[variant.name] = transformer.state_dict()
+
+    rows = run_flow_proof(pipe, model_dir, schedule, plan, on_variant=keep)
     assert [row["variant"] for row in rows] == plan.names
     assert all(torch.equal(p, base[name]) for name, p in pipe.transformer.named_parameters())  # base untouched
     expected = mmdit_projection_keys(pipe.transformer)
@@ -72,7 +78,8 @@ def test_projected_finetune_mechanics_on_a_transformer(tmp_path, family):
     for row in rows:
         assert row["steps"] == 3 and np.isfinite(row["final_loss"]) and row["reached_target"] == "-"
         assert np.isnan(row["concept_fidelity"]) and row["weight_update_norm"] > 0
-        weights = load_weights(tmp_path / "finetune" / row["variant"] / FINETUNE_TRANSFORMER_WEIGHTS)
+        weights = states[row["variant"]]
+        assert all(torch.equal(merged[row["variant"]][key], value) for key, value in weights.items())
         assert set(weights) == {f"{name}.weight" for name in expected}  # every linear with a projection trained
         outside, still = 0.0, []
         for name, (where, key) in expected.items():
@@ -97,8 +104,6 @@ def test_projected_finetune_mechanics_on_a_transformer(tmp_path, family):
             assert share <= 1e-5 and row["update_outside_null_space"] <= 1e-5, (row["variant"], share)
         else:  # unconstrained, and the random control's null spaces are not these
             assert share > 0.1, (row["variant"], share)
-    written = (tmp_path / "finetune" / "variants.tsv").read_text().splitlines()
-    assert len(written) == 1 + len(rows) and written[0].startswith("variant\tgroup\tkind")
 
 
 def test_variants_a_transformer_cannot_train_are_refused(tmp_path):
@@ -109,3 +114,67 @@ def test_variants_a_transformer_cannot_train_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\['projected-kv', 'prior-preservation'\] need a UNet.*turn off "
                                          r"finetune_prior_preservation, finetune_text_only"):
         check_flow_variants(plan)
+
+
+#: The proof keys an SD3/FLUX model's proof needs (the kinds it cannot train off), 2 steps, one seed.
+FLOW_PROOF = {"finetune_proof": True, "finetune_prior_preservation": False, "finetune_text_only": False,
+              "finetune_custom_diffusion": False, "finetune_repeated": ["unconstrained"],
+              "finetune_grid_variants": ["unconstrained"], "finetune_steps": 2, "finetune_seeds": 1,
+              "finetune_learning_rate_grid": [], "finetune_lora_rank": 2}
+
+
+def test_the_rule_plans_the_flow_proof_and_refuses_what_it_cannot_train(tmp_path, demo_prompts):
+    from conftest import planned_jobs, snakemake, write_config
+
+    run = {"model": "builtin:tiny-flux", "sampler_strategy": "Euler", "resolution": 32, "num_denoising_steps": 2}
+    write_config(tmp_path, demo_prompts[:2], **run, **FLOW_PROOF)
+    assert "finetune_proof" in {rule for rule, _ in planned_jobs(tmp_path)}
+    write_config(tmp_path, demo_prompts[:2], **run, finetune_proof=True)  # the defaults plan UNet-only kinds
+    refused = snakemake(tmp_path, "--dry-run", check=False)
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "finetune_proof on an SD3/FLUX model trains unconstrained, projected, " \
+        "projected-lora, random-projected runs only" in text and "finetune_prior_preservation=false " \
+        "finetune_text_only=false finetune_custom_diffusion=false finetune_repeated='[\"unconstrained\"]'" in text, text
+
+
+def test_the_proof_job_on_tiny_flux_writes_the_table_weights_and_grid(tmp_path):
+    """The rule's job on an SD3/FLUX model: the plan the Snakefile makes (finetune_proof with the keys above),
+    every run trained, its trained linears saved, the grid sampled with each variant's transformer; the
+    outputs that need an evaluator or a UNet hold their header only."""
+    import yaml
+
+    from nullcov.files import read_tsv
+    from nullcov.models.family import DEFAULT_STREAMS
+    from nullcov.proof.job import finetune_proof_job
+    from nullcov.proof.plan import plan_proof
+    from nullcov.schema import SCHEMA, schema_defaults
+
+    from conftest import base_config
+
+    model_dir, results = build_mmdit_results(tmp_path, "flux")
+    config = (schema_defaults(yaml.safe_load(SCHEMA.read_text())) | base_config(num_denoising_steps=3)
+              | {"model": str(model_dir), "statistic": "second_moment", "nullspace_threshold": 0.02,
+                 "threshold_percent": float(PERCENT), "sampler_strategy": "Euler", "resolution": 32,
+                 "guidance_scale": 3.0, "streams": [*DEFAULT_STREAMS, "context", "pooled", "single_out"]}
+              | FLOW_PROOF)
+    schedule = json.loads(Results(results).schedule.read_text())
+    names = [step["name"] for step in schedule["steps"]] + [TEXT_NAME]
+    plan = plan_proof(config, Results(results), names, model_dir)
+    assert plan.names == ["unconstrained", f"projected-all-timesteps-p{PERCENT}-second_moment-conditional",
+                          "projected-lora"]
+    out = tmp_path / "finetune"
+    outputs = {"table": out / "variants.tsv", "curves": out / "curves.tsv", "matched": out / "matched.tsv",
+               "figure": out / "frontier.png", "grid": out / "grid.png", "grid_images": out / "grid.npz",
+               "null_energy": out / "null_energy.tsv", "weights": out}
+    rows = finetune_proof_job(model_dir=str(model_dir), plan=plan.to_dict(), schedule=schedule, statistics_prompts=[],
+                              device="cpu", outputs=outputs)
+    assert [row["variant"] for row in rows] == plan.names
+    assert all(row["steps"] == 2 and row["update_outside_null_space"] <= 1e-5 for row in rows if row["kind"] in (
+        "projected", "projected-lora"))
+    assert [row["variant"] for row in read_tsv(outputs["table"])] == plan.names
+    for name in plan.names:
+        assert (out / name / FINETUNE_TRANSFORMER_WEIGHTS).is_file()
+    grid = np.load(outputs["grid_images"])
+    assert set(grid.files) == {"captions", "base", *plan.names} and outputs["figure"].is_file()  # base, each run
+    for empty in ("curves", "matched", "null_energy"):
+        assert len(outputs[empty].read_text().splitlines()) == 1, empty
