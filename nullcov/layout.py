@@ -58,6 +58,8 @@ GROUP_PREFIX = "group_"
 FINETUNE = f"{REPORT}/finetune"
 #: A fine-tune proof variant's attn2 weights, in ``<FINETUNE>/<variant>/``.
 FINETUNE_WEIGHTS = "unet_attn2.safetensors"
+#: An SD3/FLUX fine-tune's trained linears' weights (:mod:`nullcov.proof.flow`), in ``<out>/<variant>/``.
+FINETUNE_TRANSFORMER_WEIGHTS = "transformer_linears.safetensors"
 #: The fine-tune proof's own statistics and projections (rules/finetune.smk).
 PROOF = "proof"
 #: The attribute of a projection file's provenance that holds the settings that made it.

@@ -139,6 +139,22 @@ class Linears:
         """``linear`` and the linears that receive its input (one statistic for all of them)."""
         return (linear, *dict(self.shared).get(linear, ()))
 
+    @property
+    def trained(self) -> tuple[tuple[str, str], ...]:
+        """Every linear a null-space constraint can train, with the hooked linear whose input (and so
+        whose statistic) it takes: each hooked linear, then those that share its input
+        (:meth:`sharing`), in hook order. A joint block's ``attn.to_k`` takes ``attn.to_q``'s."""
+        return tuple((other, linear) for linear in self.hooked for other in self.sharing(linear))
+
+    def constraint_key(self, layer: str, linear: str) -> str:
+        """The key of the statistic (and projection) that constrains ``linear`` (one of :attr:`trained`) of
+        ``layer``: :data:`TEXT_KEY` for a text linear (in the text file), else the step files'
+        :func:`statistic_key` of the hooked linear whose input it shares."""
+        source = dict(self.trained).get(linear)
+        if source is None:
+            raise ValueError(f"{linear!r} is none of the linears {[name for name, _ in self.trained]}")
+        return TEXT_KEY if source in self.text else statistic_key(layer, source)
+
     def token_kind(self, linear: str) -> str:
         """Which tokens the rows of ``linear``'s input are (:data:`TOKEN_KINDS`)."""
         return dict(self.tokens).get(linear, "image")
@@ -251,6 +267,16 @@ class LayerKind:
 UNET_LAYERS = (LayerKind("", CROSS_ATTENTION),)
 #: SD3's and FLUX's layer kinds (SD3 has no single blocks: that kind then has no layers).
 MMDIT_LAYERS = (LayerKind("transformer_blocks", JOINT_ATTENTION), LayerKind("single_transformer_blocks", SINGLE_BLOCK))
+
+
+def layer_linears(layer: str) -> Linears:
+    """The :class:`Linears` of the hooked layer at module path ``layer``, in any family: an SD3/FLUX
+    transformer block's kind (:data:`MMDIT_LAYERS`), else a UNet's cross-attention
+    (:data:`CROSS_ATTENTION`)."""
+    for kind in MMDIT_LAYERS:
+        if kind.holds(layer):
+            return kind.linears
+    return CROSS_ATTENTION
 
 
 class UnsupportedModelError(ValueError):

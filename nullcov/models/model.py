@@ -15,10 +15,22 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from nullcov.docs import see
 from nullcov.files import read_json
-from nullcov.models.family import CROSS_ATTENTION, OPTIONAL_COMPONENTS, Linears, statistic_key
+from nullcov.models.family import (
+    CROSS_ATTENTION,
+    MMDIT_LAYERS,
+    OPTIONAL_COMPONENTS,
+    TEXT_PATH,
+    UNET_LAYERS,
+    LayerKind,
+    Linears,
+    kind_of,
+    statistic_key,
+)
+from nullcov.models.mmdit_dims import CLASSES as TRANSFORMER_CLASSES
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_DIR = "resources/models/tiny-sd"
@@ -268,8 +280,13 @@ def hooked_linear(layer, linear: str, vocabulary: Linears = CROSS_ATTENTION):
     """The ``torch.nn.Linear`` that ``vocabulary`` names ``linear`` in a layer (a path, dotted for a
     transformer block's ``attn.to_q``; ``to_out`` is ``to_out[0]``, the projection; ``to_out[1]`` is
     dropout), or None when the layer lacks it (a ``context_pre_only`` block's ``attn.to_add_out``)."""
-    module = layer
-    for part in vocabulary.module_path(linear).split("."):
+    return module_at(layer, vocabulary.module_path(linear))
+
+
+def module_at(root, path: str):
+    """The submodule at the dotted ``path`` inside ``root`` (a digit indexes a module list), or None."""
+    module = root
+    for part in path.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part, None)
         if module is None:
             return None
@@ -314,6 +331,76 @@ def transformer_layers(transformer, kinds) -> list[tuple[str, object]]:
         for index, block in enumerate(getattr(transformer, kind.container, None) or ()):
             layers.append((f"{kind.container}.{index}", block))
     return layers
+
+
+#: Module-name prefixes a peft wrapper (``get_peft_model``) puts before the wrapped model's own names.
+PEFT_PREFIXES = ("base_model.model.",)
+
+
+def _strip_peft_prefix(name: str) -> str:
+    for prefix in PEFT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def layer_kinds(model) -> tuple[LayerKind, ...]:
+    """The :class:`~nullcov.models.family.LayerKind` s of a denoiser module (a peft model: of the model it
+    wraps): :data:`~nullcov.models.family.MMDIT_LAYERS` for an SD3/FLUX transformer, else
+    :data:`~nullcov.models.family.UNET_LAYERS`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return MMDIT_LAYERS if type(base).__name__ in TRANSFORMER_CLASSES else UNET_LAYERS
+
+
+class LinearSite(NamedTuple):
+    """One linear a null-space constraint can train, and the statistic whose projection constrains it.
+
+    ``layer``: the hooked layer's module path (``""`` for a transformer's text path); ``linear``: the
+    linear's name in its layer's :class:`~nullcov.models.family.Linears` (a text-path linear: its module
+    path); ``name``: its module path in the denoiser; ``key``: the key of its projection, in the step
+    files or (``text``) in the text file; ``module``: the module there (a ``torch.nn.Linear``, or the peft
+    wrapper around one)."""
+
+    layer: str
+    linear: str
+    name: str
+    key: str
+    text: bool
+    module: object
+
+
+def constrained_linears(model) -> list[LinearSite]:
+    """Every linear of a denoiser that a null-space constraint can train, in module order.
+
+    A UNet (:data:`~nullcov.models.family.UNET_LAYERS`): ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of
+    every cross-attention module, ``to_k``/``to_v`` constrained by the text projection (``TEXT_KEY``). An
+    SD3/FLUX transformer: every linear of each block's streams and every linear sharing a stream's input
+    (:attr:`~nullcov.models.family.Linears.trained`: ``attn.to_k``/``to_v`` take ``attn.to_q``'s
+    projection, a FLUX single block's ``proj_mlp`` too), those a block lacks skipped (SD3's last
+    ``attn.to_add_out``, ``attn2`` outside SD3.5's dual-attention blocks); then the text path
+    (:data:`~nullcov.models.family.TEXT_PATH`: ``context_embedder``, the pooled-text projection), each
+    constrained by its own projection in the text file. ``model`` may be a peft model wrapping either.
+    """
+    kinds = layer_kinds(model)
+    if kinds == UNET_LAYERS:
+        layers = [(_strip_peft_prefix(name), module) for name, module in cross_attention_modules(model)]
+    else:
+        layers = transformer_layers(model, kinds)
+    sites = []
+    for layer, module in layers:
+        linears = kind_of(kinds, layer).linears
+        for linear, _ in linears.trained:
+            found = hooked_linear(module, linear, linears)
+            if found is not None:
+                key = linears.constraint_key(layer, linear)
+                sites.append(LinearSite(layer, linear, f"{layer}.{linears.module_path(linear)}", key,
+                                        linear in linears.text, found))
+    if kinds != UNET_LAYERS:
+        for _, path in TEXT_PATH:
+            found = module_at(model, path)
+            if found is not None:
+                sites.append(LinearSite("", path, path, path, True, found))
+    return sites
 
 
 def transformer_layer_names(model_dir: str | Path) -> list[str]:

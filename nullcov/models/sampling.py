@@ -138,12 +138,13 @@ def sample_images(pipe, prompts: list[str], generators: list[torch.Generator], s
     Prompt ``j`` draws its latents and sampler noise from ``generators[j]`` (:func:`prompt_generator`),
     the installed scheduler (:func:`configure_scheduler`) runs ``schedule``'s timesteps with CFG
     ``guidance_scale``, at ``resolution`` pixels square (None: the UNet's native size), and the
-    pipeline decodes the final latents. ``unet`` (None: ``pipe.unet``) denoises this call only: the
-    pipeline's own UNet is put back afterwards, also on an error.
+    pipeline decodes the final latents. ``unet`` (None: the pipeline's own UNet, or an SD3/FLUX pipeline's
+    transformer) denoises this call only: the pipeline's own is put back afterwards, also on an error.
     """
-    own = pipe.unet
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    own = getattr(pipe, component)
     if unet is not None:
-        pipe.unet = unet
+        setattr(pipe, component, unet)
     try:
         side = image_resolution(pipe, resolution)
         output = pipe(
@@ -157,5 +158,5 @@ def sample_images(pipe, prompts: list[str], generators: list[torch.Generator], s
         )
     finally:
         if unet is not None:
-            pipe.unet = own
+            setattr(pipe, component, own)
     return output.images.astype(np.float32)

@@ -14,6 +14,7 @@ import hashlib
 
 import torch
 
+from nullcov.models.family import TEXT_KEY
 from nullcov.training.factored_projection import FactoredProjection
 
 
@@ -38,9 +39,14 @@ class RandomSubspaces:
         return self.bank.step_keys
 
     @property
+    def text_factors(self) -> dict[str, FactoredProjection]:
+        # a UNet's one text projection keeps the label "text" its random stand-in has always been seeded with
+        return {key: self.replace("text" if key == TEXT_KEY else key, factor)
+                for key, factor in self.bank.text_factors.items()}
+
+    @property
     def text_factor(self) -> FactoredProjection | None:
-        factor = self.bank.text_factor
-        return None if factor is None else self.replace("text", factor)
+        return self.text_factors.get(TEXT_KEY)
 
     def factors(self, timesteps) -> dict[str, FactoredProjection]:
         return {key: self.replace(key, factor) for key, factor in self.bank.factors(timesteps).items()}

@@ -135,12 +135,13 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
            drift: Attn2Drift | None = None, unet=None, indices: list[int] | None = None) -> np.ndarray:
     """Images [N, H, W, 3] (float32, 0..1) of ``captions``, caption ``i`` seeded as prompt
     ``indices[i]`` (None: ``i``) of ``first_seed``, with the schedule's sampler and CFG, in batches
-    of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`; ``unet`` None:
-    ``pipe.unet``). A Custom Diffusion run's UNet brings its identifier's embedding
-    (:func:`identifier_embedding`)."""
+    of ``settings.sample_batch`` (:func:`nullcov.models.sampling.sample_images`, at a flow-matching
+    schedule's resolution; ``unet`` None: the pipeline's own UNet or transformer). A Custom Diffusion
+    run's UNet brings its identifier's embedding (:func:`identifier_embedding`)."""
+    from nullcov.models.model import denoiser as own_denoiser
     from nullcov.models.sampling import prompt_generator, sample_images
 
-    denoiser = pipe.unet if unet is None else unet
+    denoiser = own_denoiser(pipe) if unet is None else unet
     indices = list(range(len(captions))) if indices is None else list(indices)
     images = []
     with identifier_embedding(pipe, denoiser):
@@ -149,7 +150,8 @@ def sample(pipe, captions: list[str], first_seed: int, schedule: dict, settings:
             generators = [prompt_generator(first_seed, index) for index in indices[start: start + len(batch)]]
             hooked = drift.hooks(denoiser, start, len(batch)) if drift is not None else contextlib.nullcontext()
             with hooked, torch.no_grad():
-                images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale, unet=unet))
+                images.append(sample_images(pipe, batch, generators, schedule, settings.guidance_scale,
+                                            schedule.get("flow_matching", {}).get("resolution"), unet=unet))
     return np.concatenate(images)
 
 
@@ -169,18 +171,21 @@ def concept_fidelity(scenes: list[shapes.Scene], images: np.ndarray) -> float:
 
 
 # -- training ---------------------------------------------------------------------------------------
-def encode_renders(pipe, scenes: list[shapes.Scene], seed: int) -> torch.Tensor:
-    """VAE latents (posterior mean x scaling factor) of the scenes rendered at the model's resolution."""
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+def encode_renders(pipe, scenes: list[shapes.Scene], seed: int, resolution: int | None = None) -> torch.Tensor:
+    """VAE latents (:func:`encode_images`) of the scenes rendered at ``resolution`` pixels (None: the UNet's)."""
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pixels = np.stack([shapes.render(scene, resolution, noise_seed=seed + i) for i, scene in enumerate(scenes)])
     return encode_images(pipe, pixels.astype(np.float32) / 255.0)
 
 
 def encode_images(pipe, images: np.ndarray) -> torch.Tensor:
-    """VAE latents of images [N, H, W, 3] in 0..1."""
+    """VAE latents of images [N, H, W, 3] in 0..1: (posterior mean − ``shift_factor``, SD3's and FLUX's VAE
+    have one) x ``scaling_factor``, as the pipelines decode them."""
     pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(pipe.device) * 2.0 - 1.0
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        return pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        mean = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean
+    return (mean - shift) * pipe.vae.config.scaling_factor
 
 
 def text_states(pipe, captions: list[str]) -> torch.Tensor:
@@ -296,7 +301,7 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
     ``custom-diffusion`` also carries a trainable offset of the identifier's (``token_id``) embedding
     (:func:`identifier_embedding`)."""
     from nullcov.models.family import CROSS_ATTENTION
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     unet = copy.deepcopy(base_unet)
     unet.requires_grad_(False)
@@ -310,7 +315,7 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
             unet.add_adapter(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank,
                                         target_modules=rf".*attn2\.({linears})"))  # to_q|to_k|to_v|to_out\.0
         return unet
-    for item in find_cross_attention_linears(unet):
+    for item in find_constrained_linears(unet):
         if not kind.endswith(("projected-kv", "custom-diffusion")) or item.linear in CROSS_ATTENTION.text:
             item.module.weight.requires_grad_(True)
     if kind.endswith("custom-diffusion"):
@@ -321,10 +326,10 @@ def trainable_unet(base_unet, kind: str, settings: ProofSettings, seed_index: in
 
 def attn2_state(unet) -> dict[str, torch.Tensor]:
     """The attn2 linears' weights under ``UNet2DConditionModel.state_dict()`` keys (LoRA merged)."""
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     state = {}
-    for item in find_cross_attention_linears(unet):
+    for item in find_constrained_linears(unet):
         weight = item.module.weight.detach().clone()
         if item.lora_down:
             wrapper = next(m for m in unet.modules() if getattr(m, "base_layer", None) is item.module)
@@ -375,6 +380,20 @@ def controlled(lookup, variant: Variant, settings: ProofSettings):
     return RandomSubspaces(lookup, settings.run_seed(variant.seed_index) + 5)
 
 
+def optimizer_step(loss: torch.Tensor, timestep, optimizer, constraint, variant: Variant, every_step: list) -> None:
+    """One training step of a run: backward, the gradients projected (a projected run: the projections of
+    ``timestep``, or of every scheduled step, :func:`nullcov.proof.null_energy.protected_timesteps`), the
+    optimiser's step, and what it applied projected (``constraint`` None: plain)."""
+    loss.backward()
+    protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
+    if constraint is not None:
+        constraint.project_gradients(protected)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if constraint is not None:
+        constraint.project(protected)
+
+
 def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule: dict,
                   settings: ProofSettings, checkpoints: Checkpoints | None = None) -> Outcome:
     """Train ``variant`` from ``base_unet`` until the concept fidelity reaches the target at a
@@ -400,14 +419,7 @@ def train_variant(pipe, base_unet, variant: Variant, data: ConceptData, schedule
         checkpoints.start(variant, learning_rate(variant, settings))
     for step in range(1, cap + 1):
         loss, timestep = training_loss(pipe, unet, noise_scheduler, data, variant, settings, generators)
-        loss.backward()
-        protected = protected_timesteps(variant.scope, timestep, every_step) if variant.projected else None
-        if constraint is not None:
-            constraint.project_gradients(protected)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if constraint is not None:
-            constraint.project(protected)
+        optimizer_step(loss, timestep, optimizer, constraint, variant, every_step)
         outcome.losses.append((step, loss.item()))
         outcome.steps = step
         if step % settings.eval_every == 0 or step == cap:
@@ -544,9 +556,8 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     (about 6e-8 of ``‖W‖``) is alone more than 1e-5 of a linear whose update is a thousandth of its
     weight (the proof's LoRA variant had such a ``to_q``). A ``random-*`` control's null spaces are
     its random ones."""
-    from nullcov.models.family import TEXT_KEY
     from nullcov.training.bank import ProjectionBank
-    from nullcov.training.constraint import find_cross_attention_linears
+    from nullcov.training.constraint import find_constrained_linears
 
     before, after = attn2_state(base_unet), attn2_state(unet)
     deltas = {key: (after[key] - before[key]).double() for key in after}
@@ -560,8 +571,10 @@ def update_columns(base_unet, unet, variant: Variant, schedule: dict, settings: 
     every_step = [step["timestep"] for step in schedule["steps"]]
     sets = [[t] for t in every_step] if variant.scope == "per-timestep" else [every_step]
     outside = 0.0
-    for item in find_cross_attention_linears(base_unet):
-        factors = [lookup.text_factor if item.key == TEXT_KEY else lookup.factors(timesteps)[item.key]
+    for item in find_constrained_linears(base_unet):
+        if not deltas[f"{item.name}.weight"].any():  # not trained (a transformer's linear the run has no projection of)
+            continue
+        factors = [lookup.text_factors[item.key] if item.text else lookup.factors(timesteps)[item.key]
                    for timesteps in sets]
         basis = union_basis([factor.dense().double() for factor in factors])
         delta = deltas[f"{item.name}.weight"]
@@ -615,6 +628,19 @@ def measure_baseline(pipe, schedule: dict, statistics_prompts: list[str], settin
     return Baseline(pipe.unet, preserved, group_indices(preserved), measurement, drift, fidelity)
 
 
+def run_columns(variant: Variant, outcome: Outcome, settings: ProofSettings) -> dict:
+    """The table columns (:data:`nullcov.proof.report.COLUMNS`) that describe a run and its training:
+    variant, setting, steps, seconds, concept fidelity and whether it reached the target (``-``: no
+    evaluator), the mean loss of its last 10 steps."""
+    reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
+    return {"variant": variant.name, "group": variant.group, "kind": variant.kind, "seed": variant.seed_index,
+            "learning_rate": learning_rate(variant, settings), "scope": variant.scope, "threshold": variant.threshold,
+            "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
+            "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
+            "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
+            "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
+
+
 def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, baseline: Baseline,
                 settings: ProofSettings, checkpoints: Checkpoints | None = None) -> tuple[dict, object]:
     """Train one run and measure it (every preserved prompt at the end; ``checkpoints``: the curve);
@@ -622,13 +648,7 @@ def run_variant(pipe, variant: Variant, data: ConceptData, schedule: dict, basel
     outcome = train_variant(pipe, baseline.unet, variant, data, schedule, settings, checkpoints)
     baseline.drift.compare()
     after = measure_preserved(pipe, outcome.unet, baseline.preserved, schedule, settings, baseline.drift)
-    reached = outcome.fidelity >= settings.target_fidelity if settings.evaluate else math.nan
-    row = {"variant": variant.name, "group": variant.group, "kind": variant.kind, "seed": variant.seed_index,
-           "learning_rate": learning_rate(variant, settings), "scope": variant.scope, "threshold": variant.threshold,
-           "statistic": variant.statistic, "branches": variant.branches, "steps": outcome.steps,
-           "seconds": outcome.seconds, "concept_fidelity": outcome.fidelity,
-           "reached_target": "-" if not settings.evaluate else ("yes" if reached else "no"),
-           "final_loss": float(np.mean([loss for _, loss in outcome.losses[-10:]]))}
+    row = run_columns(variant, outcome, settings)
     row |= update_columns(baseline.unet, outcome.unet, variant, schedule, settings)
     row |= preserved_columns(baseline.measurement, after, baseline.drift, baseline.groups)
     log.info("%s: %s", variant.name, {k: v for k, v in row.items() if not k.startswith("accuracy_before")})

@@ -6,7 +6,8 @@ the model once, runs every variant (:func:`nullcov.proof.experiment.run_proof`) 
 :mod:`nullcov.proof.report` describes; it reads the plan's files and plans nothing itself. With
 ``model: builtin:shapes`` the evaluator decides when a variant has learned the concept; any other
 model trains every variant ``fixed_steps`` and reports losses, drift and the image grid only (the
-table's evaluator columns are NaN and the log says so).
+table's evaluator columns are NaN and the log says so). An SD3/FLUX model runs the training mechanics
+only (:func:`flow_proof_job`, :mod:`nullcov.proof.flow`).
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ class VariantOutputs:
     schedule: dict
     settings: proof.ProofSettings
     images: dict
+    #: the weights' file in a run's folder: a UNet's attn2 weights, or an SD3/FLUX run's trained linears
+    weights_file: str = proof_report.WEIGHTS_FILE
 
-    def __call__(self, variant: proof.Variant, row: dict, unet) -> None:
-        self.checkpoint(variant.name, None, proof.attn2_state(unet), proof.identifier_state(self.pipe, unet))
+    def __call__(self, variant: proof.Variant, row: dict, unet, state: dict | None = None) -> None:
+        """After a run: its weights (``state``; None: the UNet's attn2 weights) and its row of the grid."""
+        identifier = proof.identifier_state(self.pipe, unet) if state is None else {}
+        self.checkpoint(variant.name, None, proof.attn2_state(unet) if state is None else state, identifier)
         if not variant.group:
             self.images[variant.name] = sample_grid(self.pipe, self.schedule, self.settings, unet)
 
@@ -75,7 +80,7 @@ class VariantOutputs:
         """The run's weights at ``step`` (None: its final ones): attn2 and, for Custom Diffusion, its identifier."""
         folder = weights_folder(self.weights, run)
         folder = folder if step is None else folder / proof_report.checkpoint_folder(step)
-        proof_report.save_weights(folder, state)
+        proof_report.save_weights(folder, state, self.weights_file)
         if identifier:
             proof_report.save_weights(folder, identifier, proof_report.IDENTIFIER_FILE)
 
@@ -88,12 +93,15 @@ def finetune_proof_job(*, model_dir: str, plan: ProofPlan | dict, schedule: dict
     ``{run: folder}`` or a folder, :func:`weights_folder`).
     ``device``: the config key ``device`` (the job leases one GPU of it)."""
     from nullcov.models.device import use_device
+    from nullcov.models.family import model_family
     from nullcov.models.gpu_lease import lease_device
     from nullcov.models.model import load_pipeline
     from nullcov.models.sampling import configure_scheduler
 
     plan = plan if isinstance(plan, ProofPlan) else ProofPlan.from_dict(plan)
     settings = plan.settings
+    if model_family(model_dir).denoiser == "transformer":
+        return flow_proof_job(model_dir=model_dir, plan=plan, schedule=schedule, device=device, outputs=outputs)
     if not settings.evaluate:
         log.warning("the model is not builtin:shapes: no evaluator reads its images, so every variant trains "
                     "%d steps and the table reports losses, drift and the image grid only", settings.fixed_steps)
@@ -113,4 +121,38 @@ def finetune_proof_job(*, model_dir: str, plan: ProofPlan | dict, schedule: dict
     proof_report.write_frontier(outputs["figure"], curves, matched)
     proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())
     write_tsv(outputs["null_energy"], energy, proof_energy.COLUMNS)
+    return rows
+
+
+def flow_proof_job(*, model_dir: str, plan: ProofPlan, schedule: dict, device: str, outputs: dict) -> list[dict]:
+    """The proof on an SD3/FLUX model (:func:`nullcov.proof.flow.run_flow_proof`: the training mechanics, no
+    evaluator), writing what applies of :func:`finetune_proof_job`'s ``outputs``: the table, each run's
+    trained linears (:data:`nullcov.layout.FINETUNE_TRANSFORMER_WEIGHTS`, no checkpoints) and the image grid
+    (the base model and each variant's first run); ``curves``, ``matched`` and ``null_energy`` hold their
+    header only (no checkpoints are measured, and the null-space energy is the UNet's attn2 inputs'), the
+    figure has no curve."""
+    from nullcov.layout import FINETUNE_TRANSFORMER_WEIGHTS
+    from nullcov.models.device import use_device
+    from nullcov.models.gpu_lease import lease_device
+    from nullcov.models.model import load_pipeline
+    from nullcov.models.sampling import configure_scheduler
+    from nullcov.proof.flow import check_flow_variants, run_flow_proof
+
+    check_flow_variants(plan)  # before the model loads
+    log.warning("an SD3/FLUX model: no evaluator reads its images, so every run trains %d steps; the table reports "
+                "losses and updates, the grid the images; no curves, matched fidelity or null-space energy",
+                plan.settings.fixed_steps)
+    with lease_device(device, label="fine-tune proof") as lease:
+        pipe = load_pipeline(model_dir, "float32", use_device(lease.device))
+        configure_scheduler(pipe, schedule)
+        base_images = {"base": sample_grid(pipe, schedule, plan.settings)}
+        recorder = VariantOutputs(outputs["weights"], pipe, schedule, plan.settings, base_images,
+                                  FINETUNE_TRANSFORMER_WEIGHTS)
+        rows = run_flow_proof(pipe, model_dir, schedule, plan, on_variant=recorder)
+    proof_report.write_table(outputs["table"], rows)
+    write_tsv(outputs["curves"], [], proof_curves.CURVE_COLUMNS)
+    write_tsv(outputs["matched"], [], proof_curves.MATCHED_COLUMNS)
+    proof_report.write_frontier(outputs["figure"], [], [])
+    proof_report.write_grid(outputs["grid"], outputs["grid_images"], recorder.images, grid_captions())
+    write_tsv(outputs["null_energy"], [], proof_energy.COLUMNS)
     return rows

@@ -12,8 +12,10 @@ same plan, so the job reads the files it declares and plans nothing itself.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import asdict, dataclass, field, replace
 
+from nullcov.docs import see
 from nullcov.layout import Results, step_name
 from nullcov.schema import schema_default
 
@@ -40,6 +42,29 @@ CONFIG_KEYS = {
 MATCHED_FIDELITIES = (0.4, 0.6, 0.8)
 #: Kinds whose updates are projected and that have a same-rank random control (``random-<kind>``).
 CONTROLLED_KINDS = ("projected", "projected-kv", "custom-diffusion")
+#: The kinds an SD3/FLUX model's proof trains (:mod:`nullcov.proof.flow`: the training mechanics).
+FLOW_KINDS = ("unconstrained", "projected", "projected-lora", "random-projected")
+#: The config keys that plan the kinds an SD3/FLUX proof cannot train -> that kind: prior preservation
+#: (its class images are the shapes world's, compared by the evaluator), ``projected-kv`` and
+#: ``custom-diffusion`` (a UNet's ``to_k``/``to_v`` and its text encoder's token embedding).
+FLOW_REFUSED_KEYS = {"finetune_prior_preservation": "prior-preservation", "finetune_text_only": "projected-kv",
+                     "finetune_custom_diffusion": "custom-diffusion"}
+
+
+def check_flow_proof(config: dict) -> None:
+    """Refuse a ``finetune_proof`` config that plans runs an SD3/FLUX model cannot train (:data:`FLOW_KINDS`
+    only), naming every key to change."""
+    refused = set(FLOW_REFUSED_KEYS.values())
+    keys = [key for key in FLOW_REFUSED_KEYS if config[key]]
+    lists = {key: [name for name in config[key] if name in refused]
+             for key in ("finetune_repeated", "finetune_grid_variants")}
+    if keys or any(lists.values()):
+        fixes = [f"{key}=false" for key in keys] + [
+            f"{key}='{json.dumps([name for name in config[key] if name not in refused])}'"
+            for key, names in lists.items() if names]
+        raise ValueError(f"finetune_proof on an SD3/FLUX model trains {', '.join(FLOW_KINDS)} runs only (the training "
+                         f"mechanics: no evaluator); {sorted(refused)} need a UNet: --config {' '.join(fixes)}"
+                         f"{see('fine-tune-proof-variants-an-sd3-or-flux-model-cannot-train')}")
 
 
 def _configured(name: str):

@@ -129,5 +129,6 @@ def write_frontier(path, curves: list[dict], matched: list[dict]) -> None:
     axes[0].axhline(1.0, color="k", linestyle=":", linewidth=0.8)
     axes[0].set_title("forgetting at matched learning (points: mean over seeds, bars min-max)", fontsize=9)
     axes[1].set_title("dashed: other learning rates", fontsize=9)
-    axes[1].legend(fontsize=6, loc="upper left")
+    if variants:  # an SD3/FLUX proof measures no checkpoints: no curve
+        axes[1].legend(fontsize=6, loc="upper left")
     save(fig, path)

@@ -10,21 +10,38 @@ A timestep resolves to a weighted set of scheduled steps. ``nearest``: the store
 the closest scheduled step. ``interpolate``: the statistics of the two neighbouring steps mixed
 linearly in t, and the null space recomputed with the run's own statistic and threshold, so the
 result is still an orthogonal projection (averaging two ``P`` matrices would not be).
-``to_k``/``to_v`` resolve to the timestep-independent text projection.
+The text file's projections are timestep-independent (:attr:`ProjectionBank.text_factors`, by key):
+a UNet's ``to_k``/``to_v`` resolve to its one text projection (``encoder_hidden_states``), an SD3/FLUX
+transformer's ``context_embedder`` and pooled-text projection to their own (keyed by module path).
+Which projection a linear takes is the family vocabulary's
+(:meth:`nullcov.models.family.Linears.constraint_key`): a transformer block's ``attn.to_k`` takes
+the ``attn.to_q`` stream's.
+
+Timesteps are the scheduler's: a UNet's integers, or a flow-matching model's (SD3, FLUX) floats
+``1000·σ``, which are not integers (``1000·σ`` after the shift: 964.58...). They are looked up as the
+floats they are, never rounded: rounding would move a σ between grid points by up to 5e-4 (changing
+the interpolation weights, and near a midpoint the nearest step), and a scheduled σ itself would no
+longer resolve to its own stored step in ``interpolate``. The cache stays bounded for the trainers
+diffusers ships: they draw each batch's timestep from the scheduler's ``timesteps`` (a UNet: 0..999;
+SD3/FLUX: the 1000 shifted ``1000·σ`` of ``num_train_timesteps``), a finite set that
+:meth:`ProjectionBank.precompute` fills ahead (pass ``scheduler.timesteps``). A trainer that draws σ
+from a continuum in ``interpolate`` mode gets one ``eigh`` per new σ (quantise σ first, or use ``nearest``:
+at most one factor set per scheduled step).
 
 Several timesteps (``factors``): the projection is the null space of the **sum** of their
 statistics at the run's absolute threshold τ. Each statistic ``S_t`` is positive semi-definite,
 so every unit vector ``v`` of that null space has ``vᵀ S_t v ≤ vᵀ (Σ_u S_u) v < τ`` for every
 ``t`` of the batch: the update is in the null space of each of them (a thinner one than any
 alone). With ``threshold_percent`` the threshold of the summed statistic is that percentile of
-its own spectrum, and the bound holds with that value as τ. Factor sets are cached per integer
-timestep set, keyed by the steps they resolve to, and computed on ``device``
+its own spectrum, and the bound holds with that value as τ. Factor sets are cached per timestep
+set, keyed by the steps they resolve to, and computed on ``device``
 (``torch.linalg.eigh`` in float64; on a device without float64, such as MPS, on the CPU).
 :meth:`ProjectionBank.precompute` fills that cache for every timestep a trainer can draw.
 
 ``results_dir`` is a results folder, or the one-file safetensors export
 (``results/export/nullcov_projections.safetensors``, :mod:`nullcov.training.export`): it holds the
-projections, not the statistics, so it serves ``get`` with ``nearest`` only. Or the files one by
+projections, not the statistics, so it serves ``get``, ``factors`` and ``text_factors`` with
+``nearest`` only (the same projections as the files it was made from, bit for bit). Or the files one by
 one, wherever they lie, as a rule declares them: :meth:`ProjectionBank.from_files` (the schedule
 file and lists of merged moments and projection files, :class:`nullcov.layout.DeclaredFiles`).
 """
@@ -42,9 +59,9 @@ import torch
 
 from nullcov.docs import see
 from nullcov.layout import PROJECTION_ENTRY, TEXT_NAME, DeclaredFiles, Results, step_file_name
-from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
+from nullcov.models.family import TEXT_KEY, TEXT_PATH, layer_linears
 from nullcov.models.schedule import read_schedule
-from nullcov.statistics.projection import null_space
+from nullcov.statistics.projection import NullSpace, null_space
 from nullcov.statistics.store import read_moments, read_projections
 from nullcov.training.factored_projection import ConstraintError, FactoredProjection, null_space_factor
 
@@ -56,6 +73,9 @@ MODES = ("nearest", "interpolate")
 
 #: A timestep's statistic as weights on scheduled steps: ``((step name, weight), ...)``, sorted by name.
 Mixture = tuple[tuple[str, float], ...]
+#: How many timestep sets :meth:`ProjectionBank.factors` remembers the mixture of (small tuples; the
+#: factor sets themselves are bounded by ``cache_bytes``).
+MIXTURE_MEMORY = 100_000
 
 
 class LeastRecentlyUsed:
@@ -121,6 +141,15 @@ def _existing(path: Path | None) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def _timestep_set(timesteps) -> tuple[float, ...]:
+    """The distinct timesteps of a batch (a tensor, list or number), ascending, as the floats a tensor of
+    them holds (Python floats become float32, as the scheduler's timesteps are): the cache key."""
+    values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
+    if not values:
+        raise ValueError("no timesteps given")
+    return tuple(sorted({float(t) for t in values}))
+
+
 class ProjectionBank:
     """The projections of one run (a results folder, its safetensors export, or its files as
     :class:`~nullcov.layout.DeclaredFiles`: :meth:`from_files`), by timestep.
@@ -144,7 +173,7 @@ class ProjectionBank:
         self._names = [steps[i]["name"] for i in order]
         self._matrices = LeastRecentlyUsed(max_entries=cache_size)  # get(): (key, mixture) -> P
         self._cache = LeastRecentlyUsed(max_bytes=int(cache_bytes))  # factors(): mixture -> {key: factor}
-        self._mixtures: dict[tuple[int, ...], Mixture] = {}  # integer timesteps -> their factor set's key
+        self._mixtures = LeastRecentlyUsed(max_entries=MIXTURE_MEMORY)  # timesteps -> their factor set's key
         self._statistics: dict[str, dict[str, np.ndarray]] = {}  # factors(): every step key's statistic
         self.computed = 0  # factor sets built (cache misses), for tests and benchmarks
 
@@ -185,19 +214,27 @@ class ProjectionBank:
 
     # -- one projection (numpy) ------------------------------------------------------------------
     def get(self, layer: str, linear: str, timestep: float | None = None, mode: str | None = None):
-        """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``."""
-        names = CROSS_ATTENTION.names  # q or to_q, ...
+        """The projection (a float32 torch tensor [d, d]) to apply as ``ΔW ← ΔW P``.
+
+        ``linear``: a linear of ``layer`` by its own or its ``collect_features`` name (a UNet's ``q`` or
+        ``to_q``; a transformer block's ``attn.to_k`` gets its stream's, ``attn.to_q``'s); a transformer's
+        text-path linear (``context_embedder``) with ``layer=""``.
+        """
+        mode = self.mode if mode is None else self._checked_mode(mode)
+        if not layer and linear in dict(TEXT_PATH).values():  # timestep-independent: the text file's projection
+            return self._matrix(linear, ((TEXT_NAME, 1.0),))
+        linears = layer_linears(layer)
+        names = {**{name: name for name, _ in linears.trained}, **linears.names}
         if linear not in names:
             raise ValueError(f"linear must be one of {sorted(names)}, got {linear!r}"
                              f"{see('argument-not-among-the-allowed-values')}")
-        mode = self.mode if mode is None else self._checked_mode(mode)
-        linear = names[linear]
-        if linear in CROSS_ATTENTION.text:  # their inputs are the text states: the text projection
+        key = linears.constraint_key(layer, names[linear])
+        if key == TEXT_KEY:  # their inputs are the text states: the text projection
             return self._matrix(TEXT_KEY, ((TEXT_NAME, 1.0),))
         if timestep is None:
             raise ValueError(f"{linear} projections depend on the timestep; pass one"
                              f"{see('argument-not-among-the-allowed-values')}")
-        return self._matrix(statistic_key(layer, linear), self._mixture((float(timestep),), mode))
+        return self._matrix(key, self._mixture((float(timestep),), mode))
 
     def _matrix(self, key: str, mixture: Mixture) -> torch.Tensor:
         """``P`` of one key: stored (one step) or the null space of the mixed statistic; cached."""
@@ -208,12 +245,27 @@ class ProjectionBank:
         return found
 
     def _stored(self, name: str, key: str) -> torch.Tensor:
-        if self.exported:
-            from nullcov.training.export import read_safetensors_projection
+        return torch.from_numpy(self._spaces(name, [key])[key].projection)
 
-            return torch.from_numpy(read_safetensors_projection(self.results_dir, name, key))
-        spaces, _ = read_projections(self._file("projection", name), keys=[key])
-        return torch.from_numpy(spaces[key].projection)
+    def _spaces(self, name: str, keys: list[str] | None = None) -> dict[str, NullSpace]:
+        """The stored null spaces of one step (or text), from its projection file or from the export."""
+        if self.exported:
+            from nullcov.training.export import read_safetensors_spaces
+
+            return read_safetensors_spaces(self.results_dir, name, keys)
+        return read_projections(self._file("projection", name), keys=keys)[0]
+
+    def _holds(self, name: str) -> bool:
+        """Whether the run has projections of step ``name`` (or text)."""
+        if self.exported:
+            return name in self._exported_keys
+        return _existing(self._layout.projection(name)) is not None
+
+    @cached_property
+    def _exported_keys(self) -> dict[str, list[str]]:
+        from nullcov.training.export import safetensors_keys
+
+        return safetensors_keys(self.results_dir)
 
     def _mixed(self, key: str, mixture: Mixture) -> torch.Tensor:
         parts = [weight * self._read_statistics(name, [key])[key] for name, weight in mixture]
@@ -285,27 +337,39 @@ class ProjectionBank:
     @cached_property
     def _first_step(self) -> tuple[list[str], dict] | None:
         """The per-timestep keys and the settings that made them (the first step's file), or None."""
-        path = _existing(self._layout.projection(self._names[0]))
-        if path is None:
+        name = self._names[0]
+        if not self._holds(name):
             return None
-        spaces, attrs = read_projections(path)
+        if self.exported:
+            from nullcov.training.export import read_safetensors_metadata
+
+            provenance = read_safetensors_metadata(self.results_dir)["provenance"]
+            return self._exported_keys[name], provenance[PROJECTION_ENTRY]
+        spaces, attrs = read_projections(self._layout.projection(name))
         return sorted(spaces), attrs["provenance"][PROJECTION_ENTRY]
 
     @cached_property
+    def text_factors(self) -> dict[str, FactoredProjection]:
+        """Every timestep-independent projection of the text file, by key, on ``device`` in its cheapest
+        form: a UNet's ``encoder_hidden_states`` (``to_k``/``to_v``), a transformer's text path
+        (``context_embedder``, ``time_text_embed.text_embedder.linear_1``); empty without a text file."""
+        if not self._holds(TEXT_NAME):
+            return {}
+        return {key: FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
+                                                        _eigh_device(self.device)).to(self.device)
+                for key, space in self._spaces(TEXT_NAME).items()}
+
+    @property
     def text_factor(self) -> FactoredProjection | None:
-        """The ``to_k``/``to_v`` projection on ``device``, in its cheapest form (None without text.h5)."""
-        path = _existing(self._layout.projection(TEXT_NAME))
-        if path is None:
-            return None
-        space = read_projections(path, keys=[TEXT_KEY])[0][TEXT_KEY]
-        return FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
-                                                  _eigh_device(self.device)).to(self.device)
+        """A UNet's ``to_k``/``to_v`` projection (``text_factors[TEXT_KEY]``; None without it)."""
+        return self.text_factors.get(TEXT_KEY)
 
     @property
     def step_keys(self) -> list[str]:
-        """The per-timestep keys (``<layer>/to_q``, ``<layer>/to_out``); a folder without any projection is refused."""
+        """The per-timestep keys (``<layer>/to_q``, ``<layer>/to_out``; a transformer's stream keys
+        ``<block>/attn.to_q``, ...); a folder without any projection is refused."""
         if self._first_step is None:
-            if self.text_factor is None:
+            if not self.text_factors:
                 first = self._layout.projection(self._names[0])
                 where = self.results_dir if first is None else first.parent
                 raise FileNotFoundError(f"{where} holds neither {step_file_name(self._names[0])} nor {TEXT_NAME}.h5"
@@ -333,18 +397,17 @@ class ProjectionBank:
         return {key: factor.dense() for key, factor in self.factors(timesteps).items()}
 
     def factors(self, timesteps) -> dict[str, FactoredProjection]:
-        """``{<layer>/<to_q|to_out>: FactoredProjection}`` protecting every timestep in ``timesteps``
-        (a tensor, list or number; rounded to integers); cached."""
+        """``{<step key>: FactoredProjection}`` protecting every timestep in ``timesteps`` (a tensor, list or
+        number: the scheduler's timesteps, a flow-matching model's ``1000·σ`` as the floats they are, see
+        the module docstring); cached."""
         if not self.step_keys:
             raise ConstraintError(f"{self.results_dir} holds no per-timestep projections (collect_features q/out off)"
                                   f"{see('no-projection-for-a-layer-or-linear')}")
-        values = torch.as_tensor(timesteps).detach().reshape(-1).cpu().tolist()
-        if not values:
-            raise ValueError("no timesteps given")
-        timesteps = tuple(sorted({round(float(t)) for t in values}))
+        timesteps = _timestep_set(timesteps)
         mixture = self._mixtures.get(timesteps)
         if mixture is None:
-            mixture = self._mixtures[timesteps] = self._mixture(timesteps, self.mode)
+            mixture = self._mixture(timesteps, self.mode)
+            self._mixtures.put(timesteps, mixture)
         found = self._cache.get(mixture)
         if found is None:
             found = self._stored_factors(mixture[0][0]) if len(mixture) == 1 else self._mixed_factors(mixture)
@@ -353,11 +416,12 @@ class ProjectionBank:
         return found
 
     def precompute(self, timesteps=range(1000)) -> None:
-        """Fill the factor cache for each integer timestep the trainer can draw (one batch = one timestep)."""
-        timesteps = list(timesteps)
-        for t in timesteps:
-            self.factors([t])
-        wanted = {self._mixtures[(round(float(t)),)] for t in timesteps}
+        """Fill the factor cache for each timestep the trainer can draw (one batch = one timestep): a UNet's
+        integers (the default), a flow-matching trainer's ``scheduler.timesteps``."""
+        sets = [_timestep_set([t]) for t in (timesteps if isinstance(timesteps, torch.Tensor) else list(timesteps))]
+        for one in sets:
+            self.factors(one)
+        wanted = {self._mixtures.get(one) for one in sets}
         if not wanted <= set(self._cache):
             log.warning("precompute: cache_bytes=%d holds only %d of the %d projection sets of these timesteps",
                         self.cache_bytes, len(wanted & set(self._cache)), len(wanted))
@@ -365,7 +429,7 @@ class ProjectionBank:
     def _stored_factors(self, name: str) -> dict[str, FactoredProjection]:
         """The stored projections of one step, factored by the range finder."""
         where = _eigh_device(self.device)
-        spaces, _ = read_projections(self._file("projection", name), keys=self.step_keys)
+        spaces = self._spaces(name, self.step_keys)
         return {key: FactoredProjection.from_projection(torch.from_numpy(space.projection), space.null_dim,
                                                         where).to(self.device)
                 for key, space in spaces.items()}

@@ -1,8 +1,8 @@
-"""Null-space-constrained fine-tuning of the UNet's cross-attention linears.
+"""Null-space-constrained fine-tuning of a UNet's cross-attention linears, or an SD3/FLUX transformer's.
 
 Usage (any optimiser, full fine-tuning or peft-LoRA)::
 
-    constraint = NullSpaceConstraint(unet, "results", mode="nearest")
+    constraint = NullSpaceConstraint(unet, "results", mode="nearest")   # or an SD3/FLUX transformer
     # or the same files as a rule declares them, wherever they lie:
     # NullSpaceConstraint.from_files(unet, schedule, covariance_files, projection_files, mode="nearest")
     for batch in loader:
@@ -10,8 +10,18 @@ Usage (any optimiser, full fine-tuning or peft-LoRA)::
         loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
         constraint.project(timesteps)          # right after every optimizer.step()
 
-What :meth:`NullSpaceConstraint.project` does to each cross-attention linear (``to_q``, ``to_k``,
-``to_v``, ``to_out.0`` of every ``attn2``):
+Which linears, and which projection each takes, is the model family's vocabulary
+(:func:`nullcov.models.model.constrained_linears`): a UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of
+every ``attn2``; an SD3/FLUX transformer's stream linears and every linear sharing a stream's input
+(a joint block's ``attn.to_q``/``to_k``/``to_v`` take the image stream's projection,
+``attn.add_q_proj``/``add_k_proj``/``add_v_proj`` the text stream's, ``attn.to_out.0`` and
+``attn.to_add_out`` their own; a FLUX single block's ``attn.to_q``/``to_k``/``to_v`` and ``proj_mlp`` the
+``single`` stream's, ``proj_out`` its own), and its text path (``context_embedder``,
+``time_text_embed.text_embedder.linear_1``: their timestep-independent projections in the text file).
+A flow-matching trainer passes the scheduler's timesteps ``1000·σ`` (floats, looked up as they are:
+:mod:`nullcov.training.bank`), not the ``t/1000`` FLUX's transformer receives.
+
+What :meth:`NullSpaceConstraint.project` does to each constrained linear:
 
 - **full fine-tuning**: the update the optimiser *applied* since the last projection,
   ``ΔW = W - W_last`` (Adam's moments, weight decay, clipping: whatever produced it), becomes
@@ -22,7 +32,8 @@ What :meth:`NullSpaceConstraint.project` does to each cross-attention linear (``
 - **LoRA** (peft, ``ΔW = s B A``): every adapter's down-projection becomes ``A P``, so the
   merged update satisfies ``ΔW P = ΔW``. DoRA adapters are refused (their magnitude vector
   rescales the base weight, which no input-side projection constrains).
-- ``to_q``/``to_out`` use the projection of the batch's timestep(s), ``to_k``/``to_v`` the
+- per-step linears (a UNet's ``to_q``/``to_out``, every transformer block's) use the projection of
+  the batch's timestep(s); text linears (a UNet's ``to_k``/``to_v``, a transformer's text path) their
   text projection (their inputs are the text-encoder states, the same at every timestep).
 - ``P`` is applied in the form with the fewest flops
   (:class:`nullcov.training.factored_projection.FactoredProjection`): at most half the flops of the dense
@@ -46,21 +57,22 @@ import torch
 
 from nullcov.docs import see
 from nullcov.layout import DeclaredFiles
-from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
-from nullcov.models.model import cross_attention_modules, hooked_linear
+from nullcov.models.model import constrained_linears
 from nullcov.training.bank import ProjectionBank
 from nullcov.training.factored_projection import ConstraintError, FactoredProjection
 
-_PEFT_PREFIXES = ("base_model.model.",)
 BIAS_POLICIES = ("freeze", "free")
 
 
 @dataclass
 class ConstrainedLinear:
-    """One cross-attention linear: its results key and what :meth:`NullSpaceConstraint.project` touches."""
+    """One constrained linear: its projection's key and what :meth:`NullSpaceConstraint.project` touches."""
 
-    layer: str
-    linear: str  # to_q, to_k, to_v, to_out
+    layer: str  # the hooked layer's module path ("" for a transformer's text path)
+    linear: str  # to_q, to_k, to_v, to_out; a transformer block's attn.to_k, proj_mlp, ...
+    name: str  # the module path in the model (attn2's to_out.0, a block's attn.to_out.0)
+    key: str  # its projection's key: a step key, or a text-file key (text)
+    text: bool  # the projection is the text file's (timestep-independent)
     module: torch.nn.Module  # the nn.Linear (the base layer under a LoRA wrapper)
     lora_down: list[torch.nn.Parameter] = field(default_factory=list)  # peft lora_A weights
     full: bool = False  # the base weight itself is trained
@@ -69,52 +81,39 @@ class ConstrainedLinear:
     last: torch.Tensor | None = None  # W after the last projection (float32)
     bias: torch.Tensor | None = None  # the bias to restore (bias="freeze")
 
-    @property
-    def key(self) -> str:
-        return TEXT_KEY if self.linear in CROSS_ATTENTION.text else statistic_key(self.layer, self.linear)
 
-    @property
-    def name(self) -> str:
-        return f"{self.layer}.{CROSS_ATTENTION.module_path(self.linear)}"
-
-
-def _strip_prefix(name: str) -> str:
-    for prefix in _PEFT_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def find_cross_attention_linears(unet) -> list[ConstrainedLinear]:
-    """``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every cross-attention module, plain or peft-LoRA."""
+def find_constrained_linears(model) -> list[ConstrainedLinear]:
+    """Every linear a constraint can train (:func:`nullcov.models.model.constrained_linears`), plain or
+    peft-LoRA: a UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every cross-attention module, an
+    SD3/FLUX transformer's stream, shared-input and text-path linears."""
     found = []
-    for layer, attention in cross_attention_modules(unet):
-        for linear in CROSS_ATTENTION.hooked:
-            module = hooked_linear(attention, linear)
-            item = ConstrainedLinear(layer=_strip_prefix(layer), linear=linear, module=module)
-            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-                dora = [name for name, on in getattr(module, "use_dora", {}).items() if on]
-                if dora:
-                    raise ConstraintError(f"{item.name}: DoRA adapter(s) {dora} cannot be null-space constrained; "
-                                          f"use plain LoRA (use_dora=False){see('linear-cannot-be-constrained')}")
-                item.lora_down = [adapter.weight for adapter in module.lora_A.values()]
-                item.module = module.base_layer
-            if not isinstance(item.module, torch.nn.Linear):
-                raise ConstraintError(f"{item.name} is a {type(item.module).__name__}, not a torch.nn.Linear"
-                                      f"{see('linear-cannot-be-constrained')}")
-            item.full = item.module.weight.requires_grad
-            found.append(item)
+    for site in constrained_linears(model):
+        module = site.module
+        item = ConstrainedLinear(layer=site.layer, linear=site.linear, name=site.name, key=site.key,
+                                 text=site.text, module=module)
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            dora = [name for name, on in getattr(module, "use_dora", {}).items() if on]
+            if dora:
+                raise ConstraintError(f"{item.name}: DoRA adapter(s) {dora} cannot be null-space constrained; "
+                                      f"use plain LoRA (use_dora=False){see('linear-cannot-be-constrained')}")
+            item.lora_down = [adapter.weight for adapter in module.lora_A.values()]
+            item.module = module.base_layer
+        if not isinstance(item.module, torch.nn.Linear):
+            raise ConstraintError(f"{item.name} is a {type(item.module).__name__}, not a torch.nn.Linear"
+                                  f"{see('linear-cannot-be-constrained')}")
+        item.full = item.module.weight.requires_grad
+        found.append(item)
     if not found:
-        raise ConstraintError("the model has no cross-attention modules (is_cross_attention); is it a UNet?"
-                              f"{see('nothing-to-constrain')}")
+        raise ConstraintError("the model has no cross-attention modules (is_cross_attention) and is not an SD3/FLUX "
+                              f"transformer; is it a UNet?{see('nothing-to-constrain')}")
     return found
 
 
 class NullSpaceConstraint:
-    """Keeps every trained cross-attention update in the null space of the preserved inputs.
+    """Keeps every trained update of the constrained linears in the null space of the preserved inputs.
 
-    ``unet``: a diffusers UNet (or a peft model wrapping one); ``results_dir``: a nullcov results
-    folder (``schedule.json``, ``projections/``, and ``covariance/`` for ``interpolate`` or batches
+    ``unet``: a diffusers UNet or SD3/FLUX transformer (or a peft model wrapping one); ``results_dir``:
+    a nullcov results folder (``schedule.json``, ``projections/``, and ``covariance/`` for ``interpolate`` or batches
     of several timesteps), or the same files one by one (:meth:`from_files`). Linears with nothing
     trainable are left alone; a trainable one without a projection in the results (a layer or
     feature that was not collected) is an error.
@@ -125,23 +124,22 @@ class NullSpaceConstraint:
         if bias not in BIAS_POLICIES:
             raise ValueError(f"bias must be one of {BIAS_POLICIES}, got {bias!r}"
                              f"{see('argument-not-among-the-allowed-values')}")
-        linears = find_cross_attention_linears(unet)
+        linears = find_constrained_linears(unet)
         if device is None:
             device = linears[0].module.weight.device
         self.lookup = ProjectionBank(results_dir, mode=mode, device=device, cache_bytes=cache_bytes)
-        text, step_keys = self.lookup.text_factor, self.lookup.step_keys  # read now: a folder without any fails here
+        text, step_keys = self.lookup.text_factors, self.lookup.step_keys  # read now: a folder without any fails here
         self.linears = [item for item in linears if item.full or item.lora_down
                         or (item.module.bias is not None and item.module.bias.requires_grad)]
         if not self.linears:
-            raise ConstraintError("no cross-attention linear has a trainable weight or LoRA adapter"
-                                  f"{see('nothing-to-constrain')}")
-        missing = [item.name for item in self.linears
-                   if (item.key == TEXT_KEY and text is None) or (item.key != TEXT_KEY and item.key not in step_keys)]
+            raise ConstraintError("no constrainable linear (a UNet's cross-attention, a transformer's attention "
+                                  f"streams) has a trainable weight or LoRA adapter{see('nothing-to-constrain')}")
+        missing = [item.name for item in self.linears if item.key not in (text if item.text else step_keys)]
         if missing:
             raise ConstraintError(
-                f"{results_dir} has no projection for the trainable linear(s) {missing}: collect them "
-                "(config keys cross_attention_layers, collect_features) or freeze them (requires_grad_(False))"
-                f"{see('no-projection-for-a-layer-or-linear')}"
+                f"{results_dir} has no projection for the trainable linear(s) {missing}: collect them (config keys "
+                "cross_attention_layers, and collect_features for a UNet, streams for a transformer) or freeze them "
+                f"(requires_grad_(False)){see('no-projection-for-a-layer-or-linear')}"
             )
         self.bias = bias
         self.snapshot()
@@ -208,13 +206,14 @@ class NullSpaceConstraint:
                     factor.project_(parameter.grad)
 
     def _factors(self, timesteps) -> list[tuple[ConstrainedLinear, FactoredProjection]]:
-        """Each constrained linear with the projection of ``timesteps`` it gets (text: ``to_k``/``to_v``)."""
-        step = self.lookup.factors(timesteps) if any(i.key != TEXT_KEY for i in self.linears) else {}
-        return [(item, self.lookup.text_factor if item.key == TEXT_KEY else step[item.key]) for item in self.linears]
+        """Each constrained linear with the projection of ``timesteps`` it gets (text linears: their own)."""
+        step = self.lookup.factors(timesteps) if any(not item.text for item in self.linears) else {}
+        text = self.lookup.text_factors
+        return [(item, (text if item.text else step)[item.key]) for item in self.linears]
 
     def factor_for(self, item: ConstrainedLinear, timesteps) -> FactoredProjection:
         """The projection ``project(timesteps)`` applies to ``item``, in the form it applies it."""
-        return self.lookup.text_factor if item.key == TEXT_KEY else self.lookup.factors(timesteps)[item.key]
+        return self.lookup.text_factors[item.key] if item.text else self.lookup.factors(timesteps)[item.key]
 
     def projection_for(self, item: ConstrainedLinear, timesteps) -> torch.Tensor:
         """The projection ``project(timesteps)`` applies to ``item`` (d × d)."""

@@ -9,8 +9,11 @@ on which that trainer runs its own SVD and threshold.
 
 ``safetensors``: one file holding every projection of the run: tensors ``<step>/<key>/P``
 (float32 [d, d]), ``<step>/<key>/eigenvalues`` (float64, ascending), ``<step>/<key>/null_dim``
-and ``<step>/<key>/threshold`` (scalars), with ``<step>`` a step name or ``text`` and ``<key>``
-``<layer>/to_q``, ``<layer>/to_out`` or ``encoder_hidden_states``; metadata ``format``,
+and ``<step>/<key>/threshold`` (scalars), with ``<step>`` a step name or ``text`` and ``<key>`` the
+key of the projection file: a UNet's ``<layer>/to_q``, ``<layer>/to_out`` or ``encoder_hidden_states``;
+an SD3/FLUX transformer's stream keys (``transformer_blocks.0/attn.to_q``, ``.../attn.add_q_proj``,
+``single_transformer_blocks.0/attn.to_q``, ...) and text-path keys (``text/context_embedder``,
+``text/time_text_embed.text_embedder.linear_1``); metadata ``format``,
 ``schedule`` (schedule.json) and ``provenance`` (JSON). :class:`nullcov.training.bank.ProjectionBank`
 loads it directly.
 """
@@ -27,11 +30,14 @@ from nullcov.docs import see
 from nullcov.files import atomic_path
 from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, statistic_key
 from nullcov.models.schedule import read_schedule
+from nullcov.statistics.projection import NullSpace
 from nullcov.statistics.store import read_moments, read_projections
 
 log = logging.getLogger(__name__)
 
 EXPORTS = ("nullbooth", "safetensors")
+#: The exports an SD3/FLUX run makes (NullBooth's layout names a UNet's q/k/v/out features).
+TRANSFORMER_EXPORTS = ("safetensors",)
 SAFETENSORS_FORMAT = "nullcov-projections/1"
 #: NullBooth names a statistic by the config's ``collect_features`` name of its linear: per-step
 #: linear -> name (``{"to_q": "q", "to_out": "out"}``), and the names of the text linears (``k``, ``v``).
@@ -158,11 +164,40 @@ def read_safetensors_metadata(path: str | Path) -> dict:
 
 def read_safetensors_projection(path: str | Path, name: str, key: str) -> np.ndarray:
     """The projection ``P`` of one step (or ``text``) and key from a safetensors export."""
+    return read_safetensors_spaces(path, name, [key])[key].projection
+
+
+def safetensors_keys(path: str | Path) -> dict[str, list[str]]:
+    """``{step name or text: [key, ...]}`` of every projection a safetensors export holds (keys sorted;
+    a key may hold ``/``: ``transformer_blocks.0/attn.to_q``)."""
     from safetensors import safe_open
 
+    found: dict[str, list[str]] = {}
     with safe_open(str(path), framework="numpy") as handle:
-        tensor = f"{name}/{key}/P"
-        available = handle.keys()
-        if tensor not in available:
-            raise KeyError(f"{path} holds no tensor {tensor!r}{see('no-projection-for-a-layer-or-linear')}")
-        return handle.get_tensor(tensor)
+        for tensor in handle.keys():
+            name, _, rest = tensor.partition("/")
+            if rest.endswith("/P"):
+                found.setdefault(name, []).append(rest[: -len("/P")])
+    return {name: sorted(keys) for name, keys in found.items()}
+
+
+def read_safetensors_spaces(path: str | Path, name: str, keys: list[str] | None = None) -> dict[str, NullSpace]:
+    """The null spaces (``P``, eigenvalues, ``null_dim``, threshold) of one step (or ``text``) of a
+    safetensors export, for ``keys`` (default: every key of that step); a missing one is refused, naming it."""
+    from safetensors import safe_open
+
+    spaces = {}
+    with safe_open(str(path), framework="numpy") as handle:
+        available = set(handle.keys())
+        if keys is None:
+            keys = sorted(tensor[len(name) + 1: -len("/P")] for tensor in available
+                          if tensor.startswith(f"{name}/") and tensor.endswith("/P"))
+        for key in keys:
+            tensor = f"{name}/{key}/P"
+            if tensor not in available:
+                raise KeyError(f"{path} holds no tensor {tensor!r}{see('no-projection-for-a-layer-or-linear')}")
+            spaces[key] = NullSpace(projection=handle.get_tensor(tensor),
+                                    eigenvalues=handle.get_tensor(f"{name}/{key}/eigenvalues"),
+                                    null_dim=int(handle.get_tensor(f"{name}/{key}/null_dim")),
+                                    threshold=float(handle.get_tensor(f"{name}/{key}/threshold")))
+    return spaces

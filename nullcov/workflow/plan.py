@@ -27,6 +27,8 @@ from nullcov.docs import PLANNING, see
 from nullcov.files import read_json, write_json
 from nullcov.measurement import human_bytes
 from nullcov.models.family import CROSS_ATTENTION, TEXT_KEY, TEXT_PATH, statistic_key, text_path_keys
+from nullcov.proof.plan import check_flow_proof
+from nullcov.training.export import TRANSFORMER_EXPORTS
 
 #: Host memory of a merge: the running float64 sum, one shard being read and validated, and the
 #: result (nullcov.statistics.merge, constant in the number of shards), plus the interpreter.
@@ -66,12 +68,14 @@ def is_transformer(model_spec: str, model_dir: str | Path) -> bool:
 
 
 #: The config keys of the report, validation, exports and proof, which read UNet statistics only.
-UNET_ONLY_KEYS = {"validation_prompts": None, "attention_prompts": 0, "exports": [], "finetune_proof": False}
+UNET_ONLY_KEYS = {"validation_prompts": None, "attention_prompts": 0}
 
 
 def check_transformer_config(config: dict, flux: bool) -> None:
     """Refuse, for an SD3/FLUX model, the parts of the workflow that do not run transformers yet
-    (validation, attention maps, exports, the fine-tune proof: their values must be off), and the
+    (validation, attention maps, the NullBooth export: their values must be off; the safetensors export
+    runs, :data:`nullcov.training.export.TRANSFORMER_EXPORTS`, and the fine-tune proof's training mechanics,
+    :func:`nullcov.proof.plan.check_flow_proof`), and the
     feature settings its feature jobs would refuse (:func:`nullcov.collection.features.selected_streams`):
     the UNet's ``collect_features``, ``collection: noised``, ``text_tokens: eos``, ``true_cfg_scale``
     for SD3, ``unconditional_branch`` without a negative branch."""
@@ -89,18 +93,29 @@ def check_transformer_config(config: dict, flux: bool) -> None:
         (config["unconditional_branch"] and not negative,
          "unconditional_branch: true needs a negative branch (FLUX: true_cfg_scale > 1; SD3: guidance_scale > 1)"
          f"{see('no-unconditional-half-for-unconditional_branch')}"),
+        (config["finetune_proof"] and True in config["finetune_branches"] and not negative,
+         "finetune_branches includes true, which needs a negative branch (FLUX: true_cfg_scale > 1; SD3: guidance_scale"
+         f" > 1); or set finetune_branches: [false]{see('fine-tune-branches-need-an-unconditional-half')}"),
     ]
     for wrong, message in refused:
         if wrong:
             raise ValueError(f"model of family {'flux' if flux else 'sd3'}: {message}")
+    if config["finetune_proof"]:
+        check_flow_proof(config)
     on = {key: config[key] for key, off in UNET_ONLY_KEYS.items() if config[key] != off}
+    exports = [name for name in config["exports"] if name not in TRANSFORMER_EXPORTS]
+    if exports:
+        on["exports"] = exports
     if on:
         settings = " ".join(f"{key}={'null' if off is None else off}" for key, off in UNET_ONLY_KEYS.items()
                             if key in on)
+        if exports:
+            settings += f" exports='{json.dumps([name for name in config['exports'] if name not in exports])}'"
         raise ValueError(
-            f"{', '.join(f'{key}: {value!r}' for key, value in on.items())}: the validation, attention maps, exports "
-            f"and fine-tune proof do not run SD3/FLUX models yet (features, merges and projections do); turn them "
-            f"off: --config {settings}{see('report-parts-do-not-run-transformer-families-yet')}"
+            f"{', '.join(f'{key}: {value!r}' for key, value in on.items())}: the validation, attention maps and the "
+            f"NullBooth export do not run SD3/FLUX models yet (features, merges, projections, the safetensors export "
+            f"and the fine-tune proof's training do); turn them off: --config {settings.strip()}"
+            f"{see('report-parts-do-not-run-transformer-families-yet')}"
         )
 
 

@@ -373,17 +373,19 @@ def test_a_folder_saved_from_diffusers_test_configs_loads_and_collects(tmp_path,
 @pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-sd3"])
 def test_workflow_runs_features_covariance_projection(tmp_path, demo_prompts, model):
     """The workflow on a tiny transformer: sigma-keyed steps, one merged statistic and projection per step
-    holding every stream of every block (no text.h5: the text stream is per step); the report parts
-    that read UNet keys are off (and refused when asked for)."""
+    holding every stream of every block (no text.h5: the text stream is per step), and the safetensors
+    export of them; the report parts that read UNet keys are off (and refused when asked for, the
+    NullBooth export among them)."""
     from nullcov.layout import ROOT, TEXT_NAME, Results
     from nullcov.statistics.store import read_moments
+    from nullcov.training.export import safetensors_keys
 
     from conftest import snakemake, write_config
 
     write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", num_denoising_steps=2,
-                 resolution=RESOLUTION, text_tokens="prompt")
+                 resolution=RESOLUTION, text_tokens="prompt", exports=["safetensors"])
     dry = snakemake(tmp_path, "--dry-run").stdout
-    assert "features" in dry and "projection" in dry and "report_figures" not in dry
+    assert "features" in dry and "projection" in dry and "export_safetensors" in dry and "report_figures" not in dry
     snakemake(tmp_path)
     schedule = json.loads((tmp_path / ROOT / "schedule.json").read_text())
     flux = model.endswith("flux")
@@ -403,10 +405,13 @@ def test_workflow_runs_features_covariance_projection(tmp_path, demo_prompts, mo
         moments = read_moments(results.covariance(step["name"]), "covariance")[0]
         assert set(moments) == expected and all(m.count > 0 for m in moments.values())
         assert results.projection(step["name"]).is_file()
-    write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", attention_prompts=2)
+        assert safetensors_keys(results.export("nullcov_projections.safetensors"))[step["name"]] == sorted(expected)
+    write_config(tmp_path, demo_prompts[:3], model=model, sampler_strategy="Euler", attention_prompts=2,
+                 exports=["safetensors", "nullbooth"])
     refused = snakemake(tmp_path, "--dry-run", check=False)
     text = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "invalid configuration: attention_prompts: 2: the validation" in text, text
+    assert refused.returncode != 0 and "invalid configuration: attention_prompts: 2, exports: ['nullbooth']: the " \
+        "validation" in text and """exports='["safetensors"]'""" in text, text
     assert "report-parts-do-not-run-transformer-families-yet" in text
 
 

@@ -13,41 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from nullcov.layout import TEXT_NAME, Results, shard_folder
+from nullcov.layout import TEXT_NAME, Results
 from nullcov.models.family import TEXT_KEY, split_key, statistic_key
 
 from conftest import DEMO_PROMPTS, planned_jobs, write_config
-
-THRESHOLD = 0.02
-
-
-def build_results(root, model_dir, prompts, num_steps=3, statistic="second_moment", unconditional_branch=False):
-    """A results folder (schedule.json, covariance/, projections/) from nullcov's job functions."""
-    from nullcov.collection.features import run_feature_job
-    from nullcov.models.model import cross_attention_layer_names, scheduler_config
-    from nullcov.models.schedule import build_schedule, write_schedule
-    from nullcov.prompts import prompt_set_sha256
-    from nullcov.statistics.jobs import merge_job, projection_job
-
-    from conftest import base_config
-
-    results = root / "results"
-    schedule = write_schedule(Results(results).schedule,
-                              build_schedule(scheduler_config(str(model_dir)), "DPM++ 2M Karras", num_steps),
-                              cross_attention_layer_names(model_dir), str(model_dir))
-    names = [step["name"] for step in schedule["steps"]] + [TEXT_NAME]
-    shard = results / shard_folder("0000")
-    config = base_config(num_denoising_steps=num_steps, batch_size=len(prompts),
-                         unconditional_branch=unconditional_branch)
-    run_feature_job(model_spec=str(model_dir), model_dir=str(model_dir), prompts=prompts, first_index=0,
-                    shard="0000", schedule=schedule, config=config,
-                    step_paths={name: str(shard / f"{name}.h5") for name in names[:-1]},
-                    text_path=str(shard / "text.h5"))
-    for name in names:
-        merge_job([shard / f"{name}.h5"], Results(results).covariance(name), prompt_set_sha256(prompts))
-        projection_job(Results(results).covariance(name), Results(results).projection(name), statistic,
-                       THRESHOLD, None)
-    return results
+from results_folder import THRESHOLD, build_results
 
 
 @pytest.fixture(scope="module")
