@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from nullcov.models.mmdit_dims import PUBLISHED_CONFIGS
+from nullcov.models.sd15 import SMALL_VAE_CONFIG
 from nullcov.models.tiny_model import (
     TINY_SD3_SCHEDULER_CONFIG,
     transformer_model_index,
@@ -40,22 +41,10 @@ from nullcov.models.tiny_model import (
 
 #: The real SD3 CLIP towers' widths: CLIP ViT-L/14 and OpenCLIP bigG/14 (hidden size = projection dim).
 CLIP_WIDTHS = (768, 1280)
-#: A 4-level VAE (``vae_scale_factor`` 2**3 = 8, as SD3's) with SD3's 16 latent channels and minimal width.
-VAE_CONFIG: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "block_out_channels": [8, 8, 8, 8],
-    "layers_per_block": 1,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "norm_num_groups": 8,
-    "sample_size": 1024,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "shift_factor": 0.0609,
-    "scaling_factor": 1.5305,
-}
+#: SD-1.5's small 4-level VAE (``vae_scale_factor`` 2**3 = 8, as SD3's, minimal width) with SD3's 16 latent
+#: channels, no quant convs, and SD3's shift and scaling factors.
+VAE_CONFIG: dict = SMALL_VAE_CONFIG | {"latent_channels": 16, "sample_size": 1024, "use_quant_conv": False,
+                                       "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5305}
 
 
 def transformer_config() -> dict:
