@@ -77,6 +77,12 @@ bench-scale: $(STAMP)
 bench-mmdit-scale: $(STAMP)
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/python tools/bench_mmdit_scale.py --proj-out
 
+# How much of SD3's and FLUX's text stream is T5 padding, on the tiny built-ins (~1 min);
+# docs/measurements/text-tokens.json.
+.PHONY: text-tokens
+text-tokens: $(STAMP)
+	$(BIN)/python tools/bench_text_tokens.py
+
 # Collection at SD3-medium size on the CPU (the real 2.0 B-parameter transformer, random weights, built
 # once into benchmarks/sd3-medium-random, 8 GB) against the bare pipeline; ~16 GB of memory, ~10 min;
 # docs/measurements/bench-sd3-collection.json.

@@ -227,3 +227,25 @@ def test_bench_capacity_counts_null_dimensions_as_eigvalsh_does(tmp_path):
         assert found[kind]["null_dim_mean"] == expected and found[kind]["widths"] == [rows[key].shape[1]]
         assert found[kind]["null_share_mean"] == expected / rows[key].shape[1]
     assert [found[kind]["null_dim_mean"] for kind in ("to_kv", "to_q", "to_out")] == [5, 2, 5]
+
+
+def test_text_tokens_padding_moments_are_the_runs_difference():
+    """make text-tokens: the padding rows' share and their energy in the real tokens' null space, from the two
+    runs' moments alone, against the padding rows themselves (numpy, eigh of the real rows' second moment)."""
+    import numpy as np
+
+    from nullcov.statistics.moments import Moments
+
+    bench_text_tokens = _tool("bench_text_tokens")
+    generator = np.random.default_rng(3)
+    real = generator.normal(size=(30, 6)) * [3, 2, 1, 0.01, 0.01, 0.01]  # three directions nearly unused
+    padding = generator.normal(size=(90, 6))
+    found = bench_text_tokens.padding_exposure(Moments.of_rows(np.vstack([real, padding])), Moments.of_rows(real),
+                                               "second_moment", 0.02)
+    values, vectors = np.linalg.eigh(real.T @ real / len(real))
+    basis = vectors[:, values < 0.02]
+    assert basis.shape[1] == 3
+    assert found["padding_row_share"] == 0.75
+    assert found["padding_energy_share"] == pytest.approx((padding**2).sum() / ((real**2).sum() + (padding**2).sum()))
+    assert found["padding_energy_in_prompt_null_space"] == pytest.approx(((padding @ basis) ** 2).sum()
+                                                                         / (padding**2).sum(), rel=1e-6)

@@ -638,6 +638,19 @@ def _bench_sd3_collection(record: dict) -> str:
     return _table(["what", "measured"], rows)
 
 
+def _text_tokens(record: dict) -> str:
+    rows = [[f"`{model['model']}` ({model['pipeline']})",
+             f"{model['text_token_counts']['real']:,} / {model['text_token_counts']['padding']:,}",
+             _percent(model["padding_row_share"]), _percent(model["padding_energy_share"]),
+             _percent(model["padding_energy_in_prompt_null_space"])]
+            for model in record["models"]]
+    return (f"The {record['prompts']} demo prompts, `text` stream, {record['steps']} steps, `{record['statistic']}` "
+            f"at threshold {record['nullspace_threshold']:g}; random-weight tiny models: the token counts are the "
+            "tokenizers' and pipelines', the energy shares only show the mechanism.\n\n"
+            + _table(["model", "real / padding tokens", "padding share of the rows",
+                      "padding share of the energy", "padding energy in the real tokens' null space"], rows))
+
+
 def _bench_text_only(record: dict) -> str:
     rows = [[f"k/v-only feature job (whole pipeline: text encoder, DPM++ 2M Karras {record['steps']} steps at "
              f"{record['resolution']} px with CFG)", record["prompts"], _seconds(record["full_kv_only_s"]),
@@ -884,6 +897,7 @@ RENDERERS = {
     "proof-null-energy": proof_null_energy,
     "proof-ablation": measured("proof-ablation.json", "make proof-ablation")(_proof_ablation),
     "proof-capacity": measured("proof-capacity.json", "make proof-capacity")(_proof_capacity),
+    "text-tokens": measured("text-tokens.json", "make text-tokens")(_text_tokens),
     "shapes-training": shapes_training,
     "shapes-evaluator": shapes_evaluator,
     "shapes-accuracy": shapes_accuracy,
