@@ -589,6 +589,7 @@ def _bench_scale(record: dict) -> str:
 # -- make bench-text-only (tools/bench_text_only.py) ----------------------------------------------------
 def _bench_mmdit_scale(record: dict) -> str:
     merge, projection = record["merge"], record["projection"]
+    held = (projection["max_rss_bytes"] - projection["rss_after_imports_bytes"]) / projection["statistics_bytes"]
     eigh = {row["d"]: row for row in record["eigh"]}
     rows = [
         [f"one FLUX.1 step file, default streams ({merge['keys']} statistics of 3072², packed, checksummed)",
@@ -602,7 +603,8 @@ def _bench_mmdit_scale(record: dict) -> str:
         [f"projection job, one merged file of {projection['keys']} statistics of "
          f"{'/'.join(map(str, projection['widths']))}², threshold {projection['threshold']:g}",
          f"{_seconds(projection['seconds'])} ({_seconds(projection['seconds_per_key'])} per statistic), peak RSS "
-         f"{_gib(projection['max_rss_bytes'])}; a whole step's {projection['step_keys']} statistics at that rate: "
+         f"{_gib(projection['max_rss_bytes'])} ({held:.2f} × its statistics above the imports: it reads them one "
+         f"at a time); a whole step's {projection['step_keys']} statistics at that rate: "
          f"{projection['step_seconds_at_this_rate'] / 60:.1f} min of CPU"],
     ]
     for d, row in sorted(eigh.items()):
