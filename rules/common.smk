@@ -274,9 +274,7 @@ def held_statistics_bytes(wildcards):
 def projection_mem_mb(wildcards, attempt):
     """projection jobs: every P of one step file and one statistic's eigendecomposition, x attempt."""
     dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
-    return attempt * nc_plan.projection_mem_mb(
-        nc_memory.statistics_bytes(dims), nc_plan.largest_statistic_bytes(dims)
-    )
+    return attempt * nc_plan.projection_mem_mb(nc_memory.statistics_bytes(dims), nc_plan.largest_statistic_bytes(dims))
 
 
 def feature_job_minutes(wildcards, attempt):
