@@ -181,6 +181,7 @@ def test_renderers_of_benchmarks_not_run_here(name, tmp_path, monkeypatch):
 
 
 def test_peak_rss_is_the_process_high_water_mark():
+    import mmap
     from pathlib import Path
 
     import numpy as np
@@ -189,10 +190,13 @@ def test_peak_rss_is_the_process_high_water_mark():
 
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the high-water mark restarts at today's RSS
     before = peak_rss_bytes()
-    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    # 64 MiB of fresh pages (an anonymous mapping: not free memory the allocator already holds, which an
+    # earlier test in this worker may have left resident), every page touched
+    block = mmap.mmap(-1, 64 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[::4096] = 1
     after = peak_rss_bytes()
     assert after >= before + 60 * 2**20, (before, after)
-    del block
+    block.close()
     assert peak_rss_bytes() >= after - 2**20  # a high-water mark (the kernel syncs its counters lazily: ~kB)
 
 
