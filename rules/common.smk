@@ -264,16 +264,21 @@ def merge_mem_mb(wildcards, attempt):
     return attempt * nc_plan.merge_mem_mb(held_statistics_bytes(wildcards))
 
 
+def held_dims(wildcards):
+    """The dims of the file a covariance or projection job reads: the text file's, or one step's."""
+    return TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
+
+
 def held_statistics_bytes(wildcards):
-    """float64 bytes of the largest statistics a merge or projection job holds at once."""
+    """float64 bytes of the largest statistics a merge job holds at once."""
     if "group" in wildcards.keys():
         return max(nc_memory.statistics_bytes(STEP_DIMS), nc_memory.statistics_bytes(TEXT_DIMS))
-    return nc_memory.statistics_bytes(TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS)
+    return nc_memory.statistics_bytes(held_dims(wildcards))
 
 
 def projection_mem_mb(wildcards, attempt):
     """projection jobs: every P of one step file and one statistic's eigendecomposition, x attempt."""
-    dims = TEXT_DIMS if wildcards.get("name") is None else STEP_DIMS
+    dims = held_dims(wildcards)
     return attempt * nc_plan.projection_mem_mb(nc_memory.statistics_bytes(dims), nc_plan.largest_statistic_bytes(dims))
 
 

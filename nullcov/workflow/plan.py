@@ -365,12 +365,10 @@ def feature_job_minutes(prompt_timesteps: int, attempt: int = 1) -> int:
 EIGH_REFERENCE_WIDTH = 3072
 
 
-def projection_cpu_seconds(dims, eigh_seconds_at_reference: float) -> float:
-    """CPU seconds of the projections of one statistic per width in ``dims`` (a ``{key: d}`` dict or a
-    list of widths): one float64 ``eigh`` each, ``eigh_seconds_at_reference`` (config
-    ``projection_cpu_seconds_at_3072``) scaled as ``d³``."""
-    widths = dims.values() if isinstance(dims, dict) else dims
-    return sum(eigh_seconds_at_reference * (d / EIGH_REFERENCE_WIDTH) ** 3 for d in widths)
+def projection_cpu_seconds(dims: dict[str, int], eigh_seconds_at_reference: float) -> float:
+    """CPU seconds of the projections of the statistics ``dims`` (``{key: d}``): one float64 ``eigh`` each,
+    ``eigh_seconds_at_reference`` (config ``projection_cpu_seconds_at_3072``) scaled as ``d³``."""
+    return sum(eigh_seconds_at_reference * (d / EIGH_REFERENCE_WIDTH) ** 3 for d in dims.values())
 
 
 def projection_file_bytes(dims: dict[str, int]) -> int:
